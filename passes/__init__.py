@@ -1,0 +1,1 @@
+"""Graph passes of bfc (installed as ``bfc.passes``)."""
