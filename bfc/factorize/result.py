@@ -1,0 +1,70 @@
+"""The result of a factorization: W ~ P_row^T (K_1 ... K_L) P_col (+ U V^T).
+
+Permutations are index arrays: the KS product approximates ``W[row_perm][:, col_perm]``
+(``None`` means identity).  In ONNX terms (``y = x @ W``) ``row_perm`` gathers the
+input features and ``col_perm`` scatters the outputs.  The optional low-rank residual
+``U @ V.T`` lives in the original (unpermuted) space.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bfc.ks import Chain
+
+
+def inverse_perm(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)
+    return inv
+
+
+@dataclass(frozen=True)
+class KSFactorization:
+    chain: Chain
+    factors: tuple[np.ndarray, ...]          # canonical (a, d, b, c) values, one per pattern
+    row_perm: np.ndarray | None = None
+    col_perm: np.ndarray | None = None
+    low_rank: tuple[np.ndarray, np.ndarray] | None = None   # (U: M x k, V: N x k)
+    rel_error: float = float("nan")          # ||W - W_hat||_F / ||W||_F of the source
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.chain.shape
+
+    def product(self) -> np.ndarray:
+        """K_1 ... K_L as a dense matrix (permutations and residual not applied)."""
+        return self.chain.to_dense(self.factors)
+
+    def to_dense(self) -> np.ndarray:
+        return self._assemble(self.product())
+
+    def _assemble(self, product: np.ndarray) -> np.ndarray:
+        out = product
+        if self.row_perm is not None:
+            out = out[inverse_perm(self.row_perm)]
+        if self.col_perm is not None:
+            out = out[:, inverse_perm(self.col_perm)]
+        if self.low_rank is not None:
+            u, v = self.low_rank
+            out = out + u @ v.T
+        return out
+
+    def apply(self, x) -> np.ndarray:
+        """``x @ W_hat`` for x of shape (..., M) without forming W_hat."""
+        x = np.asarray(x)
+        y = x[..., self.row_perm] if self.row_perm is not None else x
+        y = self.chain.apply(self.factors, y)
+        if self.col_perm is not None:
+            y = y[..., inverse_perm(self.col_perm)]
+        if self.low_rank is not None:
+            u, v = self.low_rank
+            y = y + (x @ u) @ v.T
+        return y
+
+    @property
+    def n_params(self) -> int:
+        extra = 0 if self.low_rank is None else self.low_rank[0].size + self.low_rank[1].size
+        return self.chain.nnz + extra
