@@ -77,9 +77,11 @@ class KSPattern:
 
     def to_dense(self, values) -> np.ndarray:
         values = self.check_values(values)
-        out = np.zeros(self.shape, dtype=values.dtype)
-        out[self.row_index(), self.col_index()] = values
-        return out
+        a, b, c, d = self.a, self.b, self.c, self.d
+        out = np.zeros((a, b, d, a, c, d), dtype=values.dtype)
+        ia, il = np.arange(a)[:, None], np.arange(d)[None, :]
+        out[ia, :, il, ia, :, il] = values
+        return out.reshape(self.shape)
 
     def from_dense(self, matrix) -> np.ndarray:
         """Values of ``matrix`` on the support (entries off the support are dropped)."""
@@ -87,7 +89,11 @@ class KSPattern:
         if matrix.shape != self.shape:
             raise ChainError(f"matrix of shape {matrix.shape} does not fit pattern {self} "
                              f"of shape {self.shape}")
-        return matrix[self.row_index(), self.col_index()]
+        a, b, c, d = self.a, self.b, self.c, self.d
+        if a == 1 and d == 1:
+            return matrix.reshape(1, 1, b, c)
+        ia, il = np.arange(a)[:, None], np.arange(d)[None, :]
+        return matrix.reshape(a, b, d, a, c, d)[ia, :, il, ia, :, il]
 
     def apply(self, values, x) -> np.ndarray:
         """``x @ K`` without forming K: x has shape (..., a*b*d)."""
