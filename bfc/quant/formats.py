@@ -1,0 +1,96 @@
+"""Number formats the quantizer targets, with their real ranges.
+
+A float format is described by ``t`` (significand bits *counting the implicit bit*:
+fp16 11, bf16 8, e4m3 4, e5m2 3), ``emin`` (exponent of the smallest normal number)
+and ``max`` (largest finite value; 448 for e4m3fn, which has no infinities).
+Subnormals fill ``[0, 2**emin)`` with the spacing of the first normal binade.
+
+The *grid index* maps the non-negative representable numbers onto 0, 1, 2, ... in
+order (piecewise linear in between), so rounding to nearest-even is ``rint`` on the
+index and the rounding midpoints are the half-integers.  This gives exact fp64
+rounding that does not depend on how a library casts (ml_dtypes casts float64 to
+bf16/fp8 through float32 and double-rounds values just above a midpoint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import ml_dtypes
+import numpy as np
+
+from bfc.errors import ConfigError
+
+
+class Kind(Enum):
+    INT = "int"
+    FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    kind: Kind
+    dtype: np.dtype
+    bits: int
+    max: float                  # largest finite magnitude (saturation value)
+    t: int | None = None        # significand bits incl. the implicit bit (floats)
+    emin: int | None = None     # exponent of the smallest normal (floats)
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind is Kind.FLOAT
+
+    @property
+    def half(self) -> int:
+        """Grid points per binade (``2**(t-1)``)."""
+        return 1 << (self.t - 1)
+
+    @property
+    def max_index(self) -> int:
+        """Grid index of ``max``."""
+        return int(self.grid_index(np.float64(self.max)))
+
+    def grid_index(self, v: np.ndarray) -> np.ndarray:
+        """Position of ``v >= 0`` on the grid (integer on representable values)."""
+        v = np.asarray(v, dtype=np.float64)
+        if not self.is_float:
+            return v
+        _, ex = np.frexp(v)                       # v = f * 2**ex, f in [0.5, 1)
+        e = np.maximum(ex - 1, self.emin)         # binade exponent, subnormals share emin's spacing
+        normal = (e - self.emin) * self.half      # index of 2**e (0 for the subnormal binade)
+        sub = v < 2.0 ** self.emin
+        return np.where(sub, np.ldexp(v, self.t - 1 - self.emin),
+                        normal + np.ldexp(v, self.t - 1 - e))
+
+    def grid_value(self, j: np.ndarray) -> np.ndarray:
+        """Inverse of ``grid_index`` (``j >= 0``, real)."""
+        j = np.asarray(j, dtype=np.float64)
+        if not self.is_float:
+            return j
+        k = np.floor(j / self.half)               # 0: subnormal binade, k >= 1: binade emin + k - 1
+        e = self.emin + np.maximum(k - 1, 0)
+        base = np.maximum(k - 1, 0) * self.half
+        return np.ldexp(j - base, (e + 1 - self.t).astype(np.int64))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+INT8 = Format("int8", Kind.INT, np.dtype(np.int8), 8, 127.0)   # symmetric: -128 unused
+FP8_E4M3 = Format("fp8-e4m3", Kind.FLOAT, np.dtype(ml_dtypes.float8_e4m3fn), 8, 448.0, t=4, emin=-6)
+FP8_E5M2 = Format("fp8-e5m2", Kind.FLOAT, np.dtype(ml_dtypes.float8_e5m2), 8, 57344.0, t=3, emin=-14)
+FP16 = Format("fp16", Kind.FLOAT, np.dtype(np.float16), 16, 65504.0, t=11, emin=-14)
+BF16 = Format("bf16", Kind.FLOAT, np.dtype(ml_dtypes.bfloat16), 16,
+              float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), t=8, emin=-126)
+
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, FP8_E4M3, FP8_E5M2, FP16, BF16)}
+
+
+def get_format(fmt) -> Format:
+    """A Format from a Format or its name; ConfigError naming the allowed set otherwise."""
+    if isinstance(fmt, Format):
+        return fmt
+    if isinstance(fmt, str) and fmt in FORMATS:
+        return FORMATS[fmt]
+    raise ConfigError(f"unknown quantization format {fmt!r}; allowed: {sorted(FORMATS)}")
