@@ -112,13 +112,11 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
         return refine_weighted(target, chain, values, gram_p)
 
     def result(values, low_rank):
-        f = KSFactorization(chain, tuple(values), rp, col_perm, low_rank)
-        dense = f.to_dense()
-        err = float(np.linalg.norm(w - dense) / np.linalg.norm(w)) if np.any(w) else float(np.linalg.norm(dense))
         info = {"order": order, "orthonormalize": orthonormalize}
+        f = KSFactorization(chain, tuple(values), rp, col_perm, low_rank, w, info)
         if gram is not None:
-            info["output_error"] = weighted_error(w, dense, gram)
-        return KSFactorization(chain, tuple(values), rp, col_perm, low_rank, err, info)
+            info["output_error"] = weighted_error(w, f.to_dense(), gram)
+        return f
 
     def score(f):
         return f.info.get("output_error", f.rel_error)

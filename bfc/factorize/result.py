@@ -8,6 +8,7 @@ input features and ``col_perm`` scatters the outputs.  The optional low-rank res
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -27,8 +28,18 @@ class KSFactorization:
     row_perm: np.ndarray | None = None
     col_perm: np.ndarray | None = None
     low_rank: tuple[np.ndarray, np.ndarray] | None = None   # (U: M x k, V: N x k)
-    rel_error: float = float("nan")          # ||W - W_hat||_F / ||W||_F of the source
+    source: np.ndarray | None = field(default=None, repr=False, compare=False)  # W, for rel_error
     info: dict = field(default_factory=dict, compare=False)
+
+    @cached_property
+    def rel_error(self) -> float:
+        """||W - W_hat||_F / ||W||_F against ``source`` (computed on first use; nan without it)."""
+        if self.source is None:
+            return float("nan")
+        w = self.source
+        diff = np.linalg.norm(w - self.to_dense())
+        norm = np.linalg.norm(w)
+        return float(diff / norm) if norm > 0 else float(diff)
 
     @property
     def shape(self) -> tuple[int, int]:
