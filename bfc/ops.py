@@ -1,0 +1,318 @@
+"""The ``ai.bfc`` ONNX operator ``KSMatMul`` (opset 1): specification, builders, numpy reference.
+
+Specification
+=============
+``KSMatMul`` (domain ``ai.bfc``, version 1) multiplies the last axis of ``X`` by a
+chain of Kronecker-sparse (KS) factors ``K_1 ... K_L``::
+
+    Y = (X[..., in_perm] @ K_1 @ K_2 @ ... @ K_L)[..., out_perm] + bias
+
+Inputs
+    0 ``X``       float32 ``[..., M]`` (any rank >= 1; leading dims may be 0).
+    1 ``bias``    optional float32 ``[N]`` (empty input name = absent).
+    2.. variadic, two per factor in chain order (heterogeneous types):
+        ``values_l`` shape ``(a, d, b, c)`` (bfc's canonical layout, see
+        :mod:`bfc.ks.pattern`), dtype int8, float8e4m3fn, float8e5m2, float16 or float32;
+        ``scale_l``  float32, 4-D, broadcastable to ``(a, d, b, c)`` with every dim 1 or
+        full and dim 2 always 1: ``(1,1,1,1)``, ``(a,d,1,1)``, ``(a,d,1,c)`` (or
+        ``(1,1,1,c)`` etc.).  The dequantized factor is ``values * scale``:
+        ``K_l[i*b*d + j*d + l, i*c*d + k*d + l] = values[i,l,j,k] * scale[i,l,0,k]``.
+        Values and scales must be constant initializers (the native kernel reads and
+        prepacks them once, at session creation).
+Attributes
+    ``patterns`` int64 list of length 4L: ``a, b, c, d`` of each factor in chain order.
+    The chain must be valid: ``a_l c_l d_l == a_{l+1} b_{l+1} d_{l+1}``;
+    ``M = a_1 b_1 d_1``, ``N = a_L c_L d_L``.
+    ``in_perm``  optional int64 list, a permutation of ``0..M-1`` (absent/empty = identity):
+    the chain input is ``X[..., in_perm]``.
+    ``out_perm`` optional int64 list, a permutation of ``0..N-1`` (absent/empty =
+    identity): ``Y = Z[..., out_perm]`` for the chain output ``Z``.
+Output
+    0 ``Y`` float32 ``[..., N]`` (same leading dims as X).
+
+Relation to :class:`bfc.factorize.result.KSFactorization`: its ``apply`` gathers
+``x[..., row_perm]`` and scatters the chain output with ``inverse_perm(col_perm)``, so
+``in_perm = row_perm`` and ``out_perm = inverse_perm(col_perm)``
+(:func:`perms_from_factorization`).  The low-rank residual is not part of the op.
+
+Numerics (what the native kernel computes, and :func:`ks_matmul_reference` emulates)
+    * float32 / float16 factors: float32 products with float32 accumulation.
+    * float8 factors: each byte is decoded exactly to float32 (e4m3fn: bias 7, no
+      infinities, ``S.1111.111`` is NaN; e5m2: IEEE-like, bias 15), float32
+      accumulation, then the scale is applied to the block's output column.
+    * int8 factors: the factor's input activation ``h`` (one row = one batch row) is
+      quantized per row, symmetric: ``amax = max|h|``, ``q = rint(clip(h * (127/amax),
+      -127, 127))`` in float32 (round half to even; ``q = 0`` when ``amax = 0``),
+      ``acc = q @ values`` exactly in int32, and the factor output is
+      ``(float(acc) * (amax/127)) * scale``.  Activations between factors are float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bfc.errors import ChainError, ConfigError, InvalidInputError
+from bfc.ks.chain import Chain
+from bfc.ks.pattern import KSPattern
+
+DOMAIN = "ai.bfc"
+OP_TYPE = "KSMatMul"
+OPSET_VERSION = 1
+DEFAULT_ONNX_OPSET = 21
+DEFAULT_IR_VERSION = 10
+
+#: value formats accepted by the op -> ONNX element type
+VALUE_TYPES = {
+    "int8": TensorProto.INT8,
+    "float8e4m3fn": TensorProto.FLOAT8E4M3FN,
+    "float8e5m2": TensorProto.FLOAT8E5M2,
+    "float16": TensorProto.FLOAT16,
+    "float32": TensorProto.FLOAT,
+}
+#: scale granularity of :func:`quantize_factor` -> scale shape
+GRANULARITIES = ("tensor", "block", "column")
+
+
+def _ml_dtype(fmt: str):
+    import ml_dtypes
+
+    return {"float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2}[fmt]
+
+
+def _format_max(fmt: str) -> float:
+    return {"int8": 127.0, "float8e4m3fn": 448.0, "float8e5m2": 57344.0}[fmt]
+
+
+def _patterns(patterns) -> Chain:
+    if isinstance(patterns, Chain):
+        return patterns
+    flat = np.asarray(patterns, dtype=np.int64)
+    if flat.ndim == 2 and flat.shape[1] == 4:
+        flat = flat.reshape(-1)
+    if flat.ndim != 1 or flat.size == 0 or flat.size % 4:
+        raise ChainError(f"KSMatMul patterns must be 4 integers (a, b, c, d) per factor, got {list(flat)}")
+    return Chain([tuple(int(v) for v in flat[i:i + 4]) for i in range(0, flat.size, 4)])
+
+
+def patterns_attribute(chain) -> list[int]:
+    """The flat ``patterns`` attribute for a Chain or a list of (a, b, c, d)."""
+    return [int(v) for p in _patterns(chain) for v in (p.a, p.b, p.c, p.d)]
+
+
+def perms_from_factorization(fact) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(in_perm, out_perm)`` for a KSFactorization: ``row_perm`` and ``inverse_perm(col_perm)``."""
+    from bfc.factorize.result import inverse_perm
+
+    in_perm = None if fact.row_perm is None else np.asarray(fact.row_perm, dtype=np.int64)
+    out_perm = None if fact.col_perm is None else inverse_perm(np.asarray(fact.col_perm, dtype=np.int64))
+    return in_perm, out_perm
+
+
+# ---- quantization of factor values (simple absmax; bfc.quant does the careful version) --
+def quantize_factor(values, fmt: str = "int8", granularity: str = "column") -> tuple[np.ndarray, np.ndarray]:
+    """Absmax-quantize canonical values ``(a, d, b, c)`` to ``fmt``: returns ``(q, scale)``.
+
+    ``granularity`` picks the scale shape: ``tensor`` (1,1,1,1), ``block`` (a,d,1,1) or
+    ``column`` (a,d,1,c).  ``q * scale`` approximates ``values``; ``q`` has the numpy
+    dtype that :func:`factor_initializers` turns into the matching ONNX type.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 4:
+        raise InvalidInputError(f"factor values must be 4-D (a, d, b, c), got shape {v.shape}")
+    if fmt not in VALUE_TYPES:
+        raise ConfigError(f"value format {fmt!r} is not one of {sorted(VALUE_TYPES)}")
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity {granularity!r} is not one of {GRANULARITIES}")
+    if fmt in ("float32", "float16"):
+        return v.astype(np.float32 if fmt == "float32" else np.float16), np.ones((1, 1, 1, 1), np.float32)
+    axes = {"tensor": (0, 1, 2, 3), "block": (2, 3), "column": (2,)}[granularity]
+    amax = np.max(np.abs(v), axis=axes, keepdims=True)
+    scale = np.where(amax > 0, amax / _format_max(fmt), 1.0).astype(np.float32)
+    r = np.clip(v / scale, -_format_max(fmt), _format_max(fmt))
+    q = np.rint(r).astype(np.int8) if fmt == "int8" else r.astype(_ml_dtype(fmt))
+    return q, scale
+
+
+def dequantize_factor(q, scale) -> np.ndarray:
+    return np.asarray(q).astype(np.float32) * np.asarray(scale, dtype=np.float32)
+
+
+def factor_initializers(prefix: str, values: Sequence, scales: Sequence) -> tuple[list[TensorProto], list[str]]:
+    """Initializers ``{prefix}_values_{l}``, ``{prefix}_scale_{l}`` and the node's factor inputs.
+
+    ``values[l]`` must already have its storage dtype (int8, ml_dtypes float8, float16
+    or float32); ``scales[l]`` is cast to float32 and reshaped to 4-D if given as a
+    scalar.  The returned names are interleaved (values_0, scale_0, values_1, ...).
+    """
+    if len(values) != len(scales):
+        raise InvalidInputError(f"{len(values)} value arrays but {len(scales)} scales")
+    inits, names = [], []
+    for l, (v, s) in enumerate(zip(values, scales)):
+        v = np.asarray(v)
+        if v.dtype == np.float64:
+            v = v.astype(np.float32)
+        s = np.asarray(s, dtype=np.float32)
+        if s.ndim == 0:
+            s = s.reshape(1, 1, 1, 1)
+        vn, sn = f"{prefix}_values_{l}", f"{prefix}_scale_{l}"
+        inits += [numpy_helper.from_array(v, vn), numpy_helper.from_array(s, sn)]
+        names += [vn, sn]
+    return inits, names
+
+
+def make_ks_matmul_node(x: str, y: str, patterns, factor_inputs: Sequence[str], *, bias: str = "",
+                        in_perm=None, out_perm=None, name: str | None = None) -> onnx.NodeProto:
+    """One ``ai.bfc.KSMatMul`` node.  ``factor_inputs`` = [values_0, scale_0, values_1, ...]."""
+    flat = patterns_attribute(patterns)
+    if len(factor_inputs) != len(flat) // 2:
+        raise InvalidInputError(f"KSMatMul with {len(flat) // 4} factors needs {len(flat) // 2} factor inputs "
+                                f"(values, scale per factor), got {len(factor_inputs)}")
+    attrs = {"patterns": flat}
+    if in_perm is not None and len(in_perm):
+        attrs["in_perm"] = [int(v) for v in in_perm]
+    if out_perm is not None and len(out_perm):
+        attrs["out_perm"] = [int(v) for v in out_perm]
+    return helper.make_node(OP_TYPE, [x, bias or "", *factor_inputs], [y], name=name, domain=DOMAIN, **attrs)
+
+
+def opset_imports(onnx_opset: int = DEFAULT_ONNX_OPSET) -> list:
+    return [helper.make_opsetid("", onnx_opset), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
+
+
+def make_ks_matmul_model(patterns, values: Sequence, scales: Sequence, *, bias=None, in_perm=None,
+                         out_perm=None, x_shape=None, onnx_opset: int = DEFAULT_ONNX_OPSET,
+                         ir_version: int = DEFAULT_IR_VERSION) -> onnx.ModelProto:
+    """A one-node model ``Y = KSMatMul(X)`` (for tests, benchmarks and examples)."""
+    chain = _patterns(patterns)
+    M, N = chain.shape
+    x_shape = list(x_shape) if x_shape is not None else ["batch", M]
+    y_shape = x_shape[:-1] + [N]
+    inits, names = factor_initializers("ks", values, scales)
+    bias_name = ""
+    if bias is not None:
+        bias_name = "ks_bias"
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), bias_name))
+    node = make_ks_matmul_node("X", "Y", chain, names, bias=bias_name, in_perm=in_perm, out_perm=out_perm,
+                               name="ks_matmul")
+    graph = helper.make_graph([node], "ks_matmul",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_shape)], inits)
+    return helper.make_model(graph, opset_imports=opset_imports(onnx_opset), ir_version=ir_version,
+                             producer_name="bfc")
+
+
+# ---- numpy reference ------------------------------------------------------------------
+def _check_perm(name: str, perm, n: int) -> np.ndarray | None:
+    if perm is None or len(perm) == 0:
+        return None
+    p = np.asarray(perm, dtype=np.int64)
+    if p.ndim != 1 or p.size != n or not np.array_equal(np.sort(p), np.arange(n)):
+        raise InvalidInputError(f"KSMatMul attribute {name!r} must be a permutation of 0..{n - 1} "
+                                f"(length {n}), got length {p.size}")
+    return p
+
+
+def _quantize_rows(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8 quantization as the kernel does it (float32 arithmetic)."""
+    h = h.astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        amax = np.max(np.abs(h), axis=-1, keepdims=True) if h.shape[-1] else np.zeros(h.shape[:-1] + (1,), np.float32)
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        r = h * inv
+        r = np.where(np.isnan(r), np.float32(0), r)
+        q = np.rint(np.clip(r, -127, 127))
+    return q.astype(np.int64), (amax / np.float32(127)).astype(np.float32)
+
+
+def _apply_factor(p: KSPattern, values, scale, h: np.ndarray, emulate_int8: bool) -> np.ndarray:
+    a, b, c, d = p.a, p.b, p.c, p.d
+    lead = h.shape[:-1]
+    values = np.asarray(values)
+    scale = np.asarray(scale, dtype=np.float32)
+    if values.shape != p.value_shape:
+        raise InvalidInputError(f"KSMatMul values for pattern {p} must have shape (a, d, b, c) = "
+                                f"{p.value_shape}, got {values.shape}")
+    ok = scale.ndim == 4 and all(s in (1, f) for s, f in zip(scale.shape, p.value_shape)) and scale.shape[2] == 1
+    if not ok:
+        raise InvalidInputError(f"KSMatMul scale for pattern {p} has shape {scale.shape}; it must be 4-D, "
+                                f"broadcastable to {p.value_shape}, with dim 2 equal to 1")
+    s_acd = np.broadcast_to(scale, (a, d, 1, c))[:, :, 0, :].transpose(0, 2, 1)  # (a, c, d)
+    if values.dtype == np.int8 and emulate_int8:
+        q, cs = _quantize_rows(h)
+        acc = np.einsum("...ijl,iljk->...ikl", q.reshape(lead + (a, b, d)), values.astype(np.int64))
+        y = (acc.astype(np.float32) * cs[..., None, None]) * s_acd
+    else:
+        w = values.astype(np.float64) * scale.astype(np.float64)
+        y = np.einsum("...ijl,iljk->...ikl", h.astype(np.float64).reshape(lead + (a, b, d)), w)
+    return y.reshape(lead + (a * c * d,)).astype(np.float32)
+
+
+def ks_matmul_reference(x, bias, factors: Sequence, patterns, in_perm=None, out_perm=None, *,
+                        emulate_int8: bool = True) -> np.ndarray:
+    """numpy KSMatMul.  ``factors`` = [values_0, scale_0, values_1, scale_1, ...].
+
+    With ``emulate_int8`` (default) int8 factors quantize their input activation per
+    row exactly as the native kernel does; without it every factor is applied in
+    float64 with its dequantized values (the op's ideal, unquantized-activation value).
+    """
+    chain = _patterns(patterns)
+    x = np.asarray(x, dtype=np.float32)
+    M, N = chain.shape
+    if x.ndim < 1 or x.shape[-1] != M:
+        raise InvalidInputError(f"KSMatMul input X has shape {x.shape}; its last dimension must be M = {M}")
+    if len(factors) != 2 * len(chain):
+        raise InvalidInputError(f"KSMatMul with {len(chain)} factors needs {2 * len(chain)} factor inputs, "
+                                f"got {len(factors)}")
+    ip, op = _check_perm("in_perm", in_perm, M), _check_perm("out_perm", out_perm, N)
+    h = x[..., ip] if ip is not None else x
+    for l, p in enumerate(chain):
+        h = _apply_factor(p, factors[2 * l], factors[2 * l + 1], h, emulate_int8)
+    if op is not None:
+        h = h[..., op]
+    if bias is not None:
+        b = np.asarray(bias, dtype=np.float32)
+        if b.shape != (N,):
+            raise InvalidInputError(f"KSMatMul bias has shape {b.shape}, expected ({N},)")
+        h = h + b
+    return h.astype(np.float32)
+
+
+def _make_op_run():
+    from onnx.reference.op_run import OpRun
+
+    class KSMatMul(OpRun):
+        """``onnx.reference`` implementation of ai.bfc.KSMatMul (see :mod:`bfc.ops`)."""
+
+        op_domain = DOMAIN
+        emulate_int8 = True
+
+        def _run(self, X, bias=None, *factors, patterns=None, in_perm=None, out_perm=None):
+            if patterns is None:
+                raise InvalidInputError("KSMatMul attribute 'patterns' is required")
+            y = ks_matmul_reference(X, bias, factors, patterns, in_perm, out_perm,
+                                    emulate_int8=self.emulate_int8)
+            return (y,)
+
+    return KSMatMul
+
+
+_OP_RUN = None
+
+
+def reference_op():
+    """The OpRun class for ``onnx.reference.ReferenceEvaluator(model, new_ops=[...])``."""
+    global _OP_RUN
+    if _OP_RUN is None:
+        _OP_RUN = _make_op_run()
+    return _OP_RUN
+
+
+def reference_evaluator(model, **kwargs):
+    """``ReferenceEvaluator`` that runs ai.bfc ops with the numpy reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    new_ops = list(kwargs.pop("new_ops", [])) + [reference_op()]
+    return ReferenceEvaluator(model, new_ops=new_ops, **kwargs)

@@ -1,0 +1,117 @@
+"""Finding and loading bfc's native custom-op library (``ai.bfc`` ops for onnxruntime).
+
+The library (``libbfc_ops.so`` / ``.dylib`` / ``bfc_ops.dll``) is built by CMake during
+``pip install`` and installed inside the ``bfc`` package.  :func:`library_path` looks,
+in order:
+
+1. next to the installed ``bfc`` package files (every ``bfc`` folder on ``sys.path``,
+   which also covers scikit-build-core editable installs);
+2. the path in the environment variable ``BFC_RUNTIME_LIB``;
+3. the development build folder ``<repo>/build/runtime_ops`` (``cmake -S runtime_ops
+   -B build/runtime_ops && cmake --build build/runtime_ops``).
+
+:func:`session` creates an ``onnxruntime.InferenceSession`` with the library
+registered.  A missing or unloadable library raises :class:`bfc.errors.NativeLibraryError`.
+Models using ``ai.bfc`` ops also run without the library through the numpy reference
+in :mod:`bfc.ops` (``onnx.reference.ReferenceEvaluator``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from bfc.errors import NativeLibraryError
+
+ENV_VAR = "BFC_RUNTIME_LIB"
+_PKG_DIR = Path(__file__).resolve().parent
+_REPO_BUILD = _PKG_DIR.parent / "build" / "runtime_ops"
+
+
+def library_filename() -> str:
+    if sys.platform.startswith("win"):
+        return "bfc_ops.dll"
+    if sys.platform == "darwin":
+        return "libbfc_ops.dylib"
+    return "libbfc_ops.so"
+
+
+def _candidates() -> list[Path]:
+    name = library_filename()
+    out: list[Path] = [_PKG_DIR / name]
+    for entry in sys.path:
+        try:
+            p = Path(entry or ".") / "bfc" / name
+        except (TypeError, ValueError):
+            continue
+        if p not in out:
+            out.append(p)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        out.append(Path(env))
+    out.append(_REPO_BUILD / name)
+    return out
+
+
+def library_path() -> Path:
+    """Path of the ai.bfc custom-op library; raises NativeLibraryError if none exists."""
+    env = os.environ.get(ENV_VAR)
+    for p in _candidates():
+        if p.is_file():
+            return p
+    if env:
+        raise NativeLibraryError(
+            f"{ENV_VAR}={env} does not point to a file, and no bfc custom-op library "
+            f"({library_filename()}) is installed; fix the variable or reinstall bfc with a C++17 compiler")
+    raise NativeLibraryError(
+        f"the bfc custom-op library ({library_filename()}) is not installed: reinstall bfc with a "
+        "C++17 compiler and CMake available (pip install .), or build it with "
+        "'cmake -S runtime_ops -B build/runtime_ops && cmake --build build/runtime_ops', "
+        f"or set {ENV_VAR} to its path; without it, run ai.bfc models with "
+        "bfc.ops.reference_evaluator(model)")
+
+
+def is_available() -> bool:
+    try:
+        library_path()
+    except NativeLibraryError:
+        return False
+    return True
+
+
+def session_options(threads: int = 1, *, optimization_level=None):
+    """``onnxruntime.SessionOptions`` with the bfc library registered."""
+    import onnxruntime as ort
+
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise NativeLibraryError(f"threads={threads!r} must be a non-negative integer (0 = onnxruntime default)")
+    path = library_path()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if optimization_level is not None:
+        so.graph_optimization_level = optimization_level
+    try:
+        so.register_custom_ops_library(str(path))
+    except Exception as exc:  # onnxruntime raises RuntimeError / Fail subclasses
+        raise NativeLibraryError(
+            f"onnxruntime could not load the bfc custom-op library {path}: {exc}; rebuild it for this "
+            f"platform and onnxruntime {ort.__version__} (needs >= 1.17)") from exc
+    return so
+
+
+def session(model, threads: int = 1, *, providers=None, optimization_level=None):
+    """An ``onnxruntime.InferenceSession`` for ``model`` (ModelProto, bytes or path).
+
+    ``threads`` is the intra-op thread count (the ai.bfc kernels parallelize only
+    through onnxruntime's intra-op pool); 0 lets onnxruntime decide.
+    """
+    import onnxruntime as ort
+
+    so = session_options(threads, optimization_level=optimization_level)
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, sess_options=so, providers=providers or ["CPUExecutionProvider"])

@@ -1,0 +1,389 @@
+// Plan building (validation + prepacking) and the per-tile chain executor.
+#include "ks_chain.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <sstream>
+
+namespace bfc {
+namespace ks {
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(1) << 31;      // any single feature dimension
+constexpr int64_t kMaxElems = int64_t(1) << 40;    // guard for products of dimensions
+constexpr int64_t kMaxInt8Reduction = int64_t(1) << 16;  // int32 accumulation headroom
+
+bool mul_ok(int64_t x, int64_t y, int64_t* out) {
+  if (x < 0 || y < 0) return false;
+  if (x != 0 && y > kMaxElems / x) return false;
+  *out = x * y;
+  return true;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  if (s.size() == 1) o << ",";
+  o << ")";
+  return o.str();
+}
+
+const char* dtype_name(int t) {
+  switch (t) {
+    case 1: return "float32";
+    case 3: return "int8";
+    case 10: return "float16";
+    case 17: return "float8e4m3fn";
+    case 19: return "float8e5m2";
+    default: return "unsupported";
+  }
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t s = uint32_t(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ffu;
+  float v;
+  if (e == 0) {
+    v = std::ldexp(float(m), -24);
+  } else if (e == 31) {
+    v = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    v = std::ldexp(float(m | 0x400u), int(e) - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits |= s;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+struct Luts {
+  float e4m3[256];
+  float e5m2[256];
+  Luts() {
+    for (int x = 0; x < 256; ++x) {
+      const float sign = (x & 0x80) ? -1.f : 1.f;
+      {  // e4m3fn: bias 7, no infinities, S.1111.111 is NaN
+        const int e = (x >> 3) & 0xf, m = x & 7;
+        float v;
+        if (e == 0xf && m == 7) v = std::numeric_limits<float>::quiet_NaN();
+        else if (e == 0) v = std::ldexp(float(m), -9);
+        else v = std::ldexp(float(8 + m), e - 10);
+        e4m3[x] = sign * v;
+      }
+      {  // e5m2: bias 15, IEEE-like
+        const int e = (x >> 2) & 0x1f, m = x & 3;
+        float v;
+        if (e == 0x1f) v = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+        else if (e == 0) v = std::ldexp(float(m), -16);
+        else v = std::ldexp(float(4 + m), e - 17);
+        e5m2[x] = sign * v;
+      }
+    }
+  }
+};
+const Luts& luts() {
+  static const Luts l;
+  return l;
+}
+
+float values_at(const FactorInput& in, int64_t idx) {
+  switch (in.values_dtype) {
+    case 1: return static_cast<const float*>(in.values)[idx];
+    case 3: return float(static_cast<const int8_t*>(in.values)[idx]);
+    case 10: return half_to_float(static_cast<const uint16_t*>(in.values)[idx]);
+    case 17: return luts().e4m3[static_cast<const uint8_t*>(in.values)[idx]];
+    case 19: return luts().e5m2[static_cast<const uint8_t*>(in.values)[idx]];
+    default: return 0.f;
+  }
+}
+
+int choose_mr(int64_t c) {
+  if (c <= 6) return int(c);
+  int best = 6;
+  int64_t best_waste = (c + 5) / 6 * 6 - c;
+  for (int m = 5; m >= 4; --m) {
+    const int64_t waste = (c + m - 1) / m * m - c;
+    if (waste < best_waste) best = m, best_waste = waste;
+  }
+  return best;
+}
+
+std::string check_perm(const char* name, const std::vector<int64_t>& p, int64_t n) {
+  if (p.empty()) return "";
+  std::ostringstream o;
+  if (int64_t(p.size()) != n) {
+    o << "KSMatMul: attribute '" << name << "' has " << p.size() << " entries but the chain "
+      << (name[0] == 'i' ? "input" : "output") << " dimension is " << n
+      << " (it must be a permutation of 0.." << n - 1 << ", or absent for identity)";
+    return o.str();
+  }
+  std::vector<char> seen(size_t(n), 0);
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] < 0 || p[i] >= n || seen[size_t(p[i])]) {
+      o << "KSMatMul: attribute '" << name << "' is not a permutation of 0.." << n - 1 << ": entry " << i
+        << " is " << p[i] << (p[i] >= 0 && p[i] < n ? " (repeated)" : " (out of range)");
+      return o.str();
+    }
+    seen[size_t(p[i])] = 1;
+  }
+  return "";
+}
+
+}  // namespace
+
+const char* isa_name(int isa) { return isa == 1 ? "avx2" : "portable"; }
+
+bool cpu_has_avx2() {
+#if defined(BFC_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<FactorInput>& inputs,
+                       const std::vector<int64_t>& in_perm, const std::vector<int64_t>& out_perm,
+                       const char* isa_override, Plan* plan) {
+  std::ostringstream err;
+  if (patterns.empty() || patterns.size() % 4 != 0) {
+    err << "KSMatMul: attribute 'patterns' must hold 4 positive integers (a, b, c, d) per factor, got "
+        << patterns.size() << " values";
+    return err.str();
+  }
+  const size_t L = patterns.size() / 4;
+  if (inputs.size() != L) {
+    err << "KSMatMul: 'patterns' describes " << L << " factors, so the node needs " << 2 + 2 * L
+        << " inputs (X, bias, then values_l, scale_l per factor), got factors for " << inputs.size();
+    return err.str();
+  }
+  plan->factors.clear();
+  plan->factors.resize(L);
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t a = patterns[4 * l], b = patterns[4 * l + 1], c = patterns[4 * l + 2], d = patterns[4 * l + 3];
+    if (a < 1 || b < 1 || c < 1 || d < 1 || a >= kMaxDim || b >= kMaxDim || c >= kMaxDim || d >= kMaxDim) {
+      err << "KSMatMul: factor " << l << " has pattern (a, b, c, d) = (" << a << ", " << b << ", " << c << ", "
+          << d << "); every entry must be a positive integer below 2^31";
+      return err.str();
+    }
+    int64_t ad, abd, acd, nnz;
+    if (!mul_ok(a, d, &ad) || !mul_ok(ad, b, &abd) || !mul_ok(ad, c, &acd) || !mul_ok(abd, c, &nnz) ||
+        abd >= kMaxDim || acd >= kMaxDim) {
+      err << "KSMatMul: factor " << l << " pattern (" << a << ", " << b << ", " << c << ", " << d
+          << ") is too large (feature dimensions must stay below 2^31)";
+      return err.str();
+    }
+    if (l > 0) {
+      const Factor& p = plan->factors[l - 1];
+      if (p.out_dim() != abd) {
+        err << "KSMatMul: invalid chain: factor " << l - 1 << " (" << p.a << ", " << p.b << ", " << p.c << ", "
+            << p.d << ") has a*c*d = " << p.out_dim() << " outputs but factor " << l << " (" << a << ", " << b
+            << ", " << c << ", " << d << ") has a*b*d = " << abd << " inputs";
+        return err.str();
+      }
+    }
+    const FactorInput& in = inputs[l];
+    const std::vector<int64_t> want = {a, d, b, c};
+    if (in.values_shape != want) {
+      err << "KSMatMul: input values_" << l << " (input " << 2 + 2 * l << ") has shape "
+          << shape_str(in.values_shape) << " but pattern (" << a << ", " << b << ", " << c << ", " << d
+          << ") needs (a, d, b, c) = " << shape_str(want);
+      return err.str();
+    }
+    if (std::string(dtype_name(in.values_dtype)) == "unsupported") {
+      err << "KSMatMul: input values_" << l << " (input " << 2 + 2 * l << ") has ONNX element type "
+          << in.values_dtype << "; supported: int8, float8e4m3fn, float8e5m2, float16, float32";
+      return err.str();
+    }
+    if (in.values == nullptr && nnz > 0) {
+      err << "KSMatMul: input values_" << l << " has no data";
+      return err.str();
+    }
+    if (in.scale_dtype != 1) {
+      err << "KSMatMul: input scale_" << l << " (input " << 3 + 2 * l << ") must be float32, got ONNX element type "
+          << in.scale_dtype;
+      return err.str();
+    }
+    const std::vector<int64_t>& ss = in.scale_shape;
+    if (ss.size() != 4 || (ss[0] != 1 && ss[0] != a) || (ss[1] != 1 && ss[1] != d) || ss[2] != 1 ||
+        (ss[3] != 1 && ss[3] != c)) {
+      err << "KSMatMul: input scale_" << l << " (input " << 3 + 2 * l << ") has shape " << shape_str(ss)
+          << "; it must be 4-D and broadcastable to values (a, d, b, c) = " << shape_str(want)
+          << " with every dim 1 or full and dim 2 equal to 1, e.g. (1, 1, 1, 1), (" << a << ", " << d
+          << ", 1, 1) or (" << a << ", " << d << ", 1, " << c << ")";
+      return err.str();
+    }
+    if (in.scale == nullptr) {
+      err << "KSMatMul: input scale_" << l << " has no data";
+      return err.str();
+    }
+    if (in.values_dtype == 3 && b > kMaxInt8Reduction) {
+      err << "KSMatMul: int8 factor " << l << " has b = " << b << " > " << kMaxInt8Reduction
+          << " inputs per block (int32 accumulation could overflow); use float16/float32 values";
+      return err.str();
+    }
+
+    Factor& f = plan->factors[l];
+    f.a = a, f.b = b, f.c = c, f.d = d;
+    f.path = in.values_dtype == 3 ? Path::I8 : (in.values_dtype == 17 || in.values_dtype == 19) ? Path::FP8 : Path::F32;
+    f.mr = choose_mr(c);
+    f.nkt = (c + f.mr - 1) / f.mr;
+    f.bp = (b + 1) / 2;
+    const int mr = f.mr;
+    auto scale_at = [&](int64_t i, int64_t ll, int64_t k) {
+      const int64_t si = ss[0] == 1 ? 0 : i, sl = ss[1] == 1 ? 0 : ll, sk = ss[3] == 1 ? 0 : k;
+      return in.scale[(si * ss[1] + sl) * ss[3] + sk];
+    };
+    auto vidx = [&](int64_t i, int64_t ll, int64_t j, int64_t k) { return ((i * d + ll) * b + j) * c + k; };
+    if (f.path == Path::F32) {
+      f.wf.assign(size_t(ad * f.nkt * b * mr), 0.f);
+      for (int64_t i = 0; i < a; ++i)
+        for (int64_t ll = 0; ll < d; ++ll)
+          for (int64_t kt = 0; kt < f.nkt; ++kt) {
+            float* w = f.wf.data() + ((i * d + ll) * f.nkt + kt) * b * mr;
+            for (int64_t j = 0; j < b; ++j)
+              for (int r = 0; r < mr; ++r) {
+                const int64_t k = kt * mr + r;
+                if (k < c) w[j * mr + r] = values_at(in, vidx(i, ll, j, k)) * scale_at(i, ll, k);
+              }
+          }
+    } else {
+      f.sc.assign(size_t(ad * f.nkt * mr), 0.f);
+      const float extra = 1.f;
+      for (int64_t i = 0; i < a; ++i)
+        for (int64_t ll = 0; ll < d; ++ll)
+          for (int64_t kt = 0; kt < f.nkt; ++kt)
+            for (int r = 0; r < mr; ++r) {
+              const int64_t k = kt * mr + r;
+              if (k < c) f.sc[size_t(((i * d + ll) * f.nkt + kt) * mr + r)] = scale_at(i, ll, k) * extra;
+            }
+      if (f.path == Path::FP8) {
+        f.lut = in.values_dtype == 17 ? luts().e4m3 : luts().e5m2;
+        f.w8.assign(size_t(ad * f.nkt * b * mr + 8), 0);  // zero byte decodes to 0 in both formats
+        const uint8_t* v8 = static_cast<const uint8_t*>(in.values);
+        for (int64_t i = 0; i < a; ++i)
+          for (int64_t ll = 0; ll < d; ++ll)
+            for (int64_t kt = 0; kt < f.nkt; ++kt) {
+              uint8_t* w = f.w8.data() + ((i * d + ll) * f.nkt + kt) * b * mr;
+              for (int64_t j = 0; j < b; ++j)
+                for (int r = 0; r < mr; ++r) {
+                  const int64_t k = kt * mr + r;
+                  if (k < c) w[j * mr + r] = v8[vidx(i, ll, j, k)];
+                }
+            }
+      } else {
+        f.wq.assign(size_t(ad * f.nkt * f.bp * mr * 2), 0);
+        const int8_t* v8 = static_cast<const int8_t*>(in.values);
+        for (int64_t i = 0; i < a; ++i)
+          for (int64_t ll = 0; ll < d; ++ll)
+            for (int64_t kt = 0; kt < f.nkt; ++kt) {
+              int16_t* w = f.wq.data() + ((i * d + ll) * f.nkt + kt) * f.bp * mr * 2;
+              for (int64_t j = 0; j < b; ++j)
+                for (int r = 0; r < mr; ++r) {
+                  const int64_t k = kt * mr + r;
+                  if (k < c) w[((j / 2) * mr + r) * 2 + (j % 2)] = v8[vidx(i, ll, j, k)];
+                }
+            }
+      }
+    }
+  }
+  plan->M = plan->factors.front().in_dim();
+  plan->N = plan->factors.back().out_dim();
+  std::string e = check_perm("in_perm", in_perm, plan->M);
+  if (!e.empty()) return e;
+  e = check_perm("out_perm", out_perm, plan->N);
+  if (!e.empty()) return e;
+  plan->in_perm = in_perm;
+  plan->out_perm = out_perm;
+  plan->max_dim = plan->M;
+  plan->max_pairs = 0;
+  for (const Factor& f : plan->factors) {
+    plan->max_dim = std::max(plan->max_dim, f.out_dim());
+    if (f.path == Path::I8) plan->max_pairs = std::max(plan->max_pairs, f.a * f.bp * f.d);
+  }
+  const std::string isa = isa_override ? isa_override : "";
+  if (isa.empty() || isa == "auto") {
+    plan->isa = cpu_has_avx2() ? 1 : 0;
+  } else if (isa == "portable") {
+    plan->isa = 0;
+  } else if (isa == "avx2") {
+    if (!cpu_has_avx2()) return "KSMatMul: BFC_KS_ISA=avx2 was requested but this build or CPU has no AVX2/FMA";
+    plan->isa = 1;
+  } else {
+    return "KSMatMul: BFC_KS_ISA must be auto, portable or avx2, got '" + isa + "'";
+  }
+  return "";
+}
+
+int tile_width(int64_t rows) { return rows <= 8 ? 8 : 16; }
+
+namespace {
+struct Scratch {
+  std::vector<float> mem;
+  float* get(size_t floats) {
+    if (mem.size() < floats + 16) mem.resize(floats + 16);
+    uintptr_t p = reinterpret_cast<uintptr_t>(mem.data());
+    p = (p + 63) & ~uintptr_t(63);
+    return reinterpret_cast<float*>(p);
+  }
+};
+}  // namespace
+
+void run_tile(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows, int nb, int64_t tile) {
+  thread_local Scratch scratch;
+  const LayerTable& T =
+#if defined(BFC_HAVE_AVX2)
+      plan.isa == 1 ? avx2_table() :
+#endif
+                    portable_table();
+  const size_t buf = size_t(plan.max_dim) * nb;
+  const size_t qfl = size_t(plan.max_pairs) * nb;  // int16 pairs: 2 x int16 = 1 float slot
+  const size_t round = 16;
+  const size_t bufr = (buf + round - 1) / round * round, qr = (qfl + round - 1) / round * round;
+  float* base = scratch.get(2 * bufr + qr + round);
+  float* A = base;
+  float* B = base + bufr;
+  int16_t* Q = reinterpret_cast<int16_t*>(base + 2 * bufr);
+  float* colscale = base + 2 * bufr + qr;
+
+  const int64_t r0 = tile * nb;
+  const int64_t nv = std::min<int64_t>(nb, rows - r0);
+  const int64_t M = plan.M, N = plan.N;
+  const int64_t* ip = plan.in_perm.empty() ? nullptr : plan.in_perm.data();
+  for (int64_t n = 0; n < nv; ++n) {
+    const float* xr = x + (r0 + n) * M;
+    if (ip) for (int64_t f = 0; f < M; ++f) A[f * nb + n] = xr[ip[f]];
+    else for (int64_t f = 0; f < M; ++f) A[f * nb + n] = xr[f];
+  }
+  for (int64_t n = nv; n < nb; ++n)
+    for (int64_t f = 0; f < M; ++f) A[f * nb + n] = 0.f;
+
+  for (const Factor& f : plan.factors) {
+    switch (f.path) {
+      case Path::F32: T.f32(f, A, B, nb); break;
+      case Path::FP8: T.fp8(f, A, B, nb); break;
+      case Path::I8:
+        T.quant(f, A, Q, colscale, nb);
+        T.i8(f, Q, colscale, B, nb);
+        break;
+    }
+    std::swap(A, B);
+  }
+  const int64_t* op = plan.out_perm.empty() ? nullptr : plan.out_perm.data();
+  for (int64_t n = 0; n < nv; ++n) {
+    float* yr = y + (r0 + n) * N;
+    for (int64_t o = 0; o < N; ++o) {
+      const float v = A[(op ? op[o] : o) * nb + n];
+      yr[o] = bias ? v + bias[o] : v;
+    }
+  }
+}
+
+}  // namespace ks
+}  // namespace bfc

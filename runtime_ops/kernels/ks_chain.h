@@ -1,0 +1,101 @@
+// Kronecker-sparse chain kernels: plain C++17, no ONNX Runtime types.
+//
+// A chain computes y = (x[:, in_perm] @ K_1 @ ... @ K_L)[:, out_perm] + bias for a
+// batch of rows x (rows x M, row-major).  Factor l has KS pattern (a, b, c, d) and
+// canonical values V[i, l, j, k] (shape (a, d, b, c)) with
+//     K[i*b*d + j*d + l, i*c*d + k*d + l] = V[i, l, j, k] * scale[i, l, 0|k].
+//
+// Execution model: the batch is cut into tiles of NB = 8 or 16 rows.  A tile is
+// transposed once into a feature-major buffer buf[feature][NB] (in_perm applied
+// by index arithmetic while gathering), every factor then maps buf -> buf with
+// output-stationary register tiles (MR output features x NB batch columns, the
+// reduction over the b inputs of one (i, l) block), and the last buffer is written
+// back row-major through out_perm with the bias added.  Tiles are independent, so
+// they are the unit of parallelism.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace bfc {
+namespace ks {
+
+enum class DType : int { F32 = 1, F16 = 10, I8 = 3, F8E4M3FN = 17, F8E5M2 = 19 };
+enum class Path : int { F32 = 0, FP8 = 1, I8 = 2 };
+
+// Raw description of one factor as it arrives (pointers are only read during build).
+struct FactorInput {
+  int64_t a = 0, b = 0, c = 0, d = 0;
+  int values_dtype = 0;              // ONNX element type number
+  std::vector<int64_t> values_shape;
+  const void* values = nullptr;
+  int scale_dtype = 0;
+  std::vector<int64_t> scale_shape;
+  const float* scale = nullptr;
+};
+
+// One factor, prepacked for the register tiles.
+struct Factor {
+  int64_t a = 0, b = 0, c = 0, d = 0;
+  Path path = Path::F32;
+  int mr = 1;        // output rows per register tile
+  int64_t nkt = 0;   // k tiles per (i, l) block: ceil(c / mr)
+  int64_t bp = 0;    // ceil(b / 2): int8 input pairs
+  // F32: wf[((i*d + l)*nkt + kt)*b*mr + j*mr + r]  (dequantized, scale folded in)
+  std::vector<float> wf;
+  // FP8: w8 in the same layout as wf, decoded through lut (256 entries)
+  std::vector<uint8_t> w8;
+  const float* lut = nullptr;
+  // I8: wq[((i*d + l)*nkt + kt)*bp*mr*2 + jp*mr*2 + r*2 + t] = V[i, l, 2*jp + t, kt*mr + r]
+  std::vector<int16_t> wq;
+  // FP8 / I8 epilogue scale: sc[((i*d + l)*nkt + kt)*mr + r]
+  std::vector<float> sc;
+
+  int64_t in_dim() const { return a * b * d; }
+  int64_t out_dim() const { return a * c * d; }
+};
+
+struct Plan {
+  int64_t M = 0, N = 0;
+  std::vector<Factor> factors;
+  std::vector<int64_t> in_perm;   // empty = identity
+  std::vector<int64_t> out_perm;  // empty = identity
+  int64_t max_dim = 0;            // largest feature dimension along the chain
+  int64_t max_pairs = 0;          // largest int8 pair-row count
+  int isa = 0;                    // 0 portable, 1 avx2
+};
+
+// Validates everything and prepacks.  Returns "" on success, otherwise a message.
+std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<FactorInput>& inputs,
+                       const std::vector<int64_t>& in_perm, const std::vector<int64_t>& out_perm,
+                       const char* isa_override, Plan* out);
+
+// Tile width for a batch of `rows` rows.
+int tile_width(int64_t rows);
+inline int64_t num_tiles(int64_t rows, int nb) { return (rows + nb - 1) / nb; }
+
+// Computes rows [t*nb, min(rows, (t+1)*nb)) of y (rows x N) from x (rows x M).
+// bias may be null.  Uses thread-local scratch; safe to call concurrently.
+void run_tile(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows, int nb,
+              int64_t tile);
+
+const char* isa_name(int isa);
+bool cpu_has_avx2();
+
+// ---- per-ISA layer kernels (implemented twice: portable and AVX2) ----------------------
+struct LayerTable {
+  void (*f32)(const Factor& f, const float* in, float* out, int nb);
+  void (*fp8)(const Factor& f, const float* in, float* out, int nb);
+  // quantizes in (feature-major) into pair rows q and per-column scales colscale
+  void (*quant)(const Factor& f, const float* in, int16_t* q, float* colscale, int nb);
+  void (*i8)(const Factor& f, const int16_t* q, const float* colscale, float* out, int nb);
+};
+const LayerTable& portable_table();
+#if defined(BFC_HAVE_AVX2)
+const LayerTable& avx2_table();
+#endif
+
+}  // namespace ks
+}  // namespace bfc

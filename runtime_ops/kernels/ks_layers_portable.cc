@@ -1,0 +1,157 @@
+// Portable layer kernels: plain C++ loops over fixed-size register tiles (the compiler
+// vectorizes them for whatever target it builds for).  Reference for the AVX2 kernels.
+#include <algorithm>
+#include <cmath>
+
+#include "ks_chain.h"
+
+namespace bfc {
+namespace ks {
+namespace {
+
+template <int MR, int NB>
+void f32_t(const Factor& f, const float* in, float* out, bool fp8) {
+  const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
+  const int64_t xs = d * NB;
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t l = 0; l < d; ++l) {
+      const float* xb = in + (i * b * d + l) * NB;
+      float* yb = out + (i * c * d + l) * NB;
+      const int64_t blk = (i * d + l) * nkt;
+      for (int64_t kt = 0; kt < nkt; ++kt) {
+        float acc[MR][NB] = {};
+        if (fp8) {
+          const uint8_t* w = f.w8.data() + (blk + kt) * b * MR;
+          const float* lut = f.lut;
+          for (int64_t j = 0; j < b; ++j) {
+            const float* xr = xb + j * xs;
+            for (int r = 0; r < MR; ++r) {
+              const float wv = lut[w[j * MR + r]];
+              for (int n = 0; n < NB; ++n) acc[r][n] += wv * xr[n];
+            }
+          }
+        } else {
+          const float* w = f.wf.data() + (blk + kt) * b * MR;
+          for (int64_t j = 0; j < b; ++j) {
+            const float* xr = xb + j * xs;
+            for (int r = 0; r < MR; ++r) {
+              const float wv = w[j * MR + r];
+              for (int n = 0; n < NB; ++n) acc[r][n] += wv * xr[n];
+            }
+          }
+        }
+        const int valid = int(std::min<int64_t>(MR, c - kt * MR));
+        for (int r = 0; r < valid; ++r) {
+          float* yr = yb + (kt * MR + r) * xs;
+          const float s = fp8 ? f.sc[size_t((blk + kt) * MR + r)] : 1.f;
+          for (int n = 0; n < NB; ++n) yr[n] = fp8 ? acc[r][n] * s : acc[r][n];
+        }
+      }
+    }
+}
+
+template <int MR, int NB>
+void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) {
+  const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
+  const int64_t xs = d * NB, qs = d * NB * 2;
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t l = 0; l < d; ++l) {
+      const int16_t* xb = q + (i * bp * d + l) * NB * 2;
+      float* yb = out + (i * c * d + l) * NB;
+      const int64_t blk = (i * d + l) * nkt;
+      for (int64_t kt = 0; kt < nkt; ++kt) {
+        int32_t acc[MR][NB] = {};
+        const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
+        for (int64_t jp = 0; jp < bp; ++jp) {
+          const int16_t* xr = xb + jp * qs;
+          for (int r = 0; r < MR; ++r) {
+            const int32_t w0 = w[(jp * MR + r) * 2], w1 = w[(jp * MR + r) * 2 + 1];
+            for (int n = 0; n < NB; ++n) acc[r][n] += int32_t(xr[2 * n]) * w0 + int32_t(xr[2 * n + 1]) * w1;
+          }
+        }
+        const int valid = int(std::min<int64_t>(MR, c - kt * MR));
+        for (int r = 0; r < valid; ++r) {
+          float* yr = yb + (kt * MR + r) * xs;
+          const float s = f.sc[size_t((blk + kt) * MR + r)];
+          for (int n = 0; n < NB; ++n) yr[n] = float(acc[r][n]) * colscale[n] * s;
+        }
+      }
+    }
+}
+
+template <int NB>
+void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
+  const int64_t a = f.a, b = f.b, d = f.d, bp = f.bp, M = f.in_dim();
+  float amax[NB] = {};
+  for (int64_t r = 0; r < M; ++r)
+    for (int n = 0; n < NB; ++n) {
+      const float v = std::fabs(in[r * NB + n]);
+      if (v > amax[n]) amax[n] = v;
+    }
+  float inv[NB];
+  for (int n = 0; n < NB; ++n) {
+    colscale[n] = amax[n] / 127.f;
+    inv[n] = amax[n] > 0.f ? 127.f / amax[n] : 0.f;
+  }
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t jp = 0; jp < bp; ++jp)
+      for (int64_t l = 0; l < d; ++l) {
+        int16_t* qr = q + ((i * bp + jp) * d + l) * NB * 2;
+        for (int t = 0; t < 2; ++t) {
+          const int64_t j = 2 * jp + t;
+          const float* xr = j < b ? in + (i * b * d + j * d + l) * NB : nullptr;
+          for (int n = 0; n < NB; ++n) {
+            float v = xr ? xr[n] * inv[n] : 0.f;
+            if (!(v == v)) v = 0.f;
+            v = std::min(127.f, std::max(-127.f, v));
+            qr[2 * n + t] = int16_t(std::nearbyint(v));
+          }
+        }
+      }
+}
+
+template <int NB>
+void f32_nb(const Factor& f, const float* in, float* out, bool fp8) {
+  switch (f.mr) {
+    case 1: f32_t<1, NB>(f, in, out, fp8); break;
+    case 2: f32_t<2, NB>(f, in, out, fp8); break;
+    case 3: f32_t<3, NB>(f, in, out, fp8); break;
+    case 4: f32_t<4, NB>(f, in, out, fp8); break;
+    case 5: f32_t<5, NB>(f, in, out, fp8); break;
+    default: f32_t<6, NB>(f, in, out, fp8); break;
+  }
+}
+template <int NB>
+void i8_nb(const Factor& f, const int16_t* q, const float* cs, float* out) {
+  switch (f.mr) {
+    case 1: i8_t<1, NB>(f, q, cs, out); break;
+    case 2: i8_t<2, NB>(f, q, cs, out); break;
+    case 3: i8_t<3, NB>(f, q, cs, out); break;
+    case 4: i8_t<4, NB>(f, q, cs, out); break;
+    case 5: i8_t<5, NB>(f, q, cs, out); break;
+    default: i8_t<6, NB>(f, q, cs, out); break;
+  }
+}
+
+void f32_layer(const Factor& f, const float* in, float* out, int nb) {
+  nb == 8 ? f32_nb<8>(f, in, out, false) : f32_nb<16>(f, in, out, false);
+}
+void fp8_layer(const Factor& f, const float* in, float* out, int nb) {
+  nb == 8 ? f32_nb<8>(f, in, out, true) : f32_nb<16>(f, in, out, true);
+}
+void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
+  nb == 8 ? quant_t<8>(f, in, q, cs) : quant_t<16>(f, in, q, cs);
+}
+void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb) {
+  nb == 8 ? i8_nb<8>(f, q, cs, out) : i8_nb<16>(f, q, cs, out);
+}
+
+}  // namespace
+
+const LayerTable& portable_table() {
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer};
+  return t;
+}
+
+}  // namespace ks
+}  // namespace bfc

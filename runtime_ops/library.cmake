@@ -1,0 +1,44 @@
+# The ai.bfc custom-op library (included by CMakeLists.txt when a C++ compiler exists).
+# Not linked against onnxruntime: the API table is handed over at registration time.
+set(CMAKE_CXX_STANDARD 17)
+set(CMAKE_CXX_STANDARD_REQUIRED ON)
+set(CMAKE_CXX_EXTENSIONS OFF)
+if(NOT CMAKE_BUILD_TYPE AND NOT CMAKE_CONFIGURATION_TYPES)
+  set(CMAKE_BUILD_TYPE Release)
+endif()
+
+set(BFC_ORT_INCLUDE_DIR "" CACHE PATH "optional: directory with onnxruntime_c_api.h, to static-check the slot table")
+
+add_library(bfc_ops MODULE
+  "${CMAKE_CURRENT_LIST_DIR}/ort/ks_matmul_op.cc"
+  "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_chain.cc"
+  "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_portable.cc")
+set_target_properties(bfc_ops PROPERTIES
+  PREFIX "lib"
+  CXX_VISIBILITY_PRESET hidden
+  VISIBILITY_INLINES_HIDDEN ON
+  POSITION_INDEPENDENT_CODE ON)
+if(BFC_ORT_INCLUDE_DIR)
+  target_include_directories(bfc_ops PRIVATE "${BFC_ORT_INCLUDE_DIR}")
+  target_compile_definitions(bfc_ops PRIVATE BFC_ORT_INCLUDE_DIR_SET=1)
+endif()
+
+# AVX2/FMA kernels: a separate translation unit with its own flags, chosen at run time.
+string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" _bfc_proc)
+if(_bfc_proc MATCHES "^(x86_64|amd64|x64|i[3-6]86)$" AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_sources(bfc_ops PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx2.cc")
+  set_source_files_properties("${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx2.cc"
+    PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
+  target_compile_definitions(bfc_ops PRIVATE BFC_HAVE_AVX2=1)
+endif()
+
+if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(bfc_ops PRIVATE -O3 -Wall -Wextra -fno-math-errno)
+  if(NOT APPLE)
+    target_link_options(bfc_ops PRIVATE -Wl,--no-undefined)
+  endif()
+elseif(MSVC)
+  target_compile_options(bfc_ops PRIVATE /O2 /W3)
+endif()
+
+install(TARGETS bfc_ops LIBRARY DESTINATION bfc RUNTIME DESTINATION bfc)
