@@ -1,0 +1,157 @@
+"""Configuration of ``bfc optimize``: one frozen dataclass, validated on construction.
+
+The TOML file (``--config FILE.toml``) uses the same keys as the CLI options, with
+dashes or underscores (``max-error`` or ``max_error``); CLI options given explicitly
+override the file.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from bfc.errors import ConfigError
+
+
+class Structure(str, enum.Enum):
+    AUTO = "auto"
+    BUTTERFLY = "butterfly"
+    MONARCH = "monarch"
+    BLOCK_RANK = "block-rank"
+    LOWRANK_RESIDUAL = "lowrank-residual"
+
+
+class Precision(str, enum.Enum):
+    AUTO = "auto"
+    INT8 = "int8"
+    FP8_E4M3 = "fp8-e4m3"
+    FP8_E5M2 = "fp8-e5m2"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def bits(self) -> int:
+        return {"int8": 8, "fp8-e4m3": 8, "fp8-e5m2": 8, "fp16": 16, "fp32": 32}[self.value]
+
+
+class Target(str, enum.Enum):
+    PORTABLE = "portable"
+    CUSTOM_OP = "custom-op"
+
+
+# Precisions tried by ``precision=auto``, lowest first (HAWQ-style: the lowest that keeps the budget).
+AUTO_PRECISIONS = (Precision.INT8, Precision.FP8_E4M3, Precision.FP16, Precision.FP32)
+
+
+def _enum(cls, name, value):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        allowed = "|".join(m.value for m in cls)
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of {allowed}") from None
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Options of ``bfc.optimize`` (the CLI flags have the same names with dashes).
+
+    structure:   auto (cheapest structure meeting ``max_error``) or one fixed structure
+    rank:        block rank between factors (fixed structures); auto tries 1, 2, 4, ...
+    residual_rank: rank of the low-rank residual for ``lowrank-residual``
+    precision:   storage format of the factor values, or auto (lowest meeting the budget)
+    max_error:   per-layer relative output error budget; a layer that cannot meet it stays dense
+    target_size: stop compressing once the model's weight bytes are at most this many bytes
+    min_size:    layers with fewer weight elements stay dense
+    include/exclude: fnmatch patterns on node names
+    calibration: .npz of model inputs (names as keys) used for calibration and verification
+    """
+    structure: Structure = Structure.AUTO
+    rank: int | None = None
+    residual_rank: int = 8
+    precision: Precision = Precision.INT8
+    max_error: float | None = 0.1
+    target_size: int | None = None
+    min_size: int = 4096
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    calibration: Path | None = None
+    calibration_rows: int = 2048
+    target: Target = Target.PORTABLE
+    verify: bool = True
+    verify_tolerance: float | None = None
+    fix_batch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("structure", _enum(Structure, "structure", self.structure))
+        set_("precision", _enum(Precision, "precision", self.precision))
+        set_("target", _enum(Target, "target", self.target))
+        for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
+                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1)):
+            v = getattr(self, name)
+            if v is None and name in ("rank", "target_size", "fix_batch"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
+        for name in ("max_error", "verify_tolerance"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name}={v!r} must be a positive finite number (e.g. 0.05 for 5%)")
+            set_(name, float(v))
+        for name in ("include", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = (v,)
+            if not all(isinstance(p, str) and p for p in v):
+                raise ConfigError(f"{name}={v!r} must be a list of non-empty node-name patterns")
+            set_(name, tuple(v))
+        if self.calibration is not None:
+            set_("calibration", Path(self.calibration))
+        if not isinstance(self.verify, bool):
+            raise ConfigError(f"verify={self.verify!r} must be true or false")
+        if self.structure is Structure.AUTO and self.max_error is None and self.target_size is None:
+            raise ConfigError("structure=auto needs a budget: set max_error (e.g. 0.1) or target_size, "
+                              "or pick a fixed structure such as monarch")
+        if self.precision is Precision.AUTO and self.max_error is None:
+            raise ConfigError("precision=auto needs max_error (the budget the lowest precision must keep)")
+
+    def replace(self, **changes) -> "OptimizeConfig":
+        return replace(self, **changes)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_toml(cls, path, **overrides) -> "OptimizeConfig":
+        """Config from a TOML file (same keys as the CLI); ``overrides`` win over the file."""
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; check the --config path") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+        return cls.from_dict({**raw, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "OptimizeConfig":
+        known = set(cls.keys())
+        out = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name == "no_verify":
+                name, value = "verify", not value
+            if name not in known:
+                raise ConfigError(f"{source}: unknown key {key!r}; allowed keys: "
+                                  + ", ".join(k.replace("_", "-") for k in sorted(known)))
+            out[name] = value
+        return cls(**out)

@@ -1,0 +1,114 @@
+"""What ``bfc optimize`` did: one row per site, totals before/after, verification."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    layer: str
+    nodes: int
+    shape: tuple[int, ...]
+    structure: str
+    precision: str
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    flops_before: int          # per input row (one token / sample)
+    flops_after: int
+    error: float | None        # relative layer error (see error_kind)
+    error_kind: str            # "output" (calibration activations) or "weight"
+    reason: str | None         # why the layer was not rewritten
+
+    @property
+    def rewritten(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    name: str
+    rel_error: float
+    cosine: float
+
+
+@dataclass
+class Report:
+    model: str
+    target: str
+    layers: list[LayerRow] = field(default_factory=list)
+    outputs: list[OutputRow] = field(default_factory=list)
+    verified_on: str | None = None   # "calibration" | "random" | None (skipped)
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rewritten(self) -> list[LayerRow]:
+        return [r for r in self.layers if r.rewritten]
+
+    def totals(self) -> dict:
+        t = {k: sum(getattr(r, k) for r in self.layers)
+             for k in ("params_before", "params_after", "bytes_before", "bytes_after", "flops_before", "flops_after")}
+        t.update(sites=len(self.layers), rewritten=len(self.rewritten),
+                 model_bytes_before=self.model_bytes_before, model_bytes_after=self.model_bytes_after)
+        return t
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["totals"] = self.totals()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def table(self) -> str:
+        head = ("layer", "shape", "structure", "precision", "params", "bytes", "FLOPs/row", "error", "note")
+        rows = []
+        for r in self.layers:
+            err = "-" if r.error is None else f"{r.error:.2e}" + ("" if r.error_kind == "output" else " (w)")
+            note = r.reason or (f"{r.nodes} nodes share the weight" if r.nodes > 1 else "")
+            rows.append((r.layer, "x".join(map(str, r.shape)) or "-", r.structure, r.precision,
+                         _ratio(r.params_before, r.params_after), _ratio(r.bytes_before, r.bytes_after, True),
+                         _ratio(r.flops_before, r.flops_after), err, note))
+        t = self.totals()
+        rows.append(("TOTAL", "", f"{t['rewritten']}/{t['sites']} rewritten", "",
+                     _ratio(t["params_before"], t["params_after"]), _ratio(t["bytes_before"], t["bytes_after"], True),
+                     _ratio(t["flops_before"], t["flops_after"]), "", ""))
+        widths = [max(len(str(x[i])) for x in [head] + rows) for i in range(len(head))]
+        widths[-1] = 0
+        fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths[:-1]] + ["----"])] + [fmt(r) for r in rows]
+        lines.append(f"model file: {_size(self.model_bytes_before)} -> {_size(self.model_bytes_after)}"
+                     f"  ({self.seconds:.1f} s, target {self.target}; errors: (w) = weight error, "
+                     "else output error on calibration data)")
+        if self.verified_on:
+            for o in self.outputs:
+                lines.append(f"verified output {o.name} on {self.verified_on} inputs: relative error "
+                             f"{o.rel_error:.3e}, cosine {o.cosine:.5f}")
+        else:
+            lines.append("verification skipped (--no-verify)")
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
+
+
+def _ratio(before: int, after: int, size: bool = False) -> str:
+    f = _size if size else _count
+    if before == after:
+        return f(before)
+    return f"{f(before)}->{f(after)}"
+
+
+def _count(n: int) -> str:
+    for unit, k in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= k:
+            return f"{n / k:.1f}{unit}"
+    return str(n)

@@ -1,0 +1,63 @@
+"""Clean up after a rewrite: dead nodes/initializers, topological order, shape inference, checker.
+
+Matches: any graph a rewrite pass produced (graphsurgeon form).
+Ensures: unused nodes and tensors are gone (gs cleanup), nodes are topologically
+sorted, ``metadata_props['bfc.layers']`` lists the rewritten layers (so a second
+``bfc optimize`` recognizes them besides the ``bfc/`` name prefix), shapes are
+inferred where onnx can, and the model passes ``onnx.checker``.
+No algebra: the function computed is unchanged.
+"""
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from bfc.passes.load import PROTO_LIMIT, output_ir_version
+
+
+def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = output_ir_version(template)
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    model.producer_name, model.producer_version = template.producer_name, template.producer_version
+    model.doc_string, model.model_version, model.domain = template.doc_string, template.model_version, template.domain
+    meta = {p.key: p.value for p in template.metadata_props}
+    old = json.loads(meta.get("bfc.layers", "[]"))
+    meta["bfc.layers"] = json.dumps(old + layers)
+    del model.metadata_props[:]
+    for k in sorted(meta):
+        model.metadata_props.add(key=k, value=meta[k])
+    for f in template.functions:
+        model.functions.add().CopyFrom(f)
+    return check(model)
+
+
+def check(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() < PROTO_LIMIT:
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides
+            pass
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:
+            raise RuntimeError(f"internal error: the rewritten model fails the ONNX checker ({str(e).splitlines()[0]}); "
+                           "please report this with the input model") from None
+    return model
+
+
+def fix_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
+    """Pin the first (batch) dimension of every graph input and output to ``n`` when it is dynamic."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and len(t.shape.dim) > 0:
+            d = t.shape.dim[0]
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                d.Clear()
+                d.dim_value = n
+    del model.graph.value_info[:]
+    return check(model)

@@ -1,0 +1,171 @@
+"""Safe load and atomic save of ONNX models.
+
+Matches: a path to an ``.onnx`` file (with or without external data) or a ModelProto.
+Ensures on load: the file parses, every external-data location resolves inside the
+model's own folder (absolute paths, ``..`` escapes and symlinks leaving the folder
+are rejected), the default-domain opset is in ``[MIN_OPSET, MAX_OPSET]``, the IR
+version is one onnx knows, and the graph passes ``onnx.checker``.
+Ensures on save: the input file is never touched (the output must be another
+path), the output is written to a temporary name in the target folder and renamed
+into place, models over 2 GB are written with external data (``<name>.data`` next
+to the model), and the IR version is one onnxruntime accepts (``<= MAX_IR``).
+No algebra: the graph is not changed except for ``ir_version``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from bfc.errors import ModelError, UnsupportedError
+
+MIN_OPSET = 13      # per-axis DequantizeLinear, Reshape with -1, Gemm-13
+MAX_OPSET = 26      # newest default-domain opset onnxruntime 1.31 loads
+MAX_IR = 13         # onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects
+PROTO_LIMIT = 2**31 - 1
+
+
+def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    tensors = list(onnx.external_data_helper._get_all_tensors(model))
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc):
+            raise ModelError(f"tensor {t.name!r} points to external data {loc!r} outside the model's "
+                             "folder; bfc only reads external data from the model's own folder")
+        target = (root / loc).resolve()
+        if root != target and root not in target.parents:
+            raise ModelError(f"tensor {t.name!r} points to external data {loc!r} that escapes the model's "
+                             f"folder {root}; move the data file next to the model")
+        if not target.is_file():
+            raise ModelError(f"tensor {t.name!r} needs external data file {target}, which is missing; "
+                             "copy it next to the model")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
+    op = default_opset(model)
+    if not MIN_OPSET <= op <= MAX_OPSET:
+        raise UnsupportedError(f"{where} uses ONNX opset {op}; bfc supports opsets {MIN_OPSET}..{MAX_OPSET}: "
+                               "convert it first (onnx.version_converter.convert_version(model, 17))")
+    if not 3 <= model.ir_version <= onnx.IR_VERSION:
+        raise UnsupportedError(f"{where} has IR version {model.ir_version}; bfc reads IR 3..{onnx.IR_VERSION}: "
+                               "re-export it with a current exporter")
+
+
+def load_model(path) -> onnx.ModelProto:
+    """Load and check a model file; raises ModelError/UnsupportedError with the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist; check the path")
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file; give the path of an .onnx model")
+    try:
+        with path.open("rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise ModelError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise ModelError(f"{path} is not an ONNX model (protobuf parse failed: truncated or another "
+                         "format); re-export or re-download it") from None
+    del data
+    if not model.HasField("graph") or not model.opset_import or len(model.graph.node) == 0:
+        raise ModelError(f"{path} is not an ONNX model (no graph, nodes or opset); re-export it")
+    check_versions(model, str(path))
+    _check_external_inside(model, path.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read external data of {path} ({e}); keep the data files next to the model") from None
+    try:
+        if model.ByteSize() > PROTO_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise ModelError(f"{path} fails the ONNX checker ({first}); fix or re-export the model") from None
+    return model
+
+
+def as_model(model_or_path) -> onnx.ModelProto:
+    if isinstance(model_or_path, onnx.ModelProto):
+        check_versions(model_or_path)
+        return model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return load_model(model_or_path)
+    raise ModelError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+
+
+def output_ir_version(model: onnx.ModelProto) -> int:
+    """Smallest IR version that covers the model's opsets, never above MAX_IR."""
+    need = 3
+    op = default_opset(model)
+    for _rel, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
+        if ai_onnx >= op:
+            need = ir
+            break
+    return min(MAX_IR, max(need, min(model.ir_version, MAX_IR)))
+
+
+def check_output_path(out, inp=None) -> Path:
+    out = Path(out)
+    if inp is not None:
+        inp = Path(inp)
+        if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
+            raise ModelError(f"output {out} is the input file; bfc never overwrites its input: "
+                             "choose another path with -o")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelError(f"output folder {folder} does not exist; create it or choose another -o path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelError(f"output folder {folder} is not writable; choose another -o path")
+    if out.is_dir():
+        raise ModelError(f"output {out} is a folder; give a file name such as {out / 'model.bfc.onnx'}")
+    return out
+
+
+def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
+    """Atomic write; external data (``<name>.data``) when the model exceeds 2 GB."""
+    out = check_output_path(out, inp)
+    model.ir_version = output_ir_version(model)
+    folder = out.parent if str(out.parent) else Path(".")
+    big = model.ByteSize() > PROTO_LIMIT
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".bfc-", dir=folder))
+    except OSError as e:
+        raise ModelError(f"cannot write in {folder} ({e.strerror}); choose another -o path") from None
+    try:
+        if big:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            data_name = out.name + ".data"
+            onnx.save_model(copy, str(tmpdir / out.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(tmpdir / data_name, folder / data_name)
+        else:
+            with open(tmpdir / out.name, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmpdir / out.name, out)
+    except OSError as e:
+        raise ModelError(f"cannot write {out} ({e.strerror}); check free space and permissions") from None
+    finally:
+        for p in tmpdir.iterdir():
+            p.unlink()
+        tmpdir.rmdir()
+    return out
