@@ -60,37 +60,63 @@ class _Geometry:
         return v.reshape(a, d, bl, b2, c1, cr).transpose(0, 4, 3, 1, 2, 5)
 
 
-def truncated_svd(blocks: np.ndarray, r: int):
-    """Best rank-r factors of a batch of matrices: returns (U, s, Vt) padded to rank r.
+def _pad(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    if x.shape[axis] == size:
+        return x
+    shape = list(x.shape)
+    shape[axis] = size - x.shape[axis]
+    return np.concatenate([x, np.zeros(shape, x.dtype)], axis=axis)
 
-    Thin matrices (min side <= 8) go through the Gram matrix of their short side,
-    which is much faster than a batched SVD and exact for the rank-deficient blocks
-    that exact recovery produces; others use LAPACK's SVD.
+
+def _top_eigh(gram: np.ndarray, k: int):
+    """Top-k eigenpairs (descending) of a batch of Hermitian matrices."""
+    w, v = np.linalg.eigh(gram)
+    return np.clip(w[..., ::-1][..., :k], 0, None), v[..., ::-1][..., :k]
+
+
+def rank_split(blocks: np.ndarray, r: int, ortho: bool):
+    """Best rank-r split ``blocks ~ left @ right`` of every ``BL x CR`` block.
+
+    ``blocks`` is a (possibly strided) view of shape (a, c1, b2, d, BL, CR).  Returns
+    ``left`` (a, c1, b2, d, BL, r) and ``right`` (a, c1, d, r, b2, CR), the latter already
+    in the right piece's memory order.  With ``ortho`` the left blocks have orthonormal
+    columns and the singular values go right; otherwise they are split as sqrt.
+    Truncations go through the Gram matrix of the short side (one pass over the data
+    and a small batched eigh, much faster than a batched SVD); no truncation needs no SVD.
     """
-    n, p, q = blocks.shape
-    k = min(p, q, r)
-    if min(p, q) <= 8 and k < min(p, q):
-        if p <= q:
-            w, u = np.linalg.eigh(blocks @ blocks.conj().transpose(0, 2, 1))
-            u = u[:, :, ::-1][:, :, :k]
-            sv = u.conj().transpose(0, 2, 1) @ blocks
-            s = np.linalg.norm(sv, axis=2)
-            vt = sv / np.where(s > 0, s, 1.0)[:, :, None]
+    bl, cr = blocks.shape[-2:]
+    k = min(bl, cr, r)
+    to_right = "acbdrk->acdrbk"
+    if k == bl:                       # left can be the identity (or Q of a QR when not ortho-free)
+        left = np.broadcast_to(np.eye(bl, dtype=blocks.dtype), blocks.shape[:4] + (bl, bl))
+        right = np.einsum("acbdik->acdibk", blocks)
+    elif k == cr:
+        if ortho:
+            q, rr = np.linalg.qr(np.ascontiguousarray(blocks))
+            left, right = q, np.einsum(to_right, rr)
         else:
-            w, v = np.linalg.eigh(blocks.conj().transpose(0, 2, 1) @ blocks)
-            v = v[:, :, ::-1][:, :, :k]
-            us = blocks @ v
-            s = np.linalg.norm(us, axis=1)
-            u = us / np.where(s > 0, s, 1.0)[:, None, :]
-            vt = v.conj().transpose(0, 2, 1)
+            left = blocks
+            right = np.einsum(to_right, np.broadcast_to(np.eye(cr, dtype=blocks.dtype), blocks.shape[:4] + (cr, cr)))
+    elif bl <= cr:
+        s2, u = _top_eigh(np.einsum("...ik,...jk->...ij", blocks, blocks.conj()), k)
+        right = np.einsum("acbdir,acbdik->acdrbk", u.conj(), blocks)
+        left = u
+        if not ortho:
+            root = np.sqrt(np.sqrt(s2))
+            left = u * root[..., None, :]
+            right = right / np.where(root > 0, root, 1.0).transpose(0, 1, 3, 4, 2)[..., None]
     else:
-        u, s, vt = np.linalg.svd(blocks, full_matrices=False)
-        u, s, vt = u[:, :, :k], s[:, :k], vt[:, :k, :]
-    if k < r:  # the blocks are smaller than the requested rank: pad with zeros
-        u = np.concatenate([u, np.zeros((n, p, r - k), u.dtype)], axis=2)
-        s = np.concatenate([s, np.zeros((n, r - k), s.dtype)], axis=1)
-        vt = np.concatenate([vt, np.zeros((n, r - k, q), vt.dtype)], axis=1)
-    return u, s, vt
+        s2, v = _top_eigh(np.einsum("...ki,...kj->...ij", blocks.conj(), blocks), k)
+        left = blocks @ v                                  # = U S
+        s = np.sqrt(s2)
+        if ortho:
+            left = left / np.where(s > 0, s, 1.0)[..., None, :]
+            right = np.einsum(to_right, v.conj().swapaxes(-1, -2) * s[..., :, None])
+        else:
+            root = np.sqrt(s)
+            left = left / np.where(root > 0, root, 1.0)[..., None, :]
+            right = np.einsum(to_right, v.conj().swapaxes(-1, -2) * root[..., :, None])
+    return _pad(left, 5, r), _pad(right, 3, r)
 
 
 def _qr_padded(m: np.ndarray, r: int):
@@ -153,16 +179,9 @@ class _Pieces:
         if self.ortho:
             self.move_carrier(k)
         g = _Geometry(self.chain.product_pattern(lo, s), self.chain.product_pattern(s + 1, hi))
-        blocks = np.ascontiguousarray(g.product_blocks(self.values[k])).reshape(-1, g.bl, g.cr)
-        u, sv, vt = truncated_svd(blocks, g.r)
-        if self.ortho:          # singular values go right: the right piece becomes the carrier
-            left, right = u, sv[:, :, None] * vt
-        else:
-            root = np.sqrt(sv)
-            left, right = u * root[:, None, :], root[:, :, None] * vt
-        shape = (g.a, g.c1, g.b2, g.d)
-        self.values[k:k + 1] = [g.left_values(left.reshape(shape + (g.bl, g.r))),
-                                g.right_values(right.reshape(shape + (g.r, g.cr)))]
+        left, right = rank_split(g.product_blocks(self.values[k]), g.r, self.ortho)
+        self.values[k:k + 1] = [g.left_values(left),
+                                np.ascontiguousarray(right).reshape(g.a * g.c1, g.d, g.r * g.b2, g.cr)]
         self.ranges[k:k + 1] = [(lo, s), (s + 1, hi)]
         if self.carrier > k or (self.ortho and self.carrier == k):
             self.carrier += 1
