@@ -76,8 +76,18 @@ std::string int_list(const Api& api, const OrtKernelInfo* info, const char* name
   size_t size = 0;
   *present = false;
   if (OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) {
-    consume(api, st);  // absent (or not an int list): reported by the caller when required
-    return "";
+    const std::string m = consume(api, st);
+    if (m.find("No attribute") != std::string::npos || m.find("not found") != std::string::npos) return "";  // absent
+    return std::string("KSMatMul: attribute '") + name + "' must be an int64 list: " + m;
+  }
+  if (size == 0) {
+    // onnxruntime reports a float list as an empty int list: reject it explicitly
+    size_t fsize = 0;
+    OrtStatus* st = api.KernelInfoGetAttributeArray_float(info, name, nullptr, &fsize);
+    if (st) consume(api, st);
+    else if (fsize > 0)
+      return std::string("KSMatMul: attribute '") + name + "' must be an int64 list, got " + std::to_string(fsize) +
+             " floats";
   }
   out->assign(size, 0);
   if (size > 0) {
@@ -140,6 +150,15 @@ OrtStatus* create_kernel(const CustomOp*, const OrtApi* ort_api, const OrtKernel
     k->api = api;
     e = ks::build_plan(patterns, inputs, in_perm, out_perm, std::getenv("BFC_KS_ISA"), &k->plan);
     if (!e.empty()) return error(api, e);
+    {  // an extra constant input means 'patterns' and the inputs disagree (a non-constant one is caught at run time)
+      int is_const = 0;
+      const OrtValue* v = nullptr;
+      OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 2 + 2 * L, &is_const, &v);
+      if (st) consume(api, st);
+      else if (is_const && v)
+        return error(api, "KSMatMul: 'patterns' describes " + std::to_string(L) + " factors, so the node needs " +
+                              std::to_string(2 + 2 * L) + " inputs (X, bias, then values_l, scale_l per factor), but it has more");
+    }
     // A constant bias is validated here; a computed bias is checked at run time.
     {
       int is_const = 0;

@@ -58,6 +58,8 @@ enum : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
     (OrtKernelContext * ctx, size_t i, const int64_t* dims, size_t n, OrtValue** out))                \
   X(93, ReleaseStatus, void, (OrtStatus * status))                                                    \
   X(99, ReleaseTensorTypeAndShapeInfo, void, (OrtTensorTypeAndShapeInfo * info))                     \
+  X(162, KernelInfoGetAttributeArray_float, OrtStatus*,                                               \
+    (const OrtKernelInfo* info, const char* name, float* out, size_t* size))                          \
   X(163, KernelInfoGetAttributeArray_int64, OrtStatus*,                                               \
     (const OrtKernelInfo* info, const char* name, int64_t* out, size_t* size))                        \
   X(249, KernelInfoGetConstantInput_tensor, OrtStatus*,                                               \

@@ -1,0 +1,280 @@
+"""ai.bfc KSMatMul in real onnxruntime sessions vs the numpy reference (bfc.ops).
+
+ORT C-API slots (runtime_ops/ort/ort_abi.h) and the tests that exercise them:
+  registration: CreateCustomOpDomain 26, CustomOpDomain_Add 27, AddCustomOpDomain 28  -> every session
+  kernel creation: KernelInfoGetAttributeArray_int64 163, KernelInfoGetConstantInput_tensor 249,
+    GetTensorTypeAndShape 65, GetTensorElementType 60, GetDimensionsCount 61, GetDimensions 62,
+    GetTensorMutableData 51, ReleaseTensorTypeAndShapeInfo 99, GetErrorMessage 2 + ReleaseStatus 93
+    (absent optional perms) -> every session; CreateStatus 0 -> test_creation_errors
+  compute: KernelContext_GetInputCount 88, KernelContext_GetInput 90, KernelContext_GetOutput 91,
+    KernelInfoGetAttributeArray_float 162 (float list given for an int attribute) -> test_creation_errors;
+    KernelContext_ParallelFor 274 (threads > 1, several tiles) -> test_chains_*, test_threads
+  shape inference: ShapeInferContext_GetInputCount 267, _GetInputTypeShape 268, _SetOutputTypeShape 270,
+    GetSymbolicDimensions 63, SetSymbolicDimensions 271, CreateTensorTypeAndShapeInfo 57,
+    SetTensorElementType 58, SetDimensions 59 -> test_shape_inference
+"""
+import os
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bfc import ops, runtime
+from bfc.errors import NativeLibraryError
+from bfc.ks.chain import Chain, butterfly_chain, chainable_chain, monarch_chain
+
+pytestmark = pytest.mark.skipif(not runtime.is_available(),
+                                reason="bfc custom-op library not built (pip install . or cmake -S runtime_ops "
+                                       "-B build/runtime_ops && cmake --build build/runtime_ops)")
+
+# Named thresholds --------------------------------------------------------------------
+FLOAT_REL_TOL = 2e-5        # fp32/fp16/fp8 paths vs float64 reference of the same dequantized factors
+INT8_EMULATED_SQNR_DB = 50  # int8 path vs reference emulating its per-row activation quantization
+INT8_VS_FLOAT_SQNR_DB = 25  # int8 path vs the unquantized-activation reference (quantization noise)
+
+ISAS = ["portable"] + (["avx2"] if os.uname().machine in ("x86_64", "AMD64") else [])
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def sqnr_db(y, ref):
+    noise = float(np.sum((y.astype(np.float64) - ref) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
+
+
+def build(chain, fmt, rng, gran="column", perms=True, bias=True, fmts=None, lead=1):
+    vals = chain.random_values(rng)
+    fmts = fmts or [fmt] * len(chain)
+    qs = [ops.quantize_factor(v, f, gran) for v, f in zip(vals, fmts)]
+    M, N = chain.shape
+    kw = dict(in_perm=rng.permutation(M) if perms else None, out_perm=rng.permutation(N) if perms else None,
+              bias=rng.standard_normal(N) if bias else None)
+    model = ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs],
+                                     x_shape=[f"d{i}" for i in range(lead)] + [M], **kw)
+    factors = [t for q, s in qs for t in (q, s)]
+    return model, factors, kw
+
+
+def check(model, factors, chain, kw, x, fmts, threads=1, isa="auto"):
+    os.environ["BFC_KS_ISA"] = isa
+    try:
+        sess = runtime.session(model, threads=threads)
+    finally:
+        os.environ.pop("BFC_KS_ISA", None)
+    y = sess.run(None, {"X": x})[0]
+    assert y.shape == x.shape[:-1] + (chain.shape[1],) and y.dtype == np.float32
+    if x.size == 0 or y.size == 0:
+        return
+    ref = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"])
+    if "int8" in fmts:
+        assert sqnr_db(y, ref) > INT8_EMULATED_SQNR_DB, (chain, fmts, sqnr_db(y, ref))
+        exact = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"],
+                                        emulate_int8=False)
+        assert sqnr_db(y, exact) > INT8_VS_FLOAT_SQNR_DB
+    else:
+        assert rel(y, ref) < FLOAT_REL_TOL, (chain, fmts, rel(y, ref))
+
+
+CHAINS = {
+    "butterfly64": butterfly_chain(64),
+    "monarch256": monarch_chain(256),
+    "monarch_rank3_64x48": monarch_chain(64, 48, rank=3),
+    "chainable384x1536": chainable_chain(384, 1536),
+    "chainable1536x384_3f_r2": chainable_chain(1536, 384, rank=2, n_factors=3),
+    "odd45x21": chainable_chain(45, 21),
+    "odd_single7x5": Chain([(1, 7, 5, 1)]),
+    "valid_not_chainable": Chain([(2, 3, 5, 2), (4, 5, 3, 1)]),
+}
+FORMATS = ["float32", "float16", "float8e4m3fn", "float8e5m2", "int8"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_chains_formats(name, fmt, isa):
+    rng = np.random.default_rng(abs(hash((name, fmt))) % 2**32)
+    chain = CHAINS[name]
+    model, factors, kw = build(chain, fmt, rng)
+    x = rng.standard_normal((19, chain.shape[0])).astype(np.float32)
+    check(model, factors, chain, kw, x, [fmt], threads=2, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (33,), (2, 5), (3, 0), (1, 1)])
+def test_batch_shapes(shape, isa):
+    rng = np.random.default_rng(len(shape) * 100 + sum(shape))
+    chain = monarch_chain(96, 40, rank=2)
+    for fmt in ("float32", "int8"):
+        model, factors, kw = build(chain, fmt, rng, lead=len(shape))
+        x = rng.standard_normal(shape + (96,)).astype(np.float32)
+        check(model, factors, chain, kw, x, [fmt], threads=2, isa=isa)
+
+
+def test_one_dim_input():
+    rng = np.random.default_rng(5)
+    chain = monarch_chain(16, 12)
+    model, factors, kw = build(chain, "float32", rng)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, [16]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", TensorProto.FLOAT, [12]))
+    check(model, factors, chain, kw, rng.standard_normal(16).astype(np.float32), ["float32"])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_threads(threads):
+    rng = np.random.default_rng(threads)
+    chain = chainable_chain(384, 1536)
+    for fmt in ("float32", "float8e4m3fn", "int8"):
+        model, factors, kw = build(chain, fmt, rng)
+        x = rng.standard_normal((67, 384)).astype(np.float32)
+        check(model, factors, chain, kw, x, [fmt], threads=threads)
+
+
+@pytest.mark.parametrize("gran", ops.GRANULARITIES)
+def test_scale_granularities_and_mixed_formats(gran):
+    rng = np.random.default_rng(7)
+    chain = chainable_chain(64, 96, rank=2, n_factors=3)
+    fmts = ["int8", "float8e5m2", "float16"]
+    model, factors, kw = build(chain, None, rng, gran=gran, fmts=fmts)
+    x = rng.standard_normal((21, 64)).astype(np.float32)
+    check(model, factors, chain, kw, x, fmts, threads=2)
+    # a (1, 1, 1, c) scale is also allowed
+    chain2 = monarch_chain(16, 24)
+    vals = [v.astype(np.float32) for v in chain2.random_values(rng)]
+    scales = [rng.random((1, 1, 1, p.c)) + 0.5 for p in chain2]
+    m2 = ops.make_ks_matmul_model(chain2, vals, scales)
+    kw2 = dict(bias=None, in_perm=None, out_perm=None)
+    check(m2, [t for v, s in zip(vals, scales) for t in (v, s)], chain2, kw2,
+          rng.standard_normal((9, 16)).astype(np.float32), ["float32"])
+
+
+def test_portable_and_avx2_agree():
+    if len(ISAS) < 2:
+        pytest.skip("no AVX2 build on this machine")
+    rng = np.random.default_rng(11)
+    chain = chainable_chain(1536, 384, rank=2, n_factors=3)
+    for fmt in ("float32", "float8e4m3fn", "int8"):
+        model, factors, kw = build(chain, fmt, rng)
+        x = rng.standard_normal((40, 1536)).astype(np.float32)
+        ys = []
+        for isa in ISAS:
+            os.environ["BFC_KS_ISA"] = isa
+            try:
+                ys.append(runtime.session(model).run(None, {"X": x})[0])
+            finally:
+                os.environ.pop("BFC_KS_ISA", None)
+        assert rel(ys[0], ys[1]) < (1e-3 if fmt == "int8" else 1e-6)
+
+
+def test_shape_inference_keeps_symbolic_dims():
+    rng = np.random.default_rng(3)
+    chain = monarch_chain(64, 48)
+    model, _, _ = build(chain, "float32", rng)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", "T", 64]))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", TensorProto.FLOAT, None))
+    assert runtime.session(model).get_outputs()[0].shape == ["B", "T", 48]
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 64]))
+    assert runtime.session(model).get_outputs()[0].shape == [5, 48]
+
+
+# ---- errors: ORT exceptions naming the op, the input and the shapes ------------------
+def _model(patterns, inits, x_shape, attrs=None, bias="", n_factor_inputs=None):
+    names = [t.name for t in inits if t.name != "bias"]
+    attrs = dict(attrs or {})
+    if patterns is not None:
+        attrs["patterns"] = list(patterns)
+    node = helper.make_node("KSMatMul", ["X", bias, *names], ["Y"], domain="ai.bfc", **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+
+
+def _t(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _ok_inits():
+    # chain (1,4,3,2) -> (3,2,4,1): M = 8, N = 12
+    return [_t("v0", np.ones((1, 2, 4, 3), np.float32)), _t("s0", np.ones((1, 1, 1, 1), np.float32)),
+            _t("v1", np.ones((3, 1, 2, 4), np.float32)), _t("s1", np.ones((3, 1, 1, 1), np.float32))]
+
+
+PAT = [1, 4, 3, 2, 3, 2, 4, 1]
+
+
+def _creation_error(model, *fragments):
+    with pytest.raises(Exception) as ei:
+        runtime.session(model)
+    msg = str(ei.value)
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def test_valid_error_fixture_runs():
+    y = runtime.session(_model(PAT, _ok_inits(), ["B", 8])).run(None, {"X": np.ones((2, 8), np.float32)})[0]
+    assert y.shape == (2, 12) and np.allclose(y, 8)
+
+
+def test_creation_errors():
+    ok = _ok_inits()
+    _creation_error(_model(None, ok, ["B", 8]), "KSMatMul", "patterns", "required")
+    _creation_error(_model(PAT, ok, ["B", 8], {"in_perm": [0.5] * 8}), "in_perm", "int64 list")
+    _creation_error(_model(PAT[:7], ok, ["B", 8]), "KSMatMul", "patterns", "7")
+    _creation_error(_model([1, 4, 3, 2, 3, 3, 4, 1], ok, ["B", 8]), "invalid chain", "6 outputs")
+    _creation_error(_model([1, 4, 0, 2, 3, 2, 4, 1], ok, ["B", 8]), "positive")
+    _creation_error(_model([1, 2**40, 3, 2, 3, 2, 4, 1], ok, ["B", 8]), "KSMatMul")
+    bad_v = [_t("v0", np.ones((1, 2, 3, 4), np.float32))] + ok[1:]
+    _creation_error(_model(PAT, bad_v, ["B", 8]), "values_0", "(1, 2, 3, 4)", "(1, 2, 4, 3)")
+    bad_dt = [_t("v0", np.ones((1, 2, 4, 3), np.int32))] + ok[1:]
+    _creation_error(_model(PAT, bad_dt, ["B", 8]), "values_0", "element type")
+    bad_s = ok[:3] + [_t("s1", np.ones((3, 1, 2, 1), np.float32))]
+    _creation_error(_model(PAT, bad_s, ["B", 8]), "scale_1", "(3, 1, 2, 1)")
+    bad_sdt = ok[:1] + [_t("s0", np.ones((1, 1, 1, 1), np.float16))] + ok[2:]
+    _creation_error(_model(PAT, bad_sdt, ["B", 8]), "scale_0", "float32")
+    _creation_error(_model(PAT, ok, ["B", 8], {"in_perm": [0, 1, 2]}), "in_perm", "3 entries")
+    _creation_error(_model(PAT, ok, ["B", 8], {"in_perm": [0] * 8}), "in_perm", "repeated")
+    _creation_error(_model(PAT, ok, ["B", 8], {"out_perm": list(range(11)) + [12]}), "out_perm", "out of range")
+    _creation_error(_model(PAT[:4], ok, ["B", 8]), "1 factors", "more")  # extra inputs
+    _creation_error(_model(PAT + [4, 1, 1, 1], ok, ["B", 8]), "values_2", "constant")
+    bias = [_t("bias", np.ones(5, np.float32))]
+    _creation_error(_model(PAT, ok + bias, ["B", 8], bias="bias"), "bias", "(5,)", "12")
+
+
+def test_non_constant_values_rejected():
+    ok = _ok_inits()
+    node = helper.make_node("KSMatMul", ["X", "", "v0", "s0", "v1", "s1"], ["Y"], domain="ai.bfc", patterns=PAT)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 8]),
+                                        helper.make_tensor_value_info("v0", TensorProto.FLOAT, [1, 2, 4, 3])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], ok[1:])
+    m = helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    _creation_error(m, "values_0", "constant initializer")
+
+
+def test_run_errors():
+    sess = runtime.session(_model(PAT, _ok_inits(), ["B", "K"]))
+    with pytest.raises(Exception, match=r"KSMatMul: X \(input 0\) has shape \(2, 9\).*M = 8"):
+        sess.run(None, {"X": np.ones((2, 9), np.float32)})
+    node = helper.make_node("KSMatMul", ["X", "b", "v0", "s0", "v1", "s1"], ["Y"], domain="ai.bfc", patterns=PAT)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 8]),
+                                        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N"])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], _ok_inits())
+    m = helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    sess = runtime.session(m)
+    y = sess.run(None, {"X": np.ones((2, 8), np.float32), "b": np.arange(12, dtype=np.float32)})[0]
+    assert np.allclose(y, 8 + np.arange(12))
+    with pytest.raises(Exception, match=r"bias \(input 1\) has shape \(13,\)"):
+        sess.run(None, {"X": np.ones((2, 8), np.float32), "b": np.ones(13, np.float32)})
+
+
+def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime, "_candidates", lambda: [tmp_path / "nope.so"])
+    monkeypatch.setenv(runtime.ENV_VAR, str(tmp_path / "nope.so"))
+    with pytest.raises(NativeLibraryError, match="BFC_RUNTIME_LIB"):
+        runtime.library_path()
+    bad = tmp_path / "libbroken.so"
+    bad.write_bytes(b"not a library")
+    monkeypatch.setattr(runtime, "_candidates", lambda: [bad])
+    with pytest.raises(NativeLibraryError, match="could not load"):
+        runtime.session_options()
