@@ -1,0 +1,49 @@
+"""Shared benchmark helpers: machine line, result files, and assembling BENCHMARKS.md."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ["factorize", "quant", "optimize", "runtime", "study"]
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+    import onnxruntime
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {numpy.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}, {datetime.date.today().isoformat()}")
+
+
+def write_result(name: str, title: str, command: str, body: str) -> Path:
+    """Write bench/results/NAME.md and rebuild BENCHMARKS.md from every result file."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(f"## {title}\n\nCommand: `{command}`  \nMachine: {machine_line()}\n\n{body.strip()}\n")
+    assemble()
+    return path
+
+
+def assemble() -> Path:
+    parts = ["# bfc benchmarks\n\nEach section is produced by the command it names (results in `bench/results/`);"
+             " ratios are measured side by side in one run.\n"]
+    files = sorted(RESULTS.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    parts += [p.read_text() for p in files]
+    out = ROOT / "BENCHMARKS.md"
+    out.write_text("\n".join(parts))
+    return out
+
+
+if __name__ == "__main__":
+    print(assemble())
