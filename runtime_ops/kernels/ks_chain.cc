@@ -299,6 +299,19 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
   if (!e.empty()) return e;
   e = check_perm("out_perm", out_perm, plan->N);
   if (!e.empty()) return e;
+  // block-major storage order of every factor input (see ks_chain.h)
+  auto block_row = [](const Factor& f, int64_t feat) {
+    const int64_t i = feat / (f.b * f.d), rem = feat % (f.b * f.d), j = rem / f.d, l = rem % f.d;
+    return int32_t((i * f.d + l) * f.b + j);
+  };
+  for (size_t l = 0; l < L; ++l) {
+    Factor& f = plan->factors[l];
+    f.out_row.resize(size_t(f.out_dim()));
+    for (int64_t o = 0; o < f.out_dim(); ++o)
+      f.out_row[size_t(o)] = l + 1 < L ? block_row(plan->factors[l + 1], o) : int32_t(o);
+  }
+  plan->in_row.resize(size_t(plan->M));
+  for (int64_t fi = 0; fi < plan->M; ++fi) plan->in_row[size_t(fi)] = block_row(plan->factors[0], fi);
   plan->in_perm = in_perm;
   plan->out_perm = out_perm;
   plan->max_dim = plan->M;
@@ -358,8 +371,9 @@ void run_tile(const Plan& plan, const float* x, const float* bias, float* y, int
   const int64_t* ip = plan.in_perm.empty() ? nullptr : plan.in_perm.data();
   for (int64_t n = 0; n < nv; ++n) {
     const float* xr = x + (r0 + n) * M;
-    if (ip) for (int64_t f = 0; f < M; ++f) A[f * nb + n] = xr[ip[f]];
-    else for (int64_t f = 0; f < M; ++f) A[f * nb + n] = xr[f];
+    const int32_t* ir = plan.in_row.data();
+    if (ip) for (int64_t f = 0; f < M; ++f) A[int64_t(ir[f]) * nb + n] = xr[ip[f]];
+    else for (int64_t f = 0; f < M; ++f) A[int64_t(ir[f]) * nb + n] = xr[f];
   }
   for (int64_t n = nv; n < nb; ++n)
     for (int64_t f = 0; f < M; ++f) A[f * nb + n] = 0.f;

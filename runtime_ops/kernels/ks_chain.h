@@ -9,7 +9,10 @@
 // transposed once into a feature-major buffer buf[feature][NB] (in_perm applied
 // by index arithmetic while gathering), every factor then maps buf -> buf with
 // output-stationary register tiles (MR output features x NB batch columns, the
-// reduction over the b inputs of one (i, l) block), and the last buffer is written
+// reduction over the b inputs of one (i, l) block).  Buffers are stored block-major
+// for the factor that reads them (row (i*d + l)*b + j holds feature i*b*d + j*d + l),
+// so a block's inputs are contiguous; each factor's epilogue writes its outputs
+// straight into the next factor's order (out_row).  The last buffer is written
 // back row-major through out_perm with the bias added.  Tiles are independent, so
 // they are the unit of parallelism.
 #pragma once
@@ -52,6 +55,9 @@ struct Factor {
   std::vector<int16_t> wq;
   // FP8 / I8 epilogue scale: sc[((i*d + l)*nkt + kt)*mr + r]
   std::vector<float> sc;
+  // Storage row of output feature o = i*c*d + k*d + l in the next buffer: the next
+  // factor's block-major row ((i'*d' + l')*b' + j'), or o itself after the last factor.
+  std::vector<int32_t> out_row;
 
   int64_t in_dim() const { return a * b * d; }
   int64_t out_dim() const { return a * c * d; }
@@ -64,6 +70,7 @@ struct Plan {
   std::vector<int64_t> out_perm;  // empty = identity
   int64_t max_dim = 0;            // largest feature dimension along the chain
   int64_t max_pairs = 0;          // largest int8 pair-row count
+  std::vector<int32_t> in_row;    // storage row of chain input feature f (first factor's block-major order)
   int isa = 0;                    // 0 portable, 1 avx2
 };
 

@@ -15,12 +15,12 @@ template <int MR, int NV, bool FP8>
 void f32_t(const Factor& f, const float* in, float* out) {
   constexpr int NB = 8 * NV;
   const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t xs = d * NB;
+  const int64_t xs = NB;
   const float* lut = f.lut;
   for (int64_t i = 0; i < a; ++i)
     for (int64_t l = 0; l < d; ++l) {
-      const float* xb = in + (i * b * d + l) * NB;
-      float* yb = out + (i * c * d + l) * NB;
+      const float* xb = in + (i * d + l) * b * NB;
+      const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
       for (int64_t kt = 0; kt < nkt; ++kt) {
         __m256 acc[MR][NV];
@@ -61,7 +61,7 @@ void f32_t(const Factor& f, const float* in, float* out) {
 #pragma GCC unroll 6
         for (int r = 0; r < MR; ++r) {
           if (r < valid) {
-            float* yr = yb + (kt * MR + r) * xs;
+            float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
 #pragma GCC unroll 2
             for (int v = 0; v < NV; ++v) {
               __m256 o = acc[r][v];
@@ -78,13 +78,13 @@ template <int MR, int NV>
 void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) {
   constexpr int NB = 8 * NV;
   const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t xs = d * NB, qs = d * NB * 2;
+  const int64_t qs = NB * 2;
   __m256 cs[NV];
   for (int v = 0; v < NV; ++v) cs[v] = _mm256_load_ps(colscale + 8 * v);
   for (int64_t i = 0; i < a; ++i)
     for (int64_t l = 0; l < d; ++l) {
-      const int16_t* xb = q + (i * bp * d + l) * NB * 2;
-      float* yb = out + (i * c * d + l) * NB;
+      const int16_t* xb = q + (i * d + l) * bp * NB * 2;
+      const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
       for (int64_t kt = 0; kt < nkt; ++kt) {
         __m256i acc[MR][NV];
@@ -112,7 +112,7 @@ void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) 
 #pragma GCC unroll 6
         for (int r = 0; r < MR; ++r) {
           if (r < valid) {
-            float* yr = yb + (kt * MR + r) * xs;
+            float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
             const __m256 s = _mm256_broadcast_ss(sc + r);
 #pragma GCC unroll 2
             for (int v = 0; v < NV; ++v)
@@ -143,12 +143,12 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
   const __m256i lo = _mm256_set1_epi32(0xffff);
   const __m256 hi = _mm256_set1_ps(127.f), neg = _mm256_set1_ps(-127.f);
   for (int64_t i = 0; i < a; ++i)
-    for (int64_t jp = 0; jp < bp; ++jp) {
-      const bool has1 = 2 * jp + 1 < b;
-      for (int64_t l = 0; l < d; ++l) {
-        int16_t* qr = q + ((i * bp + jp) * d + l) * NB * 2;
-        const float* x0 = in + (i * b * d + 2 * jp * d + l) * NB;
-        const float* x1 = x0 + d * NB;
+    for (int64_t l = 0; l < d; ++l)
+      for (int64_t jp = 0; jp < bp; ++jp) {
+        const bool has1 = 2 * jp + 1 < b;
+        int16_t* qr = q + ((i * d + l) * bp + jp) * NB * 2;
+        const float* x0 = in + ((i * d + l) * b + 2 * jp) * NB;
+        const float* x1 = x0 + NB;
         for (int v = 0; v < NV; ++v) {
           // min/max clamp also maps NaN to a finite value before the conversion
           const __m256 f0 = _mm256_min_ps(hi, _mm256_max_ps(neg, _mm256_mul_ps(_mm256_load_ps(x0 + 8 * v), iv[v])));
@@ -162,7 +162,6 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
           _mm256_store_si256(reinterpret_cast<__m256i*>(qr + 16 * v), packed);
         }
       }
-    }
 }
 
 template <int NV, bool FP8>

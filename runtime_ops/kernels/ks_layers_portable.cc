@@ -12,11 +12,11 @@ namespace {
 template <int MR, int NB>
 void f32_t(const Factor& f, const float* in, float* out, bool fp8) {
   const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t xs = d * NB;
+  const int64_t xs = NB;
   for (int64_t i = 0; i < a; ++i)
     for (int64_t l = 0; l < d; ++l) {
-      const float* xb = in + (i * b * d + l) * NB;
-      float* yb = out + (i * c * d + l) * NB;
+      const float* xb = in + (i * d + l) * b * NB;
+      const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
       for (int64_t kt = 0; kt < nkt; ++kt) {
         float acc[MR][NB] = {};
@@ -42,7 +42,7 @@ void f32_t(const Factor& f, const float* in, float* out, bool fp8) {
         }
         const int valid = int(std::min<int64_t>(MR, c - kt * MR));
         for (int r = 0; r < valid; ++r) {
-          float* yr = yb + (kt * MR + r) * xs;
+          float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
           const float s = fp8 ? f.sc[size_t((blk + kt) * MR + r)] : 1.f;
           for (int n = 0; n < NB; ++n) yr[n] = fp8 ? acc[r][n] * s : acc[r][n];
         }
@@ -53,11 +53,11 @@ void f32_t(const Factor& f, const float* in, float* out, bool fp8) {
 template <int MR, int NB>
 void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) {
   const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t xs = d * NB, qs = d * NB * 2;
+  const int64_t qs = NB * 2;
   for (int64_t i = 0; i < a; ++i)
     for (int64_t l = 0; l < d; ++l) {
-      const int16_t* xb = q + (i * bp * d + l) * NB * 2;
-      float* yb = out + (i * c * d + l) * NB;
+      const int16_t* xb = q + (i * d + l) * bp * NB * 2;
+      const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
       for (int64_t kt = 0; kt < nkt; ++kt) {
         int32_t acc[MR][NB] = {};
@@ -71,7 +71,7 @@ void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) 
         }
         const int valid = int(std::min<int64_t>(MR, c - kt * MR));
         for (int r = 0; r < valid; ++r) {
-          float* yr = yb + (kt * MR + r) * xs;
+          float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
           const float s = f.sc[size_t((blk + kt) * MR + r)];
           for (int n = 0; n < NB; ++n) yr[n] = float(acc[r][n]) * colscale[n] * s;
         }
@@ -94,12 +94,12 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
     inv[n] = amax[n] > 0.f ? 127.f / amax[n] : 0.f;
   }
   for (int64_t i = 0; i < a; ++i)
-    for (int64_t jp = 0; jp < bp; ++jp)
-      for (int64_t l = 0; l < d; ++l) {
-        int16_t* qr = q + ((i * bp + jp) * d + l) * NB * 2;
+    for (int64_t l = 0; l < d; ++l)
+      for (int64_t jp = 0; jp < bp; ++jp) {
+        int16_t* qr = q + ((i * d + l) * bp + jp) * NB * 2;
         for (int t = 0; t < 2; ++t) {
           const int64_t j = 2 * jp + t;
-          const float* xr = j < b ? in + (i * b * d + j * d + l) * NB : nullptr;
+          const float* xr = j < b ? in + ((i * d + l) * b + j) * NB : nullptr;
           for (int n = 0; n < NB; ++n) {
             float v = xr ? xr[n] * inv[n] : 0.f;
             if (!(v == v)) v = 0.f;
