@@ -68,8 +68,41 @@ def _pad(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.concatenate([x, np.zeros(shape, x.dtype)], axis=axis)
 
 
+def _top1_eigh(gram: np.ndarray, squarings: int = 10, tol: float = 1e-10):
+    """Top eigenpair of a batch of PSD matrices by repeated squaring (G^1024), Rayleigh
+    refinement and an exact ``eigh`` fallback for the blocks whose residual
+    ||G v - lam v|| exceeds ``tol * lam`` (near-degenerate top pairs).  Batched LAPACK
+    ``eigh`` costs ~100 us per small matrix; a batched matmul costs ~4 us."""
+    n = gram.shape[-1]
+    g = gram.reshape(-1, n, n)
+    tr = np.trace(g, axis1=1, axis2=2).real
+    h = g / np.where(tr > 0, tr, 1.0)[:, None, None]
+    tmp = np.empty_like(h)
+    for _ in range(squarings):
+        np.matmul(h, h, out=tmp)
+        h, tmp = tmp, h
+        h /= np.maximum(np.trace(h, axis1=1, axis2=2).real, 1e-300)[:, None, None]
+    col = np.argmax(np.abs(np.diagonal(h, axis1=1, axis2=2)), axis=1)
+    v = h[np.arange(h.shape[0]), :, col]
+    for _ in range(2):
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
+        gv = (g @ v[:, :, None])[:, :, 0]
+        lam = (v.conj() * gv).sum(axis=1).real
+        resid = np.linalg.norm(gv - lam[:, None] * v, axis=1)
+        v = gv
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-300)
+    bad = (resid > tol * np.abs(lam)) & (tr > 0)
+    if bad.any():
+        w, vv = np.linalg.eigh(g[bad])
+        v[bad], lam[bad] = vv[..., -1], w[..., -1]
+    return (np.clip(lam, 0, None).reshape(gram.shape[:-2] + (1,)),
+            v.reshape(gram.shape[:-2] + (n, 1)))
+
+
 def _top_eigh(gram: np.ndarray, k: int):
-    """Top-k eigenpairs (descending) of a batch of Hermitian matrices."""
+    """Top-k eigenpairs (descending) of a batch of Hermitian PSD matrices."""
+    if k == 1 and gram.shape[-1] >= 12:
+        return _top1_eigh(gram)
     w, v = np.linalg.eigh(gram)
     return np.clip(w[..., ::-1][..., :k], 0, None), v[..., ::-1][..., :k]
 
