@@ -34,7 +34,14 @@ def sweep(lam, ddot, dnx, dot0, nx0, hi):
     return lam_eval, dot, nx, valid
 
 
-def first_min(err, tol):
-    """Index of the first entry (smallest lam) within ``tol`` of the row minimum."""
-    best = np.min(err, axis=1, keepdims=True)
-    return np.argmax(err <= best + tol[:, None], axis=1)
+def first_min(err, scale, rel=1e-9):
+    """Index of the first entry (smallest lam) that ties with the row minimum.
+
+    Ties: within ``rel`` of the minimum, or within the fp64 noise of a directly
+    computed squared error (~1e-15 * sqrt(err * scale), scale = ||x||^2 ||y||^2),
+    which matters for (near) exact pieces such as Hadamard factors."""
+    best = np.min(err, axis=1)
+    scale = np.asarray(scale, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        thr = best * (1 + rel) + 1e-15 * np.sqrt(np.abs(best) * scale) + 1e-30 * scale
+    return np.argmax(err <= thr[:, None], axis=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 import ml_dtypes
 import numpy as np
@@ -73,8 +74,32 @@ class Format:
         base = np.maximum(k - 1, 0) * self.half
         return np.ldexp(j - base, (e + 1 - self.t).astype(np.int64))
 
+    def round_index(self, v) -> np.ndarray:
+        """Grid index (int64) of round-to-nearest-even of ``0 <= v``, saturating at max."""
+        v = np.minimum(v, self.max)
+        if self.dtype == np.float16:          # numpy's cast is correctly rounded; for
+            return v.astype(np.float16).view(np.uint16).astype(np.int64)   # v >= 0 bits == index
+        return np.rint(self.grid_index(v)).astype(np.int64)
+
+    def floor_index(self, v) -> np.ndarray:
+        """Index of the largest grid value <= ``0 <= v`` (saturating at max)."""
+        j = self.round_index(v)
+        return j - (self.table()[j] > np.minimum(v, self.max))
+
+    def table(self) -> np.ndarray:
+        """Grid values for indices 0 .. max_index + 1 (the last one is a sentinel)."""
+        return _table(self)
+
     def __str__(self) -> str:
         return self.name
+
+
+@lru_cache(maxsize=None)
+def _table(fmt: Format) -> np.ndarray:
+    j = np.arange(fmt.max_index + 2, dtype=np.float64)
+    t = fmt.grid_value(j)
+    t.setflags(write=False)
+    return t
 
 
 INT8 = Format("int8", Kind.INT, np.dtype(np.int8), 8, 127.0)   # symmetric: -128 unused

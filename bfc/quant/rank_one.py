@@ -29,7 +29,8 @@ from bfc.quant.formats import Format
 from bfc.quant.rounding import round_nearest
 
 _CHUNK = 1 << 20          # candidates per vectorized batch
-_TOL = 1e-12              # relative tie tolerance
+_NOISE = 1e-11            # relative noise of the swept statistics (cumulative sums)
+_SHORT = 16               # sweep candidates re-evaluated exactly
 _TOPK = 4
 
 
@@ -51,23 +52,25 @@ def _breakpoints(fmt: Format, u: np.ndarray):
     """Breakpoints (P, m, K) of Q(lam * u), the grid values left/right of each, and the
     grid value of every entry just after the start of the search interval."""
     jmax = fmt.max_index
+    tab = fmt.table()
     if fmt.is_float:
         K = fmt.half + 1
-        idx = fmt.grid_index(u)
-        j0 = np.floor(idx - 0.5) + 1
+        j0 = (np.floor(fmt.grid_index(u) - 0.5) + 1).astype(np.int64)
         j = j0[..., None] + np.arange(K)
-        ok = (j + 0.5 < fmt.grid_index(2 * u)[..., None]) & (j + 1 <= jmax)
-        q0 = fmt.grid_value(np.minimum(j0, jmax))
+        ok = (j + 1 <= jmax)
+        j = np.minimum(j, jmax)
+        ok &= (tab[j] + tab[j + 1]) * 0.5 < 2 * u[..., None]
+        q0 = tab[np.minimum(j0, jmax)]
     else:
         K = jmax
-        j = np.broadcast_to(np.arange(K, dtype=np.float64), u.shape + (K,))
+        j = np.broadcast_to(np.arange(K), u.shape + (K,))
         ok = np.ones(j.shape, bool)
         q0 = np.zeros_like(u)
     ok &= (u > 0)[..., None]
     q0 = np.where(u > 0, q0, 0.0)
-    g0, g1 = fmt.grid_value(j), fmt.grid_value(j + 1)
+    g0, g1 = tab[j], tab[j + 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        lam = np.where(ok, fmt.grid_value(j + 0.5) / u[..., None], np.inf)
+        lam = np.where(ok, (g0 + g1) * 0.5 / u[..., None], np.inf)
     return lam, g0, g1, q0
 
 
@@ -88,11 +91,131 @@ def optimal_rank_one(x, y, fmt: Format, sx=1.0, sy=1.0, quantize_y: bool = True)
     parts = []
     for p0 in range(0, P, step):
         sl = slice(p0, p0 + step)
-        parts.append(_solve(x[sl], y[sl] if quantize_y else None, fmt, sx[sl],
-                            sy[sl] if quantize_y else None))
+        parts.append(_dispatch(x[sl], y[sl] if quantize_y else None, fmt, sx[sl],
+                               sy[sl] if quantize_y else None))
     cat = lambda i: np.concatenate([p[i] for p in parts])          # noqa: E731
     y_hat = cat(1) if quantize_y else None
     return RankOneResult(cat(0), y_hat, cat(2), cat(3), cat(4), m * K + 2)
+
+
+def _dispatch(x, y, fmt, sx, sy):
+    """Two-entry float pieces (square-dyadic butterflies) take the anchor path."""
+    if not (fmt.is_float and x.shape[1] == 2):
+        return _solve(x, y, fmt, sx, sy)
+    two = np.all(x != 0, axis=1)
+    if np.all(two):
+        return _solve2(x, y, fmt, sx, sy)
+    out = [np.empty(x.shape), None if y is None else np.empty(y.shape),
+           np.empty(x.shape[0]), np.empty(x.shape[0]), np.empty(x.shape[0])]
+    for sel, fn in ((two, _solve2), (~two, _solve)):
+        if np.any(sel):
+            res = fn(x[sel], None if y is None else y[sel], fmt, sx[sel],
+                     None if y is None else sy[sel])
+            for o, r in zip(out, res):
+                if o is not None:
+                    o[sel] = r
+    return tuple(out)
+
+
+def _solve2(x, y, fmt, sx, sy):
+    """m = 2, both entries nonzero (square-dyadic butterflies).
+
+    Enumerate the grid values g of the larger scaled entry (the anchor) reachable for
+    lam in [1, 2): about 2^(t-1) lam-intervals instead of 2^t breakpoints.  On the
+    interval where the anchor rounds to g, the other entry reaches at most 4 grid values
+    (computed from the interval ends), and the angle between x and x_hat, hence
+    ``||x - mu x_hat||^2``, is smallest at a grid neighbour of g * u_o / u_a.  The
+    nearest one gives a cheap estimate A of each interval's best error; the two
+    neighbours differ in angle by a relative O(2^(1-t)), so ``A * (1 - 2^(5-t))`` is a
+    lower bound.  Intervals whose bound beats the best exact error of the few best
+    estimates get every reachable other value evaluated exactly (and, for the joint
+    problem, y rounded): the result is the exact optimum over lam.
+    """
+    P = x.shape[0]
+    pr = np.arange(P)
+    ax = np.abs(x)
+    u = ax / sx
+    ia = np.argmax(u, axis=1)
+    io = 1 - ia
+    ua, uo, sa, so = u[pr, ia], u[pr, io], sx[pr, ia], sx[pr, io]
+    xa, xo = ax[pr, ia], ax[pr, io]
+    tab, jmax = fmt.table(), fmt.max_index
+    qidx = fmt.round_index
+    jlo = qidx(ua)
+    jhi = np.minimum(np.ceil(fmt.grid_index(np.minimum(2 * ua, 2 * fmt.max)) - 0.5),
+                     jmax).astype(np.int64)
+    joR = qidx(uo)
+    K = fmt.half + 2
+    xx = xa * xa + xo * xo
+    yy = np.ones(P) if y is None else np.sum(y * y, axis=1)
+    floor = 1e-30 * xx * yy
+
+    def exact(rows, ga_, go_):
+        va, vo = sa[rows] * ga_, so[rows] * go_
+        nx = va * va + vo * vo
+        cr = xa[rows] * vo - xo[rows] * va
+        e = yy[rows] * cr * cr / nx
+        if y is not None:
+            mu = ((xa[rows] * va + xo[rows] * vo) / nx)[:, None]
+            muy = mu * y[rows]
+            e = e + nx * np.sum((muy - _q(fmt, muy, sy[rows])) ** 2, axis=1)
+        return e
+
+    def expand(rows, cols):
+        """Every (anchor, other) grid pair reachable on the given intervals (col 0: RTN)."""
+        rtn = cols == 0
+        J = np.minimum(jlo[rows] + cols - 1, jmax)
+        ga_ = np.where(rtn, tab[jlo[rows]], tab[J])
+        mid_lo = 0.5 * (tab[np.maximum(J - 1, 0)] + tab[J])
+        mid_hi = np.where(J < jmax, 0.5 * (tab[J] + tab[J + 1]), np.inf)
+        at_one = mid_lo <= ua[rows]
+        r = uo[rows] / ua[rows]
+        jo_lo = np.where(at_one | rtn, joR[rows], qidx(mid_lo * r * (1 + 2.0 ** -40)))
+        hi_v = np.minimum(mid_hi * (1 - 2.0 ** -40), 2 * ua[rows] * (1 - 2.0 ** -45)) * r
+        jo_hi = np.where(rtn, jo_lo, np.maximum(qidx(hi_v), jo_lo))
+        jo = jo_lo[:, None] + np.arange(4)
+        ok = jo <= jo_hi[:, None]
+        rr = np.broadcast_to(rows[:, None], jo.shape)[ok]
+        slot = (cols[:, None] * 4 + np.arange(4))[ok]
+        return rr, slot, np.broadcast_to(ga_[:, None], jo.shape)[ok], tab[np.minimum(jo, jmax)][ok]
+
+    # cheap estimate per interval: other entry = nearest grid value to g * u_o / u_a
+    Jall = jlo[:, None] + np.arange(K)
+    ga = tab[np.minimum(Jall, jmax)]
+    go = round_nearest(fmt, ga * (uo / ua)[:, None])
+    c1, c2 = (xa * so)[:, None], (xo * sa)[:, None]
+    A = (c1 * go - c2 * ga) ** 2 / ((sa * sa)[:, None] * ga * ga + (so * so)[:, None] * go * go)
+    A = np.where(Jall <= jhi[:, None], A * yy[:, None], np.inf)
+    A = np.concatenate([np.zeros((P, 1)), A], axis=1)      # RTN: always evaluated exactly
+    k = min(_TOPK, K + 1)
+    top = np.argpartition(A, k - 1, axis=1)[:, :k]
+    rows = np.repeat(pr, k)
+    rr, slot, ga_s, go_s = expand(rows, top.ravel())
+    bound = np.full(P, np.inf)
+    np.minimum.at(bound, rr, exact(rr, ga_s, go_s))
+    slack = max(0.0, 1.0 - 2.0 ** (5 - fmt.t))
+    with np.errstate(invalid="ignore"):
+        lb = np.where(np.isfinite(A), A * slack, np.inf)
+    rows, cols = np.nonzero(lb <= (bound * (1 + 1e-9) + floor)[:, None])
+    rr, slot, ga_s, go_s = expand(rows, cols)
+    E = np.full((P, (K + 1) * 4), np.inf)
+    E[rr, slot] = exact(rr, ga_s, go_s)
+    Ga = np.zeros(E.shape)
+    Go = np.zeros(E.shape)
+    Ga[rr, slot], Go[rr, slot] = ga_s, go_s
+    pick = first_min(E, xx * yy)
+    ga_p, go_p = Ga[pr, pick], Go[pr, pick]
+    lam_p = np.where(pick < 4, 1.0, np.clip(ga_p / ua, 1.0, 2.0))
+    sg = np.sign(x)
+    x_hat = np.empty_like(x)
+    x_hat[pr, ia] = sg[pr, ia] * sa * ga_p
+    x_hat[pr, io] = sg[pr, io] * so * go_p
+    nh = np.sum(x_hat * x_hat, axis=1)
+    mu = np.where(nh > 0, np.sum(x * x_hat, axis=1) / np.where(nh > 0, nh, 1.0), 1.0)
+    if y is None:
+        return x_hat, None, mu, lam_p, np.sum((x - mu[:, None] * x_hat) ** 2, axis=1)
+    y_hat = _q(fmt, mu[:, None] * y, sy)
+    return x_hat, y_hat, mu, lam_p, _joint_err(x, y, x_hat, y_hat)
 
 
 def _solve(x, y, fmt, sx, sy):
@@ -123,11 +246,11 @@ def _solve(x, y, fmt, sx, sy):
         mu_c = np.where(N > 0, D / N, 1.0)
     T1 = np.where(V, T1, np.inf)
     if y is None:
-        pick = first_min(T1, _TOL * xx + 1e-300)
+        approx = T1
     else:
         yy = np.sum(y * y, axis=1)
         E1 = yy[:, None] * T1
-        tol = _TOL * xx * yy + 1e-300
+        noise = _NOISE * xx * yy + 1e-300
 
         def full(rows, cols):
             mu = mu_c[rows, cols][:, None]
@@ -139,11 +262,27 @@ def _solve(x, y, fmt, sx, sy):
         top = np.concatenate([np.zeros((P, 1), np.int64), top], axis=1)
         rows = np.repeat(np.arange(P), top.shape[1])
         bound = full(rows, top.ravel()).reshape(top.shape).min(axis=1)
-        rows, cols = np.nonzero(E1 <= (bound + tol)[:, None])
-        E = np.full(E1.shape, np.inf)
-        E[rows, cols] = full(rows, cols)
-        pick = first_min(E, tol)
-    lam_p = L[np.arange(P), pick]
+        rows, cols = np.nonzero(E1 <= (bound + noise)[:, None])
+        approx = np.full(E1.shape, np.inf)
+        approx[rows, cols] = full(rows, cols)
+    # the swept statistics carry cancellation noise: re-evaluate a shortlist exactly
+    k = min(_SHORT, L.shape[1])
+    sl = np.sort(np.argpartition(approx, k - 1, axis=1)[:, :k], axis=1)     # lam order
+    R = np.arange(P)[:, None]
+    lam_s = L[R, sl]
+    xh = _q(fmt, lam_s[..., None] * x[:, None, :], sx[:, None, :])           # (P, k, m)
+    nh = np.sum(xh * xh, axis=2)
+    mu_s = np.where(nh > 0, np.einsum("pm,pkm->pk", x, xh) / np.where(nh > 0, nh, 1.0), 1.0)
+    ex = np.sum((x[:, None, :] - mu_s[..., None] * xh) ** 2, axis=2)
+    if y is None:
+        tol = xx
+    else:
+        muy = mu_s[..., None] * y[:, None, :]
+        ex = yy[:, None] * ex + nh * np.sum((muy - _q(fmt, muy, sy[:, None, :])) ** 2, axis=2)
+        tol = xx * yy
+    ex = np.where(np.isfinite(approx[R, sl]), ex, np.inf)
+    pick = first_min(ex, tol)
+    lam_p = lam_s[np.arange(P), pick]
     x_hat = _q(fmt, lam_p[:, None] * x, sx)
     nh = np.sum(x_hat * x_hat, axis=1)
     mu = np.where(nh > 0, np.sum(x * x_hat, axis=1) / np.where(nh > 0, nh, 1.0), 1.0)

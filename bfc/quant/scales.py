@@ -117,7 +117,7 @@ def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
     vv = np.sum(a * a, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         err = np.where(valid & (nx > 0), vv[:, None] - dot * dot / nx, np.inf)
-    pick = first_min(err, 1e-12 * vv)
+    pick = first_min(err, vv)
     rho = lam_eval[np.arange(G), pick]
     q = np.clip(np.rint(rho[:, None] * a), 0, fmt.max) * np.sign(v)
     qq = np.sum(q * q, axis=1)
