@@ -188,7 +188,17 @@ def _solve2(x, y, fmt, sx, sy):
     A = np.where(Jall <= jhi[:, None], A * yy[:, None], np.inf)
     A = np.concatenate([np.zeros((P, 1)), A], axis=1)      # RTN: always evaluated exactly
     k = min(_TOPK, K + 1)
-    top = np.argpartition(A, k - 1, axis=1)[:, :k]
+    est = A
+    if y is not None:            # rank the intervals by the full error at the nearest other value
+        va, vo = sa[:, None] * ga, so[:, None] * go
+        nx = va * va + vo * vo
+        mu = (xa[:, None] * va + xo[:, None] * vo) / nx
+        d2 = 0.0
+        for j in range(y.shape[1]):
+            muy = mu * y[:, j:j + 1]
+            d2 = d2 + (muy - _q(fmt, muy, sy[:, j:j + 1])) ** 2
+        est = A + np.concatenate([np.zeros((P, 1)), nx * d2], axis=1)
+    top = np.argpartition(est, k - 1, axis=1)[:, :k]
     rows = np.repeat(pr, k)
     rr, slot, ga_s, go_s = expand(rows, top.ravel())
     bound = np.full(P, np.inf)
@@ -197,14 +207,10 @@ def _solve2(x, y, fmt, sx, sy):
     with np.errstate(invalid="ignore"):
         lb = np.where(np.isfinite(A), A * slack, np.inf)
     rows, cols = np.nonzero(lb <= (bound * (1 + 1e-9) + floor)[:, None])
-    rr, slot, ga_s, go_s = expand(rows, cols)
-    E = np.full((P, (K + 1) * 4), np.inf)
-    E[rr, slot] = exact(rr, ga_s, go_s)
-    Ga = np.zeros(E.shape)
-    Go = np.zeros(E.shape)
-    Ga[rr, slot], Go[rr, slot] = ga_s, go_s
-    pick = first_min(E, xx * yy)
-    ga_p, go_p = Ga[pr, pick], Go[pr, pick]
+    rr, slot, ga_s, go_s = expand(rows, cols)       # sorted by row, then lam
+    e = exact(rr, ga_s, go_s)
+    pick = _first_min_sparse(rr, e, xx * yy, P)
+    ga_p, go_p, pick = ga_s[pick], go_s[pick], slot[pick]
     lam_p = np.where(pick < 4, 1.0, np.clip(ga_p / ua, 1.0, 2.0))
     sg = np.sign(x)
     x_hat = np.empty_like(x)
@@ -216,6 +222,17 @@ def _solve2(x, y, fmt, sx, sy):
         return x_hat, None, mu, lam_p, np.sum((x - mu[:, None] * x_hat) ** 2, axis=1)
     y_hat = _q(fmt, mu[:, None] * y, sy)
     return x_hat, y_hat, mu, lam_p, _joint_err(x, y, x_hat, y_hat)
+
+
+def _first_min_sparse(rows, err, scale, P):
+    """``first_min`` for candidates listed row by row (rows sorted, every row present)."""
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    best = np.minimum.reduceat(err, starts)
+    with np.errstate(invalid="ignore"):
+        thr = best * (1 + 1e-9) + 1e-15 * np.sqrt(np.abs(best) * scale) + 1e-30 * scale
+    hit = np.flatnonzero(err <= thr[rows])
+    first = hit[np.r_[True, rows[hit][1:] != rows[hit][:-1]]]
+    return first
 
 
 def _solve(x, y, fmt, sx, sy):
