@@ -1,0 +1,261 @@
+"""The compressions a user would pick instead of bfc, and the byte accounting shared by all.
+
+Linear weights: the constant 2-D right operands (initializers) of MatMul nodes of the
+original model.  Linear-weight bytes of a compressed model = the bytes of every
+initializer and Constant tensor it holds that is not one of the original model's other
+(non-linear-weight) tensors, unchanged under the same name: quantized values, scales, zero
+points, factors, indices, shape constants -- whatever the compression added.
+
+Baselines (each writes a runnable ONNX model):
+  int8-dynamic  onnxruntime ``quantize_dynamic`` (QInt8 weights, MatMulInteger), restricted
+                to the linear-weight MatMuls
+  int4-nbits    onnxruntime ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric; com.microsoft
+                MatMulNBits)
+  svd           truncated SVD, W ~ U V as two fp32 MatMuls; rank per layer so that every layer
+                spends the same fraction of its fp32 bytes (budget x layer share)
+  svd-int8      the svd model quantized by ``quantize_dynamic`` (int8 factors): 1 byte per factor value
+  prune         per-layer magnitude pruning at the same share of the budget; stored as fp32
+                values + uint16 gaps between kept positions (6 bytes per kept weight), decoded
+                in-graph by Cast -> CumSum -> ScatterElements -> Reshape
+Budgets are bytes for all linear weights together, split over layers in proportion to their size.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bfc.errors import ConfigError, ModelError
+
+BASELINES = ("int8-dynamic", "int4-nbits", "svd", "svd-int8", "prune")
+BUDGETED = ("svd", "svd-int8", "prune")
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    node: str            # MatMul node name
+    weight: str          # initializer name
+    shape: tuple[int, int]
+
+
+def _inits(model: onnx.ModelProto) -> dict:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def linear_sites(model: onnx.ModelProto) -> list[LinearSite]:
+    """MatMul nodes of the main graph whose second input is a 2-D float initializer."""
+    inits = _inits(model)
+    out, seen = [], set()
+    for i, n in enumerate(model.graph.node):
+        if n.op_type != "MatMul" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        t = inits[n.input[1]]
+        if len(t.dims) != 2 or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        if not n.name:
+            raise ModelError(f"MatMul node #{i} (weight {n.input[1]}) has no name; name the nodes first "
+                             "(e.g. onnx-simplifier or bfc optimize keep names)")
+        out.append(LinearSite(n.name, n.input[1], (int(t.dims[0]), int(t.dims[1]))))
+        seen.add(n.input[1])
+    return out
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return int(numpy_helper.to_array(t).nbytes)
+
+
+def _constants(model: onnx.ModelProto):
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t is not None:
+                    yield n.output[0], a.t
+
+
+def linear_bytes(original: onnx.ModelProto, model: onnx.ModelProto | None = None) -> int:
+    """Linear-weight bytes of ``model`` (default: of ``original`` itself); see the module doc."""
+    weights = {s.weight for s in linear_sites(original)}
+    if model is None:
+        return sum(_tensor_bytes(t) for name, t in _inits(original).items() if name in weights)
+    other = {name: t for name, t in _inits(original).items() if name not in weights}
+    other.update(dict(_constants(original)))
+    total = 0
+    for name, t in list(_inits(model).items()) + list(_constants(model)):
+        o = other.get(name)
+        if o is not None and o.data_type == t.data_type and list(o.dims) == list(t.dims):
+            continue
+        total += _tensor_bytes(t)
+    return total
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def int8_dynamic(model_path, out_path, nodes=None) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    model = onnx.load(str(model_path))
+    nodes = nodes if nodes is not None else [s.node for s in linear_sites(model)]
+    quantize_dynamic(str(model_path), str(out_path), op_types_to_quantize=["MatMul"], nodes_to_quantize=list(nodes),
+                     weight_type=QuantType.QInt8)
+    return Path(out_path)
+
+
+def int4_nbits(model_path, out_path, block_size: int = 32) -> Path:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    model = onnx.load(str(model_path))
+    nodes = [s.node for s in linear_sites(model)]
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_include=nodes)
+    q.process()
+    return _save(q.model.model, out_path)
+
+
+def _shares(sites: list[LinearSite], budget: float) -> list[float]:
+    sizes = np.array([s.shape[0] * s.shape[1] for s in sites], np.float64)
+    return list(budget * sizes / sizes.sum())
+
+
+def _check_budget(budget, model):
+    full = linear_bytes(model)
+    if not (isinstance(budget, (int, float)) and 0 < budget):
+        raise ConfigError(f"budget={budget!r} bytes must be positive")
+    return full
+
+
+def _replace_node(model: onnx.ModelProto, name: str, new_nodes: list, new_inits: list, drop_weight: str):
+    g = model.graph
+    idx = next(i for i, n in enumerate(g.node) if n.name == name)
+    del g.node[idx]
+    for k, n in enumerate(new_nodes):
+        g.node.insert(idx + k, n)
+    still_used = any(drop_weight in n.input for n in g.node)
+    if not still_used:
+        keep = [t for t in g.initializer if t.name != drop_weight]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    g.initializer.extend(new_inits)
+
+
+def svd_lowrank(model_path, out_path, budget: float, bytes_per_value: int = 4) -> tuple[Path, dict]:
+    """Truncated SVD at ``budget`` linear-weight bytes; returns (path, {layer: rank})."""
+    model = onnx.load(str(model_path))
+    _check_budget(budget, model)
+    inits = _inits(model)
+    sites = linear_sites(model)
+    ranks = {}
+    for site, share in zip(sites, _shares(sites, budget)):
+        m, n = site.shape
+        k = int(share // (bytes_per_value * (m + n)))
+        k = max(1, min(k, min(m, n)))
+        w = numpy_helper.to_array(inits[site.weight]).astype(np.float64)
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        a = (u[:, :k] * np.sqrt(s[:k])).astype(np.float32)
+        b = (np.sqrt(s[:k])[:, None] * vt[:k]).astype(np.float32)
+        node = next(nd for nd in model.graph.node if nd.name == site.node)
+        base = f"{site.node}_svd"
+        mid = base + "_mid"
+        nodes = [helper.make_node("MatMul", [node.input[0], base + "_U"], [mid], name=base + "_a"),
+                 helper.make_node("MatMul", [mid, base + "_V"], list(node.output), name=base + "_b")]
+        _replace_node(model, site.node, nodes,
+                      [numpy_helper.from_array(a, base + "_U"), numpy_helper.from_array(b, base + "_V")], site.weight)
+        ranks[site.node] = k
+    return _save(model, out_path), ranks
+
+
+def svd_int8(model_path, out_path, budget: float) -> tuple[Path, dict]:
+    """SVD with int8 factors (``quantize_dynamic`` of the svd model), ~1 byte per factor value."""
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.stem + ".fp32-svd.onnx")
+    try:
+        # scales/zero points add 5 bytes per factor matrix; 2 per layer
+        n_sites = len(linear_sites(onnx.load(str(model_path))))
+        _, ranks = svd_lowrank(model_path, tmp, max(budget - 10 * n_sites, 1), bytes_per_value=1)
+        nodes = [f"{n}_svd_{x}" for n in ranks for x in ("a", "b")]
+        int8_dynamic(tmp, out_path, nodes)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out_path, ranks
+
+
+def _stepping_stones(pos) -> np.ndarray:
+    """``pos`` (sorted) plus extra positions so that no gap (from 0, then between) exceeds 65535."""
+    out, prev = [], 0
+    for p in (int(v) for v in pos):
+        while p - prev > 65535:
+            prev += 65535
+            out.append(prev)
+        out.append(p)
+        prev = p
+    return np.asarray(out, np.int64)
+
+
+def magnitude_prune(model_path, out_path, budget: float) -> tuple[Path, dict]:
+    """Per-layer magnitude pruning at ``budget`` bytes (fp32 values + uint16 gaps); returns (path, {layer: kept})."""
+    model = onnx.load(str(model_path))
+    _check_budget(budget, model)
+    inits = _inits(model)
+    sites = linear_sites(model)
+    kept = {}
+    for site, share in zip(sites, _shares(sites, budget)):
+        m, n = site.shape
+        base = f"{site.node}_prune"
+        overhead = 8 + 16 + 4          # int64 [1] flat size, int64 [2] shape, int32 CumSum axis
+        nnz = max(1, min(int((share - overhead) // 6), m * n))
+        w = numpy_helper.to_array(inits[site.weight]).astype(np.float32).ravel()
+        pos = np.sort(np.argpartition(-np.abs(w), nnz - 1)[:nnz]) if nnz < w.size else np.arange(w.size)
+        full = _stepping_stones(pos)       # gaps must fit uint16
+        vals = np.where(np.isin(full, pos), w[full], 0).astype(np.float32)
+        gaps = np.diff(np.concatenate([[0], full])).astype(np.uint16)
+        node = next(nd for nd in model.graph.node if nd.name == site.node)
+        new = [helper.make_node("Cast", [base + "_gaps"], [base + "_g64"], to=onnx.TensorProto.INT64, name=base + "_cast"),
+               helper.make_node("CumSum", [base + "_g64", base + "_axis"], [base + "_idx"], name=base + "_cumsum"),
+               helper.make_node("ConstantOfShape", [base + "_size"], [base + "_zeros"], name=base + "_zeros",
+                                value=numpy_helper.from_array(np.zeros(1, np.float32))),
+               helper.make_node("ScatterElements", [base + "_zeros", base + "_idx", base + "_vals"], [base + "_flat"],
+                                axis=0, name=base + "_scatter"),
+               helper.make_node("Reshape", [base + "_flat", base + "_shape"], [base + "_w"], name=base + "_reshape"),
+               helper.make_node("MatMul", [node.input[0], base + "_w"], list(node.output), name=base + "_matmul")]
+        tensors = [numpy_helper.from_array(vals, base + "_vals"), numpy_helper.from_array(gaps, base + "_gaps"),
+                   numpy_helper.from_array(np.array([m * n], np.int64), base + "_size"),
+                   numpy_helper.from_array(np.array([m, n], np.int64), base + "_shape"),
+                   numpy_helper.from_array(np.array(0, np.int32), base + "_axis")]
+        _replace_node(model, site.node, new, tensors, site.weight)
+        kept[site.node] = int(pos.size)
+    return _save(model, out_path), kept
+
+
+def run_baseline(name: str, model_path, out_path, budget: float | None = None) -> tuple[Path, dict]:
+    """Build baseline ``name`` (see BASELINES); returns (path, details)."""
+    if name == "int8-dynamic":
+        return int8_dynamic(model_path, out_path), {}
+    if name == "int4-nbits":
+        return int4_nbits(model_path, out_path), {"bits": 4, "block_size": 32}
+    if name in BUDGETED and budget is None:
+        raise ConfigError(f"baseline {name} needs a byte budget (--budgets)")
+    if name == "svd":
+        p, ranks = svd_lowrank(model_path, out_path, budget)
+        return p, {"mean_rank": float(np.mean(list(ranks.values())))}
+    if name == "svd-int8":
+        p, ranks = svd_int8(model_path, out_path, budget)
+        return p, {"mean_rank": float(np.mean(list(ranks.values())))}
+    if name == "prune":
+        p, kept = magnitude_prune(model_path, out_path, budget)
+        return p, {"kept_fraction": float(sum(kept.values()) / sum(s.shape[0] * s.shape[1]
+                                                                      for s in linear_sites(onnx.load(str(model_path)))))}
+    raise ConfigError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")

@@ -1,0 +1,150 @@
+"""PNG plots of a study's records (matplotlib, Agg backend; small files).
+
+  pareto.png          metric vs linear-weight bytes (log x), every point, the Pareto front of
+                      bfc and of all points; int8-dynamic and the reference as guide lines
+  error_vs_drop.png   metric drop against the mean per-layer output error (bfc, svd, prune)
+                      and against the model-output error (every point)
+  generalization.png  train and test metric and their gap against the mean layer error,
+                      colour = precision, marker = rank (only when records carry ``train``)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+MARKERS = {"bfc": "o", "int8-dynamic": "s", "int4-nbits": "D", "svd": "v", "svd-int8": "^", "prune": "x",
+           "reference": "*"}
+COLORS = {"bfc": "tab:blue", "int8-dynamic": "tab:orange", "int4-nbits": "tab:red", "svd": "tab:green",
+          "svd-int8": "tab:olive", "prune": "tab:purple", "reference": "black"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def ok(records) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def pareto_front(records) -> list[dict]:
+    """Points not beaten by another (fewer or equal bytes and higher or equal metric, one strictly)."""
+    pts = sorted(ok(records), key=lambda r: (r["linear_bytes"], -r["metric"]))
+    front, best = [], -np.inf
+    for r in pts:
+        if r["metric"] > best:
+            front.append(r)
+            best = r["metric"]
+    return front
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path
+
+
+def plot_pareto(records, path, metric_name="metric", title=None) -> Path:
+    plt = _plt()
+    recs = ok(records)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for kind in sorted({r["kind"] for r in recs}):
+        rs = [r for r in recs if r["kind"] == kind]
+        ax.scatter([r["linear_bytes"] / 1e6 for r in rs], [r["metric"] for r in rs], label=kind,
+                   marker=MARKERS.get(kind, "o"), color=COLORS.get(kind), s=36, alpha=0.85)
+    for front, style, lab in ((pareto_front([r for r in recs if r["kind"] == "bfc"]), "-", "bfc front"),
+                              (pareto_front(recs), ":", "overall front")):
+        if len(front) > 1:
+            ax.plot([r["linear_bytes"] / 1e6 for r in front], [r["metric"] for r in front], style,
+                    color="gray", lw=1, label=lab)
+    ref = [r for r in recs if r["kind"] == "reference"]
+    if ref:
+        ax.axhline(ref[0]["metric"], color="black", lw=0.6, ls="--")
+        ax.axhline(ref[0]["metric"] - 1, color="black", lw=0.6, ls=":", label="reference - 1")
+    i8 = [r for r in recs if r["kind"] == "int8-dynamic"]
+    if i8:
+        ax.axvline(0.5 * i8[0]["linear_bytes"] / 1e6, color="tab:orange", lw=0.6, ls=":", label="0.5x int8-dynamic")
+    ax.set_xscale("log")
+    ax.set_xlabel("linear-weight bytes (MB, log)")
+    ax.set_ylabel(metric_name)
+    lo = [r["metric"] for r in recs]
+    if lo and ref:
+        ax.set_ylim(max(min(lo) - 2, ref[0]["metric"] - 40), max(lo) + 1)
+    ax.set_title(title or "metric vs bytes")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_error_vs_drop(records, path, metric_name="metric") -> Path:
+    plt = _plt()
+    recs = ok(records)
+    ref = [r for r in recs if r["kind"] == "reference"]
+    base = ref[0]["metric"] if ref else max(r["metric"] for r in recs)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key, xl in ((axes[0], "layer_error", "mean per-layer output error"),
+                        (axes[1], "output_error", "model output relative error")):
+        for kind in sorted({r["kind"] for r in recs}):
+            rs = [r for r in recs if r["kind"] == kind and r.get(key) and r[key] > 0]
+            if rs:
+                ax.scatter([r[key] for r in rs], [base - r["metric"] for r in rs], label=kind,
+                           marker=MARKERS.get(kind, "o"), color=COLORS.get(kind), s=30)
+        ax.set_xscale("log")
+        ax.set_xlabel(xl + " (log)")
+        ax.set_ylabel(f"{metric_name} drop vs reference")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def has_train(records) -> bool:
+    return any("train" in r.get("metrics", {}) for r in ok(records) if r["kind"] == "bfc")
+
+
+def plot_generalization(records, path, test_key="test", train_key="train") -> Path:
+    plt = _plt()
+    recs = [r for r in ok(records) if r["kind"] == "bfc" and train_key in r.get("metrics", {})]
+    ref = [r for r in ok(records) if r["kind"] == "reference"]
+    precs = sorted({r["params"].get("precision", "?") for r in recs})
+    ranks = sorted({r["params"].get("rank", 1) for r in recs})
+    cmap = plt.get_cmap("viridis", max(len(precs), 2))
+    marks = "osD^vPX*"
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for ax, what in zip(axes, ("train", "test", "gap")):
+        for i, p in enumerate(precs):
+            for j, k in enumerate(ranks):
+                rs = [r for r in recs if r["params"].get("precision") == p and r["params"].get("rank", 1) == k]
+                if not rs:
+                    continue
+                y = [(r["metrics"][train_key] if what == "train" else r["metrics"][test_key] if what == "test"
+                      else r["metrics"][train_key] - r["metrics"][test_key]) for r in rs]
+                ax.scatter([max(r.get("layer_error", 0), 1e-6) for r in rs], y, color=cmap(i),
+                           marker=marks[j % len(marks)], s=34,
+                           label=(p if j == 0 else None) if what == "train" else (f"rank {k}" if i == 0 else None))
+        if ref and train_key in ref[0].get("metrics", {}):
+            m = ref[0]["metrics"]
+            ax.axhline(m[train_key] if what == "train" else m[test_key] if what == "test" else m[train_key] - m[test_key],
+                       color="black", lw=0.6, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("mean layer error (factorization + quantization, log)")
+        ax.set_ylabel({"train": "train accuracy", "test": "test accuracy", "gap": "train - test"}[what])
+        ax.grid(alpha=0.3)
+        if what != "gap":
+            ax.legend(fontsize=7, title="precision" if what == "train" else "marker")
+    return _save(fig, Path(path))
+
+
+def write_plots(records, out_dir, metric_name="metric", title=None) -> list[Path]:
+    out_dir = Path(out_dir)
+    if not ok(records):
+        return []
+    paths = [plot_pareto(records, out_dir / "pareto.png", metric_name, title),
+             plot_error_vs_drop(records, out_dir / "error_vs_drop.png", metric_name)]
+    if has_train(records):
+        paths.append(plot_generalization(records, out_dir / "generalization.png"))
+    return paths

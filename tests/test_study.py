@@ -1,0 +1,218 @@
+"""bfc study: a tiny sweep end to end, resume, baselines' byte claims, monotone degradation."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bfc.errors import ConfigError
+from bfc.study import Point, Study, baseline_point, bfc_point, get_evaluator, linear_bytes, load_results, main
+from bfc.study.baselines import linear_sites, magnitude_prune, run_baseline, svd_lowrank
+
+M, H, N = 64, 64, 48
+
+
+def _decaying(rng, m, n, decay=0.08):
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    k = min(m, n)
+    return (u[:, :k] * np.exp(-decay * np.arange(k))) @ v[:, :k].T
+
+
+def tiny_model(path, seed=0):
+    rng = np.random.default_rng(seed)
+    w1 = _decaying(rng, M, H).astype(np.float32)
+    w2 = _decaying(rng, H, N).astype(np.float32)
+    b1 = (0.1 * rng.standard_normal(H)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+         helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
+         helper.make_node("Relu", ["h1"], ["h"], name="relu"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", M])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b1, "b1")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+EVAL = textwrap.dedent("""
+    import numpy as np
+    import onnxruntime as ort
+
+    X = np.random.default_rng(1).standard_normal((256, 64)).astype(np.float32)
+    REF = ort.InferenceSession({ref!r}, providers=["CPUExecutionProvider"]).run(None, {{"x": X}})[0]
+
+    def agreement(session):
+        y = session.run(None, {{"x": X}})[0]
+        return 100.0 * (1.0 - np.linalg.norm(y - REF) / np.linalg.norm(REF))
+
+    def by_path(path):
+        return {{"metric": agreement(ort.InferenceSession(path, providers=["CPUExecutionProvider"]))}}
+""")
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    model = tiny_model(tmp_path / "tiny.onnx")
+    ev = tmp_path / "ev.py"
+    ev.write_text(EVAL.format(ref=str(model)))
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, M)).astype(np.float32))
+    return tmp_path, model, ev
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_sweep_end_to_end_and_resume(setup, capsys):
+    tmp, model, ev = setup
+    res = tmp / "out" / "results.jsonl"
+    argv = [str(model), "--eval", f"{ev}:agreement", "--structure", "monarch", "--rank", "1,2",
+            "--precision", "int8,fp32", "--calibration", str(tmp / "calib.npz"), "--min-size", "1024",
+            "--baselines", "int8-dynamic,int4-nbits,svd,svd-int8,prune", "--budgets", "0.25,0.5",
+            "--results", str(res), "--latency-runs", "2"]
+    assert main(argv) == 0
+    recs = _lines(res)
+    assert len(recs) == 1 + 4 + 2 + 3 * 2
+    assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    kinds = {r["kind"] for r in recs}
+    assert kinds == {"reference", "bfc", "int8-dynamic", "int4-nbits", "svd", "svd-int8", "prune"}
+    ref = next(r for r in recs if r["kind"] == "reference")
+    assert ref["metric"] == pytest.approx(100.0)
+    assert ref["linear_bytes"] == 4 * (M * H + H * N) == ref["fp32_linear_bytes"]
+    for r in recs:
+        assert r["file_bytes"] > 0 and r["latency_ms"] > 0
+        if r["kind"] != "reference":
+            assert r["linear_bytes"] < ref["linear_bytes"], r["key"]
+            assert r["metric"] < 100.0
+    i8 = next(r for r in recs if r["kind"] == "int8-dynamic")
+    assert M * H + H * N <= i8["linear_bytes"] <= M * H + H * N + 64      # 1 byte/param + scales
+    bfc32 = [r for r in recs if r["kind"] == "bfc" and r["params"]["precision"] == "fp32"]
+    assert all(r["details"]["rewritten"] == 2 and r["layer_error"] > 0 for r in bfc32)
+    md = (tmp / "out" / "study.md").read_text()
+    assert "## All points" in md and "int4-nbits" in md and "pareto.png" in md
+    for png in ("pareto.png", "error_vs_drop.png"):
+        data = (tmp / "out" / png).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp / "out" / "models").glob("*.onnx"))          # built models removed
+
+    # resume: nothing runs again, the file is unchanged
+    before = res.read_text()
+    assert main(argv) == 0
+    assert res.read_text() == before
+    # one more point: only it runs
+    assert main(argv + ["--bfc", "structure=butterfly,precision=fp16"]) == 0
+    new = _lines(res)[len(recs):]
+    assert [r["key"] for r in new] == ["bfc precision=fp16 structure=butterfly"]
+    # a torn last line (interrupted write) is dropped and its point reruns
+    with open(res, "a") as f:
+        f.write('{"key": "svd budg')
+    assert len(load_results(res)) == len(recs) + 1
+    assert "report:" in capsys.readouterr().out
+
+
+def test_baselines_bytes_match_budget(setup):
+    tmp, model, _ = setup
+    proto = onnx.load(str(model))
+    full = linear_bytes(proto)
+    x = np.random.default_rng(3).standard_normal((8, M)).astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for frac in (0.1, 0.3, 0.6):
+        budget = int(frac * full)
+        p, kept = magnitude_prune(model, tmp / "p.onnx", budget)
+        out = onnx.load(str(p))
+        claimed = sum(6 * k + 8 + 16 + 4 for k in kept.values())        # values+gaps, size, shape, axis
+        assert linear_bytes(proto, out) == claimed
+        assert budget - 6 * 2 <= claimed <= budget
+        # the stored weights are the largest-magnitude ones
+        y = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        w1 = numpy_helper.to_array(proto.graph.initializer[0])
+        thr = np.sort(np.abs(w1).ravel())[-kept["fc1"]]
+        w1p = np.where(np.abs(w1) >= thr, w1, 0)
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        assert np.isfinite(y).all()
+        assert sess.get_outputs()[0].name == "y"
+        h = np.maximum(x @ w1p + numpy_helper.to_array(proto.graph.initializer[2]), 0)
+        w2 = numpy_helper.to_array(proto.graph.initializer[1])
+        thr2 = np.sort(np.abs(w2).ravel())[-kept["fc2"]]
+        np.testing.assert_allclose(y, h @ np.where(np.abs(w2) >= thr2, w2, 0), rtol=1e-4, atol=1e-4)
+
+        p, ranks = svd_lowrank(model, tmp / "s.onnx", budget)
+        assert linear_bytes(proto, onnx.load(str(p))) == sum(4 * k * (M + N if n == "fc2" else M + H)
+                                                              for n, k in ranks.items()) <= budget
+        p, _ = run_baseline("svd-int8", model, tmp / "s8.onnx", budget)
+        b8 = linear_bytes(proto, onnx.load(str(p)))
+        assert 0.75 * budget <= b8 <= budget
+    assert np.abs(ref).max() > 0
+
+
+def test_prune_gaps_beyond_uint16(tmp_path):
+    """A weight with kept entries > 65535 apart still decodes exactly (stepping stones)."""
+    w = np.zeros((300, 300), np.float32)
+    w[0, 0], w[299, 299], w[150, 7] = 3.0, -2.0, 1.5
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 300])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    p, kept = magnitude_prune(tmp_path / "m.onnx", tmp_path / "p.onnx", 3 * 6 + 28)
+    assert kept["mm"] == 3
+    x = np.random.default_rng(0).standard_normal((1, 300)).astype(np.float32)
+    y = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_metric_degrades_monotonically_with_compression(setup):
+    tmp, model, ev = setup
+    evaluator = get_evaluator(f"{ev}:by_path")
+    study = Study(model, evaluator, tmp / "r.jsonl", tmp / "w", latency_runs=1)
+    fracs = (0.05, 0.15, 0.3, 0.6)
+    pts = [baseline_point("svd", int(f * study.fp32_bytes)) for f in fracs]
+    pts += [baseline_point("prune", int(f * study.fp32_bytes)) for f in fracs]
+    recs = {r["key"]: r for r in study.run(pts)}
+    for kind in ("svd", "prune"):
+        rs = [recs[p.key] for p in pts if p.kind == kind]
+        metrics = [r["metric"] for r in rs]
+        errs = [r["layer_error"] for r in rs]
+        assert metrics == sorted(metrics) and len(set(metrics)) == len(metrics), (kind, metrics)
+        assert errs == sorted(errs, reverse=True), (kind, errs)
+        assert [r["linear_bytes"] for r in rs] == sorted(r["linear_bytes"] for r in rs)
+    # bfc: fewer bits (fp32 -> fp8-e4m3 -> fp8-e5m2) and a lower rank raise the error and cost metric
+    pts = [bfc_point(structure="monarch", rank=r, precision=p, max_error=None, min_size=1024)
+           for r, p in ((2, "fp32"), (2, "fp8-e4m3"), (2, "fp8-e5m2"), (1, "fp32"))]
+    recs = [r for r in study.run(pts) if r["kind"] == "bfc"]
+    by = {r["key"]: r for r in recs}
+    errs = [by[p.key]["layer_error"] for p in pts]
+    metrics = [by[p.key]["metric"] for p in pts]
+    assert errs[0] < errs[1] < errs[2] < errs[3], errs
+    assert metrics[0] > metrics[1] > metrics[2] > metrics[3], metrics
+    assert by[pts[0].key]["linear_bytes"] > by[pts[1].key]["linear_bytes"] > by[pts[3].key]["linear_bytes"] * 0.5
+
+
+def test_bad_input_is_one_line_exit_2(setup, capsys):
+    tmp, model, ev = setup
+    assert main([str(model), "--eval", "nonsense", "--results", str(tmp / "r.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a built-in evaluator" in err[0]
+    assert main([str(model), "--eval", f"{ev}:missing", "--results", str(tmp / "r.jsonl")]) == 2
+    assert main([str(model), "--eval", f"{ev}:agreement", "--bfc", "structure=monarch,colour=red",
+                 "--results", str(tmp / "r.jsonl")]) == 2
+    assert "unknown bfc option" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        bfc_point(structure="auto", max_error=None, precision="int8")
+    with pytest.raises(ConfigError):
+        baseline_point("svd")
+    assert Point("svd", (("budget", 5),)).key == "svd budget=5"
+    assert len(linear_sites(onnx.load(str(model)))) == 2
