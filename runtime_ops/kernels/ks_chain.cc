@@ -8,6 +8,7 @@
 #include <limits>
 #include <new>
 #include <sstream>
+#include <mutex>
 
 namespace bfc {
 namespace ks {
@@ -337,66 +338,152 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
 int tile_width(int64_t rows) { return rows <= 8 ? 8 : 16; }
 
 namespace {
-struct Scratch {
-  std::vector<float> mem;
-  float* get(size_t floats) {
-    if (mem.size() < floats + 16) mem.resize(floats + 16);
-    uintptr_t p = reinterpret_cast<uintptr_t>(mem.data());
-    p = (p + 63) & ~uintptr_t(63);
-    return reinterpret_cast<float*>(p);
-  }
+
+constexpr size_t kAlignFloats = 16;  // 64 bytes
+inline size_t round_up(size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
+
+struct Exec {
+  const Plan* plan;
+  const LayerTable* T;
+  const float* x;
+  const float* bias;
+  float* y;
+  int64_t rows, ntiles;
+  int nb;
+  size_t buf_stride, q_stride;  // floats per tile
+  float* A;                     // current input buffers (ntiles x buf_stride)
+  float* B;                     // output buffers
+  float* Q;                     // int8 pair buffers (int16 viewed as float slots)
+  float* CS;                    // per-tile column scales (ntiles x nb)
+  const Factor* f;
+  int64_t chunk;                // blocks per chunk
 };
-}  // namespace
 
-void run_tile(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows, int nb, int64_t tile) {
-  thread_local Scratch scratch;
-  const LayerTable& T =
-#if defined(BFC_HAVE_AVX2)
-      plan.isa == 1 ? avx2_table() :
-#endif
-                    portable_table();
-  const size_t buf = size_t(plan.max_dim) * nb;
-  const size_t qfl = size_t(plan.max_pairs) * nb;  // int16 pairs: 2 x int16 = 1 float slot
-  const size_t round = 16;
-  const size_t bufr = (buf + round - 1) / round * round, qr = (qfl + round - 1) / round * round;
-  float* base = scratch.get(2 * bufr + qr + round);
-  float* A = base;
-  float* B = base + bufr;
-  int16_t* Q = reinterpret_cast<int16_t*>(base + 2 * bufr);
-  float* colscale = base + 2 * bufr + qr;
-
-  const int64_t r0 = tile * nb;
-  const int64_t nv = std::min<int64_t>(nb, rows - r0);
-  const int64_t M = plan.M, N = plan.N;
+void gather_fn(void* u, size_t t) {
+  Exec& e = *static_cast<Exec*>(u);
+  const Plan& plan = *e.plan;
+  const int nb = e.nb;
+  float* A = e.A + t * e.buf_stride;
+  const int64_t r0 = int64_t(t) * nb, nv = std::min<int64_t>(nb, e.rows - r0), M = plan.M;
   const int64_t* ip = plan.in_perm.empty() ? nullptr : plan.in_perm.data();
-  for (int64_t n = 0; n < nv; ++n) {
-    const float* xr = x + (r0 + n) * M;
-    const int32_t* ir = plan.in_row.data();
-    if (ip) for (int64_t f = 0; f < M; ++f) A[int64_t(ir[f]) * nb + n] = xr[ip[f]];
-    else for (int64_t f = 0; f < M; ++f) A[int64_t(ir[f]) * nb + n] = xr[f];
+  const int32_t* ir = plan.in_row.data();
+  constexpr int64_t kChunk = 256;  // features per pass: the touched rows of A stay in L1
+  for (int64_t f0 = 0; f0 < M; f0 += kChunk) {
+    const int64_t f1 = std::min(M, f0 + kChunk);
+    for (int64_t n = 0; n < nv; ++n) {
+      const float* xr = e.x + (r0 + n) * M;
+      if (ip) for (int64_t f = f0; f < f1; ++f) A[int64_t(ir[f]) * nb + n] = xr[ip[f]];
+      else for (int64_t f = f0; f < f1; ++f) A[int64_t(ir[f]) * nb + n] = xr[f];
+    }
+    for (int64_t n = nv; n < nb; ++n)
+      for (int64_t f = f0; f < f1; ++f) A[f * nb + n] = 0.f;
   }
-  for (int64_t n = nv; n < nb; ++n)
-    for (int64_t f = 0; f < M; ++f) A[f * nb + n] = 0.f;
+}
 
-  for (const Factor& f : plan.factors) {
+void quant_fn(void* u, size_t t) {
+  Exec& e = *static_cast<Exec*>(u);
+  e.T->quant(*e.f, e.A + t * e.buf_stride, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.nb);
+}
+
+void layer_fn(void* u, size_t c) {
+  Exec& e = *static_cast<Exec*>(u);
+  const Factor& f = *e.f;
+  const int64_t blk0 = int64_t(c) * e.chunk, blk1 = std::min<int64_t>(f.a * f.d, blk0 + e.chunk);
+  for (int64_t t = 0; t < e.ntiles; ++t) {
+    float* out = e.B + t * e.buf_stride;
     switch (f.path) {
-      case Path::F32: T.f32(f, A, B, nb); break;
-      case Path::FP8: T.fp8(f, A, B, nb); break;
+      case Path::F32: e.T->f32(f, e.A + t * e.buf_stride, out, e.nb, blk0, blk1); break;
+      case Path::FP8: e.T->fp8(f, e.A + t * e.buf_stride, out, e.nb, blk0, blk1); break;
       case Path::I8:
-        T.quant(f, A, Q, colscale, nb);
-        T.i8(f, Q, colscale, B, nb);
+        e.T->i8(f, reinterpret_cast<const int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, out, e.nb, blk0, blk1);
         break;
     }
-    std::swap(A, B);
   }
+}
+
+void scatter_fn(void* u, size_t t) {
+  Exec& e = *static_cast<Exec*>(u);
+  const Plan& plan = *e.plan;
+  const int nb = e.nb;
+  const float* A = e.A + t * e.buf_stride;
+  const int64_t r0 = int64_t(t) * nb, nv = std::min<int64_t>(nb, e.rows - r0), N = plan.N;
   const int64_t* op = plan.out_perm.empty() ? nullptr : plan.out_perm.data();
-  for (int64_t n = 0; n < nv; ++n) {
-    float* yr = y + (r0 + n) * N;
-    for (int64_t o = 0; o < N; ++o) {
-      const float v = A[(op ? op[o] : o) * nb + n];
-      yr[o] = bias ? v + bias[o] : v;
+  constexpr int64_t kChunk = 256;
+  for (int64_t o0 = 0; o0 < N; o0 += kChunk) {
+    const int64_t o1 = std::min(N, o0 + kChunk);
+    for (int64_t n = 0; n < nv; ++n) {
+      float* yr = e.y + (r0 + n) * N;
+      for (int64_t o = o0; o < o1; ++o) {
+        const float v = A[(op ? op[o] : o) * nb + n];
+        yr[o] = e.bias ? v + e.bias[o] : v;
+      }
     }
   }
+}
+
+bool run(ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_t n, Exec* e) {
+  if (n == 0) return true;
+  if (n == 1 || pfor == nullptr) {
+    for (size_t i = 0; i < n; ++i) fn(e, i);
+    return true;
+  }
+  return pfor(ctx, fn, n, e);
+}
+
+// Bytes of packed weights per (i, l) block.
+size_t block_bytes(const Factor& f) {
+  const size_t per = size_t(f.nkt) * size_t(f.mr);
+  switch (f.path) {
+    case Path::F32: return per * size_t(f.b) * 4;
+    case Path::FP8: return per * size_t(f.b) + per * 4;
+    default: return per * size_t(f.bp) * 4 + per * 4;
+  }
+}
+
+}  // namespace
+
+std::string run_chain(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows,
+                      ParallelFor pfor, void* pfor_ctx) {
+  if (rows <= 0) return "";
+  // Scratch: reused across calls when no other call holds it (no zeroing, no page faults).
+  std::unique_lock<std::mutex> lock(plan.scratch_mu, std::try_to_lock);
+  ScratchBuf local;
+  ScratchBuf& sb = lock.owns_lock() ? plan.scratch : local;
+  Exec e{};
+  e.plan = &plan;
+  e.T =
+#if defined(BFC_HAVE_AVX2)
+      plan.isa == 1 ? &avx2_table() :
+#endif
+                    &portable_table();
+  e.x = x, e.bias = bias, e.y = y, e.rows = rows;
+  e.nb = tile_width(rows);
+  e.ntiles = num_tiles(rows, e.nb);
+  e.buf_stride = round_up(size_t(plan.max_dim) * e.nb);
+  e.q_stride = round_up(size_t(plan.max_pairs) * e.nb);
+  const size_t total = 2 * e.buf_stride * e.ntiles + e.q_stride * e.ntiles + round_up(size_t(e.ntiles) * e.nb);
+  float* base = sb.get(total);
+  e.A = base;
+  e.B = base + e.buf_stride * e.ntiles;
+  e.Q = e.B + e.buf_stride * e.ntiles;
+  e.CS = e.Q + e.q_stride * e.ntiles;
+  const char* const fail = "KSMatMul: onnxruntime's parallel-for failed";
+  if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles), &e)) return fail;
+  for (const Factor& f : plan.factors) {
+    e.f = &f;
+    if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
+    const int64_t nblk = f.a * f.d;
+    // chunks of blocks whose packed weights stay in L2 while every tile streams through them,
+    // and enough chunks to keep the pool busy
+    const size_t target = size_t(96) * 1024;
+    int64_t chunk = std::max<int64_t>(1, int64_t(target / std::max<size_t>(1, block_bytes(f))));
+    chunk = std::min<int64_t>(chunk, std::max<int64_t>(1, nblk / 8));
+    e.chunk = chunk;
+    if (!run(pfor, pfor_ctx, layer_fn, size_t((nblk + chunk - 1) / chunk), &e)) return fail;
+    std::swap(e.A, e.B);
+  }
+  if (!run(pfor, pfor_ctx, scatter_fn, size_t(e.ntiles), &e)) return fail;
+  return "";
 }
 
 }  // namespace ks

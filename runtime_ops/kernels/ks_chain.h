@@ -19,6 +19,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -63,6 +65,19 @@ struct Factor {
   int64_t out_dim() const { return a * c * d; }
 };
 
+// Uninitialized, 64-byte aligned, grow-only scratch memory.
+struct ScratchBuf {
+  std::unique_ptr<float[]> mem;
+  size_t size = 0;
+  float* get(size_t floats) {
+    if (floats + 16 > size) {
+      mem.reset(new float[floats + 16]);
+      size = floats + 16;
+    }
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(mem.get()) + 63) & ~uintptr_t(63));
+  }
+};
+
 struct Plan {
   int64_t M = 0, N = 0;
   std::vector<Factor> factors;
@@ -72,6 +87,8 @@ struct Plan {
   int64_t max_pairs = 0;          // largest int8 pair-row count
   std::vector<int32_t> in_row;    // storage row of chain input feature f (first factor's block-major order)
   int isa = 0;                    // 0 portable, 1 avx2
+  mutable std::mutex scratch_mu;  // guards scratch (concurrent runs fall back to a private buffer)
+  mutable ScratchBuf scratch;
 };
 
 // Validates everything and prepacks.  Returns "" on success, otherwise a message.
@@ -83,21 +100,29 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
 int tile_width(int64_t rows);
 inline int64_t num_tiles(int64_t rows, int nb) { return (rows + nb - 1) / nb; }
 
-// Computes rows [t*nb, min(rows, (t+1)*nb)) of y (rows x N) from x (rows x M).
-// bias may be null.  Uses thread-local scratch; safe to call concurrently.
-void run_tile(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows, int nb,
-              int64_t tile);
+// Parallel-for provided by the caller (ORT's intra-op pool): runs fn(user, i) for i in
+// [0, n); returns false on failure.
+using ParallelFor = bool (*)(void* ctx, void (*fn)(void* user, size_t i), size_t n, void* user);
+
+// y (rows x N) from x (rows x M); bias may be null.  Factor by factor, weights in
+// cache-sized chunks of blocks applied to every batch tile (each weight is read once
+// per call), tiles and chunks spread over pfor.  Scratch is allocated per call.
+// Returns "" or an error message.
+std::string run_chain(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows,
+                      ParallelFor pfor, void* pfor_ctx);
 
 const char* isa_name(int isa);
 bool cpu_has_avx2();
 
 // ---- per-ISA layer kernels (implemented twice: portable and AVX2) ----------------------
 struct LayerTable {
-  void (*f32)(const Factor& f, const float* in, float* out, int nb);
-  void (*fp8)(const Factor& f, const float* in, float* out, int nb);
+  // f32 / fp8 / i8 compute the (i, l) blocks blk in [blk0, blk1), blk = i*d + l, of one tile
+  void (*f32)(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1);
+  void (*fp8)(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1);
   // quantizes in (feature-major) into pair rows q and per-column scales colscale
   void (*quant)(const Factor& f, const float* in, int16_t* q, float* colscale, int nb);
-  void (*i8)(const Factor& f, const int16_t* q, const float* colscale, float* out, int nb);
+  void (*i8)(const Factor& f, const int16_t* q, const float* colscale, float* out, int nb, int64_t blk0,
+             int64_t blk1);
 };
 const LayerTable& portable_table();
 #if defined(BFC_HAVE_AVX2)

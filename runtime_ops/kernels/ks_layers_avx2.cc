@@ -12,13 +12,14 @@ namespace ks {
 namespace {
 
 template <int MR, int NV, bool FP8>
-void f32_t(const Factor& f, const float* in, float* out) {
+void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
   constexpr int NB = 8 * NV;
   const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   const int64_t xs = NB;
   const float* lut = f.lut;
-  for (int64_t i = 0; i < a; ++i)
-    for (int64_t l = 0; l < d; ++l) {
+  (void)a;
+  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
+      const int64_t i = blk_il / d, l = blk_il % d;
       const float* xb = in + (i * d + l) * b * NB;
       const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
@@ -75,14 +76,15 @@ void f32_t(const Factor& f, const float* in, float* out) {
 }
 
 template <int MR, int NV>
-void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) {
+void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
   constexpr int NB = 8 * NV;
   const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
   const int64_t qs = NB * 2;
   __m256 cs[NV];
   for (int v = 0; v < NV; ++v) cs[v] = _mm256_load_ps(colscale + 8 * v);
-  for (int64_t i = 0; i < a; ++i)
-    for (int64_t l = 0; l < d; ++l) {
+  (void)a;
+  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
+      const int64_t i = blk_il / d, l = blk_il % d;
       const int16_t* xb = q + (i * d + l) * bp * NB * 2;
       const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
@@ -165,39 +167,39 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
 }
 
 template <int NV, bool FP8>
-void f32_nv(const Factor& f, const float* in, float* out) {
+void f32_nv(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
   switch (f.mr) {
-    case 1: f32_t<1, NV, FP8>(f, in, out); break;
-    case 2: f32_t<2, NV, FP8>(f, in, out); break;
-    case 3: f32_t<3, NV, FP8>(f, in, out); break;
-    case 4: f32_t<4, NV, FP8>(f, in, out); break;
-    case 5: f32_t<5, NV, FP8>(f, in, out); break;
-    default: f32_t<6, NV, FP8>(f, in, out); break;
+    case 1: f32_t<1, NV, FP8>(f, in, out, blk0, blk1); break;
+    case 2: f32_t<2, NV, FP8>(f, in, out, blk0, blk1); break;
+    case 3: f32_t<3, NV, FP8>(f, in, out, blk0, blk1); break;
+    case 4: f32_t<4, NV, FP8>(f, in, out, blk0, blk1); break;
+    case 5: f32_t<5, NV, FP8>(f, in, out, blk0, blk1); break;
+    default: f32_t<6, NV, FP8>(f, in, out, blk0, blk1); break;
   }
 }
 template <int NV>
-void i8_nv(const Factor& f, const int16_t* q, const float* cs, float* out) {
+void i8_nv(const Factor& f, const int16_t* q, const float* cs, float* out, int64_t blk0, int64_t blk1) {
   switch (f.mr) {
-    case 1: i8_t<1, NV>(f, q, cs, out); break;
-    case 2: i8_t<2, NV>(f, q, cs, out); break;
-    case 3: i8_t<3, NV>(f, q, cs, out); break;
-    case 4: i8_t<4, NV>(f, q, cs, out); break;
-    case 5: i8_t<5, NV>(f, q, cs, out); break;
-    default: i8_t<6, NV>(f, q, cs, out); break;
+    case 1: i8_t<1, NV>(f, q, cs, out, blk0, blk1); break;
+    case 2: i8_t<2, NV>(f, q, cs, out, blk0, blk1); break;
+    case 3: i8_t<3, NV>(f, q, cs, out, blk0, blk1); break;
+    case 4: i8_t<4, NV>(f, q, cs, out, blk0, blk1); break;
+    case 5: i8_t<5, NV>(f, q, cs, out, blk0, blk1); break;
+    default: i8_t<6, NV>(f, q, cs, out, blk0, blk1); break;
   }
 }
 
-void f32_layer(const Factor& f, const float* in, float* out, int nb) {
-  nb == 8 ? f32_nv<1, false>(f, in, out) : f32_nv<2, false>(f, in, out);
+void f32_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
+  nb == 8 ? f32_nv<1, false>(f, in, out, blk0, blk1) : f32_nv<2, false>(f, in, out, blk0, blk1);
 }
-void fp8_layer(const Factor& f, const float* in, float* out, int nb) {
-  nb == 8 ? f32_nv<1, true>(f, in, out) : f32_nv<2, true>(f, in, out);
+void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
+  nb == 8 ? f32_nv<1, true>(f, in, out, blk0, blk1) : f32_nv<2, true>(f, in, out, blk0, blk1);
 }
 void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
   nb == 8 ? quant_t<1>(f, in, q, cs) : quant_t<2>(f, in, q, cs);
 }
-void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb) {
-  nb == 8 ? i8_nv<1>(f, q, cs, out) : i8_nv<2>(f, q, cs, out);
+void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
+  nb == 8 ? i8_nv<1>(f, q, cs, out, blk0, blk1) : i8_nv<2>(f, q, cs, out, blk0, blk1);
 }
 
 }  // namespace

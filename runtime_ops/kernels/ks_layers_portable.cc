@@ -10,11 +10,12 @@ namespace ks {
 namespace {
 
 template <int MR, int NB>
-void f32_t(const Factor& f, const float* in, float* out, bool fp8) {
+void f32_t(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0, int64_t blk1) {
   const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   const int64_t xs = NB;
-  for (int64_t i = 0; i < a; ++i)
-    for (int64_t l = 0; l < d; ++l) {
+  (void)a;
+  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
+      const int64_t i = blk_il / d, l = blk_il % d;
       const float* xb = in + (i * d + l) * b * NB;
       const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
@@ -51,11 +52,12 @@ void f32_t(const Factor& f, const float* in, float* out, bool fp8) {
 }
 
 template <int MR, int NB>
-void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out) {
+void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
   const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
   const int64_t qs = NB * 2;
-  for (int64_t i = 0; i < a; ++i)
-    for (int64_t l = 0; l < d; ++l) {
+  (void)a;
+  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
+      const int64_t i = blk_il / d, l = blk_il % d;
       const int16_t* xb = q + (i * d + l) * bp * NB * 2;
       const int32_t* orow = f.out_row.data() + i * c * d + l;
       const int64_t blk = (i * d + l) * nkt;
@@ -111,39 +113,39 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
 }
 
 template <int NB>
-void f32_nb(const Factor& f, const float* in, float* out, bool fp8) {
+void f32_nb(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0, int64_t blk1) {
   switch (f.mr) {
-    case 1: f32_t<1, NB>(f, in, out, fp8); break;
-    case 2: f32_t<2, NB>(f, in, out, fp8); break;
-    case 3: f32_t<3, NB>(f, in, out, fp8); break;
-    case 4: f32_t<4, NB>(f, in, out, fp8); break;
-    case 5: f32_t<5, NB>(f, in, out, fp8); break;
-    default: f32_t<6, NB>(f, in, out, fp8); break;
+    case 1: f32_t<1, NB>(f, in, out, fp8, blk0, blk1); break;
+    case 2: f32_t<2, NB>(f, in, out, fp8, blk0, blk1); break;
+    case 3: f32_t<3, NB>(f, in, out, fp8, blk0, blk1); break;
+    case 4: f32_t<4, NB>(f, in, out, fp8, blk0, blk1); break;
+    case 5: f32_t<5, NB>(f, in, out, fp8, blk0, blk1); break;
+    default: f32_t<6, NB>(f, in, out, fp8, blk0, blk1); break;
   }
 }
 template <int NB>
-void i8_nb(const Factor& f, const int16_t* q, const float* cs, float* out) {
+void i8_nb(const Factor& f, const int16_t* q, const float* cs, float* out, int64_t blk0, int64_t blk1) {
   switch (f.mr) {
-    case 1: i8_t<1, NB>(f, q, cs, out); break;
-    case 2: i8_t<2, NB>(f, q, cs, out); break;
-    case 3: i8_t<3, NB>(f, q, cs, out); break;
-    case 4: i8_t<4, NB>(f, q, cs, out); break;
-    case 5: i8_t<5, NB>(f, q, cs, out); break;
-    default: i8_t<6, NB>(f, q, cs, out); break;
+    case 1: i8_t<1, NB>(f, q, cs, out, blk0, blk1); break;
+    case 2: i8_t<2, NB>(f, q, cs, out, blk0, blk1); break;
+    case 3: i8_t<3, NB>(f, q, cs, out, blk0, blk1); break;
+    case 4: i8_t<4, NB>(f, q, cs, out, blk0, blk1); break;
+    case 5: i8_t<5, NB>(f, q, cs, out, blk0, blk1); break;
+    default: i8_t<6, NB>(f, q, cs, out, blk0, blk1); break;
   }
 }
 
-void f32_layer(const Factor& f, const float* in, float* out, int nb) {
-  nb == 8 ? f32_nb<8>(f, in, out, false) : f32_nb<16>(f, in, out, false);
+void f32_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
+  nb == 8 ? f32_nb<8>(f, in, out, false, blk0, blk1) : f32_nb<16>(f, in, out, false, blk0, blk1);
 }
-void fp8_layer(const Factor& f, const float* in, float* out, int nb) {
-  nb == 8 ? f32_nb<8>(f, in, out, true) : f32_nb<16>(f, in, out, true);
+void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
+  nb == 8 ? f32_nb<8>(f, in, out, true, blk0, blk1) : f32_nb<16>(f, in, out, true, blk0, blk1);
 }
 void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
   nb == 8 ? quant_t<8>(f, in, q, cs) : quant_t<16>(f, in, q, cs);
 }
-void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb) {
-  nb == 8 ? i8_nb<8>(f, q, cs, out) : i8_nb<16>(f, q, cs, out);
+void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
+  nb == 8 ? i8_nb<8>(f, q, cs, out, blk0, blk1) : i8_nb<16>(f, q, cs, out, blk0, blk1);
 }
 
 }  // namespace

@@ -186,23 +186,17 @@ OrtStatus* create_kernel(const CustomOp*, const OrtApi* ort_api, const OrtKernel
   }
 }
 
-struct Job {
-  const ks::Plan* plan;
-  const float* x;
-  const float* bias;
-  float* y;
-  int64_t rows;
-  int nb;
-  std::atomic<int> failed{0};
+struct PforCtx {
+  const Api* api;
+  const OrtKernelContext* ctx;
 };
 
-void tile_fn(void* user, size_t t) {
-  Job* job = static_cast<Job*>(user);
-  try {
-    ks::run_tile(*job->plan, job->x, job->bias, job->y, job->rows, job->nb, int64_t(t));
-  } catch (...) {
-    job->failed.store(1);
-  }
+bool ort_parallel_for(void* c, void (*fn)(void*, size_t), size_t n, void* user) {
+  PforCtx* p = static_cast<PforCtx*>(c);
+  OrtStatus* st = p->api->KernelContext_ParallelFor(p->ctx, fn, n, 0, user);
+  if (st == nullptr) return true;
+  p->api->ReleaseStatus(st);
+  return false;
 }
 
 OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
@@ -260,20 +254,9 @@ OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
     void* yp = nullptr;
     if (OrtStatus* st = api.GetTensorMutableData(const_cast<OrtValue*>(xv), &xp)) return st;
     if (OrtStatus* st = api.GetTensorMutableData(yv, &yp)) return st;
-    Job job;
-    job.plan = &plan;
-    job.x = static_cast<const float*>(xp);
-    job.bias = bias;
-    job.y = static_cast<float*>(yp);
-    job.rows = rows;
-    job.nb = ks::tile_width(rows);
-    const int64_t tiles = ks::num_tiles(rows, job.nb);
-    if (tiles == 1) {
-      tile_fn(&job, 0);
-    } else if (OrtStatus* st = api.KernelContext_ParallelFor(ctx, tile_fn, size_t(tiles), 0, &job)) {
-      return st;
-    }
-    if (job.failed.load()) return error(api, "KSMatMul: out of memory for the tile scratch buffers", kFail);
+    PforCtx pctx{&api, ctx};
+    e = ks::run_chain(plan, static_cast<const float*>(xp), bias, static_cast<float*>(yp), rows, ort_parallel_for, &pctx);
+    if (!e.empty()) return error(api, e, kFail);
     return nullptr;
   } catch (const std::bad_alloc&) {
     return error(api, "KSMatMul: out of memory", kFail);
