@@ -69,9 +69,9 @@ def _get_method(method) -> Method:
 _DEFAULT_GRAN = {True: Granularity.FACTOR, False: Granularity.CHANNEL}    # by fmt.is_float
 
 
-def _product_error(chain, values, deq, ref_norm):
-    diff = chain.to_dense(values) - chain.to_dense(deq)
-    return float(np.linalg.norm(diff)) / ref_norm if ref_norm > 0 else float(np.linalg.norm(diff))
+def _product_error(chain, ref, deq):
+    """||K_1...K_L - K^_1...K^_L||_F (dense, fp64)."""
+    return float(np.linalg.norm(ref - chain.to_dense(deq)))
 
 
 def quantize(factorization: KSFactorization, fmt, method="auto", rounding="nearest", seed=None,
@@ -102,7 +102,7 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
         if not np.all(np.isfinite(v)):
             raise InvalidInputError(f"factor {l} contains NaN or inf; fix the factorization first")
     values = [v.astype(np.float64) for v in values]
-    ref_norm = float(np.linalg.norm(chain.to_dense(values)))
+    ref = chain.to_dense(values)
     rng = np.random.default_rng(seed)
 
     candidates = ([Method.RTN, Method.PAIRWISE, Method.L2R, Method.BALANCED] if m is Method.AUTO
@@ -113,7 +113,7 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
     for cand in candidates:
         qs = quantize_chain(f, values, cand, gran, r, rng)
         deq = [q * s.astype(np.float64) for q, s in qs]
-        err = _product_error(chain, values, deq, ref_norm)
+        err = _product_error(chain, ref, deq)
         if best is None or err < best[0]:
             best = (err, cand, qs)
     _, used, qs = best
@@ -124,8 +124,11 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
         low_rank = tuple(np.asarray(mat, dtype=np.float32) for mat in factorization.low_rank)
     out = QuantizedFactorization(chain, factors, factorization.row_perm, factorization.col_perm,
                                  low_rank, f.name, used.value, float("nan"))
-    w_src = factorization.to_dense()
-    nrm = float(np.linalg.norm(w_src))
-    err = float(np.linalg.norm(w_src - out.to_dense()))
+    if low_rank is None:         # permutations only reorder entries: the product error is it
+        err, nrm = best[0], float(np.linalg.norm(ref))
+    else:
+        w_src = factorization.to_dense()
+        nrm = float(np.linalg.norm(w_src))
+        err = float(np.linalg.norm(w_src - out.to_dense()))
     object.__setattr__(out, "rel_error", err / nrm if nrm > 0 else err)
     return out
