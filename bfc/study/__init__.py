@@ -115,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def points_from_args(args, fp32_bytes: int) -> list[Point]:
-    pts = []
-    if args.structure:
-        common = {} if args.min_size is None else {"min_size": args.min_size}
-        pts += grid(_list(args.structure), _list(args.rank, int) or [None], _list(args.precision),
-                    _list(args.max_error, float) or [None], _list(args.residual_rank, int) or [8], **common)
-    pts += [parse_point(t) for t in args.bfc]
+    pts = []            # baselines first: they are fast, so a partial sweep already has them
     names = [b for b in _list(args.baselines) if b is not None]
     budgets = [b for b in _list(args.budgets, float) if b is not None]
     for name in names:
@@ -130,6 +125,11 @@ def points_from_args(args, fp32_bytes: int) -> list[Point]:
             pts += [baseline_point(name, int(round(f * fp32_bytes))) for f in budgets]
         else:
             pts.append(baseline_point(name))
+    if args.structure:
+        common = {} if args.min_size is None else {"min_size": args.min_size}
+        pts += grid(_list(args.structure), _list(args.rank, int) or [None], _list(args.precision),
+                    _list(args.max_error, float) or [None], _list(args.residual_rank, int) or [8], **common)
+    pts += [parse_point(t) for t in args.bfc]
     return pts
 
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out_dir = args.out or args.results.parent
     title = args.title or f"bfc study: {Path(args.model).name}"
-    command = "bfc study " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if argv is None else argv))
+    command = "bfc study " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         if args.report_only:
             records = load_results(args.results)
