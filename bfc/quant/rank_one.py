@@ -187,8 +187,7 @@ def _solve2(x, y, fmt, sx, sy):
     A = (c1 * go - c2 * ga) ** 2 / ((sa * sa)[:, None] * ga * ga + (so * so)[:, None] * go * go)
     A = np.where(Jall <= jhi[:, None], A * yy[:, None], np.inf)
     A = np.concatenate([np.zeros((P, 1)), A], axis=1)      # RTN: always evaluated exactly
-    k = min(_TOPK, K + 1)
-    est = A
+    est = A.copy()
     if y is not None:            # rank the intervals by the full error at the nearest other value
         va, vo = sa[:, None] * ga, so[:, None] * go
         nx = va * va + vo * vo
@@ -198,8 +197,9 @@ def _solve2(x, y, fmt, sx, sy):
             muy = mu * y[:, j:j + 1]
             d2 = d2 + (muy - _q(fmt, muy, sy[:, j:j + 1])) ** 2
         est = A + np.concatenate([np.zeros((P, 1)), nx * d2], axis=1)
-    top = np.argpartition(est, k - 1, axis=1)[:, :k]
-    rows = np.repeat(pr, k)
+    est[:, 0] = np.inf
+    top = np.stack([np.zeros(P, np.int64), np.argmin(est, axis=1)], axis=1)   # RTN + best estimate
+    rows = np.repeat(pr, 2)
     rr, slot, ga_s, go_s = expand(rows, top.ravel())
     bound = np.full(P, np.inf)
     np.minimum.at(bound, rr, exact(rr, ga_s, go_s))
