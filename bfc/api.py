@@ -67,16 +67,17 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
     if feeds is not None and eligible:
         note("calibrate", "running the original model")
         acts = collect(model, graph, sites, feeds, cfg.calibration_rows, cfg.seed)
-    plans = plan_sites(sites, cfg, acts, progress=lambda site: note("plan", site),
-                       model_bytes=model.ByteSize())
+    model_bytes = model.ByteSize()
+    plans = plan_sites(sites, cfg, acts, progress=lambda site: note("plan", site), model_bytes=model_bytes)
     note("rewrite", None)
     _rewriter(cfg.target)(graph, plans, default_opset(model))
     out = export(graph, model, [p.site.name for p in plans if p.rewritten])
     if cfg.fix_batch is not None:
         out = fix_batch(out, cfg.fix_batch)
+    out_bytes = out.ByteSize()
     report = Report(model=name, target=cfg.target.value, layers=[_row(p) for p in plans],
-                    model_bytes_before=model.ByteSize(), model_bytes_after=out.ByteSize())
-    if cfg.verify and out.ByteSize() < PROTO_LIMIT and model.ByteSize() < PROTO_LIMIT:
+                    model_bytes_before=model_bytes, model_bytes_after=out_bytes)
+    if cfg.verify and out_bytes < PROTO_LIMIT and model_bytes < PROTO_LIMIT:
         note("verify", None)
         vfeeds = feeds if feeds is not None else random_feeds(model, cfg.seed)
         if cfg.fix_batch is not None and feeds is None:

@@ -77,7 +77,7 @@ def load_model(path) -> onnx.ModelProto:
             data = fh.read()
     except OSError as e:
         raise ModelError(f"cannot read {path} ({e.strerror}); check its permissions") from None
-    model = onnx.ModelProto()
+    model, size = onnx.ModelProto(), len(data)
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
@@ -93,7 +93,8 @@ def load_model(path) -> onnx.ModelProto:
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read external data of {path} ({e}); keep the data files next to the model") from None
     try:
-        if model.ByteSize() > PROTO_LIMIT:
+        if size > PROTO_LIMIT // 2 or any(t.data_location == onnx.TensorProto.EXTERNAL
+                                          for t in onnx.external_data_helper._get_all_tensors(model)):
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)

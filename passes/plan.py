@@ -6,9 +6,11 @@ Ensures: every site gets a ``LayerPlan``; a rewritten plan carries ``LayerWeight
 Error of a layer: with calibration activations X, the relative output error
 ||X W - X W_hat|| / ||X W||; without, the weight error ||W - W_hat||_F / ||W||_F.
 Choice:
-  * structure=auto: candidates (monarch, butterfly, 3-factor chains, block ranks 1..)
-    in increasing parameter count; the first whose error meets ``max_error`` at some
-    precision wins; none: the layer stays dense with the best error seen.
+  * structure=auto: per family (monarch, 3-factor chain, butterfly for square layers),
+    block ranks 1, 2, 4, ... up to half the dense parameters; the largest is tried first
+    (if it misses ``max_error`` the family is out), then the smallest rank meeting the
+    budget is bisected; the family whose result is smallest in bytes wins; none: the
+    layer stays dense and the best error seen is reported.
   * a fixed structure: that chain (``rank``), kept dense if it misses ``max_error``.
   * precision=auto: for the chosen structure the lowest precision (int8, fp8-e4m3,
     fp16, fp32) whose measured error (the layer's sensitivity, measured on the
@@ -33,6 +35,7 @@ from bfc.passes.layer import LayerWeights, from_factorization
 
 AUTO_STRUCTURES = ("monarch", "butterfly", "chain3")
 AUTO_RANKS = (1, 2, 4, 8, 16, 32)
+MAX_PARAM_FRACTION = 0.5   # auto: a structure must at least halve the parameters to be worth its transposes
 
 
 @dataclass
@@ -121,46 +124,105 @@ def _fixed_candidate(cfg: OptimizeConfig, m: int, n: int):
     return [(cfg.structure.value, rank, 0, chain_for(cfg.structure.value, m, n, rank))]
 
 
+def _try_precisions(w, f, x, precisions, budget, seed):
+    """(LayerWeights, precision, error) for the lowest precision meeting the budget, else (None, label, err)."""
+    fp = from_factorization(f, Precision.FP32)
+    err = f.rel_error if x is None and np.isfinite(f.rel_error) else layer_error(w, fp, x)
+    if err > budget:
+        return None, "fp32", err
+    best = (float("inf"), "")
+    for prec in precisions:
+        lw = fp if prec is Precision.FP32 else _quantize(f, prec, seed)
+        e = err if prec is Precision.FP32 else layer_error(w, lw, x)
+        if e <= budget:
+            return lw, prec.value, e
+        best = min(best, (e, prec.value))
+    return None, best[1], best[0]
+
+
+def _search_family(w, cands, x, precisions, budget, seed, seen):
+    """Cheapest candidate of one structure family meeting the budget, assuming the error falls with
+    the rank: test the largest first (if it fails the family fails), then bisect on fp32 error."""
+    cache = {}
+
+    def fit(i):
+        if i not in cache:
+            s, r, k, ch = cands[i]
+            cache[i] = _fit(w, ch, k, x, refine=False)
+            fp_err = (cache[i].rel_error if x is None and np.isfinite(cache[i].rel_error)
+                      else layer_error(w, from_factorization(cache[i], Precision.FP32), x))
+            cache[i] = (cache[i], fp_err)
+            label = _label(s, r, k)
+            if seen[0] is None or fp_err < seen[0][0]:
+                seen[0] = (fp_err, label)
+        return cache[i]
+
+    hi = len(cands) - 1
+    if fit(hi)[1] > budget:
+        return None
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fit(mid)[1] <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    for i in range(lo, len(cands)):
+        lw, prec, err = _try_precisions(w, fit(i)[0], x, precisions, budget, seed)
+        if lw is not None:
+            s, r, k, _ch = cands[i]
+            return lw, _label(s, r, k), prec, err
+        seen[0] = min(seen[0], (err, f"{_label(*cands[i][:3])} {prec}"))
+    return None
+
+
+def _auto_candidates(cfg, m, n):
+    ranks = AUTO_RANKS if cfg.rank is None else (cfg.rank,)
+    fams = {}
+    for params, s, r, k, ch in candidates(m, n, AUTO_STRUCTURES, ranks, (0,)):
+        if params > MAX_PARAM_FRACTION * m * n or (s == "butterfly" and m != n):
+            continue
+        fams.setdefault(s, []).append((s, r, k, ch))
+    return fams
+
+
 def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPlan:
     """Plan one eligible site (include/exclude/min-size already applied)."""
     w = site.weight.astype(np.float64)
     m, n = w.shape
     plan = LayerPlan(site, error_kind="output" if x is not None else "weight")
+    precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
+    budget = cfg.max_error if cfg.max_error is not None else float("inf")
     if cfg.structure is Structure.AUTO:
-        ranks = AUTO_RANKS if cfg.rank is None else (cfg.rank,)
-        cands = [(s, r, k, ch) for _p, s, r, k, ch in candidates(m, n, AUTO_STRUCTURES, ranks, (0,))]
+        fams = _auto_candidates(cfg, m, n)
+        if cfg.max_error is None:       # target-size only: the cheapest Monarch/chain
+            fams = {k: v[:1] for k, v in list(fams.items())[:1]}
     else:
         try:
-            cands = _fixed_candidate(cfg, m, n)
+            fams = {cfg.structure.value: [c for c in _fixed_candidate(cfg, m, n)
+                                          if c[3].nnz + c[2] * (m + n) < m * n]}
         except BfcError as e:
             plan.reason = f"{cfg.structure.value} does not fit {m}x{n} ({e})"
             return plan
-        cands = [c for c in cands if c[3].nnz + c[2] * (m + n) < m * n]
-    if not cands:
-        plan.reason = f"no {cfg.structure.value} structure is cheaper than dense at {m}x{n}"
+    if not any(fams.values()):
+        plan.reason = (f"no {cfg.structure.value} structure with at most {MAX_PARAM_FRACTION:.0%} of the "
+                       f"dense parameters at {m}x{n}")
         return plan
-    if cfg.target_size is not None and cfg.max_error is None:
-        cands = cands[:1]
-    precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
-    budget = cfg.max_error if cfg.max_error is not None else float("inf")
-    best = None
-    for structure, rank, k, chain in cands:
-        f = _fit(w, chain, k, x, refine=False)
-        fp = from_factorization(f, Precision.FP32)
-        err = layer_error(w, fp, x)
-        if best is None or err < best[0]:
-            best = (err, _label(structure, rank, k))
-        if err > budget:
-            continue
-        for prec in precisions:
-            lw = fp if prec is Precision.FP32 else _quantize(f, prec, cfg.seed)
-            err_q = err if prec is Precision.FP32 else layer_error(w, lw, x)
-            if err_q <= budget:
-                plan.weights, plan.structure, plan.precision, plan.error = lw, _label(structure, rank, k), prec.value, err_q
-                return plan
-            best = min(best, (err_q, f"{_label(structure, rank, k)} {prec.value}"))
-    plan.error = best[0]
-    plan.reason = (f"error budget not met: best {best[1]} has error {best[0]:.3g} > max-error {budget:g}")
+    seen = [None]
+    found = []
+    for fam in AUTO_STRUCTURES + tuple(s.value for s in Structure):
+        cands = fams.pop(fam, [])
+        if found:
+            cands = [c for c in cands if c[3].nnz + c[2] * (m + n) < found[0][0].n_params]
+        if cands:
+            hit = _search_family(w, cands, x, precisions, budget, cfg.seed, seen)
+            if hit is not None and (not found or hit[0].nbytes < found[0][0].nbytes):
+                found = [hit]
+    if found:
+        plan.weights, plan.structure, plan.precision, plan.error = found[0]
+        return plan
+    plan.error = seen[0][0]
+    plan.reason = f"error budget not met: best {seen[0][1]} has error {seen[0][0]:.3g} > max-error {budget:g}"
     return plan
 
 

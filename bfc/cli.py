@@ -1,0 +1,226 @@
+"""The ``bfc`` command line (the only module that prints).
+
+    bfc optimize MODEL.onnx -o OUT.onnx [options]     rewrite MatMul/Gemm layers, verify, report
+    bfc inspect MODEL.onnx                            list the sites and what each could gain
+    bfc demo                                          the bundled Fashion-MNIST MLP, end to end
+
+User problems print one line on stderr and exit 2; bugs exit 1 with a hint to report them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bfc import __version__
+from bfc.config import OptimizeConfig, Precision, Structure, Target
+from bfc.errors import BfcError
+
+ISSUES = "https://github.com/bfc-project/bfc/issues"
+_STRUCTURES = [s.value for s in Structure] + ["chain3"]
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints usage over several lines)
+        raise _UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="bfc", description="bfc, the butterfly compiler for ONNX: Kronecker-sparse, quantized "
+                                         "MatMul/Gemm layers built from standard ONNX ops.")
+    ap.add_argument("--version", action="version", version=f"bfc {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="{optimize,inspect,demo}", parser_class=_Parser)
+    S = argparse.SUPPRESS
+    op = sub.add_parser("optimize", help="rewrite a model's MatMul/Gemm layers as quantized KS layers")
+    op.add_argument("model", type=Path, help="input .onnx model (never modified)")
+    op.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path (written atomically)")
+    op.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
+    op.add_argument("--structure", default=S, help="auto|butterfly|monarch|chain3|lowrank-residual (default auto)")
+    op.add_argument("--rank", type=int, default=S, help="block rank between factors (fixed structures)")
+    op.add_argument("--residual-rank", type=int, default=S, help="rank of the low-rank residual (default 8)")
+    op.add_argument("--precision", default=S, help="auto|int8|fp8-e4m3|fp8-e5m2|fp16|fp32 (default int8)")
+    op.add_argument("--max-error", type=float, default=S,
+                    help="per-layer relative output error budget (default 0.1); layers that miss it stay dense")
+    op.add_argument("--no-max-error", dest="max_error", action="store_const", const=None, default=S,
+                    help="no error budget (fixed structures only)")
+    op.add_argument("--target-size", type=int, default=S, help="stop once the model has at most this many bytes")
+    op.add_argument("--min-size", type=int, default=S, help="keep layers with fewer weights dense (default 4096)")
+    op.add_argument("--include", action="append", default=S, help="only node names matching this pattern")
+    op.add_argument("--exclude", action="append", default=S, help="skip node names matching this pattern")
+    op.add_argument("--calibration", type=Path, default=S, help=".npz of model inputs keyed by input name")
+    op.add_argument("--target", default=S, help="portable (standard ops, default) | custom-op")
+    op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
+    op.add_argument("--fix-batch", type=int, default=S, help="pin dynamic batch dimensions to N")
+    op.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    op.add_argument("--report", type=Path, help="also write the report as JSON")
+    op.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
+    ins = sub.add_parser("inspect", help="list a model's sites and what each could gain")
+    ins.add_argument("model", type=Path)
+    dm = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST MLP and compare it with the original")
+    dm.add_argument("-o", "--output", type=Path, help="where to keep the optimized demo model")
+    dm.add_argument("--precision", default="int8")
+    dm.add_argument("--max-error", type=float, default=0.2, help="per-layer output error budget (default 0.2)")
+    return ap
+
+
+def _config(args) -> OptimizeConfig:
+    keys = set(OptimizeConfig.keys())
+    given = {k: v for k, v in vars(args).items() if k in keys}
+    if args.config is not None:
+        return OptimizeConfig.from_toml(args.config, **given)
+    return OptimizeConfig(**given)
+
+
+class _Progress:
+    """tqdm progress over the planned sites, on stderr (disabled when stderr is not a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.bar, self.enabled = None, enabled
+
+    def __call__(self, stage, detail=None):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        if stage == "load":
+            n = int(str(detail).split()[0])
+            self.bar = tqdm(total=n, desc="planning", unit="layer", file=sys.stderr, leave=False, disable=None)
+        elif stage == "plan" and self.bar is not None:
+            self.bar.set_postfix_str(str(detail)[-30:])
+            self.bar.update(1)
+        elif self.bar is not None:
+            self.bar.set_description(stage)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_optimize(args) -> int:
+    from bfc.api import optimize
+    from bfc.passes.load import check_output_path, save_model
+    cfg = _config(args)
+    check_output_path(args.output, args.model)
+    if args.report is not None:
+        check_output_path(args.report, args.model)
+    prog = _Progress(not args.quiet)
+    try:
+        model, report = optimize(args.model, cfg, progress=prog)
+    finally:
+        prog.close()
+    save_model(model, args.output, args.model)
+    if args.report is not None:
+        _write_text(args.report, report.to_json())
+    if not args.quiet:
+        print(report.table())
+        print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bfc-", dir=path.parent if str(path.parent) else ".")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BfcError(f"cannot write {path} ({e.strerror}); choose another --report path") from None
+
+
+def cmd_inspect(args) -> int:
+    from bfc.passes.inspect import inspect_model
+    rows, totals = inspect_model(args.model)
+    head = ("layer", "shape", "params", "monarch r1 int8", "gain", "weight error", "note")
+    table = [head] + [tuple(r) for r in rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(head) - 1)] + [0]
+    for r in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(totals)
+    return 0
+
+
+def _latency_ms(model, feeds, repeats: int = 30) -> float:
+    from bfc.passes.session import session
+    sess = session(model, threads=1)
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def cmd_demo(args) -> int:
+    """Optimize the bundled MLP with its bundled calibration images; compare accuracy, size, latency."""
+    import tempfile
+    from importlib.resources import as_file, files
+
+    import numpy as np
+    import onnx
+
+    from bfc.api import optimize
+    from bfc.passes.load import save_model
+    from bfc.passes.session import session
+    with as_file(files("bfc") / "data" / "demo_mlp.onnx") as mpath, \
+            as_file(files("bfc") / "data" / "demo_data.npz") as dpath:
+        if not Path(mpath).is_file() or not Path(dpath).is_file():
+            raise BfcError("the bundled demo files (bfc/data/demo_mlp.onnx, demo_data.npz) are missing from "
+                           "this install; reinstall bfc or run `python models/build_demo.py`")
+        data = np.load(dpath)
+        original = onnx.load(str(mpath))
+        with tempfile.TemporaryDirectory() as tmp:
+            calib = Path(tmp) / "calibration.npz"
+            np.savez(calib, image=data["calib_images"])
+            cfg = OptimizeConfig(precision=args.precision, calibration=calib,
+                                 **({} if args.max_error is None else {"max_error": args.max_error}))
+            print(f"bfc demo: Fashion-MNIST MLP {mpath.name} (784-256-256-10), calibration on "
+                  f"{len(data['calib_images'])} training images, evaluation on {len(data['test_images'])} "
+                  "held-out test images", flush=True)
+            print(f"$ bfc optimize demo_mlp.onnx -o demo_mlp.bfc.onnx --calibration calibration.npz "
+                  f"--precision {cfg.precision.value} --max-error {cfg.max_error:g}", flush=True)
+            prog = _Progress(True)
+            try:
+                optimized, report = optimize(mpath, cfg, progress=prog)
+            finally:
+                prog.close()
+    print(report.table())
+    if args.output is not None:
+        save_model(optimized, args.output)
+        print(f"wrote {args.output}")
+    x, y = data["test_images"], data["test_labels"]
+    print("\nmodel       accuracy  file size   latency b=1   latency b=256   (onnxruntime CPU, 1 thread, median)")
+    for name, m in (("original", original), ("optimized", optimized)):
+        acc = float(np.mean(session(m).run(None, {"image": x})[0].argmax(1) == y))
+        print(f"{name:<10}  {acc:8.4f}  {m.ByteSize() / 1024:7.1f} kB  {_latency_ms(m, {'image': x[:1]}):8.3f} ms  "
+              f"{_latency_ms(m, {'image': x[:256]}):11.3f} ms")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command is None:
+            _parser().print_help()
+            return 2
+        return {"optimize": cmd_optimize, "inspect": cmd_inspect, "demo": cmd_demo}[args.command](args)
+    except (BfcError, _UsageError) as e:
+        print(f"bfc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bfc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line and where to report it
+        print(f"bfc: internal error ({type(e).__name__}: {e}); this is a bug in bfc, please report it at "
+              f"{ISSUES} with the command and model", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
