@@ -234,6 +234,7 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
     f.a = a, f.b = b, f.c = c, f.d = d;
     f.path = in.values_dtype == 3 ? Path::I8 : (in.values_dtype == 17 || in.values_dtype == 19) ? Path::FP8 : Path::F32;
     f.mr = choose_mr(c);
+    f.small = b <= 4 && c <= 4;
     f.nkt = (c + f.mr - 1) / f.mr;
     f.bp = (b + 1) / 2;
     const int mr = f.mr;
@@ -265,17 +266,17 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
               if (k < c) f.sc[size_t(((i * d + ll) * f.nkt + kt) * mr + r)] = scale_at(i, ll, k) * extra;
             }
       if (f.path == Path::FP8) {
-        f.lut = in.values_dtype == 17 ? luts().e4m3 : luts().e5m2;
-        f.w8.assign(size_t(ad * f.nkt * b * mr + 8), 0);  // zero byte decodes to 0 in both formats
+        const float* lut = in.values_dtype == 17 ? luts().e4m3 : luts().e5m2;
+        f.wf.assign(size_t(ad * f.nkt * b * mr), 0.f);
         const uint8_t* v8 = static_cast<const uint8_t*>(in.values);
         for (int64_t i = 0; i < a; ++i)
           for (int64_t ll = 0; ll < d; ++ll)
             for (int64_t kt = 0; kt < f.nkt; ++kt) {
-              uint8_t* w = f.w8.data() + ((i * d + ll) * f.nkt + kt) * b * mr;
+              float* w = f.wf.data() + ((i * d + ll) * f.nkt + kt) * b * mr;
               for (int64_t j = 0; j < b; ++j)
                 for (int r = 0; r < mr; ++r) {
                   const int64_t k = kt * mr + r;
-                  if (k < c) w[j * mr + r] = v8[vidx(i, ll, j, k)];
+                  if (k < c) w[j * mr + r] = lut[v8[vidx(i, ll, j, k)]];
                 }
             }
       } else {
@@ -291,6 +292,14 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
                   if (k < c) w[((j / 2) * mr + r) * 2 + (j % 2)] = v8[vidx(i, ll, j, k)];
                 }
             }
+        if (f.small) {  // float copy for the exact float-accumulating small kernels
+          f.wf.assign(size_t(ad * b * c), 0.f);
+          for (int64_t i = 0; i < a; ++i)
+            for (int64_t ll = 0; ll < d; ++ll)
+              for (int64_t j = 0; j < b; ++j)
+                for (int64_t k = 0; k < c; ++k)
+                  f.wf[size_t(((i * d + ll) * b + j) * c + k)] = float(v8[vidx(i, ll, j, k)]);
+        }
       }
     }
   }
@@ -315,12 +324,34 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
   for (int64_t fi = 0; fi < plan->M; ++fi) plan->in_row[size_t(fi)] = block_row(plan->factors[0], fi);
   plan->in_perm = in_perm;
   plan->out_perm = out_perm;
+  plan->gather_row.resize(size_t(plan->M));
+  for (int64_t fi = 0; fi < plan->M; ++fi)
+    plan->gather_row[size_t(in_perm.empty() ? fi : in_perm[size_t(fi)])] = plan->in_row[size_t(fi)];
+  plan->scatter_row.resize(size_t(plan->N));
+  for (int64_t o = 0; o < plan->N; ++o) plan->scatter_row[size_t(o)] = int32_t(out_perm.empty() ? o : out_perm[size_t(o)]);
   plan->max_dim = plan->M;
   plan->max_pairs = 0;
   for (const Factor& f : plan->factors) {
     plan->max_dim = std::max(plan->max_dim, f.out_dim());
     if (f.path == Path::I8) plan->max_pairs = std::max(plan->max_pairs, f.a * f.bp * f.d);
   }
+  // depth-first tail: small-block factors whose a_l divide each other, int8 only at its
+  // start (an int8 factor needs the amax of its whole input), starting where one group's
+  // buffer (b*d features x 16 columns) fits in about 32 KB
+  plan->df_start = L;
+  for (size_t s = L; s-- > 0;) {
+    const Factor& f = plan->factors[s];
+    if (!f.small) break;
+    if (s + 1 < L) {
+      const Factor& g = plan->factors[s + 1];
+      if (g.a % f.a != 0 || g.path == Path::I8) break;
+    }
+    if (f.b * f.d <= 256) plan->df_start = s;
+  }
+  if (plan->df_start + 1 >= L) plan->df_start = L;  // a single factor gains nothing
+  plan->df_group_rows = 0;
+  for (size_t m = plan->df_start + 1; m < L; ++m)
+    plan->df_group_rows = std::max(plan->df_group_rows, plan->factors[m].in_dim() / plan->factors[plan->df_start].a);
   const std::string isa = isa_override ? isa_override : "";
   if (isa.empty() || isa == "auto") {
     plan->isa = cpu_has_avx2() ? 1 : 0;
@@ -355,70 +386,84 @@ struct Exec {
   float* B;                     // output buffers
   float* Q;                     // int8 pair buffers (int16 viewed as float slots)
   float* CS;                    // per-tile column scales (ntiles x nb)
+  float* INV;                   // per-tile inverse column scales (ntiles x nb), small int8 path
   const Factor* f;
+  bool f_small_i8;              // f runs through T->amax / T->i8f
   int64_t chunk;                // blocks per chunk
+  int64_t ngroups;              // depth-first groups per tile
+  float* P;                     // depth-first private buffers (ntiles * ngroups items)
+  size_t p_stride;              // floats per item (two buffers)
 };
 
 void gather_fn(void* u, size_t t) {
   Exec& e = *static_cast<Exec*>(u);
-  const Plan& plan = *e.plan;
-  const int nb = e.nb;
-  float* A = e.A + t * e.buf_stride;
-  const int64_t r0 = int64_t(t) * nb, nv = std::min<int64_t>(nb, e.rows - r0), M = plan.M;
-  const int64_t* ip = plan.in_perm.empty() ? nullptr : plan.in_perm.data();
-  const int32_t* ir = plan.in_row.data();
-  constexpr int64_t kChunk = 256;  // features per pass: the touched rows of A stay in L1
-  for (int64_t f0 = 0; f0 < M; f0 += kChunk) {
-    const int64_t f1 = std::min(M, f0 + kChunk);
-    for (int64_t n = 0; n < nv; ++n) {
-      const float* xr = e.x + (r0 + n) * M;
-      if (ip) for (int64_t f = f0; f < f1; ++f) A[int64_t(ir[f]) * nb + n] = xr[ip[f]];
-      else for (int64_t f = f0; f < f1; ++f) A[int64_t(ir[f]) * nb + n] = xr[f];
-    }
-    for (int64_t n = nv; n < nb; ++n)
-      for (int64_t f = f0; f < f1; ++f) A[f * nb + n] = 0.f;
-  }
+  const int64_t r0 = int64_t(t) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
+  e.T->gather(*e.plan, e.x, r0, nv, e.nb, e.A + t * e.buf_stride);
 }
 
 void quant_fn(void* u, size_t t) {
   Exec& e = *static_cast<Exec*>(u);
-  e.T->quant(*e.f, e.A + t * e.buf_stride, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.nb);
+  if (e.f_small_i8)
+    e.T->amax(e.A + t * e.buf_stride, e.f->in_dim(), e.CS + t * e.nb, e.INV + t * e.nb, e.nb);
+  else
+    e.T->quant(*e.f, e.A + t * e.buf_stride, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb,
+               e.nb);
+}
+
+// one factor, blocks [blk0, blk1) of tile t: in/out are that tile's buffers
+inline void apply_blocks(const Exec& e, const Factor& f, bool small_i8, size_t t, const float* in, float* out,
+                         int64_t blk0, int64_t blk1) {
+  switch (f.path) {
+    case Path::F32: e.T->f32(f, in, out, e.nb, blk0, blk1); break;
+    case Path::FP8: e.T->fp8(f, in, out, e.nb, blk0, blk1); break;
+    case Path::I8:
+      if (small_i8)
+        e.T->i8f(f, in, e.INV + t * e.nb, e.CS + t * e.nb, out, e.nb, blk0, blk1);
+      else
+        e.T->i8(f, reinterpret_cast<const int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, out, e.nb, blk0, blk1);
+      break;
+  }
 }
 
 void layer_fn(void* u, size_t c) {
   Exec& e = *static_cast<Exec*>(u);
   const Factor& f = *e.f;
   const int64_t blk0 = int64_t(c) * e.chunk, blk1 = std::min<int64_t>(f.a * f.d, blk0 + e.chunk);
-  for (int64_t t = 0; t < e.ntiles; ++t) {
-    float* out = e.B + t * e.buf_stride;
-    switch (f.path) {
-      case Path::F32: e.T->f32(f, e.A + t * e.buf_stride, out, e.nb, blk0, blk1); break;
-      case Path::FP8: e.T->fp8(f, e.A + t * e.buf_stride, out, e.nb, blk0, blk1); break;
-      case Path::I8:
-        e.T->i8(f, reinterpret_cast<const int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, out, e.nb, blk0, blk1);
-        break;
-    }
+  for (int64_t t = 0; t < e.ntiles; ++t)
+    apply_blocks(e, f, e.f_small_i8, size_t(t), e.A + t * e.buf_stride, e.B + t * e.buf_stride, blk0, blk1);
+}
+
+// item = tile * ngroups + group: every factor of the depth-first tail on one group.  The
+// first factor reads the tile's A rows of the group, the last writes its B rows; the
+// factors between ping-pong through the item's private pair of buffers (group sizes
+// change along a chain, so groups cannot share rows of A and B).
+inline float* shift_rows(float* p, int64_t rows, int nb) {  // p - rows*nb without pointer UB
+  return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(rows) * uintptr_t(nb) * sizeof(float));
+}
+
+void depth_fn(void* u, size_t item) {
+  Exec& e = *static_cast<Exec*>(u);
+  const Plan& plan = *e.plan;
+  const size_t t = item / size_t(e.ngroups);
+  const int64_t g = int64_t(item % size_t(e.ngroups));
+  const size_t L = plan.factors.size();
+  const int64_t a0 = plan.factors[plan.df_start].a;
+  float* priv[2] = {e.P + item * e.p_stride, e.P + item * e.p_stride + e.p_stride / 2};
+  const float* in = e.A + t * e.buf_stride;
+  for (size_t m = plan.df_start; m < L; ++m) {
+    const Factor& f = plan.factors[m];
+    const int64_t r = f.a / a0, per = r * f.d;
+    float* out = m + 1 == L ? e.B + t * e.buf_stride
+                            : shift_rows(priv[(m - plan.df_start) % 2], g * (plan.factors[m + 1].in_dim() / a0), e.nb);
+    apply_blocks(e, f, m == plan.df_start && e.f_small_i8, t, in, out, g * per, (g + 1) * per);
+    in = out;
   }
 }
 
 void scatter_fn(void* u, size_t t) {
   Exec& e = *static_cast<Exec*>(u);
-  const Plan& plan = *e.plan;
-  const int nb = e.nb;
-  const float* A = e.A + t * e.buf_stride;
-  const int64_t r0 = int64_t(t) * nb, nv = std::min<int64_t>(nb, e.rows - r0), N = plan.N;
-  const int64_t* op = plan.out_perm.empty() ? nullptr : plan.out_perm.data();
-  constexpr int64_t kChunk = 256;
-  for (int64_t o0 = 0; o0 < N; o0 += kChunk) {
-    const int64_t o1 = std::min(N, o0 + kChunk);
-    for (int64_t n = 0; n < nv; ++n) {
-      float* yr = e.y + (r0 + n) * N;
-      for (int64_t o = o0; o < o1; ++o) {
-        const float v = A[(op ? op[o] : o) * nb + n];
-        yr[o] = e.bias ? v + e.bias[o] : v;
-      }
-    }
-  }
+  const int64_t r0 = int64_t(t) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
+  e.T->scatter(*e.plan, e.A + t * e.buf_stride, e.bias, e.y, r0, nv, e.nb);
 }
 
 bool run(ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_t n, Exec* e) {
@@ -435,7 +480,7 @@ size_t block_bytes(const Factor& f) {
   const size_t per = size_t(f.nkt) * size_t(f.mr);
   switch (f.path) {
     case Path::F32: return per * size_t(f.b) * 4;
-    case Path::FP8: return per * size_t(f.b) + per * 4;
+    case Path::FP8: return per * size_t(f.b) * 4 + per * 4;
     default: return per * size_t(f.bp) * 4 + per * 4;
   }
 }
@@ -461,17 +506,32 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   e.ntiles = num_tiles(rows, e.nb);
   e.buf_stride = round_up(size_t(plan.max_dim) * e.nb);
   e.q_stride = round_up(size_t(plan.max_pairs) * e.nb);
-  const size_t total = 2 * e.buf_stride * e.ntiles + e.q_stride * e.ntiles + round_up(size_t(e.ntiles) * e.nb);
+  const size_t cs_floats = round_up(size_t(e.ntiles) * e.nb);
+  const size_t ngroups = plan.df_start < plan.factors.size() ? size_t(plan.factors[plan.df_start].a) : 0;
+  e.p_stride = 2 * round_up(size_t(plan.df_group_rows) * e.nb);
+  const size_t total =
+      2 * e.buf_stride * e.ntiles + e.q_stride * e.ntiles + 2 * cs_floats + e.p_stride * ngroups * e.ntiles;
   float* base = sb.get(total);
   e.A = base;
   e.B = base + e.buf_stride * e.ntiles;
   e.Q = e.B + e.buf_stride * e.ntiles;
   e.CS = e.Q + e.q_stride * e.ntiles;
+  e.INV = e.CS + cs_floats;
+  e.P = e.INV + cs_floats;
   const char* const fail = "KSMatMul: onnxruntime's parallel-for failed";
   if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles), &e)) return fail;
-  for (const Factor& f : plan.factors) {
+  const size_t L = plan.factors.size();
+  for (size_t l = 0; l < L; ++l) {
+    const Factor& f = plan.factors[l];
     e.f = &f;
+    e.f_small_i8 = f.path == Path::I8 && f.small && e.T->i8f != nullptr;
     if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
+    if (l == plan.df_start) {
+      e.ngroups = f.a;
+      if (!run(pfor, pfor_ctx, depth_fn, size_t(e.ntiles * e.ngroups), &e)) return fail;
+      std::swap(e.A, e.B);
+      break;
+    }
     const int64_t nblk = f.a * f.d;
     // chunks of blocks whose packed weights stay in L2 while every tile streams through them,
     // and enough chunks to keep the pool busy

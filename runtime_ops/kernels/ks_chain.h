@@ -6,15 +6,20 @@
 //     K[i*b*d + j*d + l, i*c*d + k*d + l] = V[i, l, j, k] * scale[i, l, 0|k].
 //
 // Execution model: the batch is cut into tiles of NB = 8 or 16 rows.  A tile is
-// transposed once into a feature-major buffer buf[feature][NB] (in_perm applied
-// by index arithmetic while gathering), every factor then maps buf -> buf with
-// output-stationary register tiles (MR output features x NB batch columns, the
-// reduction over the b inputs of one (i, l) block).  Buffers are stored block-major
-// for the factor that reads them (row (i*d + l)*b + j holds feature i*b*d + j*d + l),
-// so a block's inputs are contiguous; each factor's epilogue writes its outputs
-// straight into the next factor's order (out_row).  The last buffer is written
-// back row-major through out_perm with the bias added.  Tiles are independent, so
-// they are the unit of parallelism.
+// transposed once into a feature-major buffer buf[feature][NB] (8x8 register
+// transposes; in_perm is folded into the destination rows), every factor then maps
+// buf -> buf with output-stationary register tiles (MR output features x NB batch
+// columns, the reduction over the b inputs of one (i, l) block).  Buffers are stored
+// block-major for the factor that reads them (row (i*d + l)*b + j holds feature
+// i*b*d + j*d + l), so a block's inputs are contiguous; each factor's epilogue writes
+// its outputs straight into the next factor's order (out_row).  The last buffer is
+// transposed back row-major (out_perm folded into the source rows) with the bias added.
+//
+// Schedule: factors with big blocks run factor by factor, weights in cache-sized
+// chunks of blocks applied to every tile (each weight read once per call).  A tail of
+// small-block factors (b, c <= 4, e.g. butterflies) whose a_l divide each other splits
+// into independent groups of features; each (tile, group) runs the whole tail in L1
+// ("depth first", like a cache-blocked FFT) instead of one pass over the buffers per factor.
 #pragma once
 
 #include <cstddef>
@@ -50,9 +55,11 @@ struct Factor {
   int64_t bp = 0;    // ceil(b / 2): int8 input pairs
   // F32: wf[((i*d + l)*nkt + kt)*b*mr + j*mr + r]  (dequantized, scale folded in)
   std::vector<float> wf;
-  // FP8: w8 in the same layout as wf, decoded through lut (256 entries)
-  std::vector<uint8_t> w8;
-  const float* lut = nullptr;
+  // FP8: wf holds the exactly decoded bytes (scale not folded: applied in the epilogue).
+  // Small I8 factors (AVX2): wf also holds the int8 values as floats; with |q| <= 127,
+  // |w| <= 128 and b <= 1024 every partial sum is an integer below 2^24, so float32
+  // FMA accumulation is exactly the int32 accumulation of the spec.
+  bool small = false;  // b <= 4 and c <= 4 (mr == c, nkt == 1): unrolled small-block kernels
   // I8: wq[((i*d + l)*nkt + kt)*bp*mr*2 + jp*mr*2 + r*2 + t] = V[i, l, 2*jp + t, kt*mr + r]
   std::vector<int16_t> wq;
   // FP8 / I8 epilogue scale: sc[((i*d + l)*nkt + kt)*mr + r]
@@ -86,6 +93,10 @@ struct Plan {
   int64_t max_dim = 0;            // largest feature dimension along the chain
   int64_t max_pairs = 0;          // largest int8 pair-row count
   std::vector<int32_t> in_row;    // storage row of chain input feature f (first factor's block-major order)
+  std::vector<int32_t> gather_row;   // storage row of X column s (in_perm folded in)
+  std::vector<int32_t> scatter_row;  // final-buffer row of Y column o (out_perm folded in)
+  size_t df_start = 0;            // first factor of the depth-first small-block tail (L = none)
+  int64_t df_group_rows = 0;      // largest per-group activation (features) inside that tail
   int isa = 0;                    // 0 portable, 1 avx2
   mutable std::mutex scratch_mu;  // guards scratch (concurrent runs fall back to a private buffer)
   mutable ScratchBuf scratch;
@@ -123,6 +134,15 @@ struct LayerTable {
   void (*quant)(const Factor& f, const float* in, int16_t* q, float* colscale, int nb);
   void (*i8)(const Factor& f, const int16_t* q, const float* colscale, float* out, int nb, int64_t blk0,
              int64_t blk1);
+  // small int8 factors (may be null): per-column amax -> colscale = amax/127, inv = 127/amax
+  // (0 if amax == 0), then blocks quantized on the fly in float (exact, see Factor::wf)
+  void (*amax)(const float* in, int64_t nrows, float* colscale, float* inv, int nb);
+  void (*i8f)(const Factor& f, const float* in, const float* inv, const float* colscale, float* out, int nb,
+              int64_t blk0, int64_t blk1);
+  // x rows [r0, r0 + nv) (row-major, M columns) -> tile buffer (rows >= nv zeroed)
+  void (*gather)(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float* buf);
+  // tile buffer -> y rows [r0, r0 + nv) (+ bias)
+  void (*scatter)(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb);
 };
 const LayerTable& portable_table();
 #if defined(BFC_HAVE_AVX2)

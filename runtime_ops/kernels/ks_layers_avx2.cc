@@ -16,7 +16,6 @@ void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t b
   constexpr int NB = 8 * NV;
   const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   const int64_t xs = NB;
-  const float* lut = f.lut;
   (void)a;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
       const int64_t i = blk_il / d, l = blk_il % d;
@@ -30,20 +29,7 @@ void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t b
 #pragma GCC unroll 2
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
         const float* xr = xb;
-        if (FP8) {
-          const uint8_t* w = f.w8.data() + (blk + kt) * b * MR;
-          for (int64_t j = 0; j < b; ++j, xr += xs, w += MR) {
-            __m256 xv[NV];
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_ps(xr + 8 * v);
-#pragma GCC unroll 6
-            for (int r = 0; r < MR; ++r) {
-              const __m256 wv = _mm256_broadcast_ss(lut + w[r]);
-#pragma GCC unroll 2
-              for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(wv, xv[v], acc[r][v]);
-            }
-          }
-        } else {
+        {
           const float* w = f.wf.data() + (blk + kt) * b * MR;
           for (int64_t j = 0; j < b; ++j, xr += xs, w += MR) {
             __m256 xv[NV];
@@ -166,6 +152,169 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
       }
 }
 
+// Small blocks (b, c <= 4, mr == c): one (i, l) block per iteration, fully unrolled.
+// MODE 0: float32, 1: fp8 (decoded weights, scale in the epilogue), 2: int8 quantized on
+// the fly in float (exact: see Factor::wf), acc * colscale * scale in the epilogue.
+template <int B, int C, int NV, int MODE>
+void small_t(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int64_t blk0,
+             int64_t blk1) {
+  constexpr int NB = 8 * NV;
+  const int64_t d = f.d;
+  const float* wf = f.wf.data();
+  const float* sc = f.sc.data();
+  const int32_t* orow_base = f.out_row.data();
+  __m256 iv[NV], csv[NV];
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  for (int v = 0; v < NV; ++v) {
+    iv[v] = MODE == 2 ? _mm256_loadu_ps(inv + 8 * v) : _mm256_setzero_ps();
+    csv[v] = MODE == 2 ? _mm256_loadu_ps(cs + 8 * v) : _mm256_setzero_ps();
+  }
+  int64_t i = blk0 / d, l = blk0 % d;
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const float* xb = in + blk * B * NB;
+    __m256 x[B][NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < B; ++j)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        __m256 t = _mm256_load_ps(xb + j * NB + 8 * v);
+        if (MODE == 2) {
+          t = _mm256_mul_ps(t, iv[v]);
+          t = _mm256_and_ps(t, _mm256_cmp_ps(t, t, _CMP_ORD_Q));  // NaN -> 0
+          t = _mm256_min_ps(hi, _mm256_max_ps(lo, t));
+          t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        x[j][v] = t;
+      }
+    const float* w = wf + blk * B * C;
+    const int32_t* orow = orow_base + i * C * d + l;
+#pragma GCC unroll 4
+    for (int k = 0; k < C; ++k) {
+      __m256 acc[NV];
+      const __m256 w0 = _mm256_broadcast_ss(w + k);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[v] = _mm256_mul_ps(w0, x[0][v]);
+#pragma GCC unroll 4
+      for (int j = 1; j < B; ++j) {
+        const __m256 wj = _mm256_broadcast_ss(w + j * C + k);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(wj, x[j][v], acc[v]);
+      }
+      float* yr = out + int64_t(orow[k * d]) * NB;
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        __m256 o = acc[v];
+        if (MODE == 1) o = _mm256_mul_ps(o, _mm256_broadcast_ss(sc + blk * C + k));
+        if (MODE == 2) o = _mm256_mul_ps(_mm256_mul_ps(o, csv[v]), _mm256_broadcast_ss(sc + blk * C + k));
+        _mm256_store_ps(yr + 8 * v, o);
+      }
+    }
+    if (++l == d) l = 0, ++i;
+  }
+}
+
+template <int NV, int MODE>
+void small_nv(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int64_t blk0,
+              int64_t blk1) {
+#define BFC_SMALL_CASE(BB, CC) \
+  case (BB) * 8 + (CC): small_t<BB, CC, NV, MODE>(f, in, inv, cs, out, blk0, blk1); return;
+  switch (f.b * 8 + f.c) {
+    BFC_SMALL_CASE(1, 1) BFC_SMALL_CASE(1, 2) BFC_SMALL_CASE(1, 3) BFC_SMALL_CASE(1, 4)
+    BFC_SMALL_CASE(2, 1) BFC_SMALL_CASE(2, 2) BFC_SMALL_CASE(2, 3) BFC_SMALL_CASE(2, 4)
+    BFC_SMALL_CASE(3, 1) BFC_SMALL_CASE(3, 2) BFC_SMALL_CASE(3, 3) BFC_SMALL_CASE(3, 4)
+    BFC_SMALL_CASE(4, 1) BFC_SMALL_CASE(4, 2) BFC_SMALL_CASE(4, 3) BFC_SMALL_CASE(4, 4)
+    default: break;
+  }
+#undef BFC_SMALL_CASE
+}
+
+void amax_layer(const float* in, int64_t nrows, float* colscale, float* inv, int nb) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int v = 0; v < nb / 8; ++v) {
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+    const float* p = in + 8 * v;
+    int64_t r = 0;
+    for (; r + 2 <= nrows; r += 2) {
+      m0 = _mm256_max_ps(m0, _mm256_and_ps(absmask, _mm256_load_ps(p + r * nb)));
+      m1 = _mm256_max_ps(m1, _mm256_and_ps(absmask, _mm256_load_ps(p + (r + 1) * nb)));
+    }
+    if (r < nrows) m0 = _mm256_max_ps(m0, _mm256_and_ps(absmask, _mm256_load_ps(p + r * nb)));
+    alignas(32) float am[8];
+    _mm256_store_ps(am, _mm256_max_ps(m0, m1));
+    for (int n = 0; n < 8; ++n) {
+      colscale[8 * v + n] = am[n] / 127.f;
+      inv[8 * v + n] = am[n] > 0.f ? 127.f / am[n] : 0.f;
+    }
+  }
+}
+
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// 8x8 register transposes: 8 rows x 8 consecutive columns of x -> 8 buffer rows.
+void gather_layer(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float* buf) {
+  const int64_t M = p.M;
+  const int32_t* gr = p.gather_row.data();
+  for (int n0 = 0; n0 < nb; n0 += 8) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, nv - n0));
+    const float* xr[8];
+    for (int q = 0; q < 8; ++q) xr[q] = q < rows ? x + (r0 + n0 + q) * M : nullptr;
+    int64_t s = 0;
+    if (rows == 8) {
+      for (; s + 8 <= M; s += 8) {
+        __m256 r[8];
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(xr[q] + s);
+        transpose8(r);
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(buf + int64_t(gr[s + q]) * nb + n0, r[q]);
+      }
+    }
+    for (; s < M; ++s) {
+      float* dst = buf + int64_t(gr[s]) * nb + n0;
+      for (int q = 0; q < 8; ++q) dst[q] = q < rows ? xr[q][s] : 0.f;
+    }
+  }
+}
+
+void scatter_layer(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv,
+                   int nb) {
+  const int64_t N = p.N;
+  const int32_t* sr = p.scatter_row.data();
+  for (int n0 = 0; n0 < nb && n0 < nv; n0 += 8) {
+    const int rows = int(std::min<int64_t>(8, nv - n0));
+    int64_t o = 0;
+    for (; o + 8 <= N; o += 8) {
+      __m256 r[8];
+      for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(buf + int64_t(sr[o + q]) * nb + n0);
+      transpose8(r);
+      const __m256 bv = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+      for (int q = 0; q < rows; ++q) {
+        const __m256 v = bias ? _mm256_add_ps(r[q], bv) : r[q];
+        _mm256_storeu_ps(y + (r0 + n0 + q) * N + o, v);
+      }
+    }
+    for (; o < N; ++o) {
+      const float* src = buf + int64_t(sr[o]) * nb + n0;
+      for (int q = 0; q < rows; ++q) y[(r0 + n0 + q) * N + o] = bias ? src[q] + bias[o] : src[q];
+    }
+  }
+}
+
 template <int NV, bool FP8>
 void f32_nv(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
   switch (f.mr) {
@@ -190,10 +339,16 @@ void i8_nv(const Factor& f, const int16_t* q, const float* cs, float* out, int64
 }
 
 void f32_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
-  nb == 8 ? f32_nv<1, false>(f, in, out, blk0, blk1) : f32_nv<2, false>(f, in, out, blk0, blk1);
+  if (f.small)
+    nb == 8 ? small_nv<1, 0>(f, in, nullptr, nullptr, out, blk0, blk1) : small_nv<2, 0>(f, in, nullptr, nullptr, out, blk0, blk1);
+  else
+    nb == 8 ? f32_nv<1, false>(f, in, out, blk0, blk1) : f32_nv<2, false>(f, in, out, blk0, blk1);
 }
 void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
-  nb == 8 ? f32_nv<1, true>(f, in, out, blk0, blk1) : f32_nv<2, true>(f, in, out, blk0, blk1);
+  if (f.small)
+    nb == 8 ? small_nv<1, 1>(f, in, nullptr, nullptr, out, blk0, blk1) : small_nv<2, 1>(f, in, nullptr, nullptr, out, blk0, blk1);
+  else
+    nb == 8 ? f32_nv<1, true>(f, in, out, blk0, blk1) : f32_nv<2, true>(f, in, out, blk0, blk1);
 }
 void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
   nb == 8 ? quant_t<1>(f, in, q, cs) : quant_t<2>(f, in, q, cs);
@@ -201,11 +356,15 @@ void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
   nb == 8 ? i8_nv<1>(f, q, cs, out, blk0, blk1) : i8_nv<2>(f, q, cs, out, blk0, blk1);
 }
+void i8f_layer(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int nb, int64_t blk0,
+               int64_t blk1) {
+  nb == 8 ? small_nv<1, 2>(f, in, inv, cs, out, blk0, blk1) : small_nv<2, 2>(f, in, inv, cs, out, blk0, blk1);
+}
 
 }  // namespace
 
 const LayerTable& avx2_table() {
-  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer};
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, gather_layer, scatter_layer};
   return t;
 }
 

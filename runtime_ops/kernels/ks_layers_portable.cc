@@ -21,17 +21,7 @@ void f32_t(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0,
       const int64_t blk = (i * d + l) * nkt;
       for (int64_t kt = 0; kt < nkt; ++kt) {
         float acc[MR][NB] = {};
-        if (fp8) {
-          const uint8_t* w = f.w8.data() + (blk + kt) * b * MR;
-          const float* lut = f.lut;
-          for (int64_t j = 0; j < b; ++j) {
-            const float* xr = xb + j * xs;
-            for (int r = 0; r < MR; ++r) {
-              const float wv = lut[w[j * MR + r]];
-              for (int n = 0; n < NB; ++n) acc[r][n] += wv * xr[n];
-            }
-          }
-        } else {
+        {
           const float* w = f.wf.data() + (blk + kt) * b * MR;
           for (int64_t j = 0; j < b; ++j) {
             const float* xr = xb + j * xs;
@@ -148,10 +138,43 @@ void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, in
   nb == 8 ? i8_nb<8>(f, q, cs, out, blk0, blk1) : i8_nb<16>(f, q, cs, out, blk0, blk1);
 }
 
+void gather(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float* buf) {
+  const int64_t M = p.M;
+  const int32_t* gr = p.gather_row.data();
+  constexpr int64_t kChunk = 256;  // columns per pass: the touched rows of buf stay in L1
+  for (int64_t s0 = 0; s0 < M; s0 += kChunk) {
+    const int64_t s1 = std::min(M, s0 + kChunk);
+    for (int64_t n = 0; n < nb; ++n) {
+      if (n < nv) {
+        const float* xr = x + (r0 + n) * M;
+        for (int64_t s = s0; s < s1; ++s) buf[int64_t(gr[s]) * nb + n] = xr[s];
+      } else {
+        for (int64_t s = s0; s < s1; ++s) buf[int64_t(gr[s]) * nb + n] = 0.f;
+      }
+    }
+  }
+}
+
+void scatter(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb) {
+  const int64_t N = p.N;
+  const int32_t* sr = p.scatter_row.data();
+  constexpr int64_t kChunk = 256;
+  for (int64_t o0 = 0; o0 < N; o0 += kChunk) {
+    const int64_t o1 = std::min(N, o0 + kChunk);
+    for (int64_t n = 0; n < nv; ++n) {
+      float* yr = y + (r0 + n) * N;
+      for (int64_t o = o0; o < o1; ++o) {
+        const float v = buf[int64_t(sr[o]) * nb + n];
+        yr[o] = bias ? v + bias[o] : v;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const LayerTable& portable_table() {
-  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer};
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, nullptr, nullptr, gather, scatter};
   return t;
 }
 
