@@ -21,6 +21,7 @@ its own (fixed) scale, so ``x_hat = sx * Q(lam * x / sx)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -179,34 +180,49 @@ def _solve2(x, y, fmt, sx, sy):
         slot = (cols[:, None] * 4 + np.arange(4))[ok]
         return rr, slot, np.broadcast_to(ga_[:, None], jo.shape)[ok], tab[np.minimum(jo, jmax)][ok]
 
-    # cheap estimate per interval: other entry = nearest grid value to g * u_o / u_a
-    Jall = jlo[:, None] + np.arange(K)
-    ga = tab[np.minimum(Jall, jmax)]
-    go = round_nearest(fmt, ga * (uo / ua)[:, None])
+    # Cheap estimate per interval, other entry = nearest grid value to g * r (r = u_o / u_a).
+    # With q = g_o / g_a the exact one-sided error is (c1 q - c2)^2 / (sa^2 + so^2 q^2);
+    # q = r (1 +- 2^-(t-1)), so the row constant w = 1 / (sa^2 + so^2 r^2) is within the
+    # slack.  Invalid intervals (beyond the lam range) are masked with inf.
+    r = uo / ua
+    ptab = _padded_table(fmt, K)
+    ga = ptab[jlo[:, None] + np.arange(K)]
+    if fmt.dtype == np.float16 and 2 * float(np.max(u)) <= fmt.max:
+        go = (ga * r[:, None]).astype(np.float16).astype(np.float64)     # RNE, no saturation
+    else:
+        go = round_nearest(fmt, ga * r[:, None])
+    q = go / ga
     c1, c2 = (xa * so)[:, None], (xo * sa)[:, None]
-    A = (c1 * go - c2 * ga) ** 2 / ((sa * sa)[:, None] * ga * ga + (so * so)[:, None] * go * go)
-    A = np.where(Jall <= jhi[:, None], A * yy[:, None], np.inf)
-    A = np.concatenate([np.zeros((P, 1)), A], axis=1)      # RTN: always evaluated exactly
-    est = A.copy()
-    if y is not None:            # rank the intervals by the full error at the nearest other value
-        va, vo = sa[:, None] * ga, so[:, None] * go
-        nx = va * va + vo * vo
-        mu = (xa[:, None] * va + xo[:, None] * vo) / nx
+    A = c1 * q
+    A -= c2
+    A *= A
+    A[np.arange(K) > (jhi - jlo)[:, None]] = np.inf
+    w = yy / (sa * sa + so * so * r * r)                   # A * w estimates the error
+    if y is None:
+        best = np.argmin(A, axis=1)
+    else:                        # rank by the estimated full error at the nearest other value
+        D = sa * sa + so * so * r * r
+        mu = (xa * sa)[:, None] + (xo * so)[:, None] * q
+        mu /= ga * D[:, None]
         d2 = 0.0
         for j in range(y.shape[1]):
             muy = mu * y[:, j:j + 1]
             d2 = d2 + (muy - _q(fmt, muy, sy[:, j:j + 1])) ** 2
-        est = A + np.concatenate([np.zeros((P, 1)), nx * d2], axis=1)
-    est[:, 0] = np.inf
-    top = np.stack([np.zeros(P, np.int64), np.argmin(est, axis=1)], axis=1)   # RTN + best estimate
+        est = A * w[:, None] + d2 * (ga * ga * D[:, None])
+        best = np.argmin(est, axis=1)
+    top = np.stack([np.zeros(P, np.int64), best + 1], axis=1)          # RTN + best estimate
     rows = np.repeat(pr, 2)
     rr, slot, ga_s, go_s = expand(rows, top.ravel())
     bound = np.full(P, np.inf)
     np.minimum.at(bound, rr, exact(rr, ga_s, go_s))
     slack = max(0.0, 1.0 - 2.0 ** (5 - fmt.t))
-    with np.errstate(invalid="ignore"):
-        lb = np.where(np.isfinite(A), A * slack, np.inf)
-    rows, cols = np.nonzero(lb <= (bound * (1 + 1e-9) + floor)[:, None])
+    thr = ((bound * (1 + 1e-9) + floor) / (w * slack) if slack > 0
+           else np.full(P, np.finfo(np.float64).max))          # finite: excludes masked
+    rows, cols = np.nonzero(A <= thr[:, None])
+    rows = np.concatenate([pr, rows])
+    cols = np.concatenate([np.zeros(P, np.int64), cols + 1])
+    order = np.argsort(rows, kind="stable")                  # RTN first, then lam order
+    rows, cols = rows[order], cols[order]
     rr, slot, ga_s, go_s = expand(rows, cols)       # sorted by row, then lam
     e = exact(rr, ga_s, go_s)
     pick = _first_min_sparse(rr, e, xx * yy, P)
@@ -222,6 +238,13 @@ def _solve2(x, y, fmt, sx, sy):
         return x_hat, None, mu, lam_p, np.sum((x - mu[:, None] * x_hat) ** 2, axis=1)
     y_hat = _q(fmt, mu[:, None] * y, sy)
     return x_hat, y_hat, mu, lam_p, _joint_err(x, y, x_hat, y_hat)
+
+
+@lru_cache(maxsize=None)
+def _padded_table(fmt: Format, K: int) -> np.ndarray:
+    """Grid table followed by K copies of max (index clipping without a pass)."""
+    tab = fmt.table()
+    return np.concatenate([tab[:-1], np.full(K + 1, tab[fmt.max_index])])
 
 
 def _first_min_sparse(rows, err, scale, P):
