@@ -379,7 +379,10 @@ struct Exec {
   const float* x;
   const float* bias;
   float* y;
-  int64_t rows, ntiles;
+  int64_t rows, ntiles;         // ntiles: tiles of the current panel
+  int64_t tile0;                // first tile of the current panel
+  int64_t gcols, scols;         // columns per gather / scatter item
+  int64_t gitems, sitems;       // gather / scatter items per tile
   int nb;
   size_t buf_stride, q_stride;  // floats per tile
   float* A;                     // current input buffers (ntiles x buf_stride)
@@ -395,10 +398,12 @@ struct Exec {
   size_t p_stride;              // floats per item (two buffers)
 };
 
-void gather_fn(void* u, size_t t) {
+void gather_fn(void* u, size_t item) {
   Exec& e = *static_cast<Exec*>(u);
-  const int64_t r0 = int64_t(t) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
-  e.T->gather(*e.plan, e.x, r0, nv, e.nb, e.A + t * e.buf_stride);
+  const size_t t = item / size_t(e.gitems);
+  const int64_t c0 = int64_t(item % size_t(e.gitems)) * e.gcols, c1 = std::min(e.plan->M, c0 + e.gcols);
+  const int64_t r0 = (e.tile0 + int64_t(t)) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
+  e.T->gather(*e.plan, e.x, r0, nv, e.nb, c0, c1, e.A + t * e.buf_stride);
 }
 
 void quant_fn(void* u, size_t t) {
@@ -460,10 +465,12 @@ void depth_fn(void* u, size_t item) {
   }
 }
 
-void scatter_fn(void* u, size_t t) {
+void scatter_fn(void* u, size_t item) {
   Exec& e = *static_cast<Exec*>(u);
-  const int64_t r0 = int64_t(t) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
-  e.T->scatter(*e.plan, e.A + t * e.buf_stride, e.bias, e.y, r0, nv, e.nb);
+  const size_t t = item / size_t(e.sitems);
+  const int64_t c0 = int64_t(item % size_t(e.sitems)) * e.scols, c1 = std::min(e.plan->N, c0 + e.scols);
+  const int64_t r0 = (e.tile0 + int64_t(t)) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
+  e.T->scatter(*e.plan, e.A + t * e.buf_stride, e.bias, e.y, r0, nv, e.nb, c0, c1);
 }
 
 bool run(ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_t n, Exec* e) {
@@ -503,46 +510,56 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
                     &portable_table();
   e.x = x, e.bias = bias, e.y = y, e.rows = rows;
   e.nb = tile_width(rows);
-  e.ntiles = num_tiles(rows, e.nb);
+  const int64_t all_tiles = num_tiles(rows, e.nb);
   e.buf_stride = round_up(size_t(plan.max_dim) * e.nb);
   e.q_stride = round_up(size_t(plan.max_pairs) * e.nb);
-  const size_t cs_floats = round_up(size_t(e.ntiles) * e.nb);
+  // panel: tiles whose two activation buffers fit in about 1 MB (at least 2 tiles, so
+  // two threads share the gathers of a panel)
+  const size_t tile_bytes = (2 * e.buf_stride + e.q_stride) * sizeof(float);
+  const int64_t panel = std::min<int64_t>(all_tiles, std::max<int64_t>(2, int64_t((size_t(1) << 20) / tile_bytes)));
+  const size_t cs_floats = round_up(size_t(panel) * e.nb);
   const size_t ngroups = plan.df_start < plan.factors.size() ? size_t(plan.factors[plan.df_start].a) : 0;
   e.p_stride = 2 * round_up(size_t(plan.df_group_rows) * e.nb);
   const size_t total =
-      2 * e.buf_stride * e.ntiles + e.q_stride * e.ntiles + 2 * cs_floats + e.p_stride * ngroups * e.ntiles;
+      2 * e.buf_stride * panel + e.q_stride * panel + 2 * cs_floats + e.p_stride * ngroups * panel;
   float* base = sb.get(total);
-  e.A = base;
-  e.B = base + e.buf_stride * e.ntiles;
-  e.Q = e.B + e.buf_stride * e.ntiles;
-  e.CS = e.Q + e.q_stride * e.ntiles;
-  e.INV = e.CS + cs_floats;
-  e.P = e.INV + cs_floats;
+  auto cols_per_item = [](int64_t n) { return std::max<int64_t>(64, (n / 4 + 7) / 8 * 8); };
+  e.gcols = cols_per_item(plan.M), e.scols = cols_per_item(plan.N);
+  e.gitems = (plan.M + e.gcols - 1) / e.gcols, e.sitems = (plan.N + e.scols - 1) / e.scols;
   const char* const fail = "KSMatMul: onnxruntime's parallel-for failed";
-  if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles), &e)) return fail;
   const size_t L = plan.factors.size();
-  for (size_t l = 0; l < L; ++l) {
-    const Factor& f = plan.factors[l];
-    e.f = &f;
-    e.f_small_i8 = f.path == Path::I8 && f.small && e.T->i8f != nullptr;
-    if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
-    if (l == plan.df_start) {
-      e.ngroups = f.a;
-      if (!run(pfor, pfor_ctx, depth_fn, size_t(e.ntiles * e.ngroups), &e)) return fail;
+  for (e.tile0 = 0; e.tile0 < all_tiles; e.tile0 += panel) {
+    e.ntiles = std::min<int64_t>(panel, all_tiles - e.tile0);
+    e.A = base;
+    e.B = base + e.buf_stride * panel;
+    e.Q = e.B + e.buf_stride * panel;
+    e.CS = e.Q + e.q_stride * panel;
+    e.INV = e.CS + cs_floats;
+    e.P = e.INV + cs_floats;
+    if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles * e.gitems), &e)) return fail;
+    for (size_t l = 0; l < L; ++l) {
+      const Factor& f = plan.factors[l];
+      e.f = &f;
+      e.f_small_i8 = f.path == Path::I8 && f.small && e.T->i8f != nullptr;
+      if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
+      if (l == plan.df_start) {
+        e.ngroups = f.a;
+        if (!run(pfor, pfor_ctx, depth_fn, size_t(e.ntiles * e.ngroups), &e)) return fail;
+        std::swap(e.A, e.B);
+        break;
+      }
+      const int64_t nblk = f.a * f.d;
+      // chunks of blocks whose packed weights stay in L2 while every tile streams through them,
+      // and enough chunks to keep the pool busy
+      const size_t target = size_t(96) * 1024;
+      int64_t chunk = std::max<int64_t>(1, int64_t(target / std::max<size_t>(1, block_bytes(f))));
+      chunk = std::min<int64_t>(chunk, std::max<int64_t>(1, nblk / 8));
+      e.chunk = chunk;
+      if (!run(pfor, pfor_ctx, layer_fn, size_t((nblk + chunk - 1) / chunk), &e)) return fail;
       std::swap(e.A, e.B);
-      break;
     }
-    const int64_t nblk = f.a * f.d;
-    // chunks of blocks whose packed weights stay in L2 while every tile streams through them,
-    // and enough chunks to keep the pool busy
-    const size_t target = size_t(96) * 1024;
-    int64_t chunk = std::max<int64_t>(1, int64_t(target / std::max<size_t>(1, block_bytes(f))));
-    chunk = std::min<int64_t>(chunk, std::max<int64_t>(1, nblk / 8));
-    e.chunk = chunk;
-    if (!run(pfor, pfor_ctx, layer_fn, size_t((nblk + chunk - 1) / chunk), &e)) return fail;
-    std::swap(e.A, e.B);
+    if (!run(pfor, pfor_ctx, scatter_fn, size_t(e.ntiles * e.sitems), &e)) return fail;
   }
-  if (!run(pfor, pfor_ctx, scatter_fn, size_t(e.ntiles), &e)) return fail;
   return "";
 }
 

@@ -15,7 +15,9 @@
 // its outputs straight into the next factor's order (out_row).  The last buffer is
 // transposed back row-major (out_perm folded into the source rows) with the bias added.
 //
-// Schedule: factors with big blocks run factor by factor, weights in cache-sized
+// Schedule: the batch runs in panels of tiles whose activation buffers fit in L2 (a
+// panel goes through the whole chain before the next starts).  Within a panel, factors
+// with big blocks run factor by factor, weights in cache-sized
 // chunks of blocks applied to every tile (each weight read once per call).  A tail of
 // small-block factors (b, c <= 4, e.g. butterflies) whose a_l divide each other splits
 // into independent groups of features; each (tile, group) runs the whole tail in L1
@@ -139,10 +141,12 @@ struct LayerTable {
   void (*amax)(const float* in, int64_t nrows, float* colscale, float* inv, int nb);
   void (*i8f)(const Factor& f, const float* in, const float* inv, const float* colscale, float* out, int nb,
               int64_t blk0, int64_t blk1);
-  // x rows [r0, r0 + nv) (row-major, M columns) -> tile buffer (rows >= nv zeroed)
-  void (*gather)(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float* buf);
-  // tile buffer -> y rows [r0, r0 + nv) (+ bias)
-  void (*scatter)(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb);
+  // columns [c0, c1) of x rows [r0, r0 + nv) (row-major, M columns) -> tile buffer
+  // (buffer columns >= nv zeroed); c0 is a multiple of 8
+  void (*gather)(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1, float* buf);
+  // tile buffer -> columns [c0, c1) of y rows [r0, r0 + nv) (+ bias); c0 is a multiple of 8
+  void (*scatter)(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb,
+                  int64_t c0, int64_t c1);
 };
 const LayerTable& portable_table();
 #if defined(BFC_HAVE_AVX2)

@@ -267,51 +267,54 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// 8x8 register transposes: 8 rows x 8 consecutive columns of x -> 8 buffer rows.
-void gather_layer(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float* buf) {
+// 8x8 register transposes: 8 rows x 8 consecutive columns of x -> 8 buffer rows; with
+// NB = 16 both halves of a buffer row (one 64-byte line) are written back to back.
+void gather_layer(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1,
+                  float* buf) {
   const int64_t M = p.M;
   const int32_t* gr = p.gather_row.data();
-  for (int n0 = 0; n0 < nb; n0 += 8) {
-    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(8, nv - n0));
-    const float* xr[8];
-    for (int q = 0; q < 8; ++q) xr[q] = q < rows ? x + (r0 + n0 + q) * M : nullptr;
-    int64_t s = 0;
-    if (rows == 8) {
-      for (; s + 8 <= M; s += 8) {
+  const int halves = nb / 8;
+  int64_t s = c0;
+  if (nv == nb) {
+    const float* xr[16];
+    for (int q = 0; q < nb; ++q) xr[q] = x + (r0 + q) * M;
+    for (; s + 8 <= c1; s += 8) {
+      float* dst[8];
+      for (int q = 0; q < 8; ++q) dst[q] = buf + int64_t(gr[s + q]) * nb;
+      for (int h = 0; h < halves; ++h) {
         __m256 r[8];
-        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(xr[q] + s);
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(xr[8 * h + q] + s);
         transpose8(r);
-        for (int q = 0; q < 8; ++q) _mm256_store_ps(buf + int64_t(gr[s + q]) * nb + n0, r[q]);
+        for (int q = 0; q < 8; ++q) _mm256_store_ps(dst[q] + 8 * h, r[q]);
       }
     }
-    for (; s < M; ++s) {
-      float* dst = buf + int64_t(gr[s]) * nb + n0;
-      for (int q = 0; q < 8; ++q) dst[q] = q < rows ? xr[q][s] : 0.f;
-    }
+  }
+  for (; s < c1; ++s) {
+    float* dst = buf + int64_t(gr[s]) * nb;
+    for (int q = 0; q < nb; ++q) dst[q] = q < nv ? x[(r0 + q) * M + s] : 0.f;
   }
 }
 
 void scatter_layer(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv,
-                   int nb) {
+                   int nb, int64_t c0, int64_t c1) {
   const int64_t N = p.N;
   const int32_t* sr = p.scatter_row.data();
-  for (int n0 = 0; n0 < nb && n0 < nv; n0 += 8) {
-    const int rows = int(std::min<int64_t>(8, nv - n0));
-    int64_t o = 0;
-    for (; o + 8 <= N; o += 8) {
+  int64_t o = c0;
+  for (; o + 8 <= c1; o += 8) {
+    const float* src[8];
+    for (int q = 0; q < 8; ++q) src[q] = buf + int64_t(sr[o + q]) * nb;
+    const __m256 bv = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+    for (int n0 = 0; n0 < nv; n0 += 8) {
       __m256 r[8];
-      for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(buf + int64_t(sr[o + q]) * nb + n0);
+      for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(src[q] + n0);
       transpose8(r);
-      const __m256 bv = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
-      for (int q = 0; q < rows; ++q) {
-        const __m256 v = bias ? _mm256_add_ps(r[q], bv) : r[q];
-        _mm256_storeu_ps(y + (r0 + n0 + q) * N + o, v);
-      }
+      const int rows = int(std::min<int64_t>(8, nv - n0));
+      for (int q = 0; q < rows; ++q) _mm256_storeu_ps(y + (r0 + n0 + q) * N + o, bias ? _mm256_add_ps(r[q], bv) : r[q]);
     }
-    for (; o < N; ++o) {
-      const float* src = buf + int64_t(sr[o]) * nb + n0;
-      for (int q = 0; q < rows; ++q) y[(r0 + n0 + q) * N + o] = bias ? src[q] + bias[o] : src[q];
-    }
+  }
+  for (; o < c1; ++o) {
+    const float* src = buf + int64_t(sr[o]) * nb;
+    for (int q = 0; q < nv; ++q) y[(r0 + q) * N + o] = bias ? src[q] + bias[o] : src[q];
   }
 }
 

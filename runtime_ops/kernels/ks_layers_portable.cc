@@ -138,12 +138,12 @@ void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, in
   nb == 8 ? i8_nb<8>(f, q, cs, out, blk0, blk1) : i8_nb<16>(f, q, cs, out, blk0, blk1);
 }
 
-void gather(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float* buf) {
+void gather(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1, float* buf) {
   const int64_t M = p.M;
   const int32_t* gr = p.gather_row.data();
   constexpr int64_t kChunk = 256;  // columns per pass: the touched rows of buf stay in L1
-  for (int64_t s0 = 0; s0 < M; s0 += kChunk) {
-    const int64_t s1 = std::min(M, s0 + kChunk);
+  for (int64_t s0 = c0; s0 < c1; s0 += kChunk) {
+    const int64_t s1 = std::min(c1, s0 + kChunk);
     for (int64_t n = 0; n < nb; ++n) {
       if (n < nv) {
         const float* xr = x + (r0 + n) * M;
@@ -155,12 +155,13 @@ void gather(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, float
   }
 }
 
-void scatter(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb) {
+void scatter(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb,
+             int64_t c0, int64_t c1) {
   const int64_t N = p.N;
   const int32_t* sr = p.scatter_row.data();
   constexpr int64_t kChunk = 256;
-  for (int64_t o0 = 0; o0 < N; o0 += kChunk) {
-    const int64_t o1 = std::min(N, o0 + kChunk);
+  for (int64_t o0 = c0; o0 < c1; o0 += kChunk) {
+    const int64_t o1 = std::min(c1, o0 + kChunk);
     for (int64_t n = 0; n < nv; ++n) {
       float* yr = y + (r0 + n) * N;
       for (int64_t o = o0; o < o1; ++o) {
