@@ -6,8 +6,8 @@ Both are 784 -> 1024 -> 1024 -> 10 ReLU MLPs:
          KSLinear(1024, 1024, monarch_chain(1024, rank=4)), then a dense 1024 -> 10 head
          (0.49 M weights)
 Data: Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``,
-or ``$FASHION_MNIST_DIR``).  Training: Adam, lr 1e-3, batch 128, seeded; on 2 CPU cores
-an epoch takes seconds.  Exports go to ``<cache>/fashion_mnist/{dense,ks}.onnx`` (input
+or ``$FASHION_MNIST_DIR``).  Training: Adam, lr 1e-3, batch 128, seeded, one torch thread
+(see ``train``); an epoch over the 60k images takes ~10-25 s on one core.  Exports go to ``<cache>/fashion_mnist/{dense,ks}.onnx`` (input
 ``x`` float32 [batch, 784] normalized as ``normalize``, output ``logits`` [batch, 10]),
 the KS layers as dense MatMuls that ``bfc optimize`` can re-factorize exactly.
 
@@ -91,9 +91,35 @@ def n_weights(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("bias"))
 
 
+class _threads:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+        self.old = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+        torch.set_num_threads(self.old)
+
+
 def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 3, batch_size: int = 128,
-          lr: float = 1e-3, seed: int = 0) -> list[float]:
-    """Adam training on normalized images; returns the mean loss of each epoch."""
+          lr: float = 1e-3, seed: int = 0, threads: int | None = 1) -> list[float]:
+    """Adam training on normalized images; returns the mean loss of each epoch.
+
+    ``threads=1`` by default: for these small GEMMs one thread is as fast as two on an idle
+    machine and 10-20x faster on a loaded one (OpenMP workers spin).
+    """
+    with _threads(threads):
+        return _train(model, x, y, epochs, batch_size, lr, seed)
+
+
+def _train(model, x, y, epochs, batch_size, lr, seed) -> list[float]:
     import torch
 
     torch.manual_seed(seed)
@@ -117,10 +143,10 @@ def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 3, batch_size: int 
     return losses
 
 
-def predict(model, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+def predict(model, x: np.ndarray, batch_size: int = 2048, threads: int | None = 1) -> np.ndarray:
     import torch
     xt = torch.from_numpy(normalize(x))
-    with torch.no_grad():
+    with torch.no_grad(), _threads(threads):
         return torch.cat([model(xt[i:i + batch_size]) for i in range(0, len(xt), batch_size)]).numpy()
 
 
@@ -146,9 +172,10 @@ def run(kind: str, epochs: int = 3, quant=None, seed: int = 0, out_dir=None, tra
     if train_limit:
         xtr, ytr = xtr[:train_limit], ytr[:train_limit]
     model = build_model(kind, seed=seed, quant=quant)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses = train(model, xtr, ytr, epochs=epochs, seed=seed)
     facts = {"kind": kind, "quant": quant, "epochs": epochs, "train_seconds": round(time.perf_counter() - t0, 1),
+             "train_cpu_seconds": round(time.process_time() - c0, 1),
              "weights": n_weights(model), "loss": [round(v, 4) for v in losses],
              "test_accuracy": accuracy(predict(model, xte), yte)}
     if out_dir is not None:

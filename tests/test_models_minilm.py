@@ -92,7 +92,7 @@ def test_stsb_subset_matches_torch(encoder):
         pytest.skip(f"STS-B data absent: {e}")
     s1, s2, gold = eval_sts.load_stsb()
     assert len(gold) == 1500 and gold.min() >= 0 and gold.max() <= 5
-    n = 200
+    n = 100
     model = minilm.load_torch_model()
 
     def torch_encode(sentences):

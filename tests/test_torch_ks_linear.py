@@ -10,6 +10,17 @@ from bfc.ks import butterfly_chain, chainable_chain, monarch_chain  # noqa: E402
 from bfc.torch import (FakeQuant, KSLinear, compose_chains, kaleidoscope_chain,  # noqa: E402
                        quantize_values, transpose_chain, transpose_values)
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny GEMMs: one thread avoids OpenMP spinning on a loaded CI machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 CHAINS = {
     "butterfly64": butterfly_chain(64),
     "monarch384": monarch_chain(384),
@@ -152,9 +163,9 @@ def test_fake_quant_training_step_reduces_loss():
     target = KSLinear(32, 32, chain).dense_weight().detach()   # reachable: exactly butterfly
     x = torch.randn(256, 32)
     y = x @ target
-    opt = torch.optim.Adam(layer.parameters(), lr=2e-2)
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
     losses = []
-    for _ in range(150):
+    for _ in range(100):
         opt.zero_grad()
         loss = (layer(x) - y).square().mean()
         loss.backward()
@@ -192,7 +203,7 @@ def test_to_factorization_quantized_values():
 
 
 @pytest.mark.parametrize("chain", [monarch_chain(384, rank=4), chainable_chain(384, 1536, rank=2),
-                                   butterfly_chain(128), chainable_chain(96, 48, rank=3, n_factors=3)],
+                                   butterfly_chain(64), chainable_chain(96, 48, rank=3, n_factors=3)],
                          ids=str)
 def test_from_linear_recovers_ks_structured_linear_exactly(chain):
     pytest.importorskip("bfc.factorize", reason="bfc.factorize not available yet")
