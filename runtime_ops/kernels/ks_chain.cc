@@ -106,6 +106,9 @@ float values_at(const FactorInput& in, int64_t idx) {
 
 int choose_mr(int64_t c) {
   if (c <= 6) return int(c);
+  // 6 rows x 16 columns = 12 accumulators cover the FMA latency with fewer input reloads
+  // than 4 or 5 rows; take fewer rows only when 6 would waste more than ~10% of the tile
+  if (((c + 5) / 6 * 6 - c) * 10 <= c) return 6;
   int best = 6;
   int64_t best_waste = (c + 5) / 6 * 6 - c;
   for (int m = 5; m >= 4; --m) {
@@ -393,9 +396,9 @@ struct Exec {
   const Factor* f;
   bool f_small_i8;              // f runs through T->amax / T->i8f
   int64_t chunk;                // blocks per chunk
-  int64_t ngroups;              // depth-first groups per tile
-  float* P;                     // depth-first private buffers (ntiles * ngroups items)
-  size_t p_stride;              // floats per item (two buffers)
+  size_t run0, run1;            // small-block run [run0, run1) for small_run_fn
+  float* P;                     // depth-first private buffers (one pair per tile)
+  size_t p_stride;              // floats per tile (two buffers)
 };
 
 void gather_fn(void* u, size_t item) {
@@ -438,30 +441,49 @@ void layer_fn(void* u, size_t c) {
     apply_blocks(e, f, e.f_small_i8, size_t(t), e.A + t * e.buf_stride, e.B + t * e.buf_stride, blk0, blk1);
 }
 
-// item = tile * ngroups + group: every factor of the depth-first tail on one group.  The
-// first factor reads the tile's A rows of the group, the last writes its B rows; the
-// factors between ping-pong through the item's private pair of buffers (group sizes
-// change along a chain, so groups cannot share rows of A and B).
+// Runs of small-block factors go tile by tile: one item = one tile through factors
+// [run0, run1) (int8 amax/quant of that tile included), so a whole butterfly is one
+// parallel-for over tiles and each tile's buffers stay in L2.  From df_start on, the
+// tail runs group by group ("depth first"): the first tail factor reads the tile's
+// input rows of the group, the last writes its output rows, and the factors between
+// ping-pong through the tile's private pair of group-sized buffers (group sizes change
+// along a chain, so groups cannot share rows of A and B).
 inline float* shift_rows(float* p, int64_t rows, int nb) {  // p - rows*nb without pointer UB
   return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(rows) * uintptr_t(nb) * sizeof(float));
 }
 
-void depth_fn(void* u, size_t item) {
+void small_run_fn(void* u, size_t t) {
   Exec& e = *static_cast<Exec*>(u);
   const Plan& plan = *e.plan;
-  const size_t t = item / size_t(e.ngroups);
-  const int64_t g = int64_t(item % size_t(e.ngroups));
   const size_t L = plan.factors.size();
-  const int64_t a0 = plan.factors[plan.df_start].a;
-  float* priv[2] = {e.P + item * e.p_stride, e.P + item * e.p_stride + e.p_stride / 2};
-  const float* in = e.A + t * e.buf_stride;
-  for (size_t m = plan.df_start; m < L; ++m) {
+  float* in = e.A + t * e.buf_stride;
+  float* out = e.B + t * e.buf_stride;
+  for (size_t m = e.run0; m < e.run1; ++m) {
     const Factor& f = plan.factors[m];
-    const int64_t r = f.a / a0, per = r * f.d;
-    float* out = m + 1 == L ? e.B + t * e.buf_stride
-                            : shift_rows(priv[(m - plan.df_start) % 2], g * (plan.factors[m + 1].in_dim() / a0), e.nb);
-    apply_blocks(e, f, m == plan.df_start && e.f_small_i8, t, in, out, g * per, (g + 1) * per);
-    in = out;
+    const bool small_i8 = f.path == Path::I8 && e.T->i8f != nullptr;
+    if (f.path == Path::I8) {
+      if (small_i8)
+        e.T->amax(in, f.in_dim(), e.CS + t * e.nb, e.INV + t * e.nb, e.nb);
+      else
+        e.T->quant(f, in, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.nb);
+    }
+    if (m == plan.df_start) {
+      const int64_t a0 = f.a;
+      float* priv[2] = {e.P + t * e.p_stride, e.P + t * e.p_stride + e.p_stride / 2};
+      for (int64_t g = 0; g < a0; ++g) {
+        const float* gin = in;
+        for (size_t q = m; q < L; ++q) {
+          const Factor& fq = plan.factors[q];
+          const int64_t per = fq.a / a0 * fq.d;
+          float* gout = q + 1 == L ? out : shift_rows(priv[(q - m) % 2], g * (plan.factors[q + 1].in_dim() / a0), e.nb);
+          apply_blocks(e, fq, q == m && small_i8, t, gin, gout, g * per, (g + 1) * per);
+          gin = gout;
+        }
+      }
+      return;
+    }
+    apply_blocks(e, f, small_i8, t, in, out, 0, f.a * f.d);
+    std::swap(in, out);
   }
 }
 
@@ -518,12 +540,10 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   const size_t tile_bytes = (2 * e.buf_stride + e.q_stride) * sizeof(float);
   const int64_t panel = std::min<int64_t>(all_tiles, std::max<int64_t>(2, int64_t((size_t(1) << 20) / tile_bytes)));
   const size_t cs_floats = round_up(size_t(panel) * e.nb);
-  const size_t ngroups = plan.df_start < plan.factors.size() ? size_t(plan.factors[plan.df_start].a) : 0;
   e.p_stride = 2 * round_up(size_t(plan.df_group_rows) * e.nb);
-  const size_t total =
-      2 * e.buf_stride * panel + e.q_stride * panel + 2 * cs_floats + e.p_stride * ngroups * panel;
+  const size_t total = 2 * e.buf_stride * panel + e.q_stride * panel + 2 * cs_floats + e.p_stride * panel;
   float* base = sb.get(total);
-  auto cols_per_item = [](int64_t n) { return std::max<int64_t>(64, (n / 4 + 7) / 8 * 8); };
+  auto cols_per_item = [](int64_t n) { return std::max<int64_t>(64, (n / 4 + 15) / 16 * 16); };
   e.gcols = cols_per_item(plan.M), e.scols = cols_per_item(plan.N);
   e.gitems = (plan.M + e.gcols - 1) / e.gcols, e.sitems = (plan.N + e.scols - 1) / e.scols;
   const char* const fail = "KSMatMul: onnxruntime's parallel-for failed";
@@ -537,17 +557,21 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
     e.INV = e.CS + cs_floats;
     e.P = e.INV + cs_floats;
     if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles * e.gitems), &e)) return fail;
-    for (size_t l = 0; l < L; ++l) {
+    for (size_t l = 0; l < L;) {
       const Factor& f = plan.factors[l];
       e.f = &f;
-      e.f_small_i8 = f.path == Path::I8 && f.small && e.T->i8f != nullptr;
-      if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
-      if (l == plan.df_start) {
-        e.ngroups = f.a;
-        if (!run(pfor, pfor_ctx, depth_fn, size_t(e.ntiles * e.ngroups), &e)) return fail;
-        std::swap(e.A, e.B);
-        break;
+      if (f.small) {
+        size_t r = l;
+        while (r < L && plan.factors[r].small) ++r;
+        e.run0 = l, e.run1 = r;
+        if (!run(pfor, pfor_ctx, small_run_fn, size_t(e.ntiles), &e)) return fail;
+        const size_t swaps = plan.df_start >= l && plan.df_start < r ? plan.df_start - l + 1 : r - l;
+        if (swaps % 2) std::swap(e.A, e.B);
+        l = r;
+        continue;
       }
+      e.f_small_i8 = false;
+      if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
       const int64_t nblk = f.a * f.d;
       // chunks of blocks whose packed weights stay in L2 while every tile streams through them,
       // and enough chunks to keep the pool busy
@@ -557,6 +581,7 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
       e.chunk = chunk;
       if (!run(pfor, pfor_ctx, layer_fn, size_t((nblk + chunk - 1) / chunk), &e)) return fail;
       std::swap(e.A, e.B);
+      ++l;
     }
     if (!run(pfor, pfor_ctx, scatter_fn, size_t(e.ntiles * e.sitems), &e)) return fail;
   }

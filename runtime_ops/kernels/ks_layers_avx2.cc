@@ -278,6 +278,22 @@ void gather_layer(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb,
   if (nv == nb) {
     const float* xr[16];
     for (int q = 0; q < nb; ++q) xr[q] = x + (r0 + q) * M;
+    // 16 columns (one 64-byte line of each x row) per step
+    for (; s + 16 <= c1; s += 16) {
+      for (int h = 0; h < halves; ++h) {
+        __m256 r[8], t[8];
+        for (int q = 0; q < 8; ++q) {
+          r[q] = _mm256_loadu_ps(xr[8 * h + q] + s);
+          t[q] = _mm256_loadu_ps(xr[8 * h + q] + s + 8);
+        }
+        transpose8(r);
+        transpose8(t);
+        for (int q = 0; q < 8; ++q) {
+          _mm256_store_ps(buf + int64_t(gr[s + q]) * nb + 8 * h, r[q]);
+          _mm256_store_ps(buf + int64_t(gr[s + 8 + q]) * nb + 8 * h, t[q]);
+        }
+      }
+    }
     for (; s + 8 <= c1; s += 8) {
       float* dst[8];
       for (int q = 0; q < 8; ++q) dst[q] = buf + int64_t(gr[s + q]) * nb;
@@ -300,6 +316,26 @@ void scatter_layer(const Plan& p, const float* buf, const float* bias, float* y,
   const int64_t N = p.N;
   const int32_t* sr = p.scatter_row.data();
   int64_t o = c0;
+  // 16 columns (one 64-byte line of each y row) per step
+  for (; o + 16 <= c1; o += 16) {
+    const __m256 bv0 = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+    const __m256 bv1 = bias ? _mm256_loadu_ps(bias + o + 8) : _mm256_setzero_ps();
+    for (int n0 = 0; n0 < nv; n0 += 8) {
+      __m256 r[8], t[8];
+      for (int q = 0; q < 8; ++q) {
+        r[q] = _mm256_load_ps(buf + int64_t(sr[o + q]) * nb + n0);
+        t[q] = _mm256_load_ps(buf + int64_t(sr[o + 8 + q]) * nb + n0);
+      }
+      transpose8(r);
+      transpose8(t);
+      const int rows = int(std::min<int64_t>(8, nv - n0));
+      for (int q = 0; q < rows; ++q) {
+        float* yr = y + (r0 + n0 + q) * N + o;
+        _mm256_storeu_ps(yr, bias ? _mm256_add_ps(r[q], bv0) : r[q]);
+        _mm256_storeu_ps(yr + 8, bias ? _mm256_add_ps(t[q], bv1) : t[q]);
+      }
+    }
+  }
   for (; o + 8 <= c1; o += 8) {
     const float* src[8];
     for (int q = 0; q < 8; ++q) src[q] = buf + int64_t(sr[o + q]) * nb;
