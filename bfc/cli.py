@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--include", action="append", default=S, help="only node names matching this pattern")
     op.add_argument("--exclude", action="append", default=S, help="skip node names matching this pattern")
     op.add_argument("--calibration", type=Path, default=S, help=".npz of model inputs keyed by input name")
+    op.add_argument("--quant-method", default=S, help="auto|rtn|pairwise|l2r|balanced (default auto)")
     op.add_argument("--target", default=S, help="portable (standard ops, default) | custom-op")
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
     op.add_argument("--fix-batch", type=int, default=S, help="pin dynamic batch dimensions to N")

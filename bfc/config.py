@@ -36,6 +36,15 @@ class Precision(str, enum.Enum):
         return {"int8": 8, "fp8-e4m3": 8, "fp8-e5m2": 8, "fp16": 16, "fp32": 32}[self.value]
 
 
+class QuantMethod(str, enum.Enum):
+    """How bfc.quant scales the chain: optimal rank-one searches, or plain round-to-nearest."""
+    AUTO = "auto"
+    RTN = "rtn"
+    PAIRWISE = "pairwise"
+    L2R = "l2r"
+    BALANCED = "balanced"
+
+
 class Target(str, enum.Enum):
     PORTABLE = "portable"
     CUSTOM_OP = "custom-op"
@@ -63,6 +72,7 @@ class OptimizeConfig:
     rank:        block rank between factors (fixed structures); auto tries 1, 2, 4, ...
     residual_rank: rank of the low-rank residual for ``lowrank-residual``
     precision:   storage format of the factor values, or auto (lowest meeting the budget)
+    quant_method: bfc.quant method (auto = best of the optimal rank-one orders; rtn is fastest)
     max_error:   per-layer relative output error budget; a layer that cannot meet it stays dense
     target_size: stop compressing once the model's weight bytes are at most this many bytes
     min_size:    layers with fewer weight elements stay dense
@@ -73,6 +83,7 @@ class OptimizeConfig:
     rank: int | None = None
     residual_rank: int = 8
     precision: Precision = Precision.INT8
+    quant_method: QuantMethod = QuantMethod.AUTO
     max_error: float | None = 0.1
     target_size: int | None = None
     min_size: int = 4096
@@ -91,6 +102,7 @@ class OptimizeConfig:
         set_("structure", _enum(Structure, "structure", self.structure))
         set_("precision", _enum(Precision, "precision", self.precision))
         set_("target", _enum(Target, "target", self.target))
+        set_("quant_method", _enum(QuantMethod, "quant_method", self.quant_method))
         for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
                          ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1)):
             v = getattr(self, name)

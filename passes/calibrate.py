@@ -38,13 +38,16 @@ def collect(model: onnx.ModelProto, graph: gs.Graph, sites: list[Site], feeds: d
     acts: dict = {}
     for n, v in zip(names, values):
         s, sn = wanted[n]
-        v = np.asarray(v, np.float64)
+        v = np.asarray(v)
         v = v.T if sn.trans_a else v
-        acts.setdefault(s.weight_name, []).append(v.reshape(-1, v.shape[-1]))
+        v = v.reshape(-1, v.shape[-1])
+        if v.shape[0] > rows:
+            v = v[np.sort(rng.choice(v.shape[0], rows, replace=False))]
+        acts.setdefault(s.weight_name, []).append(v)
     out = {}
     for k, parts in acts.items():
         x = np.concatenate(parts)
         if x.shape[0] > rows:
             x = x[np.sort(rng.choice(x.shape[0], rows, replace=False))]
-        out[k] = x
+        out[k] = x.astype(np.float64)
     return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bfc.config import Precision
-from bfc.factorize import KSFactorization
+from bfc.factorize import KSFactorization, inverse_perm
 from bfc.ks import Chain
 
 
@@ -34,11 +34,26 @@ class LayerWeights:
         return KSFactorization(self.chain, tuple(v.astype(np.float64) for v in self.dequantized()),
                                self.row_perm, self.col_perm, self.low_rank)
 
-    def to_dense(self) -> np.ndarray:
-        return self.factorization().to_dense()
-
     def apply(self, x) -> np.ndarray:
-        return self.factorization().apply(x)
+        """``x @ W_hat`` for x of shape (..., M), with batched np.matmul (float64)."""
+        x = np.asarray(x, np.float64)
+        lead = x.shape[:-1]
+        h = x.reshape(-1, x.shape[-1])
+        n = h.shape[0]
+        if self.row_perm is not None:
+            h = h[:, self.row_perm]
+        for p, v in zip(self.chain, self.dequantized()):
+            hb = h.reshape(n, p.a, p.b, p.d).transpose(1, 3, 0, 2)          # (a, d, n, b)
+            h = np.matmul(hb, v.astype(np.float64)).transpose(2, 0, 3, 1).reshape(n, -1)  # (n, a, c, d)
+        if self.col_perm is not None:
+            h = h[:, inverse_perm(np.asarray(self.col_perm))]
+        if self.low_rank is not None:
+            u, v = self.low_rank
+            h = h + (x.reshape(n, -1) @ u.astype(np.float64)) @ v.astype(np.float64).T
+        return h.reshape(lead + (h.shape[-1],))
+
+    def to_dense(self) -> np.ndarray:
+        return self.apply(np.eye(self.chain.shape[0]))
 
     @property
     def n_params(self) -> int:

@@ -16,8 +16,9 @@ Choice:
     fp16, fp32) whose measured error (the layer's sensitivity, measured on the
     calibration activations when given) keeps the budget.
 With calibration the fit is activation-weighted: W is factorized as diag(s) W with
-s_i = rms(X[:, i]) and the scaling undone on the first factor (cheap; ``refine``
-adds bfc.factorize's full weighted refinement of the chosen candidate).
+s_i = ||X[:, i]|| and the scaling undone on the first factor, and errors are computed
+from the Gram matrix X^T X (bfc.factorize's full weighted CG refinement is not used
+here: it costs seconds per layer and candidate).
 The factorization does not depend on the target, so the custom-op rewrite reuses it.
 """
 from __future__ import annotations
@@ -77,19 +78,20 @@ class LayerPlan:
         return self.weights.flops_per_row if self.rewritten else self.flops_before
 
 
-def layer_error(w: np.ndarray, lw: LayerWeights, x: np.ndarray | None) -> float:
-    if x is None:
-        return float(np.linalg.norm(w - lw.to_dense()) / max(np.linalg.norm(w), 1e-30))
-    y = x @ w
-    return float(np.linalg.norm(y - lw.apply(x)) / max(np.linalg.norm(y), 1e-30))
+def layer_error(w: np.ndarray, lw: LayerWeights, gram: np.ndarray | None) -> float:
+    """Relative weight error, or with gram = X^T X the output error ||X (W - W_hat)|| / ||X W||."""
+    e = w - lw.to_dense()
+    if gram is None:
+        return float(np.linalg.norm(e) / max(np.linalg.norm(w), 1e-30))
+    num = np.einsum("ij,ij->", e, gram @ e)
+    den = np.einsum("ij,ij->", w, gram @ w)
+    return float(np.sqrt(max(num, 0.0) / max(den, 1e-300)))
 
 
-def _fit(w, chain, residual_rank, x, refine):
-    if x is None:
+def _fit(w, chain, residual_rank, gram):
+    if gram is None:
         return factorize(w, chain, residual_rank=residual_rank)
-    if refine:
-        return factorize(w, chain, residual_rank=residual_rank, calibration=x)
-    s = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=0))
+    s = np.sqrt(np.clip(np.diag(gram), 0, None))
     s = np.maximum(s, 1e-3 * max(s.max(), 1e-30))
     f = factorize(s[:, None] * w, chain, residual_rank=residual_rank)
     p = chain[0]
@@ -99,7 +101,7 @@ def _fit(w, chain, residual_rank, x, refine):
     return KSFactorization(chain, tuple(values), f.row_perm, f.col_perm, low)
 
 
-def _quantize(f: KSFactorization, precision: Precision, seed: int) -> LayerWeights:
+def _quantize(f: KSFactorization, precision: Precision, seed: int, method: str = "auto") -> LayerWeights:
     if precision is Precision.FP32:
         return from_factorization(f, precision, np.float32)
     if precision is Precision.FP16:
@@ -109,7 +111,7 @@ def _quantize(f: KSFactorization, precision: Precision, seed: int) -> LayerWeigh
     except ImportError as e:  # pragma: no cover - bfc.quant ships with bfc
         raise BfcError(f"precision {precision.value} needs bfc.quant, which failed to import ({e}); "
                        "use --precision fp16 or fp32") from None
-    return from_factorization(quantize(f, precision.value, seed=seed), precision)
+    return from_factorization(quantize(f, precision.value, method=method, seed=seed), precision)
 
 
 def _label(structure, rank, k):
@@ -124,7 +126,7 @@ def _fixed_candidate(cfg: OptimizeConfig, m: int, n: int):
     return [(cfg.structure.value, rank, 0, chain_for(cfg.structure.value, m, n, rank))]
 
 
-def _try_precisions(w, f, x, precisions, budget, seed):
+def _try_precisions(w, f, x, precisions, budget, seed, method):
     """(LayerWeights, precision, error) for the lowest precision meeting the budget, else (None, label, err)."""
     fp = from_factorization(f, Precision.FP32)
     err = f.rel_error if x is None and np.isfinite(f.rel_error) else layer_error(w, fp, x)
@@ -132,7 +134,7 @@ def _try_precisions(w, f, x, precisions, budget, seed):
         return None, "fp32", err
     best = (float("inf"), "")
     for prec in precisions:
-        lw = fp if prec is Precision.FP32 else _quantize(f, prec, seed)
+        lw = fp if prec is Precision.FP32 else _quantize(f, prec, seed, method)
         e = err if prec is Precision.FP32 else layer_error(w, lw, x)
         if e <= budget:
             return lw, prec.value, e
@@ -140,7 +142,7 @@ def _try_precisions(w, f, x, precisions, budget, seed):
     return None, best[1], best[0]
 
 
-def _search_family(w, cands, x, precisions, budget, seed, seen):
+def _search_family(w, cands, x, precisions, budget, seed, method, seen):
     """Cheapest candidate of one structure family meeting the budget, assuming the error falls with
     the rank: test the largest first (if it fails the family fails), then bisect on fp32 error."""
     cache = {}
@@ -148,7 +150,7 @@ def _search_family(w, cands, x, precisions, budget, seed, seen):
     def fit(i):
         if i not in cache:
             s, r, k, ch = cands[i]
-            cache[i] = _fit(w, ch, k, x, refine=False)
+            cache[i] = _fit(w, ch, k, x)
             fp_err = (cache[i].rel_error if x is None and np.isfinite(cache[i].rel_error)
                       else layer_error(w, from_factorization(cache[i], Precision.FP32), x))
             cache[i] = (cache[i], fp_err)
@@ -168,7 +170,7 @@ def _search_family(w, cands, x, precisions, budget, seed, seen):
         else:
             lo = mid + 1
     for i in range(lo, len(cands)):
-        lw, prec, err = _try_precisions(w, fit(i)[0], x, precisions, budget, seed)
+        lw, prec, err = _try_precisions(w, fit(i)[0], x, precisions, budget, seed, method)
         if lw is not None:
             s, r, k, _ch = cands[i]
             return lw, _label(s, r, k), prec, err
@@ -191,6 +193,7 @@ def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPla
     w = site.weight.astype(np.float64)
     m, n = w.shape
     plan = LayerPlan(site, error_kind="output" if x is not None else "weight")
+    x = None if x is None else x.T @ x     # from here on x is the Gram matrix X^T X
     precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
     budget = cfg.max_error if cfg.max_error is not None else float("inf")
     if cfg.structure is Structure.AUTO:
@@ -215,7 +218,7 @@ def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPla
         if found:
             cands = [c for c in cands if c[3].nnz + c[2] * (m + n) < found[0][0].n_params]
         if cands:
-            hit = _search_family(w, cands, x, precisions, budget, cfg.seed, seen)
+            hit = _search_family(w, cands, x, precisions, budget, cfg.seed, cfg.quant_method.value, seen)
             if hit is not None and (not found or hit[0].nbytes < found[0][0].nbytes):
                 found = [hit]
     if found:
