@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out_dir = args.out or args.results.parent
     title = args.title or f"bfc study: {Path(args.model).name}"
-    command = "bfc study " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--report-only", "--dry-run")]
+    command = "bfc study " + " ".join(shlex.quote(a) for a in given)
     try:
         if args.report_only:
             records = load_results(args.results)
