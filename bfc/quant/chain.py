@@ -94,43 +94,83 @@ def _finish(v_hat, s):
 # ---- pair and one-sided steps ---------------------------------------------------------
 def _joint(fmt, v1, v2, gran):
     """Alg. 7.1 on (K_l, K_(l+1)); returns two (grid values, scale)."""
-    X, Y = cols(v1), rows(v2)
-    mx, my = np.abs(X).max(axis=1), np.abs(Y).max(axis=1)
-    alpha = np.where((mx > 0) & (my > 0), np.sqrt(my / np.where(mx > 0, mx, 1)), 1.0)
-    X, Y = X * alpha[:, None], Y / alpha[:, None]
-    v1b, v2b = from_cols(X, v1.shape), from_rows(Y, v2.shape)
-    s1, s2 = float_scale(fmt, v1b, gran), float_scale(fmt, v2b, gran)
-    SX, SY = cols(_bcast(s1, v1.shape)), rows(_bcast(s2, v2.shape))
-    if X.shape[1] <= Y.shape[1]:
-        r = optimal_rank_one(X, Y, fmt, SX, SY)
-        xh, yh = r.x_hat, r.y_hat
-    else:                                   # shorter vector in the x role (fewer candidates)
-        r = optimal_rank_one(Y, X, fmt, SY, SX)
-        xh, yh = r.y_hat, r.x_hat
-    return _finish(from_cols(xh, v1.shape), s1), _finish(from_rows(yh, v2.shape), s2)
+    return _joint_many(fmt, [(v1, v2)], gran)[0]
 
 
-def _one_sided(fmt, v, gran, side):
-    """Quantize the columns (side='cols') or rows of one factor with the best lam each;
-    returns (grid values, scale, mu) with mu to push into the neighbour."""
-    s = float_scale(fmt, v, gran)
-    get, put = (cols, from_cols) if side == "cols" else (rows, from_rows)
-    r = optimal_rank_one(get(v), None, fmt, get(_bcast(s, v.shape)), quantize_y=False)
-    q, s = _finish(put(r.x_hat, v.shape), s)
-    return q, s, r.mu
+def _joint_many(fmt, pairs, gran):
+    """Alg. 7.1 on independent pairs, solved in one vectorized call per piece shape."""
+    prep = []
+    for v1, v2 in pairs:
+        X, Y = cols(v1), rows(v2)
+        mx, my = np.abs(X).max(axis=1), np.abs(Y).max(axis=1)
+        alpha = np.where((mx > 0) & (my > 0), np.sqrt(my / np.where(mx > 0, mx, 1)), 1.0)
+        X, Y = X * alpha[:, None], Y / alpha[:, None]
+        s1 = float_scale(fmt, from_cols(X, v1.shape), gran)
+        s2 = float_scale(fmt, from_rows(Y, v2.shape), gran)
+        swap = X.shape[1] > Y.shape[1]          # shorter vector in the x role (fewer candidates)
+        a = (X, cols(_bcast(s1, v1.shape)))
+        b = (Y, rows(_bcast(s2, v2.shape)))
+        prep.append((swap, *(b + a if swap else a + b), s1, s2))
+    groups: dict = {}
+    for i, (swap, x, sx, y, sy, _, _) in enumerate(prep):
+        groups.setdefault((x.shape[1], y.shape[1]), []).append(i)
+    out = [None] * len(pairs)
+    for members in groups.values():
+        cat = [np.concatenate([prep[i][k] for i in members]) for k in (1, 2, 3, 4)]
+        r = optimal_rank_one(cat[0], cat[2], fmt, cat[1], cat[3])
+        ends = np.cumsum([prep[i][1].shape[0] for i in members])[:-1]
+        for i, xh, yh in zip(members, np.split(r.x_hat, ends), np.split(r.y_hat, ends)):
+            swap, s1, s2 = prep[i][0], prep[i][5], prep[i][6]
+            if swap:
+                xh, yh = yh, xh
+            v1, v2 = pairs[i]
+            out[i] = (_finish(from_cols(xh, v1.shape), s1), _finish(from_rows(yh, v2.shape), s2))
+    return out
 
 
-def _l2r_run(fmt, B, out, order, gran):
-    """Quantize factors ``order`` one-sided, pushing mu towards the chain's middle."""
-    for k in order:
-        nxt = k + 1 if order.step > 0 else k - 1
-        side = "cols" if order.step > 0 else "rows"
-        q, s, mu = _one_sided(fmt, B[k], gran, side)
-        out[k] = (q, s)
-        if side == "cols":
-            B[nxt] = from_rows(rows(B[nxt]) * mu[:, None], B[nxt].shape)
-        else:
-            B[nxt] = from_cols(cols(B[nxt]) * mu[:, None], B[nxt].shape)
+def _one_sided_many(fmt, jobs, gran):
+    """Quantize the columns (side 'cols') or rows of independent factors with the best
+    lam each, one vectorized call per piece length; returns (grid values, scale, mu)
+    per job, mu to push into the neighbour."""
+    prep = []
+    for v, side in jobs:
+        s = float_scale(fmt, v, gran)
+        get = cols if side == "cols" else rows
+        prep.append((get(v), get(_bcast(s, v.shape)), s))
+    groups: dict = {}
+    for i, (x, _, _) in enumerate(prep):
+        groups.setdefault(x.shape[1], []).append(i)
+    out = [None] * len(jobs)
+    for members in groups.values():
+        x = np.concatenate([prep[i][0] for i in members])
+        sx = np.concatenate([prep[i][1] for i in members])
+        r = optimal_rank_one(x, None, fmt, sx, quantize_y=False)
+        ends = np.cumsum([prep[i][0].shape[0] for i in members])[:-1]
+        for i, xh, mu in zip(members, np.split(r.x_hat, ends), np.split(r.mu, ends)):
+            (v, side), s = jobs[i], prep[i][2]
+            put = from_cols if side == "cols" else from_rows
+            out[i] = (*_finish(put(xh, v.shape), s), mu)
+    return out
+
+
+def _push(B, k, side, mu):
+    """Fold the exact mu of factor k's columns (rows) into the rows of k+1 (columns of k-1)."""
+    if side == "cols":
+        B[k + 1] = from_rows(rows(B[k + 1]) * mu[:, None], B[k + 1].shape)
+    else:
+        B[k - 1] = from_cols(cols(B[k - 1]) * mu[:, None], B[k - 1].shape)
+
+
+def _sweep_in(fmt, B, out, left, right, gran):
+    """Left factors go left to right (columns), right factors right to left (rows); step i
+    of both runs is independent, so they share one vectorized call."""
+    for i in range(max(len(left), len(right))):
+        jobs = ([(left[i], "cols")] if i < len(left) else []) + \
+               ([(right[i], "rows")] if i < len(right) else [])
+        res = _one_sided_many(fmt, [(B[k], side) for k, side in jobs], gran)
+        for (k, side), (q, s, mu) in zip(jobs, res):
+            out[k] = (q, s)
+            _push(B, k, side, mu)
 
 
 def quantize_chain(fmt: Format, values, method: Method, gran: Granularity,
@@ -146,19 +186,19 @@ def quantize_chain(fmt: Format, values, method: Method, gran: Granularity,
         return [quantize_factor(fmt, B[0], gran)]
     out = [None] * p
     if method is Method.PAIRWISE:
-        for k in range(0, p - 1, 2):
-            out[k], out[k + 1] = _joint(fmt, B[k], B[k + 1], gran)
+        ks = list(range(0, p - 1, 2))
+        for k, res in zip(ks, _joint_many(fmt, [(B[k], B[k + 1]) for k in ks], gran)):
+            out[k], out[k + 1] = res
         if p % 2:
             out[-1] = quantize_factor(fmt, B[-1], gran)
         return out
     if method is Method.L2R:
-        _l2r_run(fmt, B, out, range(0, p - 2), gran)
+        _sweep_in(fmt, B, out, list(range(0, p - 2)), [], gran)
         out[p - 2], out[p - 1] = _joint(fmt, B[p - 2], B[p - 1], gran)
         return out
     if method is Method.BALANCED:
         h = p // 2                                   # middle pair (h-1, h)
-        _l2r_run(fmt, B, out, range(0, h - 1), gran)
-        _l2r_run(fmt, B, out, range(p - 1, h, -1), gran)
+        _sweep_in(fmt, B, out, list(range(0, h - 1)), list(range(p - 1, h, -1)), gran)
         out[h - 1], out[h] = _joint(fmt, B[h - 1], B[h], gran)
         return out
     raise ValueError(f"quantize_chain got {method}")      # AUTO is resolved by the caller

@@ -11,12 +11,18 @@ its own (fixed) scale, so ``x_hat = sx * Q(lam * x / sx)``.
   saturation, so every candidate is evaluated exactly).  The breakpoints are where an
   entry of ``lam * u`` (u = |x| / sx) hits a rounding midpoint: at most 2^(t-1) + 1 per
   entry, with t counting the implicit bit.  int8: lam in (0, inf), 127 per entry.
-* The first term needs only ``<|x|, |x_hat|>`` and ``||x_hat||^2``, swept over the sorted
-  breakpoints (``_sweep``).  It lower-bounds the joint error, so the second term (which
-  rounds y) is evaluated only on candidates whose bound beats the best full error of the
-  few best-bounded ones: exact, and usually a small fraction of the candidates.
+* General m (``_solve``): the first term needs only ``<|x|, |x_hat|>`` and
+  ``||x_hat||^2``, swept over the sorted breakpoints (``_sweep``).  It lower-bounds the
+  joint error, so the second term (which rounds y) is evaluated only where that bound
+  beats the best full error found so far; since the cumulative sums carry ~1e-13
+  relative noise, a shortlist of the best ``_SHORT`` candidates is re-evaluated directly.
+* m = 2 (square-dyadic butterflies, ``_solve2``): enumerate the grid values of the
+  larger entry instead (about 2^(t-1) per piece, see its docstring); exact, and the
+  path that makes whole-factor searches cheap.
 * Candidate 0 is lam = 1 (round to nearest), so the result is never worse than RTN;
-  ties go to the smallest lam (deterministic).
+  ties (within 1e-9 relative or fp64 noise) go to the smallest lam (deterministic).
+* Errors of candidates are computed directly in fp64 (cross products / the orthogonal
+  split above), never as ``||x||^2 ||y||^2 - ...`` differences.
 """
 from __future__ import annotations
 
