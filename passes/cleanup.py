@@ -23,6 +23,9 @@ def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onn
     model.ir_version = output_ir_version(template)
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
+    have = {imp.domain for imp in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node} - have - {"ai.onnx"}):
+        model.opset_import.add(domain=domain, version=1)     # e.g. ai.bfc from the custom-op target
     model.producer_name, model.producer_version = template.producer_name, template.producer_version
     model.doc_string, model.model_version, model.domain = template.doc_string, template.model_version, template.domain
     meta = {p.key: p.value for p in template.metadata_props}
