@@ -452,13 +452,33 @@ inline float* shift_rows(float* p, int64_t rows, int nb) {  // p - rows*nb witho
   return reinterpret_cast<float*>(reinterpret_cast<uintptr_t>(p) - uintptr_t(rows) * uintptr_t(nb) * sizeof(float));
 }
 
+// factors m and m + 1 run fused as a butterfly pair (see LayerTable::pair)
+bool pair_ok(const Plan& plan, const LayerTable* T, size_t m) {
+  if (T->pair == nullptr || m + 1 >= plan.factors.size() || m + 1 == plan.df_start) return false;
+  const Factor& f = plan.factors[m];
+  const Factor& g = plan.factors[m + 1];
+  return f.b == 2 && f.c == 2 && g.b == 2 && g.c == 2 && g.a == 2 * f.a && f.d == 2 * g.d && g.path != Path::I8;
+}
+
+// buffer passes of the small-block run [l, r) (each pass swaps the tile buffers)
+size_t run_passes(const Plan& plan, const LayerTable* T, size_t l, size_t r) {
+  size_t passes = 0;
+  for (size_t m = l; m < r; ++passes) {
+    if (m == plan.df_start) return passes + 1;
+    m += pair_ok(plan, T, m) && m + 1 < r ? 2 : 1;
+  }
+  return passes;
+}
+
 void small_run_fn(void* u, size_t t) {
   Exec& e = *static_cast<Exec*>(u);
   const Plan& plan = *e.plan;
   const size_t L = plan.factors.size();
   float* in = e.A + t * e.buf_stride;
   float* out = e.B + t * e.buf_stride;
-  for (size_t m = e.run0; m < e.run1; ++m) {
+  const float* inv = e.INV + t * e.nb;
+  const float* cs = e.CS + t * e.nb;
+  for (size_t m = e.run0; m < e.run1;) {
     const Factor& f = plan.factors[m];
     const bool small_i8 = f.path == Path::I8 && e.T->i8f != nullptr;
     if (f.path == Path::I8) {
@@ -472,17 +492,33 @@ void small_run_fn(void* u, size_t t) {
       float* priv[2] = {e.P + t * e.p_stride, e.P + t * e.p_stride + e.p_stride / 2};
       for (int64_t g = 0; g < a0; ++g) {
         const float* gin = in;
-        for (size_t q = m; q < L; ++q) {
+        int pass = 0;
+        for (size_t q = m; q < L; ++pass) {
           const Factor& fq = plan.factors[q];
-          const int64_t per = fq.a / a0 * fq.d;
-          float* gout = q + 1 == L ? out : shift_rows(priv[(q - m) % 2], g * (plan.factors[q + 1].in_dim() / a0), e.nb);
-          apply_blocks(e, fq, q == m && small_i8, t, gin, gout, g * per, (g + 1) * per);
+          const bool pair = pair_ok(plan, e.T, q) && (q == m || plan.factors[q].path != Path::I8);
+          const size_t last = pair ? q + 1 : q;  // factor whose output this pass writes
+          float* gout = last + 1 == L ? out
+                                      : shift_rows(priv[pass % 2], g * (plan.factors[last + 1].in_dim() / a0), e.nb);
+          if (pair) {
+            const int64_t r = fq.a / a0;
+            e.T->pair(fq, plan.factors[q + 1], gin, inv, cs, gout, e.nb, g * r, (g + 1) * r);
+          } else {
+            const int64_t per = fq.a / a0 * fq.d;
+            apply_blocks(e, fq, q == m && small_i8, t, gin, gout, g * per, (g + 1) * per);
+          }
           gin = gout;
+          q = last + 1;
         }
       }
       return;
     }
-    apply_blocks(e, f, small_i8, t, in, out, 0, f.a * f.d);
+    if (pair_ok(plan, e.T, m) && m + 1 < e.run1) {
+      e.T->pair(f, plan.factors[m + 1], in, inv, cs, out, e.nb, 0, f.a);
+      m += 2;
+    } else {
+      apply_blocks(e, f, small_i8, t, in, out, 0, f.a * f.d);
+      m += 1;
+    }
     std::swap(in, out);
   }
 }
@@ -565,8 +601,7 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
         while (r < L && plan.factors[r].small) ++r;
         e.run0 = l, e.run1 = r;
         if (!run(pfor, pfor_ctx, small_run_fn, size_t(e.ntiles), &e)) return fail;
-        const size_t swaps = plan.df_start >= l && plan.df_start < r ? plan.df_start - l + 1 : r - l;
-        if (swaps % 2) std::swap(e.A, e.B);
+        if (run_passes(plan, e.T, l, r) % 2) std::swap(e.A, e.B);
         l = r;
         continue;
       }

@@ -141,6 +141,11 @@ struct LayerTable {
   void (*amax)(const float* in, int64_t nrows, float* colscale, float* inv, int nb);
   void (*i8f)(const Factor& f, const float* in, const float* inv, const float* colscale, float* out, int nb,
               int64_t blk0, int64_t blk1);
+  // butterfly pair (may be null): f = (a, 2, 2, d) then g = (2a, 2, 2, d/2), g not int8,
+  // fused in registers (4 inputs -> 4 outputs per unit) for f's block rows i in [i0, i1);
+  // f int8 uses inv / colscale like i8f.  Same roundings as two separate passes.
+  void (*pair)(const Factor& f, const Factor& g, const float* in, const float* inv, const float* colscale, float* out,
+               int nb, int64_t i0, int64_t i1);
   // columns [c0, c1) of x rows [r0, r0 + nv) (row-major, M columns) -> tile buffer
   // (buffer columns >= nv zeroed); c0 is a multiple of 8
   void (*gather)(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1, float* buf);

@@ -228,6 +228,111 @@ void small_nv(const Factor& f, const float* in, const float* inv, const float* c
 #undef BFC_SMALL_CASE
 }
 
+// Butterfly pair f = (a, 2, 2, d), g = (2a, 2, 2, h = d/2) fused in registers.  Unit (i, l),
+// l < h: f blocks i*d + l and i*d + l + h (inputs j = 0, 1 each) give f outputs (i, k, l)
+// and (i, k, l + h), which are exactly the inputs j' = 0, 1 of g block (2i + k, l).
+// MF / MG: 0 float32, 1 fp8 scale, 2 (f only) int8 quantized on the fly.
+template <int NV, int MF, int MG>
+void pair_t(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
+            int64_t i0, int64_t i1) {
+  constexpr int NB = 8 * NV;
+  const int64_t d = f.d, h = g.d;
+  const float* wf = f.wf.data();
+  const float* wg = g.wf.data();
+  const float* sf = f.sc.data();
+  const float* sg = g.sc.data();
+  const int32_t* orow = g.out_row.data();
+  __m256 iv[NV], csv[NV];
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  for (int v = 0; v < NV; ++v) {
+    iv[v] = MF == 2 ? _mm256_loadu_ps(inv + 8 * v) : _mm256_setzero_ps();
+    csv[v] = MF == 2 ? _mm256_loadu_ps(cs + 8 * v) : _mm256_setzero_ps();
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t l = 0; l < h; ++l) {
+      const int64_t bA = i * d + l, bB = bA + h;
+      const float* xA = in + bA * 2 * NB;
+      const float* xB = in + bB * 2 * NB;
+      const float* wA = wf + bA * 4;
+      const float* wB = wf + bB * 4;
+      // batch vectors innermost: each broadcast weight feeds NV FMAs
+      __m256 x[4][NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        x[0][v] = _mm256_load_ps(xA + 8 * v);
+        x[1][v] = _mm256_load_ps(xA + NB + 8 * v);
+        x[2][v] = _mm256_load_ps(xB + 8 * v);
+        x[3][v] = _mm256_load_ps(xB + NB + 8 * v);
+        if (MF == 2) {
+          for (int q = 0; q < 4; ++q) {
+            __m256 t = _mm256_mul_ps(x[q][v], iv[v]);
+            t = _mm256_and_ps(t, _mm256_cmp_ps(t, t, _CMP_ORD_Q));
+            t = _mm256_min_ps(hi, _mm256_max_ps(lo, t));
+            x[q][v] = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          }
+        }
+      }
+      // f: y[A|B][k] = w[0*2+k] * x0 + w[1*2+k] * x1  (same order as small_t)
+      __m256 y[4][NV];
+#pragma GCC unroll 2
+      for (int side = 0; side < 2; ++side) {
+        const float* w = side ? wB : wA;
+        const int64_t bs = side ? bB : bA;
+#pragma GCC unroll 2
+        for (int k = 0; k < 2; ++k) {
+          const __m256 w0 = _mm256_broadcast_ss(w + k), w1 = _mm256_broadcast_ss(w + 2 + k);
+          const __m256 s1 = MF ? _mm256_broadcast_ss(sf + bs * 2 + k) : _mm256_setzero_ps();
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) {
+            __m256 t = _mm256_fmadd_ps(w1, x[2 * side + 1][v], _mm256_mul_ps(w0, x[2 * side][v]));
+            if (MF == 1) t = _mm256_mul_ps(t, s1);
+            if (MF == 2) t = _mm256_mul_ps(_mm256_mul_ps(t, csv[v]), s1);
+            y[2 * side + k][v] = t;
+          }
+        }
+      }
+      // g block (2i + k, l): inputs j' = 0: y[k], j' = 1: y[2 + k]
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; ++k) {
+        const int64_t gb = (2 * i + k) * h + l;
+        const float* w = wg + gb * 4;
+#pragma GCC unroll 2
+        for (int kk = 0; kk < 2; ++kk) {
+          const __m256 w0 = _mm256_broadcast_ss(w + kk), w1 = _mm256_broadcast_ss(w + 2 + kk);
+          const __m256 s2 = MG ? _mm256_broadcast_ss(sg + gb * 2 + kk) : _mm256_setzero_ps();
+          float* dst = out + int64_t(orow[(2 * i + k) * 2 * h + kk * h + l]) * NB;
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) {
+            __m256 z = _mm256_fmadd_ps(w1, y[2 + k][v], _mm256_mul_ps(w0, y[k][v]));
+            if (MG == 1) z = _mm256_mul_ps(z, s2);
+            _mm256_store_ps(dst + 8 * v, z);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int NV>
+void pair_nv(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
+             int64_t i0, int64_t i1) {
+  const int mf = f.path == Path::FP8 ? 1 : f.path == Path::I8 ? 2 : 0;
+  const bool mg = g.path == Path::FP8;
+  switch (mf * 2 + int(mg)) {
+    case 0: pair_t<NV, 0, 0>(f, g, in, inv, cs, out, i0, i1); break;
+    case 1: pair_t<NV, 0, 1>(f, g, in, inv, cs, out, i0, i1); break;
+    case 2: pair_t<NV, 1, 0>(f, g, in, inv, cs, out, i0, i1); break;
+    case 3: pair_t<NV, 1, 1>(f, g, in, inv, cs, out, i0, i1); break;
+    case 4: pair_t<NV, 2, 0>(f, g, in, inv, cs, out, i0, i1); break;
+    default: pair_t<NV, 2, 1>(f, g, in, inv, cs, out, i0, i1); break;
+  }
+}
+
+void pair_layer(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
+                int nb, int64_t i0, int64_t i1) {
+  nb == 8 ? pair_nv<1>(f, g, in, inv, cs, out, i0, i1) : pair_nv<2>(f, g, in, inv, cs, out, i0, i1);
+}
+
 void amax_layer(const float* in, int64_t nrows, float* colscale, float* inv, int nb) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int v = 0; v < nb / 8; ++v) {
@@ -403,7 +508,7 @@ void i8f_layer(const Factor& f, const float* in, const float* inv, const float* 
 }  // namespace
 
 const LayerTable& avx2_table() {
-  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, gather_layer, scatter_layer};
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, pair_layer, gather_layer, scatter_layer};
   return t;
 }
 
