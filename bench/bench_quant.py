@@ -47,8 +47,9 @@ def machine_line() -> str:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     import lazylinop
-    return (f"{cpu}, {os.cpu_count()} logical cores (shared), load avg {load:.1f} at start, BLAS 1 thread; Python "
-            f"{platform.python_version()}, numpy {np.__version__}, lazylinop {lazylinop.__version__}")
+    return (f"{cpu}, {os.cpu_count()} logical cores (shared), load avg {load:.1f} at start, "
+            f"BLAS 1 thread; Python {platform.python_version()}, numpy {np.__version__}, "
+            f"lazylinop {lazylinop.__version__}")
 
 
 def rel_err(chain, ref, factors) -> float:

@@ -1,6 +1,5 @@
 """Formats and rounding: checked against an enumeration of every representable value,
 numpy's fp16 cast and the ONNX reference Cast (saturate=1)."""
-import ml_dtypes
 import numpy as np
 import pytest
 
