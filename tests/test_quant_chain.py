@@ -117,3 +117,18 @@ def test_int8_granularities(gran):
     opt = quantize(f, "int8", method="l2r", granularity=gran)
     assert opt.rel_error <= rtn.rel_error
     assert 1e-4 < opt.rel_error < 0.05
+
+
+def test_quantizes_a_real_factorization():
+    """End to end with bfc.factorize: an exact butterfly product recovered by the
+    hierarchical factorization (factors known only up to diagonal scalings), then
+    quantized: the optimal orders keep their gain over RTN on these gauge-fixed factors."""
+    from bfc.factorize import factorize
+    chain = butterfly_chain(64)
+    w = chain.to_dense(chain.random_values(11))
+    f = factorize(w, chain)
+    assert f.rel_error < 1e-10
+    rtn = quantize(f, "fp16", method="rtn")
+    l2r = quantize(f, "fp16", method="l2r")
+    assert abs(rel_err(f, l2r) - l2r.rel_error) < 1e-12
+    assert l2r.rel_error * MIN_GAIN_PAIRWISE_FP16 < rtn.rel_error
