@@ -79,10 +79,22 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
                     model_bytes_before=model_bytes, model_bytes_after=out_bytes)
     if cfg.verify and out_bytes < PROTO_LIMIT and model_bytes < PROTO_LIMIT:
         note("verify", None)
-        vfeeds = feeds if feeds is not None else random_feeds(model, cfg.seed)
-        if cfg.fix_batch is not None and feeds is None:
-            vfeeds = {k: v[:1].repeat(cfg.fix_batch, 0) if v.ndim else v for k, v in vfeeds.items()}
-        report.outputs = [OutputRow(c.name, c.rel_error, c.cosine) for c in verify(model, out, vfeeds)]
-        report.verified_on = "calibration" if feeds is not None else "random"
+        verify_into(report, model, out, verification_feeds(out, cfg, feeds), cfg)
     report.seconds = time.perf_counter() - t0
     return out, report
+
+
+def verification_feeds(model: onnx.ModelProto, cfg: OptimizeConfig, feeds: dict | None = None) -> dict:
+    """The calibration inputs, or seeded random ones shaped by ``model``'s inputs."""
+    if feeds is None and cfg.calibration is not None:
+        feeds = load_feeds(cfg.calibration, model)
+    if feeds is not None:
+        return feeds
+    return random_feeds(model, cfg.seed)
+
+
+def verify_into(report: Report, original, optimized, feeds: dict, cfg: OptimizeConfig) -> Report:
+    """Fill ``report.outputs``; original/optimized are ModelProtos or paths."""
+    report.outputs = [OutputRow(c.name, c.rel_error, c.cosine) for c in verify(original, optimized, feeds)]
+    report.verified_on = "calibration" if cfg.calibration is not None else "random"
+    return report

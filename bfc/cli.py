@@ -102,18 +102,25 @@ class _Progress:
 
 
 def cmd_optimize(args) -> int:
-    from bfc.api import optimize
+    from bfc.api import optimize, verification_feeds, verify_into
     from bfc.passes.load import check_output_path, save_model
     cfg = _config(args)
     check_output_path(args.output, args.model)
     if args.report is not None:
         check_output_path(args.report, args.model)
     prog = _Progress(not args.quiet)
-    try:
-        model, report = optimize(args.model, cfg, progress=prog)
+    try:   # verification runs after saving, from the files: only onnxruntime's copies in memory
+        model, report = optimize(args.model, cfg.replace(verify=False), progress=prog)
+        feeds = verification_feeds(model, cfg) if cfg.verify else None
+        save_model(model, args.output, args.model)
+        del model
+        if feeds is not None:
+            prog("verify")
+            t0 = time.perf_counter()
+            verify_into(report, args.model, args.output, feeds, cfg)
+            report.seconds += time.perf_counter() - t0
     finally:
         prog.close()
-    save_model(model, args.output, args.model)
     if args.report is not None:
         _write_text(args.report, report.to_json())
     if not args.quiet:

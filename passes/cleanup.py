@@ -39,12 +39,17 @@ def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onn
     return check(model)
 
 
+INFER_LIMIT = 64 << 20    # shape inference copies the model twice: only below 64 MB
+
+
 def check(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() < PROTO_LIMIT:
-        try:
-            model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides
-            pass
+    size = model.ByteSize()
+    if size < PROTO_LIMIT:
+        if size < INFER_LIMIT:
+            try:
+                model = onnx.shape_inference.infer_shapes(model)
+            except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides
+                pass
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:

@@ -48,6 +48,10 @@ def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
                              "copy it next to the model")
 
 
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model))
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -77,7 +81,14 @@ def load_model(path) -> onnx.ModelProto:
             data = fh.read()
     except OSError as e:
         raise ModelError(f"cannot read {path} ({e.strerror}); check its permissions") from None
-    model, size = onnx.ModelProto(), len(data)
+    checker_error = None
+    try:
+        onnx.checker.check_model(data)   # before parsing: its copy of the weights is freed by then
+    except onnx.checker.ValidationError as e:
+        checker_error = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+    except Exception:  # noqa: BLE001 - not a protobuf at all: the parse below says so
+        checker_error = "unreadable"
+    model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
@@ -88,19 +99,18 @@ def load_model(path) -> onnx.ModelProto:
         raise ModelError(f"{path} is not an ONNX model (no graph, nodes or opset); re-export it")
     check_versions(model, str(path))
     _check_external_inside(model, path.parent)
+    if checker_error is not None and _has_external(model):   # the bytes checker cannot see the data files
+        try:
+            onnx.checker.check_model(str(path))
+            checker_error = None
+        except onnx.checker.ValidationError as e:
+            checker_error = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read external data of {path} ({e}); keep the data files next to the model") from None
-    try:
-        if size > PROTO_LIMIT // 2 or any(t.data_location == onnx.TensorProto.EXTERNAL
-                                          for t in onnx.external_data_helper._get_all_tensors(model)):
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
-        raise ModelError(f"{path} fails the ONNX checker ({first}); fix or re-export the model") from None
+    if checker_error is not None:
+        raise ModelError(f"{path} fails the ONNX checker ({checker_error}); fix or re-export the model")
     return model
 
 

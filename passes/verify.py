@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-
 from bfc.passes.session import run, session
 
 
@@ -30,9 +28,12 @@ def _cosine(a, b) -> float:
     return float(np.mean(num[ok] / den[ok])) if ok.any() else 1.0
 
 
-def verify(original: onnx.ModelProto, optimized: onnx.ModelProto, feeds: dict) -> list[OutputCheck]:
-    names = [o.name for o in original.graph.output]
-    ref = run(session(original), feeds, names)
+def verify(original, optimized, feeds: dict) -> list[OutputCheck]:
+    """original/optimized: ModelProtos or model paths (paths keep only onnxruntime's copy in memory)."""
+    sess = session(original)
+    names = [o.name for o in sess.get_outputs()]
+    ref = run(sess, feeds, names)
+    del sess                                         # one session at a time: peak memory
     got = run(session(optimized), feeds, names)
     out = []
     for n, r, g in zip(names, ref, got):
