@@ -393,6 +393,7 @@ struct Exec {
   float* Q;                     // int8 pair buffers (int16 viewed as float slots)
   float* CS;                    // per-tile column scales (ntiles x nb)
   float* INV;                   // per-tile inverse column scales (ntiles x nb), small int8 path
+  float* MX;                    // per-tile column max |activation| (ntiles x nb), small int8 path
   const Factor* f;
   bool f_small_i8;              // f runs through T->amax / T->i8f
   int64_t chunk;                // blocks per chunk
@@ -478,11 +479,18 @@ void small_run_fn(void* u, size_t t) {
   float* out = e.B + t * e.buf_stride;
   const float* inv = e.INV + t * e.nb;
   const float* cs = e.CS + t * e.nb;
+  bool have_max = false;  // MX holds max |input| per column of factor m (tracked by the previous pass)
   for (size_t m = e.run0; m < e.run1;) {
     const Factor& f = plan.factors[m];
     const bool small_i8 = f.path == Path::I8 && e.T->i8f != nullptr;
     if (f.path == Path::I8) {
-      if (small_i8)
+      if (small_i8 && have_max) {
+        const float* am = e.MX + t * e.nb;
+        for (int n = 0; n < e.nb; ++n) {  // as LayerTable::amax
+          e.CS[t * e.nb + n] = am[n] / 127.f;
+          e.INV[t * e.nb + n] = am[n] > 0.f ? 127.f / am[n] : 0.f;
+        }
+      } else if (small_i8)
         e.T->amax(in, f.in_dim(), e.CS + t * e.nb, e.INV + t * e.nb, e.nb);
       else
         e.T->quant(f, in, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.nb);
@@ -501,7 +509,7 @@ void small_run_fn(void* u, size_t t) {
                                       : shift_rows(priv[pass % 2], g * (plan.factors[last + 1].in_dim() / a0), e.nb);
           if (pair) {
             const int64_t r = fq.a / a0;
-            e.T->pair(fq, plan.factors[q + 1], gin, inv, cs, gout, e.nb, g * r, (g + 1) * r);
+            e.T->pair(fq, plan.factors[q + 1], gin, inv, cs, gout, e.nb, g * r, (g + 1) * r, nullptr);
           } else {
             const int64_t per = fq.a / a0 * fq.d;
             apply_blocks(e, fq, q == m && small_i8, t, gin, gout, g * per, (g + 1) * per);
@@ -512,13 +520,22 @@ void small_run_fn(void* u, size_t t) {
       }
       return;
     }
-    if (pair_ok(plan, e.T, m) && m + 1 < e.run1) {
-      e.T->pair(f, plan.factors[m + 1], in, inv, cs, out, e.nb, 0, f.a);
-      m += 2;
-    } else {
-      apply_blocks(e, f, small_i8, t, in, out, 0, f.a * f.d);
-      m += 1;
+    const bool pair = pair_ok(plan, e.T, m) && m + 1 < e.run1;
+    const size_t next = pair ? m + 2 : m + 1;
+    // the next factor is int8: track max |output| here instead of an amax pass there
+    float* mx = nullptr;
+    if (e.T->small != nullptr && next < e.run1 && plan.factors[next].path == Path::I8) {
+      mx = e.MX + t * e.nb;
+      for (int n = 0; n < e.nb; ++n) mx[n] = 0.f;
     }
+    if (pair)
+      e.T->pair(f, plan.factors[m + 1], in, inv, cs, out, e.nb, 0, f.a, mx);
+    else if (e.T->small != nullptr)
+      e.T->small(f, in, inv, cs, out, e.nb, 0, f.a * f.d, mx);
+    else
+      apply_blocks(e, f, small_i8, t, in, out, 0, f.a * f.d);
+    have_max = mx != nullptr;
+    m = next;
     std::swap(in, out);
   }
 }
@@ -577,7 +594,7 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   const int64_t panel = std::min<int64_t>(all_tiles, std::max<int64_t>(2, int64_t((size_t(1) << 20) / tile_bytes)));
   const size_t cs_floats = round_up(size_t(panel) * e.nb);
   e.p_stride = 2 * round_up(size_t(plan.df_group_rows) * e.nb);
-  const size_t total = 2 * e.buf_stride * panel + e.q_stride * panel + 2 * cs_floats + e.p_stride * panel;
+  const size_t total = 2 * e.buf_stride * panel + e.q_stride * panel + 3 * cs_floats + e.p_stride * panel;
   float* base = sb.get(total);
   auto cols_per_item = [](int64_t n) { return std::max<int64_t>(64, (n / 4 + 15) / 16 * 16); };
   e.gcols = cols_per_item(plan.M), e.scols = cols_per_item(plan.N);
@@ -591,7 +608,8 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
     e.Q = e.B + e.buf_stride * panel;
     e.CS = e.Q + e.q_stride * panel;
     e.INV = e.CS + cs_floats;
-    e.P = e.INV + cs_floats;
+    e.MX = e.INV + cs_floats;
+    e.P = e.MX + cs_floats;
     if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles * e.gitems), &e)) return fail;
     for (size_t l = 0; l < L;) {
       const Factor& f = plan.factors[l];

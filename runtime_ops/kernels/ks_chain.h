@@ -145,7 +145,12 @@ struct LayerTable {
   // fused in registers (4 inputs -> 4 outputs per unit) for f's block rows i in [i0, i1);
   // f int8 uses inv / colscale like i8f.  Same roundings as two separate passes.
   void (*pair)(const Factor& f, const Factor& g, const float* in, const float* inv, const float* colscale, float* out,
-               int nb, int64_t i0, int64_t i1);
+               int nb, int64_t i0, int64_t i1, float* colmax);
+  // small-block factor of any path (may be null; int8 quantized on the fly as i8f).
+  // colmax (pair and small; may be null): updated with max |output| per batch column, so
+  // a following int8 factor needs no amax pass over the buffer.
+  void (*small)(const Factor& f, const float* in, const float* inv, const float* colscale, float* out, int nb,
+                int64_t blk0, int64_t blk1, float* colmax);
   // columns [c0, c1) of x rows [r0, r0 + nv) (row-major, M columns) -> tile buffer
   // (buffer columns >= nv zeroed); c0 is a multiple of 8
   void (*gather)(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1, float* buf);

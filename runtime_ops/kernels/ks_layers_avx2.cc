@@ -155,9 +155,11 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
 // Small blocks (b, c <= 4, mr == c): one (i, l) block per iteration, fully unrolled.
 // MODE 0: float32, 1: fp8 (decoded weights, scale in the epilogue), 2: int8 quantized on
 // the fly in float (exact: see Factor::wf), acc * colscale * scale in the epilogue.
+// colmax (may be null): running max |output| per batch column, for the next factor's int8
+// quantization (saves its amax pass; max is exact, so the result is the same).
 template <int B, int C, int NV, int MODE>
 void small_t(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int64_t blk0,
-             int64_t blk1) {
+             int64_t blk1, float* colmax) {
   constexpr int NB = 8 * NV;
   const int64_t d = f.d;
   const float* wf = f.wf.data();
@@ -169,6 +171,10 @@ void small_t(const Factor& f, const float* in, const float* inv, const float* cs
     iv[v] = MODE == 2 ? _mm256_loadu_ps(inv + 8 * v) : _mm256_setzero_ps();
     csv[v] = MODE == 2 ? _mm256_loadu_ps(cs + 8 * v) : _mm256_setzero_ps();
   }
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = colmax ? _mm256_loadu_ps(colmax + 8 * v) : _mm256_setzero_ps();
+  const bool track = colmax != nullptr;
   int64_t i = blk0 / d, l = blk0 % d;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     const float* xb = in + blk * B * NB;
@@ -206,18 +212,21 @@ void small_t(const Factor& f, const float* in, const float* inv, const float* cs
         __m256 o = acc[v];
         if (MODE == 1) o = _mm256_mul_ps(o, _mm256_broadcast_ss(sc + blk * C + k));
         if (MODE == 2) o = _mm256_mul_ps(_mm256_mul_ps(o, csv[v]), _mm256_broadcast_ss(sc + blk * C + k));
+        if (track) mx[v] = _mm256_max_ps(mx[v], _mm256_and_ps(absmask, o));
         _mm256_store_ps(yr + 8 * v, o);
       }
     }
     if (++l == d) l = 0, ++i;
   }
+  if (track)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(colmax + 8 * v, mx[v]);
 }
 
 template <int NV, int MODE>
 void small_nv(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int64_t blk0,
-              int64_t blk1) {
+              int64_t blk1, float* colmax) {
 #define BFC_SMALL_CASE(BB, CC) \
-  case (BB) * 8 + (CC): small_t<BB, CC, NV, MODE>(f, in, inv, cs, out, blk0, blk1); return;
+  case (BB) * 8 + (CC): small_t<BB, CC, NV, MODE>(f, in, inv, cs, out, blk0, blk1, colmax); return;
   switch (f.b * 8 + f.c) {
     BFC_SMALL_CASE(1, 1) BFC_SMALL_CASE(1, 2) BFC_SMALL_CASE(1, 3) BFC_SMALL_CASE(1, 4)
     BFC_SMALL_CASE(2, 1) BFC_SMALL_CASE(2, 2) BFC_SMALL_CASE(2, 3) BFC_SMALL_CASE(2, 4)
@@ -234,7 +243,7 @@ void small_nv(const Factor& f, const float* in, const float* inv, const float* c
 // MF / MG: 0 float32, 1 fp8 scale, 2 (f only) int8 quantized on the fly.
 template <int NV, int MF, int MG>
 void pair_t(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
-            int64_t i0, int64_t i1) {
+            int64_t i0, int64_t i1, float* colmax) {
   constexpr int NB = 8 * NV;
   const int64_t d = f.d, h = g.d;
   const float* wf = f.wf.data();
@@ -248,6 +257,10 @@ void pair_t(const Factor& f, const Factor& g, const float* in, const float* inv,
     iv[v] = MF == 2 ? _mm256_loadu_ps(inv + 8 * v) : _mm256_setzero_ps();
     csv[v] = MF == 2 ? _mm256_loadu_ps(cs + 8 * v) : _mm256_setzero_ps();
   }
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = colmax ? _mm256_loadu_ps(colmax + 8 * v) : _mm256_setzero_ps();
+  const bool track = colmax != nullptr;
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t l = 0; l < h; ++l) {
       const int64_t bA = i * d + l, bB = bA + h;
@@ -305,32 +318,35 @@ void pair_t(const Factor& f, const Factor& g, const float* in, const float* inv,
           for (int v = 0; v < NV; ++v) {
             __m256 z = _mm256_fmadd_ps(w1, y[2 + k][v], _mm256_mul_ps(w0, y[k][v]));
             if (MG == 1) z = _mm256_mul_ps(z, s2);
+            if (track) mx[v] = _mm256_max_ps(mx[v], _mm256_and_ps(absmask, z));
             _mm256_store_ps(dst + 8 * v, z);
           }
         }
       }
     }
   }
+  if (track)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(colmax + 8 * v, mx[v]);
 }
 
 template <int NV>
 void pair_nv(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
-             int64_t i0, int64_t i1) {
+             int64_t i0, int64_t i1, float* colmax) {
   const int mf = f.path == Path::FP8 ? 1 : f.path == Path::I8 ? 2 : 0;
   const bool mg = g.path == Path::FP8;
   switch (mf * 2 + int(mg)) {
-    case 0: pair_t<NV, 0, 0>(f, g, in, inv, cs, out, i0, i1); break;
-    case 1: pair_t<NV, 0, 1>(f, g, in, inv, cs, out, i0, i1); break;
-    case 2: pair_t<NV, 1, 0>(f, g, in, inv, cs, out, i0, i1); break;
-    case 3: pair_t<NV, 1, 1>(f, g, in, inv, cs, out, i0, i1); break;
-    case 4: pair_t<NV, 2, 0>(f, g, in, inv, cs, out, i0, i1); break;
-    default: pair_t<NV, 2, 1>(f, g, in, inv, cs, out, i0, i1); break;
+    case 0: pair_t<NV, 0, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+    case 1: pair_t<NV, 0, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+    case 2: pair_t<NV, 1, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+    case 3: pair_t<NV, 1, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+    case 4: pair_t<NV, 2, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+    default: pair_t<NV, 2, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
   }
 }
 
 void pair_layer(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
-                int nb, int64_t i0, int64_t i1) {
-  nb == 8 ? pair_nv<1>(f, g, in, inv, cs, out, i0, i1) : pair_nv<2>(f, g, in, inv, cs, out, i0, i1);
+                int nb, int64_t i0, int64_t i1, float* colmax) {
+  nb == 8 ? pair_nv<1>(f, g, in, inv, cs, out, i0, i1, colmax) : pair_nv<2>(f, g, in, inv, cs, out, i0, i1, colmax);
 }
 
 void amax_layer(const float* in, int64_t nrows, float* colscale, float* inv, int nb) {
@@ -484,13 +500,13 @@ void i8_nv(const Factor& f, const int16_t* q, const float* cs, float* out, int64
 
 void f32_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
   if (f.small)
-    nb == 8 ? small_nv<1, 0>(f, in, nullptr, nullptr, out, blk0, blk1) : small_nv<2, 0>(f, in, nullptr, nullptr, out, blk0, blk1);
+    nb == 8 ? small_nv<1, 0>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr) : small_nv<2, 0>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr);
   else
     nb == 8 ? f32_nv<1, false>(f, in, out, blk0, blk1) : f32_nv<2, false>(f, in, out, blk0, blk1);
 }
 void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
   if (f.small)
-    nb == 8 ? small_nv<1, 1>(f, in, nullptr, nullptr, out, blk0, blk1) : small_nv<2, 1>(f, in, nullptr, nullptr, out, blk0, blk1);
+    nb == 8 ? small_nv<1, 1>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr) : small_nv<2, 1>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr);
   else
     nb == 8 ? f32_nv<1, true>(f, in, out, blk0, blk1) : f32_nv<2, true>(f, in, out, blk0, blk1);
 }
@@ -500,15 +516,28 @@ void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
   nb == 8 ? i8_nv<1>(f, q, cs, out, blk0, blk1) : i8_nv<2>(f, q, cs, out, blk0, blk1);
 }
+void small_layer(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int nb,
+                 int64_t blk0, int64_t blk1, float* colmax) {
+  const int mode = f.path == Path::FP8 ? 1 : f.path == Path::I8 ? 2 : 0;
+  if (nb == 8) {
+    mode == 0 ? small_nv<1, 0>(f, in, inv, cs, out, blk0, blk1, colmax)
+    : mode == 1 ? small_nv<1, 1>(f, in, inv, cs, out, blk0, blk1, colmax)
+                : small_nv<1, 2>(f, in, inv, cs, out, blk0, blk1, colmax);
+  } else {
+    mode == 0 ? small_nv<2, 0>(f, in, inv, cs, out, blk0, blk1, colmax)
+    : mode == 1 ? small_nv<2, 1>(f, in, inv, cs, out, blk0, blk1, colmax)
+                : small_nv<2, 2>(f, in, inv, cs, out, blk0, blk1, colmax);
+  }
+}
 void i8f_layer(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int nb, int64_t blk0,
                int64_t blk1) {
-  nb == 8 ? small_nv<1, 2>(f, in, inv, cs, out, blk0, blk1) : small_nv<2, 2>(f, in, inv, cs, out, blk0, blk1);
+  nb == 8 ? small_nv<1, 2>(f, in, inv, cs, out, blk0, blk1, nullptr) : small_nv<2, 2>(f, in, inv, cs, out, blk0, blk1, nullptr);
 }
 
 }  // namespace
 
 const LayerTable& avx2_table() {
-  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, pair_layer, gather_layer, scatter_layer};
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, pair_layer, small_layer, gather_layer, scatter_layer};
   return t;
 }
 
