@@ -18,7 +18,6 @@ from bfc.config import OptimizeConfig, Precision, Structure, Target
 from bfc.errors import BfcError
 
 ISSUES = "https://github.com/bfc-project/bfc/issues"
-_STRUCTURES = [s.value for s in Structure] + ["chain3"]
 
 
 class _UsageError(Exception):
@@ -103,6 +102,7 @@ class _Progress:
 
 def cmd_optimize(args) -> int:
     from bfc.api import optimize, verification_feeds, verify_into
+    from bfc.passes.cleanup import check_file
     from bfc.passes.load import check_output_path, save_model
     cfg = _config(args)
     check_output_path(args.output, args.model)
@@ -114,6 +114,7 @@ def cmd_optimize(args) -> int:
         feeds = verification_feeds(model, cfg) if cfg.verify else None
         save_model(model, args.output, args.model)
         del model
+        check_file(args.output)
         if feeds is not None:
             prog("verify")
             t0 = time.perf_counter()

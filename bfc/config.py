@@ -19,7 +19,7 @@ class Structure(str, enum.Enum):
     AUTO = "auto"
     BUTTERFLY = "butterfly"
     MONARCH = "monarch"
-    BLOCK_RANK = "block-rank"
+    CHAIN3 = "chain3"               # three KS factors (block rank via --rank)
     LOWRANK_RESIDUAL = "lowrank-residual"
 
 

@@ -14,7 +14,7 @@ import json
 import onnx
 import onnx_graphsurgeon as gs
 
-from bfc.passes.load import PROTO_LIMIT, output_ir_version
+from bfc.passes.load import output_ir_version
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
@@ -43,19 +43,28 @@ INFER_LIMIT = 64 << 20    # shape inference copies the model twice: only below 6
 
 
 def check(model: onnx.ModelProto) -> onnx.ModelProto:
-    size = model.ByteSize()
-    if size < PROTO_LIMIT:
-        if size < INFER_LIMIT:
-            try:
-                model = onnx.shape_inference.infer_shapes(model)
-            except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides
-                pass
+    """Shape inference and the ONNX checker in memory below INFER_LIMIT (they copy the model);
+    larger models are checked from the saved file (``check_file``) and by loading them in
+    onnxruntime (verification)."""
+    if model.ByteSize() < INFER_LIMIT:
         try:
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as e:
-            raise RuntimeError(f"internal error: the rewritten model fails the ONNX checker ({str(e).splitlines()[0]}); "
-                           "please report this with the input model") from None
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides
+            pass
+        _checked(lambda: onnx.checker.check_model(model))
     return model
+
+
+def check_file(path) -> None:
+    _checked(lambda: onnx.checker.check_model(str(path)))
+
+
+def _checked(run) -> None:
+    try:
+        run()
+    except onnx.checker.ValidationError as e:
+        raise RuntimeError(f"internal error: the rewritten model fails the ONNX checker ({str(e).splitlines()[0]}); "
+                           "please report this with the input model") from None
 
 
 def fix_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:

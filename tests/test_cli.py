@@ -150,3 +150,28 @@ def test_readme_demo_command():
     assert acc_o > 0.8 and acc_q > acc_o - 0.02          # DEMO_ACCURACY_DROP: at most 2 points
     assert size_q < size_o / 3
     assert any(ln.startswith("TOTAL") for ln in lines)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_folder_exit_2(tmp_path, capsys):
+    src = structured_model(tmp_path / "m.onnx")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc, err = _err(["optimize", str(src), "-o", str(ro / "o.onnx")], capsys)
+    finally:
+        ro.chmod(0o755)
+    assert rc == 2 and "not writable" in err
+
+
+def test_fixed_structures_from_cli(tmp_path, capsys):
+    src = structured_model(tmp_path / "m.onnx")
+    for structure in ("chain3", "butterfly", "lowrank-residual"):
+        rc = main(["optimize", str(src), "-o", str(tmp_path / f"{structure}.onnx"), "--structure", structure,
+                   "--no-max-error", "--min-size", "0", "--residual-rank", "2", "--report", str(tmp_path / "r.json"), "-q"])
+        assert rc == 0, capsys.readouterr().err
+        rep = json.loads((tmp_path / "r.json").read_text())
+        assert rep["totals"]["rewritten"] == 2
+        assert all(r["structure"].startswith("monarch" if structure == "lowrank-residual" else structure)
+                   for r in rep["layers"])
