@@ -591,7 +591,12 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   // panel: tiles whose two activation buffers fit in about 1 MB (at least 2 tiles, so
   // two threads share the gathers of a panel)
   const size_t tile_bytes = (2 * e.buf_stride + e.q_stride) * sizeof(float);
-  const int64_t panel = std::min<int64_t>(all_tiles, std::max<int64_t>(2, int64_t((size_t(1) << 20) / tile_bytes)));
+  // panels of equal size (an even number of tiles where possible: the tiles of a small-block
+  // run are the parallel items, so an odd panel leaves a thread idle)
+  const int64_t max_panel = std::max<int64_t>(2, int64_t((size_t(1) << 20) / tile_bytes));
+  const int64_t npanels = (all_tiles + max_panel - 1) / max_panel;
+  int64_t panel = (all_tiles + npanels - 1) / npanels;
+  if (panel % 2 == 1 && panel < all_tiles) ++panel;
   const size_t cs_floats = round_up(size_t(panel) * e.nb);
   e.p_stride = 2 * round_up(size_t(plan.df_group_rows) * e.nb);
   const size_t total = 2 * e.buf_stride * panel + e.q_stride * panel + 3 * cs_floats + e.p_stride * panel;
