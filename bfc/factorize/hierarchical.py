@@ -99,10 +99,14 @@ def _top1_eigh(gram: np.ndarray, squarings: int = 10, tol: float = 1e-10):
             v.reshape(gram.shape[:-2] + (n, 1)))
 
 
-def _top_eigh(gram: np.ndarray, k: int):
+def _top_eigh(gram: np.ndarray, k: int, chunk: int = 256):
     """Top-k eigenpairs (descending) of a batch of Hermitian PSD matrices."""
     if k == 1 and gram.shape[-1] >= 12:
-        return _top1_eigh(gram)
+        n = gram.shape[-1]
+        flat = gram.reshape(-1, n, n)
+        parts = [_top1_eigh(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]  # bounded scratch
+        return (np.concatenate([p[0] for p in parts]).reshape(gram.shape[:-2] + (1,)),
+                np.concatenate([p[1] for p in parts]).reshape(gram.shape[:-2] + (n, 1)))
     w, v = np.linalg.eigh(gram)
     return np.clip(w[..., ::-1][..., :k], 0, None), v[..., ::-1][..., :k]
 
