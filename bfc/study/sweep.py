@@ -30,7 +30,7 @@ from bfc.errors import BfcError, ConfigError
 from bfc.study.baselines import BASELINES, BUDGETED, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, session
 
-BFC_KEYS = ("structure", "rank", "residual_rank", "precision", "max_error", "target_size", "min_size",
+BFC_KEYS = ("structure", "rank", "residual_rank", "precision", "quant_method", "max_error", "target_size", "min_size",
             "include", "exclude", "calibration_rows", "seed")
 
 
