@@ -78,6 +78,7 @@ class OptimizeConfig:
     min_size:    layers with fewer weight elements stay dense
     include/exclude: fnmatch patterns on node names
     calibration: .npz of model inputs (names as keys) used for calibration and verification
+    calibration_rows: at most this many activation rows per layer (seeded subsample) enter its Gram matrix
     """
     structure: Structure = Structure.AUTO
     rank: int | None = None
@@ -90,7 +91,7 @@ class OptimizeConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     calibration: Path | None = None
-    calibration_rows: int = 2048
+    calibration_rows: int = 8192
     target: Target = Target.PORTABLE
     verify: bool = True
     verify_tolerance: float | None = None

@@ -1,10 +1,12 @@
 """Collect each site's input activations by running the original model in onnxruntime.
 
 Matches: eligible sites (their first input tensor ``x``; for Gemm with transA, x^T).
-Ensures: ``activations[weight_name]`` is an (n, K) float64 array of at most
-``rows`` rows (a seeded subsample over every node sharing the weight), the rows
-that the layer ``y = x @ W`` sees; the model itself is not changed (outputs are
-added to a copy).
+Ensures: ``grams[weight_name]`` is the (K, K) Gram matrix X^T X (float32 storage,
+accumulated in float64) of the rows x (at most ``rows``, a seeded subsample) that the layer ``y = x @ W`` sees, over every
+node sharing the weight; it is all the planner needs (output error
+||X (W - W_hat)||^2 = tr(E^T X^T X E), activation scales diag(X^T X)).  The model is
+left as it was (the extra outputs are added for the session only).  The inputs run
+CHUNK samples at a time, so memory stays bounded for long calibration sets.
 """
 from __future__ import annotations
 
@@ -16,8 +18,20 @@ from bfc.passes.find_sites import Site, find_node
 from bfc.passes.session import run, session
 
 
+CHUNK = 4      # samples per onnxruntime run while collecting activations
+
+
+def _chunks(feeds: dict) -> list[dict]:
+    """Split the feeds along axis 0 when every input shares that batch axis; else one run."""
+    sizes = {v.shape[0] if np.ndim(v) else None for v in feeds.values()}
+    if len(sizes) != 1 or None in sizes:
+        return [feeds]
+    n = sizes.pop()
+    return [{k: v[i:i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
+
+
 def collect(model: onnx.ModelProto, graph: gs.Graph, sites: list[Site], feeds: dict,
-            rows: int = 2048, seed: int = 0) -> dict:
+            rows: int = 8192, seed: int = 0) -> dict:
     wanted = {}
     for s in sites:
         if s.eligible:
@@ -27,27 +41,32 @@ def collect(model: onnx.ModelProto, graph: gs.Graph, sites: list[Site], feeds: d
     names = list(wanted)
     if not names:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for n in names:
-        if n not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=n))
-    values = run(session(probe), feeds, names)
+    existing = {o.name for o in model.graph.output}
+    added = [n for n in names if n not in existing]
+    outputs = model.graph.output
+    for n in added:                # the outputs are removed again below: no copy of the weights
+        outputs.append(onnx.ValueInfoProto(name=n))
+    try:
+        sess = session(model, arena=False)
+    finally:
+        for _ in added:
+            del outputs[len(outputs) - 1]
+    grams: dict = {}
+    chunks = _chunks(feeds)
+    per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     rng = np.random.default_rng(seed)
-    acts: dict = {}
-    for n, v in zip(names, values):
-        s, sn = wanted[n]
-        v = np.asarray(v)
-        v = v.T if sn.trans_a else v
-        v = v.reshape(-1, v.shape[-1])
-        if v.shape[0] > rows:
-            v = v[np.sort(rng.choice(v.shape[0], rows, replace=False))]
-        acts.setdefault(s.weight_name, []).append(v)
-    out = {}
-    for k, parts in acts.items():
-        x = np.concatenate(parts)
-        if x.shape[0] > rows:
-            x = x[np.sort(rng.choice(x.shape[0], rows, replace=False))]
-        out[k] = x.astype(np.float64)
+    for part in chunks:                      # bounded memory: one chunk's activations at a time
+        for n, v in zip(names, run(sess, part, names)):
+            s, sn = wanted[n]
+            v = np.asarray(v)
+            v = (v.T if sn.trans_a else v).reshape(-1, v.shape[-1] if not sn.trans_a else v.shape[0])
+            if v.shape[0] > per_chunk:
+                v = v[np.sort(rng.choice(v.shape[0], per_chunk, replace=False))]
+            v = v.astype(np.float64)
+            g = v.T @ v
+            if s.weight_name in grams:
+                grams[s.weight_name] += g
+            else:
+                grams[s.weight_name] = g
+    out = {k: g.astype(np.float32) for k, g in grams.items()}   # float32 storage; plan works in float64
     return out

@@ -13,13 +13,37 @@ import json
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from bfc.passes.load import output_ir_version
 
 
+def _export_light(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx copies every initializer twice (graph, then model); export with data-less
+    stand-ins for the untouched big initializers and copy each original in once, at the end."""
+    originals = {}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues):
+            src = t._values.tensor
+            if src.ByteSize() > (1 << 16):
+                stub = onnx.TensorProto(name=src.name, data_type=src.data_type, dims=src.dims)
+                originals[t.name] = (t, src)
+                t._values = LazyValues(stub)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for t, src in originals.values():
+            t._values = LazyValues(src)
+    for init in model.graph.initializer:
+        if init.name in originals:
+            init.CopyFrom(originals[init.name][1])
+            init.name = originals[init.name][0].name
+    return model
+
+
 def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _export_light(graph)
     model.ir_version = output_ir_version(template)
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)

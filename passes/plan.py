@@ -193,7 +193,7 @@ def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPla
     w = site.weight.astype(np.float64)
     m, n = w.shape
     plan = LayerPlan(site, error_kind="output" if x is not None else "weight")
-    x = None if x is None else x.T @ x     # from here on x is the Gram matrix X^T X
+    x = None if x is None else np.asarray(x, np.float64)    # the Gram matrix X^T X of the calibration rows
     precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
     budget = cfg.max_error if cfg.max_error is not None else float("inf")
     if cfg.structure is Structure.AUTO:

@@ -18,9 +18,11 @@ _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
        onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8}
 
 
-def session(model, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session from a ModelProto or a model path (read by onnxruntime itself)."""
+def session(model, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session from a ModelProto or a model path (read by onnxruntime itself);
+    ``arena=False`` returns activation memory after each run (calibration probes)."""
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
