@@ -142,13 +142,18 @@ def time_session(sess, x, budget_s=0.25, min_runs=5, max_runs=200):
 
 def machine_line():
     cpu = platform.processor() or platform.machine()
+    flags = set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    if simd:
+        cpu += f" ({', '.join(simd)}; KS kernels: BFC_KS_ISA={os.environ.get('BFC_KS_ISA', 'auto')})"
     import onnxruntime as ort
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
