@@ -99,7 +99,14 @@ def generalization(epochs: int, out: Path) -> Path:
         recs = study.run(pts, progress=lambda p: bar.update(1))
     return write_report(recs, out, title="bfc study: Fashion-MNIST dense MLP (784-1024-1024-10)",
                         metric_name="test accuracy (%)",
-                        command=f"python models/study_fashion_mnist.py --epochs {epochs} --out {out}")
+                        command=f"python models/study_fashion_mnist.py --epochs {epochs} --out {_shown(out.parent)}")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _forward(layers, x):
@@ -158,7 +165,7 @@ def ks_quant(epochs: int, out: Path, seed: int = 0) -> dict:
              f"KS MLP of models/fashion_mnist.py (784-1024-1024-10, KS layers rank 4, {res['weights']} weights), "
              f"trained {epochs} epochs from scratch (seed {seed}); the 1024x10 head stays fp32.",
              "Accuracy of the exact quantized function (dense product of the dequantized factors).", "",
-             f"Reproduce: `python models/study_fashion_mnist.py --epochs {epochs} --out {out}`", "",
+             f"Reproduce: `python models/study_fashion_mnist.py --epochs {epochs} --out {_shown(out)}`", "",
              "| factors | scaling | test acc | delta vs fp32 | train acc | product error (KS layers) | method chosen |",
              "|---|---|---|---|---|---|---|",
              f"| fp32 | - | {res['fp32']['test']:.2f} | - | {res['fp32']['train']:.2f} | - | - |"]

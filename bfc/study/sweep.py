@@ -233,7 +233,7 @@ class Study:
     def measure(self, pt: Point) -> dict:
         rec = {"key": pt.key, "kind": pt.kind, "params": pt.p, "model": str(self.model),
                "fp32_linear_bytes": self.fp32_bytes, "evaluator": self.evaluator.name}
-        out = self.workdir / (hashlib.sha1(pt.key.encode()).hexdigest()[:16] + ".onnx")
+        out = self.workdir / f"{hashlib.sha1(pt.key.encode()).hexdigest()[:16]}-{os.getpid()}.onnx"
         t0 = time.perf_counter()
         try:
             path, details = self._build(pt, out)
@@ -251,6 +251,8 @@ class Study:
             rec["status"] = "ok"
         except BfcError as e:
             rec.update(status="error", error=f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - onnxruntime/evaluator failure of one point: record it, go on
+            rec.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
         finally:
             if out.exists() and not self.keep_models:
                 out.unlink()
