@@ -248,3 +248,21 @@ def test_stsb_evaluator_on_a_bag_of_embeddings_model(tmp_path):
     cos = [float(emb(a) @ emb(b) / np.linalg.norm(emb(a)) / np.linalg.norm(emb(b))) for a, b in zip(s1[:40], s2[:40])]
     assert got == pytest.approx(100 * spearman(cos, gold[:40]), abs=1e-6)
     assert tok.encode("Hello world").ids[0] == 101 and tok.encode("Hello world").ids[-1] == 102   # [CLS] .. [SEP]
+
+
+def test_baselines_leave_small_layers_fp32_and_keep_the_budget(setup):
+    tmp, model, _ = setup
+    proto = onnx.load(str(model))
+    full = linear_bytes(proto)                      # fc1 64x64 + fc2 64x48, fp32
+    budget = full // 2
+    for name in ("svd", "svd-int8", "prune", "int8-dynamic", "int4-nbits"):
+        p, _ = run_baseline(name, model, tmp / f"{name}.onnx", budget, min_size=4000)
+        out = onnx.load(str(p))
+        assert "w2" in {t.name for t in out.graph.initializer}, name          # fc2 (3072 weights) untouched
+        b = linear_bytes(proto, out)
+        assert b >= 4 * H * N, name
+        if name in ("svd", "svd-int8", "prune"):
+            assert b <= budget, (name, b, budget)
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    with pytest.raises(ConfigError):
+        run_baseline("prune", model, tmp / "x.onnx", 4 * H * N - 1, min_size=4000)

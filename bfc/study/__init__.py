@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="int8", help="comma list (int8, fp8-e4m3, fp8-e5m2, fp16, fp32, auto)")
     ap.add_argument("--max-error", default="none", help="comma list of per-layer error budgets (none = no budget)")
     ap.add_argument("--residual-rank", default="8", help="comma list (lowrank-residual only)")
-    ap.add_argument("--min-size", type=int, default=None, help="layers with fewer weights stay dense")
+    ap.add_argument("--min-size", type=int, default=None, help="layers with fewer weights stay dense (bfc points and baselines)")
     ap.add_argument("--bfc", action="append", default=[], metavar="K=V,...",
                     help="one extra bfc configuration, e.g. structure=auto,precision=auto,max_error=0.1 (repeatable)")
     ap.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {', '.join(BASELINES)} or none")
@@ -122,9 +122,9 @@ def points_from_args(args, fp32_bytes: int) -> list[Point]:
         if name in BUDGETED:
             if not budgets:
                 raise ConfigError(f"baseline {name} needs --budgets (fractions of the fp32 linear-weight bytes)")
-            pts += [baseline_point(name, int(round(f * fp32_bytes))) for f in budgets]
+            pts += [baseline_point(name, int(round(f * fp32_bytes)), args.min_size) for f in budgets]
         else:
-            pts.append(baseline_point(name))
+            pts.append(baseline_point(name, None, args.min_size))
     if args.structure:
         common = {} if args.min_size is None else {"min_size": args.min_size}
         pts += grid(_list(args.structure), _list(args.rank, int) or [None], _list(args.precision),

@@ -17,7 +17,8 @@ Baselines (each writes a runnable ONNX model):
   prune         per-layer magnitude pruning at the same share of the budget; stored as fp32
                 values + uint16 gaps between kept positions (6 bytes per kept weight), decoded
                 in-graph by Cast -> CumSum -> ScatterElements -> Reshape
-Budgets are bytes for all linear weights together, split over layers in proportion to their size.
+Budgets are bytes for all linear weights together; layers with fewer than ``min_size`` weights stay
+fp32 (as bfc's ``min_size``) and the rest of the budget is split over the others in proportion to size.
 """
 from __future__ import annotations
 
@@ -107,27 +108,44 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def int8_dynamic(model_path, out_path, nodes=None) -> Path:
+def eligible(sites: list[LinearSite], min_size: int = 0) -> list[LinearSite]:
+    """Sites with at least ``min_size`` weights (the others stay fp32, as bfc's ``min_size``)."""
+    return [s for s in sites if s.shape[0] * s.shape[1] >= min_size]
+
+
+def int8_dynamic(model_path, out_path, nodes=None, min_size: int = 0) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     model = onnx.load(str(model_path))
-    nodes = nodes if nodes is not None else [s.node for s in linear_sites(model)]
+    nodes = nodes if nodes is not None else [s.node for s in eligible(linear_sites(model), min_size)]
     quantize_dynamic(str(model_path), str(out_path), op_types_to_quantize=["MatMul"], nodes_to_quantize=list(nodes),
                      weight_type=QuantType.QInt8)
     return Path(out_path)
 
 
-def int4_nbits(model_path, out_path, block_size: int = 32) -> Path:
+def int4_nbits(model_path, out_path, block_size: int = 32, min_size: int = 0) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     model = onnx.load(str(model_path))
-    nodes = [s.node for s in linear_sites(model)]
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_include=nodes)
+    sites = linear_sites(model)
+    nodes = [s.node for s in eligible(sites, min_size)]
+    small = [s.node for s in sites if s.node not in nodes]      # nodes_to_include alone is not honoured
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_include=nodes,
+                             nodes_to_exclude=small)
     q.process()
     return _save(q.model.model, out_path)
 
 
-def _shares(sites: list[LinearSite], budget: float) -> list[float]:
-    sizes = np.array([s.shape[0] * s.shape[1] for s in sites], np.float64)
-    return list(budget * sizes / sizes.sum())
+def _split(model, budget: float, min_size: int, bytes_per_kept: int = 4):
+    """(eligible sites, their byte shares): the budget minus the fp32 bytes of the small sites
+    that stay dense, split in proportion to the eligible sites' sizes."""
+    sites = linear_sites(model)
+    elig = eligible(sites, min_size)
+    if not elig:
+        raise ConfigError(f"no MatMul weight has >= {min_size} elements; lower --min-size")
+    rest = budget - sum(bytes_per_kept * s.shape[0] * s.shape[1] for s in sites if s not in elig)
+    if rest <= 0:
+        raise ConfigError(f"budget {budget:.0f} bytes is below the fp32 bytes of the layers kept dense")
+    sizes = np.array([s.shape[0] * s.shape[1] for s in elig], np.float64)
+    return elig, list(rest * sizes / sizes.sum())
 
 
 def _check_budget(budget, model):
@@ -151,14 +169,15 @@ def _replace_node(model: onnx.ModelProto, name: str, new_nodes: list, new_inits:
     g.initializer.extend(new_inits)
 
 
-def svd_lowrank(model_path, out_path, budget: float, bytes_per_value: int = 4) -> tuple[Path, dict]:
+def svd_lowrank(model_path, out_path, budget: float, bytes_per_value: int = 4, min_size: int = 0,
+                kept_budget: float | None = None) -> tuple[Path, dict]:
     """Truncated SVD at ``budget`` linear-weight bytes; returns (path, {layer: rank})."""
     model = onnx.load(str(model_path))
     _check_budget(budget, model)
     inits = _inits(model)
-    sites = linear_sites(model)
     ranks = {}
-    for site, share in zip(sites, _shares(sites, budget)):
+    elig, shares = _split(model, budget if kept_budget is None else kept_budget, min_size)
+    for site, share in zip(elig, shares):
         m, n = site.shape
         k = int(share // (bytes_per_value * (m + n)))
         k = max(1, min(k, min(m, n)))
@@ -177,14 +196,16 @@ def svd_lowrank(model_path, out_path, budget: float, bytes_per_value: int = 4) -
     return _save(model, out_path), ranks
 
 
-def svd_int8(model_path, out_path, budget: float) -> tuple[Path, dict]:
+def svd_int8(model_path, out_path, budget: float, min_size: int = 0) -> tuple[Path, dict]:
     """SVD with int8 factors (``quantize_dynamic`` of the svd model), ~1 byte per factor value."""
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.stem + ".fp32-svd.onnx")
     try:
-        # scales/zero points add 5 bytes per factor matrix; 2 per layer
-        n_sites = len(linear_sites(onnx.load(str(model_path))))
-        _, ranks = svd_lowrank(model_path, tmp, max(budget - 10 * n_sites, 1), bytes_per_value=1)
+        # scales/zero points add 5 bytes per factor matrix; 2 per layer; small layers stay fp32
+        model = onnx.load(str(model_path))
+        n_sites = len(eligible(linear_sites(model), min_size))
+        _, ranks = svd_lowrank(model_path, tmp, budget, bytes_per_value=1, min_size=min_size,
+                               kept_budget=max(budget - 10 * n_sites, 1))
         nodes = [f"{n}_svd_{x}" for n in ranks for x in ("a", "b")]
         int8_dynamic(tmp, out_path, nodes)
     finally:
@@ -205,14 +226,14 @@ def _stepping_stones(pos) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def magnitude_prune(model_path, out_path, budget: float) -> tuple[Path, dict]:
+def magnitude_prune(model_path, out_path, budget: float, min_size: int = 0) -> tuple[Path, dict]:
     """Per-layer magnitude pruning at ``budget`` bytes (fp32 values + uint16 gaps); returns (path, {layer: kept})."""
     model = onnx.load(str(model_path))
     _check_budget(budget, model)
     inits = _inits(model)
-    sites = linear_sites(model)
     kept = {}
-    for site, share in zip(sites, _shares(sites, budget)):
+    elig, shares = _split(model, budget, min_size)
+    for site, share in zip(elig, shares):
         m, n = site.shape
         base = f"{site.node}_prune"
         overhead = 8 + 16 + 4          # int64 [1] flat size, int64 [2] shape, int32 CumSum axis
@@ -240,22 +261,23 @@ def magnitude_prune(model_path, out_path, budget: float) -> tuple[Path, dict]:
     return _save(model, out_path), kept
 
 
-def run_baseline(name: str, model_path, out_path, budget: float | None = None) -> tuple[Path, dict]:
-    """Build baseline ``name`` (see BASELINES); returns (path, details)."""
+def run_baseline(name: str, model_path, out_path, budget: float | None = None,
+                 min_size: int = 0) -> tuple[Path, dict]:
+    """Build baseline ``name`` (see BASELINES); layers with < ``min_size`` weights stay fp32."""
     if name == "int8-dynamic":
-        return int8_dynamic(model_path, out_path), {}
+        return int8_dynamic(model_path, out_path, min_size=min_size), {}
     if name == "int4-nbits":
-        return int4_nbits(model_path, out_path), {"bits": 4, "block_size": 32}
+        return int4_nbits(model_path, out_path, min_size=min_size), {"bits": 4, "block_size": 32}
     if name in BUDGETED and budget is None:
         raise ConfigError(f"baseline {name} needs a byte budget (--budgets)")
     if name == "svd":
-        p, ranks = svd_lowrank(model_path, out_path, budget)
+        p, ranks = svd_lowrank(model_path, out_path, budget, min_size=min_size)
         return p, {"mean_rank": float(np.mean(list(ranks.values())))}
     if name == "svd-int8":
-        p, ranks = svd_int8(model_path, out_path, budget)
+        p, ranks = svd_int8(model_path, out_path, budget, min_size=min_size)
         return p, {"mean_rank": float(np.mean(list(ranks.values())))}
     if name == "prune":
-        p, kept = magnitude_prune(model_path, out_path, budget)
+        p, kept = magnitude_prune(model_path, out_path, budget, min_size=min_size)
         return p, {"kept_fraction": float(sum(kept.values()) / sum(s.shape[0] * s.shape[1]
                                                                       for s in linear_sites(onnx.load(str(model_path)))))}
     raise ConfigError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")

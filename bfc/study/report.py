@@ -33,9 +33,10 @@ def label(r: dict) -> str:
         extra = [f"{k}={v}" for k, v in sorted(p.items())
                  if k not in ("structure", "rank", "residual_rank", "precision", "max_error")]
         return "bfc " + " ".join(bits + extra)
+    tail = f" (>= {p['min_size']} weights)" if p.get("min_size") else ""
     if "budget" in p:
-        return f"{r['kind']} @ {p['budget'] / 1e6:.3f} MB"
-    return r["kind"]
+        return f"{r['kind']} @ {p['budget'] / 1e6:.3f} MB{tail}"
+    return r["kind"] + tail
 
 
 def summary(records) -> dict:

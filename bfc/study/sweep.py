@@ -65,14 +65,16 @@ def bfc_point(**params) -> Point:
     return Point("bfc", tuple(sorted(params.items())))
 
 
-def baseline_point(name: str, budget: int | None = None) -> Point:
+def baseline_point(name: str, budget: int | None = None, min_size: int | None = None) -> Point:
+    """A baseline; ``min_size``: layers with fewer weights stay fp32 (default: every layer)."""
     if name not in BASELINES:
         raise ConfigError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
+    params = {} if not min_size else {"min_size": int(min_size)}
     if name in BUDGETED:
         if budget is None or budget <= 0:
             raise ConfigError(f"baseline {name} needs a positive byte budget")
-        return Point(name, (("budget", int(budget)),))
-    return Point(name)
+        params["budget"] = int(budget)
+    return Point(name, tuple(sorted(params.items())))
 
 
 def grid(structures=("monarch",), ranks=(None,), precisions=("int8",), max_errors=(None,),
@@ -278,7 +280,7 @@ class Study:
                                      "structures": structures[:12],
                                      "output_check": [[o.name, o.rel_error] for o in report.outputs]}}
         budget = pt.p.get("budget")
-        path, details = run_baseline(pt.kind, self.model, out, budget)
+        path, details = run_baseline(pt.kind, self.model, out, budget, pt.p.get("min_size", 0))
         rec = {"details": details}
         if pt.kind in ("svd", "prune"):
             rec.update(self._baseline_layer_errors(onnx.load(str(path))))
