@@ -12,7 +12,7 @@ from bfc.report import LayerRow, OutputRow, Report
 from bfc.passes.calibrate import collect
 from bfc.passes.cleanup import export, fix_batch
 from bfc.passes.find_sites import find_sites
-from bfc.passes.load import PROTO_LIMIT, as_model, default_opset
+from bfc.passes.load import PROTO_LIMIT, as_model, default_opset, proto_size
 from bfc.passes.plan import LayerPlan, plan_sites
 from bfc.passes.session import load_feeds, random_feeds
 from bfc.passes.verify import verify
@@ -67,14 +67,14 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=No
     if feeds is not None and eligible:
         note("calibrate", "running the original model")
         acts = collect(model, graph, sites, feeds, cfg.calibration_rows, cfg.seed)
-    model_bytes = model.ByteSize()
+    model_bytes = proto_size(model)
     plans = plan_sites(sites, cfg, acts, progress=lambda site: note("plan", site), model_bytes=model_bytes)
     note("rewrite", None)
     _rewriter(cfg.target)(graph, plans, default_opset(model))
     out = export(graph, model, [p.site.name for p in plans if p.rewritten])
     if cfg.fix_batch is not None:
         out = fix_batch(out, cfg.fix_batch)
-    out_bytes = out.ByteSize()
+    out_bytes = proto_size(out)
     report = Report(model=name, target=cfg.target.value, layers=[_row(p) for p in plans],
                     model_bytes_before=model_bytes, model_bytes_after=out_bytes)
     if cfg.verify and out_bytes < PROTO_LIMIT and model_bytes < PROTO_LIMIT:

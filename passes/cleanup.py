@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from bfc.passes.load import output_ir_version
+from bfc.passes.load import output_ir_version, proto_size
 
 
 def _export_light(graph: gs.Graph) -> onnx.ModelProto:
@@ -70,7 +70,7 @@ def check(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference and the ONNX checker in memory below INFER_LIMIT (they copy the model);
     larger models are checked from the saved file (``check_file``) and by loading them in
     onnxruntime (verification)."""
-    if model.ByteSize() < INFER_LIMIT:
+    if proto_size(model) < INFER_LIMIT:
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides

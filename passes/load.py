@@ -48,6 +48,15 @@ def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
                              "copy it next to the model")
 
 
+def proto_size(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model``, part by part (upb's ``ByteSize`` on a whole model serializes it
+    into a transient buffer as large as the model; one tensor at a time keeps that small)."""
+    g = model.graph
+    parts = [g.initializer, g.sparse_initializer, g.node, g.input, g.output, g.value_info, model.functions,
+             model.metadata_props, model.opset_import]
+    return sum(x.ByteSize() + 8 for part in parts for x in part) + 64
+
+
 def _has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model))
 
@@ -156,7 +165,7 @@ def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
     out = check_output_path(out, inp)
     model.ir_version = output_ir_version(model)
     folder = out.parent if str(out.parent) else Path(".")
-    big = model.ByteSize() > PROTO_LIMIT
+    big = proto_size(model) > PROTO_LIMIT
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".bfc-", dir=folder))
     except OSError as e:

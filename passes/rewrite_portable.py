@@ -62,18 +62,6 @@ class _Builder:
     def reshape(self, x, shape) -> gs.Variable:
         return self.op("Reshape", [x, self.const("shape", np.array(shape, np.int64))], dtype=self.dtype)
 
-    def transpose_view(self, x, dims, perm, out_shape) -> gs.Variable:
-        """Reshape x to ``dims`` (-1 for N), transpose by ``perm``, reshape to ``out_shape``;
-        size-1 dims are dropped and an identity permutation costs only a Reshape."""
-        keep = [i for i, d in enumerate(dims) if d != 1]
-        perm = [keep.index(p) for p in perm if p in keep]
-        dims = [dims[i] for i in keep]
-        if perm == sorted(perm):
-            return self.reshape(x, out_shape)
-        h = self.reshape(x, dims)
-        h = self.op("Transpose", [h], {"perm": perm}, dtype=self.dtype)
-        return self.reshape(h, out_shape)
-
 
 def _factor_weight(b: _Builder, lw: LayerWeights, l: int, opset: int):
     """Graph tensor holding factor l transposed per block, (a*d, c, b), in the model's float type."""
