@@ -83,11 +83,11 @@ def markdown(records, *, title="bfc study", metric_name="metric", plots=(), comm
             lines.append("")
             t = s["target_point"]
             if t is not None:
-                lines.append(f"**Target met**: `{label(t)}` reaches {t['metric']:.2f} "
+                lines.append(f"**Met** (within 1 point at <= 0.5x int8-dynamic bytes): `{label(t)}` reaches {t['metric']:.2f} "
                              f"({t['metric'] - ref['metric']:+.2f}) at {_mb(t['linear_bytes'])} MB = "
                              f"{t['linear_bytes'] / i8['linear_bytes']:.3f}x int8-dynamic.")
             else:
-                lines.append("**Target (within 1 point at <= 0.5x int8-dynamic bytes) not met** by any bfc point.")
+                lines.append("**Not met** by any bfc point: within 1 point of the reference at <= 0.5x int8-dynamic bytes.")
                 b = s["best_at_half_int8"]
                 if b is not None:
                     lines.append(f"Best bfc point at <= 0.5x int8 bytes: `{label(b)}`: {b['metric']:.2f} "
