@@ -38,7 +38,8 @@ def _row(p: LayerPlan) -> LayerRow:
                     params_before=p.params_before, params_after=p.params_after,
                     bytes_before=p.bytes_before, bytes_after=p.bytes_after,
                     flops_before=p.flops_before, flops_after=p.flops_after,
-                    error=p.error, error_kind=p.error_kind, reason=None if p.rewritten else (p.reason or "kept dense"))
+                    error=p.error, error_kind=p.error_kind, reason=None if p.rewritten else (p.reason or "kept dense"),
+                    note=p.note)
 
 
 def optimize(model_or_path, config: OptimizeConfig | None = None, *, progress=None):

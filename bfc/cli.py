@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="bfc", description="bfc, the butterfly compiler for ONNX: Kronecker-sparse, quantized "
                                          "MatMul/Gemm layers built from standard ONNX ops.")
     ap.add_argument("--version", action="version", version=f"bfc {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="{optimize,inspect,demo}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", metavar="{optimize,inspect,demo,study}", parser_class=_Parser)
     S = argparse.SUPPRESS
     op = sub.add_parser("optimize", help="rewrite a model's MatMul/Gemm layers as quantized KS layers")
     op.add_argument("model", type=Path, help="input .onnx model (never modified)")
@@ -57,10 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
     op.add_argument("--fix-batch", type=int, default=S, help="pin dynamic batch dimensions to N")
     op.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    op.add_argument("--reconstruct", action="store_true", default=S,
+                    help="fine-tune each quantized layer's factors to its calibration outputs (needs --calibration)")
+    op.add_argument("--reconstruct-steps", type=int, default=S, help="reconstruction steps per layer (default 100)")
+    op.add_argument("--reconstruct-lr", type=float, default=S, help="reconstruction step size (default 0.01)")
     op.add_argument("--report", type=Path, help="also write the report as JSON")
     op.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     ins = sub.add_parser("inspect", help="list a model's sites and what each could gain")
     ins.add_argument("model", type=Path)
+    sub.add_parser("study", add_help=False,
+                   help="sweep structure x rank x precision and baselines (bfc study --help)")
     dm = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST MLP and compare it with the original")
     dm.add_argument("-o", "--output", type=Path, help="where to keep the optimized demo model")
     dm.add_argument("--precision", default="int8")
@@ -226,7 +232,11 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] == "study":
+            from bfc.study import main as study_main
+            return study_main(argv[1:])
         args = _parser().parse_args(argv)
         if args.command is None:
             _parser().print_help()

@@ -79,6 +79,8 @@ class OptimizeConfig:
     include/exclude: fnmatch patterns on node names
     calibration: .npz of model inputs (names as keys) used for calibration and verification
     calibration_rows: at most this many activation rows per layer (seeded subsample) enter its Gram matrix
+    reconstruct: fine-tune each quantized layer's factors to its calibration outputs (bfc.reconstruct)
+    reconstruct_steps, reconstruct_lr: Adam steps per layer and step size (relative to each factor's RMS)
     """
     structure: Structure = Structure.AUTO
     rank: int | None = None
@@ -97,6 +99,9 @@ class OptimizeConfig:
     verify_tolerance: float | None = None
     fix_batch: int | None = None
     seed: int = 0
+    reconstruct: bool = False
+    reconstruct_steps: int = 100
+    reconstruct_lr: float = 1e-2
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -105,13 +110,14 @@ class OptimizeConfig:
         set_("target", _enum(Target, "target", self.target))
         set_("quant_method", _enum(QuantMethod, "quant_method", self.quant_method))
         for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
-                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1)):
+                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1),
+                         ("reconstruct_steps", 0)):
             v = getattr(self, name)
             if v is None and name in ("rank", "target_size", "fix_batch"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
-        for name in ("max_error", "verify_tolerance"):
+        for name in ("max_error", "verify_tolerance", "reconstruct_lr"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -127,6 +133,10 @@ class OptimizeConfig:
             set_(name, tuple(v))
         if self.calibration is not None:
             set_("calibration", Path(self.calibration))
+        if not isinstance(self.reconstruct, bool):
+            raise ConfigError(f"reconstruct={self.reconstruct!r} must be true or false")
+        if self.reconstruct and self.calibration is None:
+            raise ConfigError("reconstruct needs calibration data: pass --calibration FILE.npz of model inputs")
         if not isinstance(self.verify, bool):
             raise ConfigError(f"verify={self.verify!r} must be true or false")
         if self.structure is Structure.AUTO and self.max_error is None and self.target_size is None:

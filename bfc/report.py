@@ -21,6 +21,7 @@ class LayerRow:
     error: float | None        # relative layer error (see error_kind)
     error_kind: str            # "output" (calibration activations) or "weight"
     reason: str | None         # why the layer was not rewritten
+    note: str | None = None    # what else was done to a rewritten layer (e.g. reconstruction)
 
     @property
     def rewritten(self) -> bool:
@@ -69,7 +70,8 @@ class Report:
         rows = []
         for r in self.layers:
             err = "-" if r.error is None else f"{r.error:.2e}" + ("" if r.error_kind == "output" else " (w)")
-            note = r.reason or (f"{r.nodes} nodes share the weight" if r.nodes > 1 else "")
+            note = r.reason or "; ".join(x for x in (r.note, f"{r.nodes} nodes share the weight" if r.nodes > 1
+                                                     else None) if x)
             rows.append((r.layer, "x".join(map(str, r.shape)) or "-", r.structure, r.precision,
                          _ratio(r.params_before, r.params_after), _ratio(r.bytes_before, r.bytes_after, True),
                          _ratio(r.flops_before, r.flops_after), err, note))

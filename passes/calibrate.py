@@ -37,7 +37,7 @@ def collect(model: onnx.ModelProto, graph: gs.Graph, sites: list[Site], feeds: d
         if s.eligible:
             for sn in s.nodes:
                 node = find_node(graph, sn.name)
-                wanted[node.inputs[0].name] = (s, sn)
+                wanted.setdefault(node.inputs[0].name, []).append((s, sn))   # Q, K, V share an input
     names = list(wanted)
     if not names:
         return {}
@@ -56,17 +56,20 @@ def collect(model: onnx.ModelProto, graph: gs.Graph, sites: list[Site], feeds: d
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     rng = np.random.default_rng(seed)
     for part in chunks:                      # bounded memory: one chunk's activations at a time
-        for n, v in zip(names, run(sess, part, names)):
-            s, sn = wanted[n]
-            v = np.asarray(v)
-            v = (v.T if sn.trans_a else v).reshape(-1, v.shape[-1] if not sn.trans_a else v.shape[0])
-            if v.shape[0] > per_chunk:
-                v = v[np.sort(rng.choice(v.shape[0], per_chunk, replace=False))]
-            v = v.astype(np.float64)
-            g = v.T @ v
-            if s.weight_name in grams:
-                grams[s.weight_name] += g
-            else:
-                grams[s.weight_name] = g
+        for n, act in zip(names, run(sess, part, names)):
+            cache = {}
+            for s, sn in wanted[n]:
+                if sn.trans_a not in cache:
+                    v = np.asarray(act)
+                    v = (v.T if sn.trans_a else v).reshape(-1, v.shape[-1] if not sn.trans_a else v.shape[0])
+                    if v.shape[0] > per_chunk:
+                        v = v[np.sort(rng.choice(v.shape[0], per_chunk, replace=False))]
+                    v = v.astype(np.float64)
+                    cache[sn.trans_a] = v.T @ v
+                g = cache[sn.trans_a]
+                if s.weight_name in grams:
+                    grams[s.weight_name] += g
+                else:
+                    grams[s.weight_name] = g.copy()
     out = {k: g.astype(np.float32) for k, g in grams.items()}   # float32 storage; plan works in float64
     return out

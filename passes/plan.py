@@ -48,6 +48,7 @@ class LayerPlan:
     error: float | None = None
     error_kind: str = "weight"
     reason: str | None = None
+    note: str | None = None      # e.g. what reconstruction changed
 
     @property
     def rewritten(self) -> bool:
@@ -223,10 +224,33 @@ def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPla
                 found = [hit]
     if found:
         plan.weights, plan.structure, plan.precision, plan.error = found[0]
+        if cfg.reconstruct and x is not None and plan.precision not in ("fp32", "fp16"):
+            _reconstruct(plan, w, x, cfg)
         return plan
     plan.error = seen[0][0]
     plan.reason = f"error budget not met: best {seen[0][1]} has error {seen[0][0]:.3g} > max-error {budget:g}"
     return plan
+
+
+def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, cfg: OptimizeConfig) -> None:
+    """Fine-tune the planned layer's quantized factors on its calibration outputs (bfc.reconstruct).
+
+    ||X (W - W_hat)|| depends on X only through G = X^T X, so the rows of G^(1/2) stand in
+    for the calibration activations (at most M rows however many tokens were seen)."""
+    from bfc.quant import QuantizedFactor, QuantizedFactorization
+    from bfc.reconstruct import reconstruct
+    lw = plan.weights
+    evals, evecs = np.linalg.eigh(gram)
+    keep = evals > evals.max() * 1e-10
+    x = np.sqrt(evals[keep])[:, None] * evecs[:, keep].T
+    qf = QuantizedFactorization(lw.chain, tuple(QuantizedFactor(v, s) for v, s in zip(lw.values, lw.scales)),
+                                lw.row_perm, lw.col_perm, lw.low_rank, lw.precision.value, "planned", float("nan"))
+    res = reconstruct(qf, w, x, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr)
+    new = from_factorization(res.factorization, lw.precision)
+    err = layer_error(w, new, gram)
+    if err < plan.error:
+        plan.note = f"reconstructed: error {plan.error:.3g} -> {err:.3g}"
+        plan.weights, plan.error = new, err
 
 
 def _match(names, patterns):
