@@ -8,7 +8,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["factorize", "quant", "optimize", "runtime", "study"]
+ORDER = ["factorize", "quant", "optimize", "runtime", "minilm", "study"]
+TITLES = {"factorize": "Factorization", "quant": "Quantization", "optimize": "bfc optimize",
+          "runtime": "Native KSMatMul kernels", "minilm": "MiniLM-L6 end to end", "study": "Study"}
 
 
 def machine_line() -> str:
@@ -30,16 +32,24 @@ def write_result(name: str, title: str, command: str, body: str) -> Path:
     """Write bench/results/NAME.md and rebuild BENCHMARKS.md from every result file."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.md"
-    path.write_text(f"## {title}\n\nCommand: `{command}`  \nMachine: {machine_line()}\n\n{body.strip()}\n")
+    path.write_text(f"# {title}\n\nCommand: `{command}`  \nMachine: {machine_line()}\n\n{body.strip()}\n")
     assemble()
     return path
+
+
+def _section(path: Path) -> str:
+    """A result file as a BENCHMARKS.md section: headings one level down, a title if it has none."""
+    lines = [("#" + ln) if ln.startswith("#") else ln for ln in path.read_text().splitlines()]
+    if not lines or not lines[0].startswith("## "):
+        lines = [f"## {TITLES.get(path.stem, path.stem)}", ""] + lines
+    return "\n".join(lines) + "\n"
 
 
 def assemble() -> Path:
     parts = ["# bfc benchmarks\n\nEach section is produced by the command it names (results in `bench/results/`);"
              " ratios are measured side by side in one run.\n"]
     files = sorted(RESULTS.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
-    parts += [p.read_text() for p in files]
+    parts += [_section(p) for p in files]
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(parts))
     return out
