@@ -23,9 +23,10 @@ def check_matrix(w, name: str = "W") -> np.ndarray:
         raise InvalidInputError(f"{name} must be a 2-D matrix, got {w.ndim} dimensions (shape {w.shape})")
     if w.size == 0:
         raise InvalidInputError(f"{name} is empty (shape {w.shape}); give a matrix with at least one entry")
-    if not (np.issubdtype(w.dtype, np.number) or w.dtype.kind == "V" or w.dtype.kind == "f"):
-        raise InvalidInputError(f"{name} has non-numeric dtype {w.dtype}")
-    w = w.astype(np.complex128 if np.iscomplexobj(w) else np.float64, copy=False)
+    try:   # numbers, including ml_dtypes' bfloat16 / float8 (numpy kind 'V')
+        w = w.astype(np.complex128 if np.iscomplexobj(w) else np.float64, copy=False)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} has non-numeric dtype {w.dtype}") from None
     if not np.isfinite(w).all():
         bad = int((~np.isfinite(w)).sum())
         raise InvalidInputError(f"{name} has {bad} NaN/Inf entries; clean the weights before factorizing")
