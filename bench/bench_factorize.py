@@ -14,7 +14,7 @@ import numpy as np
 from scipy.linalg import hadamard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
 from bfc.factorize import factorize  # noqa: E402
 from bfc.ks import butterfly_chain, monarch_chain  # noqa: E402

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +22,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = """
@@ -58,16 +59,7 @@ BATCHES = (1, 32, 256)
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {ort.__version__}, "
-            f"onnx {onnx.__version__}, numpy {np.__version__}")
+    return f"{machine_line()}, onnx {onnx.__version__}"
 
 
 def matmul_model(m, n, seed=0):

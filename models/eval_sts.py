@@ -122,17 +122,8 @@ def stsb_dir(path=None) -> Path:
 
 def load_stsb(path=None, split: str = "dev"):
     """(sentences1, sentences2, scores 0..5) of an STS-B split (tab-separated csv)."""
-    p = Path(path) if path and Path(path).is_file() else stsb_dir(path) / f"sts-{split}.csv"
-    s1, s2, scores = [], [], []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) < 7:
-                raise ValueError(f"{p}:{lineno}: expected >= 7 tab-separated columns, got {len(cols)}")
-            scores.append(float(cols[4]))
-            s1.append(cols[5])
-            s2.append(cols[6])
-    return s1, s2, np.asarray(scores)
+    from bfc.study.evaluators import load_stsb as read_split
+    return read_split(Path(path) if path and Path(path).is_file() else stsb_dir(path) / f"sts-{split}.csv")
 
 
 def gensim_test_data() -> Path:

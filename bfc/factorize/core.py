@@ -8,7 +8,7 @@ from bfc.factorize.calibrated import activation_gram, refine_weighted, weighted_
 from bfc.factorize.hierarchical import hierarchical
 from bfc.factorize.perm import bitrev_perm, candidate_perms, check_perm
 from bfc.factorize.result import KSFactorization
-from bfc.ks import Chain, parse_chain
+from bfc.ks import parse_chain
 
 ORDERS = ("balanced", "left-to-right")
 

@@ -49,7 +49,7 @@ class KSPattern:
 
     def row_index(self) -> np.ndarray:
         """Row of every value, shape ``value_shape``."""
-        a, b, c, d = self.a, self.b, self.c, self.d
+        a, b, d = self.a, self.b, self.d
         i = np.arange(a)[:, None, None, None]
         l = np.arange(d)[None, :, None, None]
         j = np.arange(b)[None, None, :, None]
@@ -57,7 +57,7 @@ class KSPattern:
 
     def col_index(self) -> np.ndarray:
         """Column of every value, shape ``value_shape``."""
-        a, b, c, d = self.a, self.b, self.c, self.d
+        a, c, d = self.a, self.c, self.d
         i = np.arange(a)[:, None, None, None]
         l = np.arange(d)[None, :, None, None]
         k = np.arange(c)[None, None, None, :]
