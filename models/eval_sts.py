@@ -27,28 +27,13 @@ REFERENCE = {"stsb_dev_spearman": 86.72, "wordsim353_spearman": 0.729, "lee_pear
 
 
 # ---- statistics ---------------------------------------------------------------------------
-def rankdata(x) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size, dtype=np.float64)
-    xs = x[order]
-    start = 0
-    for end in range(1, x.size + 1):
-        if end == x.size or xs[end] != xs[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2.0
-            start = end
-    return ranks
+from bfc.study.evaluators import rankdata, spearman  # noqa: E402,F401  (one implementation, in the package)
 
 
 def pearson(x, y) -> float:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     x, y = x - x.mean(), y - y.mean()
     return float((x @ y) / np.sqrt((x @ x) * (y @ y)))
-
-
-def spearman(x, y) -> float:
-    return pearson(rankdata(x), rankdata(y))
 
 
 def cosine_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -22,8 +22,6 @@ fp32 (as bfc's ``min_size``) and the rest of the budget is split over the others
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,17 +93,9 @@ def linear_bytes(original: onnx.ModelProto, model: onnx.ModelProto | None = None
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from bfc.passes.load import save_model   # atomic, external data above 2 GB
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_model(model, path)
 
 
 def eligible(sites: list[LinearSite], min_size: int = 0) -> list[LinearSite]:

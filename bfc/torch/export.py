@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,16 +114,9 @@ def export_onnx(module: nn.Module, path, example, *, input_names=None, output_na
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     onnx.checker.check_model(proto)
+    from bfc.passes.load import save_model   # atomic, external data above 2 GB
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_model(proto, path)
 
 
 def ks_layers_metadata(model) -> list[dict]:
