@@ -1,0 +1,14 @@
+"""Low-bit (int2/int3/int4) weights behind orthogonal butterfly rotations.
+
+``y = x @ W = (x Q)(Q^T W)``: Q an orthogonal KS chain (``rotation``), Q^T W stored in a
+group-wise low-bit format (``groups``, ``packing``, ``ort_layout``), rounded with error
+feedback (``gptq``), plus an optional low-rank correction (``correction``).  The front
+function is ``rotate_quantize`` (``layer``).
+"""
+from bfc.lowbit.groups import GroupQuantized, LowBitFormat, PackedGroups, quantize_groups, weighted_error
+from bfc.lowbit.packing import pack_bits, packed_nbytes, unpack_bits
+from bfc.lowbit.rotation import ButterflyRotation, RotationParams, rotation_chain
+
+__all__ = ["GroupQuantized", "LowBitFormat", "PackedGroups", "quantize_groups", "weighted_error",
+           "pack_bits", "unpack_bits", "packed_nbytes", "ButterflyRotation", "RotationParams",
+           "rotation_chain"]
