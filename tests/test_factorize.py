@@ -2,7 +2,7 @@
 calibration-aware variant, selection and bad input."""
 import numpy as np
 import pytest
-from scipy.linalg import hadamard
+from scipy.linalg import hadamard  # declared in the test extra
 
 from bfc.errors import BfcError, ChainError, InvalidInputError
 from bfc.factorize import (bitrev_perm, cheapest, chain_for, factorize, inverse_perm,
