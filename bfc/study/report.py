@@ -6,7 +6,7 @@ import platform
 import time
 from pathlib import Path
 
-from bfc.study.plots import ok, pareto_front
+from bfc.study.plots import NO_PLOTS, available, ok, pareto_front
 
 
 def _mb(n) -> str:
@@ -127,4 +127,6 @@ def markdown(records, *, title="bfc study", metric_name="metric", plots=(), comm
         for p in plots:
             rel = os.path.relpath(p, out_dir) if out_dir else str(p)
             lines += [f"![{Path(p).stem}]({rel})", ""]
+    elif ok(records) and not available():
+        lines += ["", "## Plots", "", NO_PLOTS[0].upper() + NO_PLOTS[1:] + "."]
     return "\n".join(lines) + "\n"

@@ -200,20 +200,12 @@ class Study:
         self._acts = None
 
     def _check_feed(self) -> dict:
-        sess = session(self.model, threads=1)
+        """A small input feed: the first 8 calibration rows, the evaluator's sample, or random inputs."""
+        from bfc.passes.session import load_feeds, random_feeds
         if self.calibration is not None:
-            try:
-                data = np.load(self.calibration)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"calibration file {self.calibration} is not a readable .npz ({e})") from None
-            feed = {i.name: data[i.name][:8] for i in sess.get_inputs() if i.name in data.files}
-            if len(feed) == len(sess.get_inputs()):
-                return feed
-            raise ConfigError(f"calibration file {self.calibration} lacks inputs "
-                              f"{[i.name for i in sess.get_inputs() if i.name not in feed]}")
+            return {k: v[:8] if v.ndim else v for k, v in load_feeds(self.calibration, self._orig).items()}
         if self.evaluator.sample is not None:
-            return self.evaluator.sample(sess)
-        from bfc.passes.session import random_feeds
+            return self.evaluator.sample(session(self.model, threads=1))
         return random_feeds(self._orig, 0)
 
     def done(self) -> dict:
