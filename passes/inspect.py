@@ -17,7 +17,8 @@ from bfc.passes.load import as_model
 
 
 def _fmt(n: float) -> str:
-    for unit, k in (("M", 1e6), ("k", 1e3)):
+    """Decimal SI prefixes (k = 1000, M = 10^6, G = 10^9), as every size bfc prints; "B" appended for bytes."""
+    for unit, k in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= k:
             return f"{n / k:.1f}{unit}"
     return str(int(n))
