@@ -237,7 +237,8 @@ def test_creation_errors():
     _creation_error(_model(PAT, ok, ["B", 8], {"in_perm": [0] * 8}), "in_perm", "repeated")
     _creation_error(_model(PAT, ok, ["B", 8], {"out_perm": list(range(11)) + [12]}), "out_perm", "out of range")
     _creation_error(_model(PAT[:4], ok, ["B", 8]), "1 factors", "more")  # extra inputs
-    _creation_error(_model(PAT + [4, 1, 1, 1], ok, ["B", 8]), "values_2", "constant")
+    _creation_error(_model(PAT + [4, 1, 1, 1], ok, ["B", 8]), "invalid chain", "12 outputs", "4 inputs")
+    _creation_error(_model(PAT + [12, 1, 1, 1], ok, ["B", 8]), "values_2", "constant")
     bias = [_t("bias", np.ones(5, np.float32))]
     _creation_error(_model(PAT, ok + bias, ["B", 8], bias="bias"), "bias", "(5,)", "12")
 

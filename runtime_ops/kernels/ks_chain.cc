@@ -1,49 +1,17 @@
-// Plan building (validation + prepacking) and the per-tile chain executor.
+// Plan building (prepacking after validate_node) and the per-tile chain executor.
 #include "ks_chain.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <new>
-#include <sstream>
 #include <mutex>
+
+#include "ks_tile.h"
 
 namespace bfc {
 namespace ks {
 namespace {
-
-constexpr int64_t kMaxDim = int64_t(1) << 31;      // any single feature dimension
-constexpr int64_t kMaxElems = int64_t(1) << 40;    // guard for products of dimensions
-constexpr int64_t kMaxInt8Reduction = int64_t(1) << 16;  // int32 accumulation headroom
-
-bool mul_ok(int64_t x, int64_t y, int64_t* out) {
-  if (x < 0 || y < 0) return false;
-  if (x != 0 && y > kMaxElems / x) return false;
-  *out = x * y;
-  return true;
-}
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  if (s.size() == 1) o << ",";
-  o << ")";
-  return o.str();
-}
-
-const char* dtype_name(int t) {
-  switch (t) {
-    case 1: return "float32";
-    case 3: return "int8";
-    case 10: return "float16";
-    case 17: return "float8e4m3fn";
-    case 19: return "float8e5m2";
-    default: return "unsupported";
-  }
-}
 
 float half_to_float(uint16_t h) {
   const uint32_t s = uint32_t(h & 0x8000u) << 16;
@@ -93,14 +61,14 @@ const Luts& luts() {
   return l;
 }
 
-float values_at(const FactorInput& in, int64_t idx) {
-  switch (in.values_dtype) {
-    case 1: return static_cast<const float*>(in.values)[idx];
-    case 3: return float(static_cast<const int8_t*>(in.values)[idx]);
-    case 10: return half_to_float(static_cast<const uint16_t*>(in.values)[idx]);
-    case 17: return luts().e4m3[static_cast<const uint8_t*>(in.values)[idx]];
-    case 19: return luts().e5m2[static_cast<const uint8_t*>(in.values)[idx]];
-    default: return 0.f;
+// values[idx] decoded exactly to float32 (dtype validated by validate_node)
+float value_at(int dtype, const void* values, int64_t idx) {
+  switch (dtype) {
+    case kTypeFloat: return static_cast<const float*>(values)[idx];
+    case kTypeInt8: return float(static_cast<const int8_t*>(values)[idx]);
+    case kTypeFloat16: return half_to_float(static_cast<const uint16_t*>(values)[idx]);
+    case kTypeF8E4M3FN: return luts().e4m3[static_cast<const uint8_t*>(values)[idx]];
+    default: return luts().e5m2[static_cast<const uint8_t*>(values)[idx]];
   }
 }
 
@@ -118,25 +86,50 @@ int choose_mr(int64_t c) {
   return best;
 }
 
-std::string check_perm(const char* name, const std::vector<int64_t>& p, int64_t n) {
-  if (p.empty()) return "";
-  std::ostringstream o;
-  if (int64_t(p.size()) != n) {
-    o << "KSMatMul: attribute '" << name << "' has " << p.size() << " entries but the chain "
-      << (name[0] == 'i' ? "input" : "output") << " dimension is " << n
-      << " (it must be a permutation of 0.." << n - 1 << ", or absent for identity)";
-    return o.str();
-  }
-  std::vector<char> seen(size_t(n), 0);
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (p[i] < 0 || p[i] >= n || seen[size_t(p[i])]) {
-      o << "KSMatMul: attribute '" << name << "' is not a permutation of 0.." << n - 1 << ": entry " << i
-        << " is " << p[i] << (p[i] >= 0 && p[i] < n ? " (repeated)" : " (out of range)");
-      return o.str();
-    }
-    seen[size_t(p[i])] = 1;
-  }
-  return "";
+// Prepacks factor (a, b, c, d) from canonical values V (a, d, b, c) and scale S (4-D,
+// broadcast over dims of size 1).  Register tile (i, l, kt) covers outputs k = kt*mr + r.
+void pack_factor(const int64_t* pat, const TensorDesc& values, const TensorDesc& scale, Factor* f) {
+  const int64_t a = pat[0], b = pat[1], c = pat[2], d = pat[3];
+  f->a = a, f->b = b, f->c = c, f->d = d;
+  const int dt = values.dtype;
+  f->path = dt == kTypeInt8 ? Path::I8 : (dt == kTypeF8E4M3FN || dt == kTypeF8E5M2) ? Path::FP8 : Path::F32;
+  f->mr = choose_mr(c);
+  f->small = b <= 4 && c <= 4;
+  f->nkt = (c + f->mr - 1) / f->mr;
+  f->bp = (b + 1) / 2;
+  const int mr = f->mr;
+  const std::vector<int64_t>& ss = scale.dims;
+  const float* sv = static_cast<const float*>(scale.data);
+  auto scale_at = [&](int64_t i, int64_t l, int64_t k) {
+    const int64_t si = ss[0] == 1 ? 0 : i, sl = ss[1] == 1 ? 0 : l, sk = ss[3] == 1 ? 0 : k;
+    return sv[(si * ss[1] + sl) * ss[3] + sk];
+  };
+  auto v_at = [&](int64_t i, int64_t l, int64_t j, int64_t k) {
+    return value_at(dt, values.data, ((i * d + l) * b + j) * c + k);
+  };
+  // packed slot of (block i*d + l, tile kt, output r): F32 weights hold V*S (scale folded
+  // in); FP8 the decoded bytes and I8 (small factors only) the integers as floats, the
+  // scale applied in the epilogue from sc.  Small factors have mr == c, nkt == 1, so wf
+  // is then simply V[i, l, j, k] at ((i*d + l)*b + j)*c + k.
+  const bool fold_scale = f->path == Path::F32;
+  if (f->path != Path::I8 || f->small) f->wf.assign(size_t(a * d * f->nkt * b * mr), 0.f);
+  if (f->path != Path::F32) f->sc.assign(size_t(a * d * f->nkt * mr), 0.f);
+  if (f->path == Path::I8) f->wq.assign(size_t(a * d * f->nkt * f->bp * mr * 2), 0);
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t l = 0; l < d; ++l)
+      for (int64_t kt = 0; kt < f->nkt; ++kt) {
+        const int64_t tile = (i * d + l) * f->nkt + kt;
+        for (int r = 0; r < mr && kt * mr + r < c; ++r) {
+          const int64_t k = kt * mr + r;
+          if (!fold_scale) f->sc[size_t(tile * mr + r)] = scale_at(i, l, k);
+          for (int64_t j = 0; j < b; ++j) {
+            const float v = v_at(i, l, j, k);
+            if (!f->wf.empty()) f->wf[size_t(tile * b * mr + j * mr + r)] = fold_scale ? v * scale_at(i, l, k) : v;
+            // int8 pairs: wq[((tile*bp + j/2)*mr + r)*2 + j%2] = V[i, l, j, k]
+            if (f->path == Path::I8) f->wq[size_t(((tile * f->bp + j / 2) * mr + r) * 2 + j % 2)] = int16_t(v);
+          }
+        }
+      }
 }
 
 }  // namespace
@@ -152,167 +145,29 @@ bool cpu_has_avx2() {
 #endif
 }
 
-std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<FactorInput>& inputs,
-                       const std::vector<int64_t>& in_perm, const std::vector<int64_t>& out_perm,
-                       const char* isa_override, Plan* plan) {
-  std::ostringstream err;
-  if (patterns.empty() || patterns.size() % 4 != 0) {
-    err << "KSMatMul: attribute 'patterns' must hold 4 positive integers (a, b, c, d) per factor, got "
-        << patterns.size() << " values";
-    return err.str();
-  }
-  const size_t L = patterns.size() / 4;
-  if (inputs.size() != L) {
-    err << "KSMatMul: 'patterns' describes " << L << " factors, so the node needs " << 2 + 2 * L
-        << " inputs (X, bias, then values_l, scale_l per factor), got factors for " << inputs.size();
-    return err.str();
-  }
-  plan->factors.clear();
-  plan->factors.resize(L);
-  for (size_t l = 0; l < L; ++l) {
-    const int64_t a = patterns[4 * l], b = patterns[4 * l + 1], c = patterns[4 * l + 2], d = patterns[4 * l + 3];
-    if (a < 1 || b < 1 || c < 1 || d < 1 || a >= kMaxDim || b >= kMaxDim || c >= kMaxDim || d >= kMaxDim) {
-      err << "KSMatMul: factor " << l << " has pattern (a, b, c, d) = (" << a << ", " << b << ", " << c << ", "
-          << d << "); every entry must be a positive integer below 2^31";
-      return err.str();
-    }
-    int64_t ad, abd, acd, nnz;
-    if (!mul_ok(a, d, &ad) || !mul_ok(ad, b, &abd) || !mul_ok(ad, c, &acd) || !mul_ok(abd, c, &nnz) ||
-        abd >= kMaxDim || acd >= kMaxDim) {
-      err << "KSMatMul: factor " << l << " pattern (" << a << ", " << b << ", " << c << ", " << d
-          << ") is too large (feature dimensions must stay below 2^31)";
-      return err.str();
-    }
-    if (l > 0) {
-      const Factor& p = plan->factors[l - 1];
-      if (p.out_dim() != abd) {
-        err << "KSMatMul: invalid chain: factor " << l - 1 << " (" << p.a << ", " << p.b << ", " << p.c << ", "
-            << p.d << ") has a*c*d = " << p.out_dim() << " outputs but factor " << l << " (" << a << ", " << b
-            << ", " << c << ", " << d << ") has a*b*d = " << abd << " inputs";
-        return err.str();
-      }
-    }
-    const FactorInput& in = inputs[l];
-    const std::vector<int64_t> want = {a, d, b, c};
-    if (in.values_shape != want) {
-      err << "KSMatMul: input values_" << l << " (input " << 2 + 2 * l << ") has shape "
-          << shape_str(in.values_shape) << " but pattern (" << a << ", " << b << ", " << c << ", " << d
-          << ") needs (a, d, b, c) = " << shape_str(want);
-      return err.str();
-    }
-    if (std::string(dtype_name(in.values_dtype)) == "unsupported") {
-      err << "KSMatMul: input values_" << l << " (input " << 2 + 2 * l << ") has ONNX element type "
-          << in.values_dtype << "; supported: int8, float8e4m3fn, float8e5m2, float16, float32";
-      return err.str();
-    }
-    if (in.values == nullptr && nnz > 0) {
-      err << "KSMatMul: input values_" << l << " has no data";
-      return err.str();
-    }
-    if (in.scale_dtype != 1) {
-      err << "KSMatMul: input scale_" << l << " (input " << 3 + 2 * l << ") must be float32, got ONNX element type "
-          << in.scale_dtype;
-      return err.str();
-    }
-    const std::vector<int64_t>& ss = in.scale_shape;
-    if (ss.size() != 4 || (ss[0] != 1 && ss[0] != a) || (ss[1] != 1 && ss[1] != d) || ss[2] != 1 ||
-        (ss[3] != 1 && ss[3] != c)) {
-      err << "KSMatMul: input scale_" << l << " (input " << 3 + 2 * l << ") has shape " << shape_str(ss)
-          << "; it must be 4-D and broadcastable to values (a, d, b, c) = " << shape_str(want)
-          << " with every dim 1 or full and dim 2 equal to 1, e.g. (1, 1, 1, 1), (" << a << ", " << d
-          << ", 1, 1) or (" << a << ", " << d << ", 1, " << c << ")";
-      return err.str();
-    }
-    if (in.scale == nullptr) {
-      err << "KSMatMul: input scale_" << l << " has no data";
-      return err.str();
-    }
-    if (in.values_dtype == 3 && b > kMaxInt8Reduction) {
-      err << "KSMatMul: int8 factor " << l << " has b = " << b << " > " << kMaxInt8Reduction
-          << " inputs per block (int32 accumulation could overflow); use float16/float32 values";
-      return err.str();
-    }
-
-    Factor& f = plan->factors[l];
-    f.a = a, f.b = b, f.c = c, f.d = d;
-    f.path = in.values_dtype == 3 ? Path::I8 : (in.values_dtype == 17 || in.values_dtype == 19) ? Path::FP8 : Path::F32;
-    f.mr = choose_mr(c);
-    f.small = b <= 4 && c <= 4;
-    f.nkt = (c + f.mr - 1) / f.mr;
-    f.bp = (b + 1) / 2;
-    const int mr = f.mr;
-    auto scale_at = [&](int64_t i, int64_t ll, int64_t k) {
-      const int64_t si = ss[0] == 1 ? 0 : i, sl = ss[1] == 1 ? 0 : ll, sk = ss[3] == 1 ? 0 : k;
-      return in.scale[(si * ss[1] + sl) * ss[3] + sk];
-    };
-    auto vidx = [&](int64_t i, int64_t ll, int64_t j, int64_t k) { return ((i * d + ll) * b + j) * c + k; };
-    if (f.path == Path::F32) {
-      f.wf.assign(size_t(ad * f.nkt * b * mr), 0.f);
-      for (int64_t i = 0; i < a; ++i)
-        for (int64_t ll = 0; ll < d; ++ll)
-          for (int64_t kt = 0; kt < f.nkt; ++kt) {
-            float* w = f.wf.data() + ((i * d + ll) * f.nkt + kt) * b * mr;
-            for (int64_t j = 0; j < b; ++j)
-              for (int r = 0; r < mr; ++r) {
-                const int64_t k = kt * mr + r;
-                if (k < c) w[j * mr + r] = values_at(in, vidx(i, ll, j, k)) * scale_at(i, ll, k);
-              }
-          }
-    } else {
-      f.sc.assign(size_t(ad * f.nkt * mr), 0.f);
-      const float extra = 1.f;
-      for (int64_t i = 0; i < a; ++i)
-        for (int64_t ll = 0; ll < d; ++ll)
-          for (int64_t kt = 0; kt < f.nkt; ++kt)
-            for (int r = 0; r < mr; ++r) {
-              const int64_t k = kt * mr + r;
-              if (k < c) f.sc[size_t(((i * d + ll) * f.nkt + kt) * mr + r)] = scale_at(i, ll, k) * extra;
-            }
-      if (f.path == Path::FP8) {
-        const float* lut = in.values_dtype == 17 ? luts().e4m3 : luts().e5m2;
-        f.wf.assign(size_t(ad * f.nkt * b * mr), 0.f);
-        const uint8_t* v8 = static_cast<const uint8_t*>(in.values);
-        for (int64_t i = 0; i < a; ++i)
-          for (int64_t ll = 0; ll < d; ++ll)
-            for (int64_t kt = 0; kt < f.nkt; ++kt) {
-              float* w = f.wf.data() + ((i * d + ll) * f.nkt + kt) * b * mr;
-              for (int64_t j = 0; j < b; ++j)
-                for (int r = 0; r < mr; ++r) {
-                  const int64_t k = kt * mr + r;
-                  if (k < c) w[j * mr + r] = lut[v8[vidx(i, ll, j, k)]];
-                }
-            }
-      } else {
-        f.wq.assign(size_t(ad * f.nkt * f.bp * mr * 2), 0);
-        const int8_t* v8 = static_cast<const int8_t*>(in.values);
-        for (int64_t i = 0; i < a; ++i)
-          for (int64_t ll = 0; ll < d; ++ll)
-            for (int64_t kt = 0; kt < f.nkt; ++kt) {
-              int16_t* w = f.wq.data() + ((i * d + ll) * f.nkt + kt) * f.bp * mr * 2;
-              for (int64_t j = 0; j < b; ++j)
-                for (int r = 0; r < mr; ++r) {
-                  const int64_t k = kt * mr + r;
-                  if (k < c) w[((j / 2) * mr + r) * 2 + (j % 2)] = v8[vidx(i, ll, j, k)];
-                }
-            }
-        if (f.small) {  // float copy for the exact float-accumulating small kernels
-          f.wf.assign(size_t(ad * b * c), 0.f);
-          for (int64_t i = 0; i < a; ++i)
-            for (int64_t ll = 0; ll < d; ++ll)
-              for (int64_t j = 0; j < b; ++j)
-                for (int64_t k = 0; k < c; ++k)
-                  f.wf[size_t(((i * d + ll) * b + j) * c + k)] = float(v8[vidx(i, ll, j, k)]);
-        }
-      }
-    }
-  }
-  plan->M = plan->factors.front().in_dim();
-  plan->N = plan->factors.back().out_dim();
-  std::string e = check_perm("in_perm", in_perm, plan->M);
+std::string build_plan(const NodeDesc& node, const char* isa_override, Plan* plan) {
+  NodeDesc n = node;
+  n.need_constants = true;
+  ChainDims dims;
+  std::string e = validate_node(n, &dims);
   if (!e.empty()) return e;
-  e = check_perm("out_perm", out_perm, plan->N);
-  if (!e.empty()) return e;
-  // block-major storage order of every factor input (see ks_chain.h)
+  const std::string isa = isa_override ? isa_override : "";
+  if (isa.empty() || isa == "auto") {
+    plan->isa = cpu_has_avx2() ? 1 : 0;
+  } else if (isa == "portable") {
+    plan->isa = 0;
+  } else if (isa == "avx2") {
+    if (!cpu_has_avx2()) return "KSMatMul: BFC_KS_ISA=avx2 was requested but this build or CPU has no AVX2/FMA";
+    plan->isa = 1;
+  } else {
+    return "KSMatMul: BFC_KS_ISA must be auto, portable or avx2, got '" + isa + "'";
+  }
+  const size_t L = n.patterns.size() / 4;
+  plan->M = dims.M, plan->N = dims.N;
+  plan->factors.assign(L, Factor());
+  for (size_t l = 0; l < L; ++l) pack_factor(&n.patterns[4 * l], n.factors[2 * l], n.factors[2 * l + 1], &plan->factors[l]);
+  // block-major storage order of every factor input (see ks_chain.h): feature
+  // i*b*d + j*d + l of factor f lives in row (i*d + l)*b + j
   auto block_row = [](const Factor& f, int64_t feat) {
     const int64_t i = feat / (f.b * f.d), rem = feat % (f.b * f.d), j = rem / f.d, l = rem % f.d;
     return int32_t((i * f.d + l) * f.b + j);
@@ -323,15 +178,13 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
     for (int64_t o = 0; o < f.out_dim(); ++o)
       f.out_row[size_t(o)] = l + 1 < L ? block_row(plan->factors[l + 1], o) : int32_t(o);
   }
-  plan->in_row.resize(size_t(plan->M));
-  for (int64_t fi = 0; fi < plan->M; ++fi) plan->in_row[size_t(fi)] = block_row(plan->factors[0], fi);
-  plan->in_perm = in_perm;
-  plan->out_perm = out_perm;
+  // X column s feeds chain input fi with in_perm[fi] = s; Y column o reads chain output out_perm[o]
   plan->gather_row.resize(size_t(plan->M));
   for (int64_t fi = 0; fi < plan->M; ++fi)
-    plan->gather_row[size_t(in_perm.empty() ? fi : in_perm[size_t(fi)])] = plan->in_row[size_t(fi)];
+    plan->gather_row[size_t(n.in_perm.empty() ? fi : n.in_perm[size_t(fi)])] = block_row(plan->factors[0], fi);
   plan->scatter_row.resize(size_t(plan->N));
-  for (int64_t o = 0; o < plan->N; ++o) plan->scatter_row[size_t(o)] = int32_t(out_perm.empty() ? o : out_perm[size_t(o)]);
+  for (int64_t o = 0; o < plan->N; ++o)
+    plan->scatter_row[size_t(o)] = int32_t(n.out_perm.empty() ? o : n.out_perm[size_t(o)]);
   plan->max_dim = plan->M;
   plan->max_pairs = 0;
   for (const Factor& f : plan->factors) {
@@ -355,17 +208,6 @@ std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<F
   plan->df_group_rows = 0;
   for (size_t m = plan->df_start + 1; m < L; ++m)
     plan->df_group_rows = std::max(plan->df_group_rows, plan->factors[m].in_dim() / plan->factors[plan->df_start].a);
-  const std::string isa = isa_override ? isa_override : "";
-  if (isa.empty() || isa == "auto") {
-    plan->isa = cpu_has_avx2() ? 1 : 0;
-  } else if (isa == "portable") {
-    plan->isa = 0;
-  } else if (isa == "avx2") {
-    if (!cpu_has_avx2()) return "KSMatMul: BFC_KS_ISA=avx2 was requested but this build or CPU has no AVX2/FMA";
-    plan->isa = 1;
-  } else {
-    return "KSMatMul: BFC_KS_ISA must be auto, portable or avx2, got '" + isa + "'";
-  }
   return "";
 }
 
@@ -486,10 +328,7 @@ void small_run_fn(void* u, size_t t) {
     if (f.path == Path::I8) {
       if (small_i8 && have_max) {
         const float* am = e.MX + t * e.nb;
-        for (int n = 0; n < e.nb; ++n) {  // as LayerTable::amax
-          e.CS[t * e.nb + n] = am[n] / 127.f;
-          e.INV[t * e.nb + n] = am[n] > 0.f ? 127.f / am[n] : 0.f;
-        }
+        for (int n = 0; n < e.nb; ++n) int8_column_scale(am[n], &e.CS[t * e.nb + n], &e.INV[t * e.nb + n]);
       } else if (small_i8)
         e.T->amax(in, f.in_dim(), e.CS + t * e.nb, e.INV + t * e.nb, e.nb);
       else

@@ -31,22 +31,12 @@
 #include <string>
 #include <vector>
 
+#include "ks_validate.h"
+
 namespace bfc {
 namespace ks {
 
-enum class DType : int { F32 = 1, F16 = 10, I8 = 3, F8E4M3FN = 17, F8E5M2 = 19 };
 enum class Path : int { F32 = 0, FP8 = 1, I8 = 2 };
-
-// Raw description of one factor as it arrives (pointers are only read during build).
-struct FactorInput {
-  int64_t a = 0, b = 0, c = 0, d = 0;
-  int values_dtype = 0;              // ONNX element type number
-  std::vector<int64_t> values_shape;
-  const void* values = nullptr;
-  int scale_dtype = 0;
-  std::vector<int64_t> scale_shape;
-  const float* scale = nullptr;
-};
 
 // One factor, prepacked for the register tiles.
 struct Factor {
@@ -90,11 +80,8 @@ struct ScratchBuf {
 struct Plan {
   int64_t M = 0, N = 0;
   std::vector<Factor> factors;
-  std::vector<int64_t> in_perm;   // empty = identity
-  std::vector<int64_t> out_perm;  // empty = identity
   int64_t max_dim = 0;            // largest feature dimension along the chain
   int64_t max_pairs = 0;          // largest int8 pair-row count
-  std::vector<int32_t> in_row;    // storage row of chain input feature f (first factor's block-major order)
   std::vector<int32_t> gather_row;   // storage row of X column s (in_perm folded in)
   std::vector<int32_t> scatter_row;  // final-buffer row of Y column o (out_perm folded in)
   size_t df_start = 0;            // first factor of the depth-first small-block tail (L = none)
@@ -104,10 +91,9 @@ struct Plan {
   mutable ScratchBuf scratch;
 };
 
-// Validates everything and prepacks.  Returns "" on success, otherwise a message.
-std::string build_plan(const std::vector<int64_t>& patterns, const std::vector<FactorInput>& inputs,
-                       const std::vector<int64_t>& in_perm, const std::vector<int64_t>& out_perm,
-                       const char* isa_override, Plan* out);
+// Validates the node (validate_node, with its constant values and scales) and prepacks
+// the factors.  Returns "" on success, otherwise a message naming the input and shapes.
+std::string build_plan(const NodeDesc& node, const char* isa_override, Plan* out);
 
 // Tile width for a batch of `rows` rows.
 int tile_width(int64_t rows);
@@ -117,10 +103,9 @@ inline int64_t num_tiles(int64_t rows, int nb) { return (rows + nb - 1) / nb; }
 // [0, n); returns false on failure.
 using ParallelFor = bool (*)(void* ctx, void (*fn)(void* user, size_t i), size_t n, void* user);
 
-// y (rows x N) from x (rows x M); bias may be null.  Factor by factor, weights in
-// cache-sized chunks of blocks applied to every batch tile (each weight is read once
-// per call), tiles and chunks spread over pfor.  Scratch is allocated per call.
-// Returns "" or an error message.
+// y (rows x N) from x (rows x M); bias may be null.  Batch panels go through the whole
+// chain (see the schedule above), items spread over pfor (null = serial).  Scratch is
+// reused across calls (Plan::scratch).  Returns "" or an error message.
 std::string run_chain(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows,
                       ParallelFor pfor, void* pfor_ctx);
 

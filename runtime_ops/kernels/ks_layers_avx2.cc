@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "ks_chain.h"
+#include "ks_tile.h"
 
 namespace bfc {
 namespace ks {
@@ -14,9 +15,7 @@ namespace {
 template <int MR, int NV, bool FP8>
 void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
   constexpr int NB = 8 * NV;
-  const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t xs = NB;
-  (void)a;
+  const int64_t b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
       const int64_t i = blk_il / d, l = blk_il % d;
       const float* xb = in + (i * d + l) * b * NB;
@@ -31,7 +30,7 @@ void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t b
         const float* xr = xb;
         {
           const float* w = f.wf.data() + (blk + kt) * b * MR;
-          for (int64_t j = 0; j < b; ++j, xr += xs, w += MR) {
+          for (int64_t j = 0; j < b; ++j, xr += NB, w += MR) {
             __m256 xv[NV];
 #pragma GCC unroll 2
             for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_ps(xr + 8 * v);
@@ -64,11 +63,9 @@ void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t b
 template <int MR, int NV>
 void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
   constexpr int NB = 8 * NV;
-  const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t qs = NB * 2;
+  const int64_t bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
   __m256 cs[NV];
   for (int v = 0; v < NV; ++v) cs[v] = _mm256_load_ps(colscale + 8 * v);
-  (void)a;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
       const int64_t i = blk_il / d, l = blk_il % d;
       const int16_t* xb = q + (i * d + l) * bp * NB * 2;
@@ -82,7 +79,7 @@ void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, 
           for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
         const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
         const int16_t* xr = xb;
-        for (int64_t jp = 0; jp < bp; ++jp, xr += qs, w += 2 * MR) {
+        for (int64_t jp = 0; jp < bp; ++jp, xr += 2 * NB, w += 2 * MR) {
           __m256i xv[NV];
 #pragma GCC unroll 2
           for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xr + 16 * v));
@@ -122,10 +119,7 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
     for (int v = 0; v < NV; ++v) mx[v] = _mm256_max_ps(mx[v], _mm256_and_ps(absmask, _mm256_load_ps(in + r * NB + 8 * v)));
   alignas(32) float amax[NB], inv[NB];
   for (int v = 0; v < NV; ++v) _mm256_store_ps(amax + 8 * v, mx[v]);
-  for (int n = 0; n < NB; ++n) {
-    colscale[n] = amax[n] / 127.f;
-    inv[n] = amax[n] > 0.f ? 127.f / amax[n] : 0.f;
-  }
+  for (int n = 0; n < NB; ++n) int8_column_scale(amax[n], &colscale[n], &inv[n]);
   __m256 iv[NV];
   for (int v = 0; v < NV; ++v) iv[v] = _mm256_load_ps(inv + 8 * v);
   const __m256i lo = _mm256_set1_epi32(0xffff);
@@ -237,6 +231,9 @@ void small_nv(const Factor& f, const float* in, const float* inv, const float* c
 #undef BFC_SMALL_CASE
 }
 
+// f.path as the MODE of small_t / pair_t: 0 float32, 1 fp8, 2 int8
+int path_mode(const Factor& f) { return f.path == Path::FP8 ? 1 : f.path == Path::I8 ? 2 : 0; }
+
 // Butterfly pair f = (a, 2, 2, d), g = (2a, 2, 2, h = d/2) fused in registers.  Unit (i, l),
 // l < h: f blocks i*d + l and i*d + l + h (inputs j = 0, 1 each) give f outputs (i, k, l)
 // and (i, k, l + h), which are exactly the inputs j' = 0, 1 of g block (2i + k, l).
@@ -329,24 +326,20 @@ void pair_t(const Factor& f, const Factor& g, const float* in, const float* inv,
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(colmax + 8 * v, mx[v]);
 }
 
-template <int NV>
-void pair_nv(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
-             int64_t i0, int64_t i1, float* colmax) {
-  const int mf = f.path == Path::FP8 ? 1 : f.path == Path::I8 ? 2 : 0;
-  const bool mg = g.path == Path::FP8;
-  switch (mf * 2 + int(mg)) {
-    case 0: pair_t<NV, 0, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
-    case 1: pair_t<NV, 0, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
-    case 2: pair_t<NV, 1, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
-    case 3: pair_t<NV, 1, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
-    case 4: pair_t<NV, 2, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
-    default: pair_t<NV, 2, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
-  }
-}
-
 void pair_layer(const Factor& f, const Factor& g, const float* in, const float* inv, const float* cs, float* out,
                 int nb, int64_t i0, int64_t i1, float* colmax) {
-  nb == 8 ? pair_nv<1>(f, g, in, inv, cs, out, i0, i1, colmax) : pair_nv<2>(f, g, in, inv, cs, out, i0, i1, colmax);
+  const int mf = path_mode(f), mg = path_mode(g);  // g is never int8 (pair_ok)
+  with_nb(nb, [&](auto NB) {
+    constexpr int NV = decltype(NB)::value / 8;
+    switch (mf * 2 + mg) {
+      case 0: pair_t<NV, 0, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+      case 1: pair_t<NV, 0, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+      case 2: pair_t<NV, 1, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+      case 3: pair_t<NV, 1, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+      case 4: pair_t<NV, 2, 0>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+      default: pair_t<NV, 2, 1>(f, g, in, inv, cs, out, i0, i1, colmax); break;
+    }
+  });
 }
 
 void amax_layer(const float* in, int64_t nrows, float* colscale, float* inv, int nb) {
@@ -362,10 +355,7 @@ void amax_layer(const float* in, int64_t nrows, float* colscale, float* inv, int
     if (r < nrows) m0 = _mm256_max_ps(m0, _mm256_and_ps(absmask, _mm256_load_ps(p + r * nb)));
     alignas(32) float am[8];
     _mm256_store_ps(am, _mm256_max_ps(m0, m1));
-    for (int n = 0; n < 8; ++n) {
-      colscale[8 * v + n] = am[n] / 127.f;
-      inv[8 * v + n] = am[n] > 0.f ? 127.f / am[n] : 0.f;
-    }
+    for (int n = 0; n < 8; ++n) int8_column_scale(am[n], &colscale[8 * v + n], &inv[8 * v + n]);
   }
 }
 
@@ -475,63 +465,45 @@ void scatter_layer(const Plan& p, const float* buf, const float* bias, float* y,
   }
 }
 
-template <int NV, bool FP8>
-void f32_nv(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
-  switch (f.mr) {
-    case 1: f32_t<1, NV, FP8>(f, in, out, blk0, blk1); break;
-    case 2: f32_t<2, NV, FP8>(f, in, out, blk0, blk1); break;
-    case 3: f32_t<3, NV, FP8>(f, in, out, blk0, blk1); break;
-    case 4: f32_t<4, NV, FP8>(f, in, out, blk0, blk1); break;
-    case 5: f32_t<5, NV, FP8>(f, in, out, blk0, blk1); break;
-    default: f32_t<6, NV, FP8>(f, in, out, blk0, blk1); break;
-  }
-}
-template <int NV>
-void i8_nv(const Factor& f, const int16_t* q, const float* cs, float* out, int64_t blk0, int64_t blk1) {
-  switch (f.mr) {
-    case 1: i8_t<1, NV>(f, q, cs, out, blk0, blk1); break;
-    case 2: i8_t<2, NV>(f, q, cs, out, blk0, blk1); break;
-    case 3: i8_t<3, NV>(f, q, cs, out, blk0, blk1); break;
-    case 4: i8_t<4, NV>(f, q, cs, out, blk0, blk1); break;
-    case 5: i8_t<5, NV>(f, q, cs, out, blk0, blk1); break;
-    default: i8_t<6, NV>(f, q, cs, out, blk0, blk1); break;
-  }
+// small-block kernel for MODE = mode (run-time) and NV = nb / 8
+void small_any(int mode, const Factor& f, const float* in, const float* inv, const float* cs, float* out, int nb,
+               int64_t blk0, int64_t blk1, float* colmax) {
+  with_nb(nb, [&](auto NB) {
+    constexpr int NV = decltype(NB)::value / 8;
+    if (mode == 0) small_nv<NV, 0>(f, in, inv, cs, out, blk0, blk1, colmax);
+    else if (mode == 1) small_nv<NV, 1>(f, in, inv, cs, out, blk0, blk1, colmax);
+    else small_nv<NV, 2>(f, in, inv, cs, out, blk0, blk1, colmax);
+  });
 }
 
+template <bool FP8>
+void f32_any(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
+  if (f.small) return small_any(FP8 ? 1 : 0, f, in, nullptr, nullptr, out, nb, blk0, blk1, nullptr);
+  with_nb(nb, [&](auto NB) {
+    with_mr(f.mr, [&](auto MR) { f32_t<decltype(MR)::value, decltype(NB)::value / 8, FP8>(f, in, out, blk0, blk1); });
+  });
+}
 void f32_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
-  if (f.small)
-    nb == 8 ? small_nv<1, 0>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr) : small_nv<2, 0>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr);
-  else
-    nb == 8 ? f32_nv<1, false>(f, in, out, blk0, blk1) : f32_nv<2, false>(f, in, out, blk0, blk1);
+  f32_any<false>(f, in, out, nb, blk0, blk1);
 }
 void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
-  if (f.small)
-    nb == 8 ? small_nv<1, 1>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr) : small_nv<2, 1>(f, in, nullptr, nullptr, out, blk0, blk1, nullptr);
-  else
-    nb == 8 ? f32_nv<1, true>(f, in, out, blk0, blk1) : f32_nv<2, true>(f, in, out, blk0, blk1);
+  f32_any<true>(f, in, out, nb, blk0, blk1);
 }
 void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
-  nb == 8 ? quant_t<1>(f, in, q, cs) : quant_t<2>(f, in, q, cs);
+  with_nb(nb, [&](auto NB) { quant_t<decltype(NB)::value / 8>(f, in, q, cs); });
 }
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
-  nb == 8 ? i8_nv<1>(f, q, cs, out, blk0, blk1) : i8_nv<2>(f, q, cs, out, blk0, blk1);
+  with_nb(nb, [&](auto NB) {
+    with_mr(f.mr, [&](auto MR) { i8_t<decltype(MR)::value, decltype(NB)::value / 8>(f, q, cs, out, blk0, blk1); });
+  });
 }
 void small_layer(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int nb,
                  int64_t blk0, int64_t blk1, float* colmax) {
-  const int mode = f.path == Path::FP8 ? 1 : f.path == Path::I8 ? 2 : 0;
-  if (nb == 8) {
-    mode == 0 ? small_nv<1, 0>(f, in, inv, cs, out, blk0, blk1, colmax)
-    : mode == 1 ? small_nv<1, 1>(f, in, inv, cs, out, blk0, blk1, colmax)
-                : small_nv<1, 2>(f, in, inv, cs, out, blk0, blk1, colmax);
-  } else {
-    mode == 0 ? small_nv<2, 0>(f, in, inv, cs, out, blk0, blk1, colmax)
-    : mode == 1 ? small_nv<2, 1>(f, in, inv, cs, out, blk0, blk1, colmax)
-                : small_nv<2, 2>(f, in, inv, cs, out, blk0, blk1, colmax);
-  }
+  small_any(path_mode(f), f, in, inv, cs, out, nb, blk0, blk1, colmax);
 }
 void i8f_layer(const Factor& f, const float* in, const float* inv, const float* cs, float* out, int nb, int64_t blk0,
                int64_t blk1) {
-  nb == 8 ? small_nv<1, 2>(f, in, inv, cs, out, blk0, blk1, nullptr) : small_nv<2, 2>(f, in, inv, cs, out, blk0, blk1, nullptr);
+  small_any(2, f, in, inv, cs, out, nb, blk0, blk1, nullptr);
 }
 
 }  // namespace

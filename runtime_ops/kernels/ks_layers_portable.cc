@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "ks_chain.h"
+#include "ks_tile.h"
 
 namespace bfc {
 namespace ks {
@@ -11,9 +12,7 @@ namespace {
 
 template <int MR, int NB>
 void f32_t(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0, int64_t blk1) {
-  const int64_t a = f.a, b = f.b, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t xs = NB;
-  (void)a;
+  const int64_t b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
       const int64_t i = blk_il / d, l = blk_il % d;
       const float* xb = in + (i * d + l) * b * NB;
@@ -24,7 +23,7 @@ void f32_t(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0,
         {
           const float* w = f.wf.data() + (blk + kt) * b * MR;
           for (int64_t j = 0; j < b; ++j) {
-            const float* xr = xb + j * xs;
+            const float* xr = xb + j * NB;
             for (int r = 0; r < MR; ++r) {
               const float wv = w[j * MR + r];
               for (int n = 0; n < NB; ++n) acc[r][n] += wv * xr[n];
@@ -43,9 +42,7 @@ void f32_t(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0,
 
 template <int MR, int NB>
 void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
-  const int64_t a = f.a, bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
-  const int64_t qs = NB * 2;
-  (void)a;
+  const int64_t bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
       const int64_t i = blk_il / d, l = blk_il % d;
       const int16_t* xb = q + (i * d + l) * bp * NB * 2;
@@ -55,7 +52,7 @@ void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, 
         int32_t acc[MR][NB] = {};
         const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
         for (int64_t jp = 0; jp < bp; ++jp) {
-          const int16_t* xr = xb + jp * qs;
+          const int16_t* xr = xb + jp * NB * 2;
           for (int r = 0; r < MR; ++r) {
             const int32_t w0 = w[(jp * MR + r) * 2], w1 = w[(jp * MR + r) * 2 + 1];
             for (int n = 0; n < NB; ++n) acc[r][n] += int32_t(xr[2 * n]) * w0 + int32_t(xr[2 * n + 1]) * w1;
@@ -81,10 +78,7 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
       if (v > amax[n]) amax[n] = v;
     }
   float inv[NB];
-  for (int n = 0; n < NB; ++n) {
-    colscale[n] = amax[n] / 127.f;
-    inv[n] = amax[n] > 0.f ? 127.f / amax[n] : 0.f;
-  }
+  for (int n = 0; n < NB; ++n) int8_column_scale(amax[n], &colscale[n], &inv[n]);
   for (int64_t i = 0; i < a; ++i)
     for (int64_t l = 0; l < d; ++l)
       for (int64_t jp = 0; jp < bp; ++jp) {
@@ -102,40 +96,17 @@ void quant_t(const Factor& f, const float* in, int16_t* q, float* colscale) {
       }
 }
 
-template <int NB>
-void f32_nb(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0, int64_t blk1) {
-  switch (f.mr) {
-    case 1: f32_t<1, NB>(f, in, out, fp8, blk0, blk1); break;
-    case 2: f32_t<2, NB>(f, in, out, fp8, blk0, blk1); break;
-    case 3: f32_t<3, NB>(f, in, out, fp8, blk0, blk1); break;
-    case 4: f32_t<4, NB>(f, in, out, fp8, blk0, blk1); break;
-    case 5: f32_t<5, NB>(f, in, out, fp8, blk0, blk1); break;
-    default: f32_t<6, NB>(f, in, out, fp8, blk0, blk1); break;
-  }
-}
-template <int NB>
-void i8_nb(const Factor& f, const int16_t* q, const float* cs, float* out, int64_t blk0, int64_t blk1) {
-  switch (f.mr) {
-    case 1: i8_t<1, NB>(f, q, cs, out, blk0, blk1); break;
-    case 2: i8_t<2, NB>(f, q, cs, out, blk0, blk1); break;
-    case 3: i8_t<3, NB>(f, q, cs, out, blk0, blk1); break;
-    case 4: i8_t<4, NB>(f, q, cs, out, blk0, blk1); break;
-    case 5: i8_t<5, NB>(f, q, cs, out, blk0, blk1); break;
-    default: i8_t<6, NB>(f, q, cs, out, blk0, blk1); break;
-  }
-}
-
 void f32_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
-  nb == 8 ? f32_nb<8>(f, in, out, false, blk0, blk1) : f32_nb<16>(f, in, out, false, blk0, blk1);
+  with_nb(nb, [&](auto NB) { with_mr(f.mr, [&](auto MR) { f32_t<decltype(MR)::value, decltype(NB)::value>(f, in, out, false, blk0, blk1); }); });
 }
 void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1) {
-  nb == 8 ? f32_nb<8>(f, in, out, true, blk0, blk1) : f32_nb<16>(f, in, out, true, blk0, blk1);
+  with_nb(nb, [&](auto NB) { with_mr(f.mr, [&](auto MR) { f32_t<decltype(MR)::value, decltype(NB)::value>(f, in, out, true, blk0, blk1); }); });
 }
 void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
-  nb == 8 ? quant_t<8>(f, in, q, cs) : quant_t<16>(f, in, q, cs);
+  with_nb(nb, [&](auto NB) { quant_t<decltype(NB)::value>(f, in, q, cs); });
 }
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
-  nb == 8 ? i8_nb<8>(f, q, cs, out, blk0, blk1) : i8_nb<16>(f, q, cs, out, blk0, blk1);
+  with_nb(nb, [&](auto NB) { with_mr(f.mr, [&](auto MR) { i8_t<decltype(MR)::value, decltype(NB)::value>(f, q, cs, out, blk0, blk1); }); });
 }
 
 void gather(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1, float* buf) {

@@ -1,7 +1,8 @@
-// ONNX Runtime adapter for ai.bfc::KSMatMul (opset 1): validates the node, reads the
-// constant factor initializers once at kernel creation, prepacks them (kernels/), and
-// runs batch tiles on ORT's intra-op pool.  Every failure is returned as an ORT status
-// naming the op, the input and the shapes; nothing throws across the C boundary.
+// ONNX Runtime adapter for ai.bfc::KSMatMul (opset 1).  Thin: it describes what ORT knows
+// about the node as a ks::NodeDesc (attributes, input types and shapes, constant data),
+// lets kernels/ validate it (ks::validate_node, ks::build_plan, ks::validate_run), calls
+// the kernel and returns every message as an OrtStatus.  Nothing throws across the C
+// boundary and nothing aborts: shape inference, kernel creation and compute all validate.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -9,7 +10,6 @@
 #include <memory>
 #include <mutex>
 #include <new>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -32,6 +32,7 @@ const char* const kOpName = "KSMatMul";
 struct Kernel {
   Api api;
   ks::Plan plan;
+  ks::ChainDims dims;
 };
 
 OrtStatus* error(const Api& api, const std::string& msg, int code = kInvalidArgument) {
@@ -45,136 +46,133 @@ std::string consume(const Api& api, OrtStatus* st) {
   return m;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  if (s.size() == 1) o << ",";
-  o << ")";
-  return o.str();
+// Element type and dims of a type/shape info; symbolic names too when sym != null.
+std::string describe(const Api& api, const OrtTensorTypeAndShapeInfo* info, ks::TensorDesc* t,
+                     std::vector<std::string>* sym = nullptr) {
+  size_t n = 0;
+  if (OrtStatus* st = api.GetTensorElementType(info, &t->dtype)) return consume(api, st);
+  if (OrtStatus* st = api.GetDimensionsCount(info, &n)) return consume(api, st);
+  t->dims.assign(n, 0);
+  if (n > 0)
+    if (OrtStatus* st = api.GetDimensions(info, t->dims.data(), n)) return consume(api, st);
+  if (sym != nullptr) {
+    std::vector<const char*> names(n, nullptr);
+    if (n > 0)
+      if (OrtStatus* st = api.GetSymbolicDimensions(info, names.data(), n)) return consume(api, st);
+    sym->assign(n, "");
+    for (size_t i = 0; i < n; ++i)
+      if (names[i] != nullptr) (*sym)[i] = names[i];
+  }
+  t->present = t->rank_known = true;
+  return "";
 }
 
-// Type and shape of a tensor value; returns "" or an error message.
-std::string type_shape(const Api& api, const OrtValue* v, int* type, std::vector<int64_t>* dims) {
+// Type, shape and data of a tensor value.
+std::string describe_value(const Api& api, const OrtValue* v, ks::TensorDesc* t) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   if (OrtStatus* st = api.GetTensorTypeAndShape(v, &info)) return consume(api, st);
-  std::string err;
-  size_t n = 0;
-  if (OrtStatus* st = api.GetTensorElementType(info, type)) err = consume(api, st);
-  else if (OrtStatus* st2 = api.GetDimensionsCount(info, &n)) err = consume(api, st2);
-  else {
-    dims->assign(n, 0);
-    if (OrtStatus* st3 = api.GetDimensions(info, dims->data(), n)) err = consume(api, st3);
-  }
+  std::string err = describe(api, info, t);
   api.ReleaseTensorTypeAndShapeInfo(info);
+  void* data = nullptr;
+  if (err.empty())
+    if (OrtStatus* st = api.GetTensorMutableData(const_cast<OrtValue*>(v), &data)) err = consume(api, st);
+  t->data = data;
   return err;
 }
 
-// Reads an int64 list attribute.  present=false when the attribute is absent.
-std::string int_list(const Api& api, const OrtKernelInfo* info, const char* name, std::vector<int64_t>* out,
-                     bool* present) {
+std::string not_int_list(const char* name, size_t floats) {
+  return std::string("KSMatMul: attribute '") + name + "' must be an int64 list, got " + std::to_string(floats) +
+         " floats";
+}
+
+// Reads an int64 list attribute at kernel creation; *present = false when it is absent.
+std::string kernel_int_list(const Api& api, const OrtKernelInfo* info, const char* name, std::vector<int64_t>* out,
+                            bool* present) {
   size_t size = 0;
   *present = false;
   if (OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) {
     const std::string m = consume(api, st);
-    if (m.find("No attribute") != std::string::npos || m.find("not found") != std::string::npos) return "";  // absent
+    if (m.find("No attribute") != std::string::npos || m.find("not found") != std::string::npos) return "";
     return std::string("KSMatMul: attribute '") + name + "' must be an int64 list: " + m;
   }
-  if (size == 0) {
-    // onnxruntime reports a float list as an empty int list: reject it explicitly
+  if (size == 0) {  // onnxruntime reports a float list as an empty int list
     size_t fsize = 0;
-    OrtStatus* st = api.KernelInfoGetAttributeArray_float(info, name, nullptr, &fsize);
-    if (st) consume(api, st);
-    else if (fsize > 0)
-      return std::string("KSMatMul: attribute '") + name + "' must be an int64 list, got " + std::to_string(fsize) +
-             " floats";
+    if (OrtStatus* st = api.KernelInfoGetAttributeArray_float(info, name, nullptr, &fsize)) consume(api, st);
+    else if (fsize > 0) return not_int_list(name, fsize);
   }
   out->assign(size, 0);
-  if (size > 0) {
-    if (OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, out->data(), &size)) {
+  if (size > 0)
+    if (OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, out->data(), &size))
       return std::string("KSMatMul: cannot read attribute '") + name + "': " + consume(api, st);
-    }
-    out->resize(size);
+  out->resize(size);
+  *present = true;
+  return "";
+}
+
+// Same, in shape inference (ReadOpAttr reports the byte size it needs).
+std::string infer_int_list(const Api& api, const OrtShapeInferContext* ctx, const char* name,
+                           std::vector<int64_t>* out, bool* present) {
+  *present = false;
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* st = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    consume(api, st);  // "Attribute does not exist."
+    return "";
+  }
+  out->assign(1, 0);
+  size_t bytes = 0;
+  if (OrtStatus* st = api.ReadOpAttr(attr, kOpAttrInts, out->data(), sizeof(int64_t), &bytes)) {
+    const std::string m = consume(api, st);
+    if (bytes <= sizeof(int64_t)) return std::string("KSMatMul: attribute '") + name + "' must be an int64 list: " + m;
+    out->assign(bytes / sizeof(int64_t), 0);
+    if (OrtStatus* st2 = api.ReadOpAttr(attr, kOpAttrInts, out->data(), bytes, &bytes))
+      return std::string("KSMatMul: cannot read attribute '") + name + "': " + consume(api, st2);
+  }
+  out->resize(bytes / sizeof(int64_t));
+  if (out->empty()) {  // a float list reads as an empty int list
+    float f = 0.f;
+    size_t fbytes = 0;
+    OrtStatus* st = api.ReadOpAttr(attr, kOpAttrFloats, &f, sizeof(float), &fbytes);
+    if (st) consume(api, st);
+    if (fbytes > 0) return not_int_list(name, fbytes / sizeof(float));
   }
   *present = true;
   return "";
 }
 
+// ---- kernel creation: attributes and constant inputs -> NodeDesc -> build_plan ---------
+// A constant input's descriptor; a missing or computed input stays present without data.
+std::string constant_input(const Api& api, const OrtKernelInfo* info, size_t i, ks::TensorDesc* t) {
+  int is_const = 0;
+  const OrtValue* v = nullptr;
+  if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, i, &is_const, &v)) consume(api, st);
+  t->present = true;
+  if (!is_const || v == nullptr) return "";
+  std::string e = describe_value(api, v, t);
+  return e.empty() ? e : "KSMatMul: input " + std::to_string(i) + ": " + e;
+}
+
 OrtStatus* create_kernel(const CustomOp*, const OrtApi* ort_api, const OrtKernelInfo* info, void** kernel) {
   *kernel = nullptr;
-  Api api = Api::load(ort_api);
+  const Api api = Api::load(ort_api);
   try {
-    std::vector<int64_t> patterns, in_perm, out_perm;
-    bool present = false;
-    std::string e = int_list(api, info, "patterns", &patterns, &present);
-    if (!e.empty()) return error(api, e);
-    if (!present)
-      return error(api, "KSMatMul: attribute 'patterns' (int64 list, (a, b, c, d) per factor) is required");
-    if ((e = int_list(api, info, "in_perm", &in_perm, &present)) != "") return error(api, e);
-    if ((e = int_list(api, info, "out_perm", &out_perm, &present)) != "") return error(api, e);
-    if (patterns.empty() || patterns.size() % 4 != 0) {
-      return error(api, "KSMatMul: attribute 'patterns' must hold 4 positive integers (a, b, c, d) per factor, got " +
-                            std::to_string(patterns.size()) + " values");
-    }
-    const size_t L = patterns.size() / 4;
-    std::vector<ks::FactorInput> inputs(L);
-    for (size_t l = 0; l < L; ++l) {
-      ks::FactorInput& fi = inputs[l];
-      fi.a = patterns[4 * l], fi.b = patterns[4 * l + 1], fi.c = patterns[4 * l + 2], fi.d = patterns[4 * l + 3];
-      for (int part = 0; part < 2; ++part) {
-        const size_t idx = 2 + 2 * l + size_t(part);
-        const std::string nm = std::string(part ? "scale_" : "values_") + std::to_string(l) + " (input " +
-                               std::to_string(idx) + ")";
-        int is_const = 0;
-        const OrtValue* v = nullptr;
-        if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, idx, &is_const, &v)) {
-          return error(api, "KSMatMul: cannot read " + nm + ": " + consume(api, st));
-        }
-        if (!is_const || v == nullptr) {
-          return error(api, "KSMatMul: " + nm + " must be a constant initializer (the node has " +
-                                std::to_string(L) + " factors per 'patterns', so it needs " +
-                                std::to_string(2 + 2 * L) + " inputs: X, bias, then values_l, scale_l per factor)");
-        }
-        int type = 0;
-        std::vector<int64_t> dims;
-        if ((e = type_shape(api, v, &type, &dims)) != "") return error(api, "KSMatMul: " + nm + ": " + e);
-        void* data = nullptr;
-        if (OrtStatus* st = api.GetTensorMutableData(const_cast<OrtValue*>(v), &data)) {
-          return error(api, "KSMatMul: cannot read data of " + nm + ": " + consume(api, st));
-        }
-        if (part == 0) fi.values_dtype = type, fi.values_shape = dims, fi.values = data;
-        else fi.scale_dtype = type, fi.scale_shape = dims, fi.scale = static_cast<const float*>(data);
-      }
-    }
+    ks::NodeDesc n;
+    bool unused = false;
+    std::string e = kernel_int_list(api, info, "patterns", &n.patterns, &n.has_patterns);
+    if (e.empty()) e = kernel_int_list(api, info, "in_perm", &n.in_perm, &unused);
+    if (e.empty()) e = kernel_int_list(api, info, "out_perm", &n.out_perm, &unused);
+    // factor inputs 2 .. 2L+1, plus input 2L+2 when it is a constant (too many inputs);
+    // a non-constant bias is checked at run time
+    const size_t L = n.patterns.size() / 4;
+    n.factors.resize(2 * L + 1);
+    for (size_t i = 0; e.empty() && i < n.factors.size(); ++i) e = constant_input(api, info, 2 + i, &n.factors[i]);
+    if (e.empty() && n.factors.back().data == nullptr) n.factors.pop_back();
+    if (e.empty()) e = constant_input(api, info, 1, &n.bias);
+    if (n.bias.data == nullptr) n.bias = ks::TensorDesc();
     std::unique_ptr<Kernel> k(new Kernel());
     k->api = api;
-    e = ks::build_plan(patterns, inputs, in_perm, out_perm, std::getenv("BFC_KS_ISA"), &k->plan);
+    if (e.empty()) e = ks::build_plan(n, std::getenv("BFC_KS_ISA"), &k->plan);
     if (!e.empty()) return error(api, e);
-    {  // an extra constant input means 'patterns' and the inputs disagree (a non-constant one is caught at run time)
-      int is_const = 0;
-      const OrtValue* v = nullptr;
-      OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 2 + 2 * L, &is_const, &v);
-      if (st) consume(api, st);
-      else if (is_const && v)
-        return error(api, "KSMatMul: 'patterns' describes " + std::to_string(L) + " factors, so the node needs " +
-                              std::to_string(2 + 2 * L) + " inputs (X, bias, then values_l, scale_l per factor), but it has more");
-    }
-    // A constant bias is validated here; a computed bias is checked at run time.
-    {
-      int is_const = 0;
-      const OrtValue* v = nullptr;
-      OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_const, &v);
-      if (st) consume(api, st);
-      else if (is_const && v) {
-        int type = 0;
-        std::vector<int64_t> dims;
-        if ((e = type_shape(api, v, &type, &dims)) != "") return error(api, "KSMatMul: bias (input 1): " + e);
-        const int64_t N = k->plan.N;
-        if (dims.size() != 1 || dims[0] != N)
-          return error(api, "KSMatMul: bias (input 1) has shape " + shape_str(dims) + " but the chain has N = " +
-                                std::to_string(N) + " outputs; it must have shape (" + std::to_string(N) + ",)");
-      }
-    }
+    k->dims = ks::ChainDims{k->plan.M, k->plan.N, L};
     *kernel = k.release();
     return nullptr;
   } catch (const std::bad_alloc&) {
@@ -186,6 +184,7 @@ OrtStatus* create_kernel(const CustomOp*, const OrtApi* ort_api, const OrtKernel
   }
 }
 
+// ---- compute ----------------------------------------------------------------------------
 struct PforCtx {
   const Api* api;
   const OrtKernelContext* ctx;
@@ -201,63 +200,34 @@ bool ort_parallel_for(void* c, void (*fn)(void*, size_t), size_t n, void* user) 
 
 OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
   Kernel* k = static_cast<Kernel*>(kp);
-  if (k == nullptr) return nullptr;
+  if (k == nullptr) return nullptr;  // unreachable: CreateKernelV2 failed and ORT stopped
   const Api& api = k->api;
   try {
-    const ks::Plan& plan = k->plan;
-    const size_t L = plan.factors.size();
     size_t nin = 0;
     if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &nin)) return st;
-    if (nin != 2 + 2 * L) {
-      return error(api, "KSMatMul: 'patterns' describes " + std::to_string(L) + " factors, so the node needs " +
-                            std::to_string(2 + 2 * L) + " inputs (X, bias, values_l, scale_l per factor), got " +
-                            std::to_string(nin));
+    ks::TensorDesc x, bias;
+    std::string e;
+    for (size_t i = 0; i < 2 && i < nin && e.empty(); ++i) {
+      const OrtValue* v = nullptr;
+      if (OrtStatus* st = api.KernelContext_GetInput(ctx, i, &v)) return st;
+      if (v != nullptr) e = describe_value(api, v, i == 0 ? &x : &bias);
     }
-    const OrtValue* xv = nullptr;
-    if (OrtStatus* st = api.KernelContext_GetInput(ctx, 0, &xv)) return st;
-    if (xv == nullptr) return error(api, "KSMatMul: input X (input 0) is missing");
-    int type = 0;
-    std::vector<int64_t> xd;
-    std::string e = type_shape(api, xv, &type, &xd);
-    if (!e.empty()) return error(api, "KSMatMul: X (input 0): " + e);
-    if (type != kTypeFloat) return error(api, "KSMatMul: X (input 0) must be float32, got element type " + std::to_string(type));
-    if (xd.empty() || xd.back() != plan.M) {
-      return error(api, "KSMatMul: X (input 0) has shape " + shape_str(xd) + " but the chain expects a last dimension of M = " +
-                            std::to_string(plan.M));
-    }
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < xd.size(); ++i) {
-      if (xd[i] < 0) return error(api, "KSMatMul: X (input 0) has negative dimension in shape " + shape_str(xd));
-      rows = (xd[i] != 0 && rows > (int64_t(1) << 40) / xd[i]) ? -1 : rows * xd[i];
-      if (rows < 0) return error(api, "KSMatMul: X (input 0) shape " + shape_str(xd) + " is too large");
-    }
-    const OrtValue* bv = nullptr;
-    if (OrtStatus* st = api.KernelContext_GetInput(ctx, 1, &bv)) return st;
-    const float* bias = nullptr;
-    if (bv != nullptr) {
-      std::vector<int64_t> bd;
-      if ((e = type_shape(api, bv, &type, &bd)) != "") return error(api, "KSMatMul: bias (input 1): " + e);
-      if (type != kTypeFloat || bd.size() != 1 || bd[0] != plan.N) {
-        return error(api, "KSMatMul: bias (input 1) has shape " + shape_str(bd) + " and element type " + std::to_string(type) +
-                              "; it must be float32 of shape (" + std::to_string(plan.N) + ",)");
-      }
-      void* p = nullptr;
-      if (OrtStatus* st = api.GetTensorMutableData(const_cast<OrtValue*>(bv), &p)) return st;
-      bias = static_cast<const float*>(p);
-    }
-    std::vector<int64_t> yd = xd;
-    yd.back() = plan.N;
+    int64_t rows = 0;
+    if (e.empty()) e = ks::validate_run(k->dims, nin, x, bias, &rows);
+    if (!e.empty()) return error(api, e);
+    std::vector<int64_t> yd = x.dims;
+    yd.back() = k->dims.N;
     OrtValue* yv = nullptr;
     if (OrtStatus* st = api.KernelContext_GetOutput(ctx, 0, yd.data(), yd.size(), &yv)) return st;
     if (rows == 0) return nullptr;
-    void* xp = nullptr;
-    void* yp = nullptr;
-    if (OrtStatus* st = api.GetTensorMutableData(const_cast<OrtValue*>(xv), &xp)) return st;
-    if (OrtStatus* st = api.GetTensorMutableData(yv, &yp)) return st;
+    void* y = nullptr;
+    if (yv == nullptr) return error(api, "KSMatMul: onnxruntime returned no output tensor", kFail);
+    if (OrtStatus* st = api.GetTensorMutableData(yv, &y)) return st;
+    if (x.data == nullptr || y == nullptr) return error(api, "KSMatMul: input or output tensor has no data", kFail);
     PforCtx pctx{&api, ctx};
-    e = ks::run_chain(plan, static_cast<const float*>(xp), bias, static_cast<float*>(yp), rows, ort_parallel_for, &pctx);
-    if (!e.empty()) return error(api, e, kFail);
-    return nullptr;
+    e = ks::run_chain(k->plan, static_cast<const float*>(x.data), static_cast<const float*>(bias.data),
+                      static_cast<float*>(y), rows, ort_parallel_for, &pctx);
+    return e.empty() ? nullptr : error(api, e, kFail);
   } catch (const std::bad_alloc&) {
     return error(api, "KSMatMul: out of memory", kFail);
   } catch (...) {
@@ -265,23 +235,70 @@ OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
   }
 }
 
+// ---- shape inference ------------------------------------------------------------------
+const OrtApi* g_api = nullptr;  // set once in RegisterCustomOps
+std::atomic<uint64_t> g_unknown_dims{0};
+
+// Y = X.shape[:-1] + (N,).  A leading dim of X is copied as its value or its symbolic name.
+// An unknown, unnamed dim gets a fresh name: onnxruntime turns a dim without a name into
+// dim_value = the integer given (-1 would be a concrete, negative size to every following
+// op's shape inference: ONNX Slice then calls std::clamp(x, 0, -2) and aborts the process).
+// Rank 0 means "unknown rank" here (a scalar X is rejected at run time): Y stays unknown.
+// An invalid node leaves Y unknown and returns the message; onnxruntime <= 1.32 ignores
+// that status (kernel creation reports the same validation error).
+OrtStatus* infer_shape(const CustomOp*, OrtShapeInferContext* ctx) {
+  if (g_api == nullptr) return nullptr;
+  const Api api = Api::load(g_api);
+  try {
+    ks::NodeDesc n;
+    bool unused = false;
+    std::string e = infer_int_list(api, ctx, "patterns", &n.patterns, &n.has_patterns);
+    if (e.empty()) e = infer_int_list(api, ctx, "in_perm", &n.in_perm, &unused);
+    if (e.empty()) e = infer_int_list(api, ctx, "out_perm", &n.out_perm, &unused);
+    size_t nin = 0;
+    if (OrtStatus* st = api.ShapeInferContext_GetInputCount(ctx, &nin)) return st;
+    std::vector<std::string> xsym;
+    n.factors.resize(nin > 2 ? nin - 2 : 0);
+    for (size_t i = 0; i < nin && e.empty(); ++i) {
+      OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
+      if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, i, &info)) return st;
+      ks::TensorDesc& t = i == 0 ? n.x : i == 1 ? n.bias : n.factors[i - 2];
+      e = describe(api, info, &t, i == 0 ? &xsym : nullptr);
+      t.rank_known = !t.dims.empty();
+      if (i == 1) t.present = t.dtype != ks::kTypeUnknown;  // an absent optional input has no type
+    }
+    ks::ChainDims dims;
+    if (e.empty()) e = ks::validate_node(n, &dims);
+    if (!e.empty()) return error(api, e);
+    if (!n.x.rank_known) return nullptr;
+    std::vector<int64_t> yd = n.x.dims;
+    std::vector<std::string> ysym = xsym;
+    for (size_t i = 0; i + 1 < yd.size(); ++i)
+      if (yd[i] < 0 && ysym[i].empty()) ysym[i] = "bfc_unk_" + std::to_string(++g_unknown_dims);
+    yd.back() = dims.N;
+    ysym.back().clear();
+    std::vector<const char*> names;
+    for (const std::string& s : ysym) names.push_back(s.c_str());
+    OrtTensorTypeAndShapeInfo* out = nullptr;
+    if (OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&out)) return st;
+    OrtStatus* st = api.SetTensorElementType(out, ks::kTypeFloat);
+    if (!st) st = api.SetDimensions(out, yd.data(), yd.size());
+    if (!st) st = api.SetSymbolicDimensions(out, names.data(), names.size());
+    if (!st) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+    api.ReleaseTensorTypeAndShapeInfo(out);
+    return st;
+  } catch (...) {
+    return error(api, "KSMatMul: shape inference failed (out of memory?)", kFail);
+  }
+}
+
 // ---- OrtCustomOp callbacks ------------------------------------------------------------
-void* legacy_create(const CustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
-  void* k = nullptr;
-  OrtStatus* st = create_kernel(op, api, info, &k);
-  if (st) Api::load(api).ReleaseStatus(st);
-  return k;
-}
-void legacy_compute(void* k, OrtKernelContext* ctx) {
-  if (!k) return;
-  if (OrtStatus* st = compute(k, ctx)) static_cast<Kernel*>(k)->api.ReleaseStatus(st);
-}
 void destroy(void* k) { delete static_cast<Kernel*>(k); }
 const char* get_name(const CustomOp*) { return kOpName; }
 const char* get_ep(const CustomOp*) { return "CPUExecutionProvider"; }
-int input_type(const CustomOp*, size_t i) { return i < 2 ? kTypeFloat : kTypeUndefined; }
+int input_type(const CustomOp*, size_t i) { return i < 2 ? ks::kTypeFloat : ks::kTypeUnknown; }
 size_t input_count(const CustomOp*) { return 3; }
-int output_type(const CustomOp*, size_t) { return kTypeFloat; }
+int output_type(const CustomOp*, size_t) { return ks::kTypeFloat; }
 size_t output_count(const CustomOp*) { return 1; }
 int input_char(const CustomOp*, size_t i) { return i == 0 ? kRequired : i == 1 ? kOptional : kVariadic; }
 int output_char(const CustomOp*, size_t) { return kRequired; }
@@ -293,64 +310,19 @@ int var_out_homog(const CustomOp*) { return 1; }
 int start_version(const CustomOp*) { return 1; }
 int end_version(const CustomOp*) { return 1; }
 
-const OrtApi* g_api = nullptr;  // set once in RegisterCustomOps
-
-// Output shape = X.shape[:-1] + (N,), N = a*c*d of the last factor's values (a, d, b, c).
-// Leaves the shape unknown when the inputs do not allow it; the kernel reports errors.
-OrtStatus* infer_shape(const CustomOp*, OrtShapeInferContext* ctx) {
-  if (g_api == nullptr) return nullptr;
-  const Api api = Api::load(g_api);
-  size_t n = 0;
-  if (OrtStatus* st = api.ShapeInferContext_GetInputCount(ctx, &n)) return st;
-  if (n < 4) return nullptr;
-  // dims and symbolic names of input i (names point into the context's info)
-  auto dims_of = [&](size_t i, std::vector<int64_t>* d, std::vector<const char*>* sym, bool* ok) -> OrtStatus* {
-    *ok = false;
-    OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context: not released
-    if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, i, &info)) return st;
-    size_t r = 0;
-    if (OrtStatus* st = api.GetDimensionsCount(info, &r)) return st;
-    d->assign(r, -1);
-    sym->assign(r, nullptr);
-    if (r == 0) return nullptr;
-    if (OrtStatus* st = api.GetDimensions(info, d->data(), r)) return st;
-    if (OrtStatus* st = api.GetSymbolicDimensions(info, sym->data(), r)) return st;
-    *ok = true;
-    return nullptr;
-  };
-  std::vector<int64_t> xd, vd;
-  std::vector<const char*> xs, vs;
-  bool okx = false, okv = false;
-  if (OrtStatus* st = dims_of(0, &xd, &xs, &okx)) return st;
-  if (OrtStatus* st = dims_of(n - 2, &vd, &vs, &okv)) return st;
-  if (!okx || !okv || vd.size() != 4) return nullptr;
-  const bool known = vd[0] > 0 && vd[1] > 0 && vd[3] > 0 && vd[0] < (1 << 30) && vd[1] < (1 << 30) && vd[3] < (1 << 30);
-  xd.back() = known ? vd[0] * vd[1] * vd[3] : -1;
-  xs.back() = "";
-  for (auto& p : xs)
-    if (p == nullptr) p = "";
-  OrtTensorTypeAndShapeInfo* out = nullptr;
-  if (OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&out)) return st;
-  OrtStatus* st = api.SetTensorElementType(out, kTypeFloat);
-  if (!st) st = api.SetDimensions(out, xd.data(), xd.size());
-  if (!st) st = api.SetSymbolicDimensions(out, xs.data(), xs.size());
-  if (!st) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
-  api.ReleaseTensorTypeAndShapeInfo(out);
-  return st;
-}
-
 CustomOp make_op() {
   CustomOp op;
   std::memset(&op, 0, sizeof(op));
+  // version 17: ORT calls the V2 callbacks (they return statuses) and InferOutputShapeFn;
+  // the legacy CreateKernel / KernelCompute stay NULL (never called when the V2 ones exist).
+  // GetMayInplace / GetAliasMap stay NULL: ORT reads them only for version >= 18.
   op.version = 17;
-  op.CreateKernel = legacy_create;
   op.GetName = get_name;
   op.GetExecutionProviderType = get_ep;
   op.GetInputType = input_type;
   op.GetInputTypeCount = input_count;
   op.GetOutputType = output_type;
   op.GetOutputTypeCount = output_count;
-  op.KernelCompute = legacy_compute;
   op.KernelDestroy = destroy;
   op.GetInputCharacteristic = input_char;
   op.GetOutputCharacteristic = output_char;
@@ -364,7 +336,6 @@ CustomOp make_op() {
   op.InferOutputShapeFn = infer_shape;
   op.GetStartVersion = start_version;
   op.GetEndVersion = end_version;
-  // GetMayInplace / GetAliasMap stay NULL: ORT reads them only for version >= 18.
   return op;
 }
 

@@ -21,6 +21,7 @@ struct OrtTensorTypeAndShapeInfo;
 struct OrtSessionOptions;
 struct OrtCustomOpDomain;
 struct OrtShapeInferContext;
+struct OrtOpAttr;
 }
 
 namespace bfc {
@@ -30,9 +31,10 @@ namespace ort {
 // shape-inference context arrived in version 17, i.e. onnxruntime 1.17).
 constexpr uint32_t kApiVersion = 17;
 
-// Enums (C int): element types, error codes, input/output characteristics.
-enum : int { kTypeUndefined = 0, kTypeFloat = 1 };
+// Enums (C int): error codes, input/output characteristics, OrtOpAttrType.  Element types
+// are ONNX's TensorProto numbers (ks::kTypeFloat, ... in kernels/ks_validate.h).
 enum : int { kOk = 0, kFail = 1, kInvalidArgument = 2 };
+enum : int { kOpAttrInts = 2, kOpAttrFloats = 4 };
 enum : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
 
 // X(slot, name, return type, (argument list))
@@ -67,9 +69,12 @@ enum : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
   X(267, ShapeInferContext_GetInputCount, OrtStatus*, (const OrtShapeInferContext* ctx, size_t* out)) \
   X(268, ShapeInferContext_GetInputTypeShape, OrtStatus*,                                             \
     (const OrtShapeInferContext* ctx, size_t i, OrtTensorTypeAndShapeInfo** out))                     \
+  X(269, ShapeInferContext_GetAttribute, OrtStatus*,                                                 \
+    (const OrtShapeInferContext* ctx, const char* name, const OrtOpAttr** out))                       \
   X(270, ShapeInferContext_SetOutputTypeShape, OrtStatus*,                                            \
     (const OrtShapeInferContext* ctx, size_t i, const OrtTensorTypeAndShapeInfo* info))               \
   X(271, SetSymbolicDimensions, OrtStatus*, (OrtTensorTypeAndShapeInfo * info, const char** dim_params, size_t n)) \
+  X(272, ReadOpAttr, OrtStatus*, (const OrtOpAttr* attr, int type, void* data, size_t len, size_t* out)) \
   X(274, KernelContext_ParallelFor, OrtStatus*,                                                       \
     (const OrtKernelContext* ctx, void (*fn)(void* user, size_t i), size_t total, size_t num_batch, void* user))
 
