@@ -1,0 +1,363 @@
+// Native tests of the ORT-free KSMatMul kernels (built with -DBFC_BUILD_TESTS=ON, run by ctest).
+//
+// 1. build_plan + run_chain against a plain reference loop of the spec (bfc/ops.py), for
+//    chains that reach every execution path (big register tiles, small blocks, butterfly
+//    pairs, the depth-first tail, odd sizes), both ISAs, serial and out-of-order
+//    parallel-for, batch sizes across tile widths:
+//      int8 chains bit-exact (the spec fixes every float32 operation of the int8 path);
+//      float32 / fp8 chains within kFloatRelTol of a float64 reference.
+// 2. validate_node / validate_run / build_plan reject bad attributes, shapes and types.
+// Fixed seeds; exit code 0 = all passed.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../kernels/ks_chain.h"
+
+using namespace bfc::ks;
+
+namespace {
+
+constexpr double kFloatRelTol = 1e-5;  // float32 accumulation vs float64 reference, ||y - ref|| / ||ref||
+
+int g_failures = 0, g_checks = 0;
+
+void check(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+struct Pattern {
+  int64_t a, b, c, d;
+};
+
+// A chain with its factor tensors, in the op's canonical layout.
+struct Case {
+  std::vector<Pattern> pats;
+  int dtype;                                  // kTypeFloat, kTypeInt8 or kTypeF8E4M3FN for every factor
+  std::vector<std::vector<uint8_t>> values;   // raw bytes of values_l (a, d, b, c)
+  std::vector<std::vector<float>> scales;     // scale_l, shape (a, d, 1, c)
+  std::vector<int64_t> in_perm, out_perm;
+  std::vector<float> bias;
+  int64_t M = 0, N = 0;
+};
+
+// e4m3fn byte -> value, written from the format definition (bias 7, subnormals m/8 * 2^-6)
+double e4m3_value(uint8_t x) {
+  const int e = (x >> 3) & 0xf, m = x & 7;
+  const double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return (x & 0x80) ? -v : v;
+}
+
+Case make_case(const std::vector<Pattern>& pats, int dtype, uint32_t seed, bool perms) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Case c;
+  c.pats = pats;
+  c.dtype = dtype;
+  c.M = pats.front().a * pats.front().b * pats.front().d;
+  c.N = pats.back().a * pats.back().c * pats.back().d;
+  for (const Pattern& p : pats) {
+    const int64_t nnz = p.a * p.b * p.c * p.d;
+    std::vector<uint8_t> v;
+    if (dtype == kTypeFloat) {
+      v.resize(size_t(nnz) * 4);
+      for (int64_t i = 0; i < nnz; ++i) {
+        const float w = normal(rng) / std::sqrt(float(p.b));
+        std::memcpy(&v[size_t(i) * 4], &w, 4);
+      }
+    } else if (dtype == kTypeInt8) {
+      v.resize(size_t(nnz));
+      for (auto& x : v) x = uint8_t(int8_t(int(rng() % 255) - 127));
+    } else {  // e4m3fn: any byte but NaN (S.1111.111)
+      v.resize(size_t(nnz));
+      for (auto& x : v) {
+        do x = uint8_t(rng()); while ((x & 0x7f) == 0x7f);
+      }
+    }
+    c.values.push_back(v);
+    std::vector<float> s(size_t(p.a * p.d * p.c));
+    for (auto& x : s) x = 0.5f + float(rng() % 1000) / 1000.f;
+    if (dtype == kTypeInt8) for (auto& x : s) x /= 127.f * std::sqrt(float(p.b));
+    if (dtype == kTypeF8E4M3FN) for (auto& x : s) x /= 64.f * std::sqrt(float(p.b));
+    c.scales.push_back(s);
+  }
+  if (perms) {
+    c.in_perm.resize(size_t(c.M));
+    c.out_perm.resize(size_t(c.N));
+    for (int64_t i = 0; i < c.M; ++i) c.in_perm[size_t(i)] = i;
+    for (int64_t i = 0; i < c.N; ++i) c.out_perm[size_t(i)] = i;
+    std::shuffle(c.in_perm.begin(), c.in_perm.end(), rng);
+    std::shuffle(c.out_perm.begin(), c.out_perm.end(), rng);
+  }
+  c.bias.resize(size_t(c.N));
+  for (auto& x : c.bias) x = normal(rng);
+  return c;
+}
+
+NodeDesc node_of(const Case& c) {
+  NodeDesc n;
+  n.has_patterns = true;
+  for (const Pattern& p : c.pats) n.patterns.insert(n.patterns.end(), {p.a, p.b, p.c, p.d});
+  n.in_perm = c.in_perm;
+  n.out_perm = c.out_perm;
+  for (size_t l = 0; l < c.pats.size(); ++l) {
+    const Pattern& p = c.pats[l];
+    TensorDesc v, s;
+    v.present = s.present = v.rank_known = s.rank_known = true;
+    v.dtype = c.dtype;
+    v.dims = {p.a, p.d, p.b, p.c};
+    v.data = c.values[l].data();
+    s.dtype = kTypeFloat;
+    s.dims = {p.a, p.d, 1, p.c};
+    s.data = c.scales[l].data();
+    n.factors.push_back(v);
+    n.factors.push_back(s);
+  }
+  return n;
+}
+
+// The spec as plain loops over h (rows x features, row-major).  int8 factors follow the
+// float32 operations of the spec exactly; other factors accumulate in float64.
+std::vector<double> reference(const Case& c, const std::vector<float>& x, int64_t rows) {
+  std::vector<double> h(size_t(rows * c.M));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t f = 0; f < c.M; ++f)
+      h[size_t(r * c.M + f)] = x[size_t(r * c.M + (c.in_perm.empty() ? f : c.in_perm[size_t(f)]))];
+  for (size_t l = 0; l < c.pats.size(); ++l) {
+    const Pattern& p = c.pats[l];
+    const int64_t in = p.a * p.b * p.d, out = p.a * p.c * p.d;
+    std::vector<double> o(size_t(rows * out));
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* hr = &h[size_t(r * in)];
+      float amax = 0.f, inv = 0.f;
+      std::vector<int32_t> q(static_cast<size_t>(in));
+      if (c.dtype == kTypeInt8) {
+        for (int64_t f = 0; f < in; ++f) amax = std::max(amax, std::fabs(float(hr[f])));
+        inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t f = 0; f < in; ++f)
+          q[size_t(f)] = int32_t(std::nearbyint(std::min(127.f, std::max(-127.f, float(hr[f]) * inv))));
+      }
+      for (int64_t i = 0; i < p.a; ++i)
+        for (int64_t k = 0; k < p.c; ++k)
+          for (int64_t ll = 0; ll < p.d; ++ll) {
+            const float s = c.scales[l][size_t((i * p.d + ll) * p.c + k)];
+            double acc = 0;
+            int32_t iacc = 0;
+            for (int64_t j = 0; j < p.b; ++j) {
+              const int64_t vi = ((i * p.d + ll) * p.b + j) * p.c + k, f = i * p.b * p.d + j * p.d + ll;
+              if (c.dtype == kTypeInt8) {
+                iacc += q[size_t(f)] * int32_t(int8_t(c.values[l][size_t(vi)]));
+              } else if (c.dtype == kTypeFloat) {
+                float w;
+                std::memcpy(&w, &c.values[l][size_t(vi) * 4], 4);
+                acc += hr[f] * double(w) * s;
+              } else {
+                acc += hr[f] * e4m3_value(c.values[l][size_t(vi)]) * s;
+              }
+            }
+            o[size_t(r * out + i * p.c * p.d + k * p.d + ll)] =
+                c.dtype == kTypeInt8 ? double((float(iacc) * (amax / 127.f)) * s) : acc;
+          }
+    }
+    h.swap(o);
+  }
+  std::vector<double> y(size_t(rows * c.N));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < c.N; ++o) {
+      const double v = h[size_t(r * c.N + (c.out_perm.empty() ? o : c.out_perm[size_t(o)]))];
+      y[size_t(r * c.N + o)] = c.dtype == kTypeInt8 ? double(float(v) + c.bias[size_t(o)]) : v + c.bias[size_t(o)];
+    }
+  return y;
+}
+
+// a parallel-for that runs the items in reverse order (results must not depend on order)
+bool reverse_pfor(void*, void (*fn)(void*, size_t), size_t n, void* user) {
+  for (size_t i = n; i-- > 0;) fn(user, i);
+  return true;
+}
+
+void test_chain(const char* name, const std::vector<Pattern>& pats, uint32_t seed) {
+  const int dtypes[] = {kTypeFloat, kTypeInt8, kTypeF8E4M3FN};
+  std::vector<const char*> isas = {"portable"};
+  if (cpu_has_avx2()) isas.push_back("avx2");
+  for (int dtype : dtypes) {
+    for (bool perms : {false, true}) {
+      const Case c = make_case(pats, dtype, seed + uint32_t(dtype) * 7 + perms, perms);
+      for (const char* isa : isas) {
+        Plan plan;
+        const std::string e = build_plan(node_of(c), isa, &plan);
+        check(e.empty(), std::string(name) + ": build_plan: " + e);
+        if (!e.empty()) continue;
+        for (int64_t rows : {0, 1, 8, 13, 37}) {
+          std::mt19937 rng(seed + uint32_t(rows));
+          std::normal_distribution<float> normal(0.f, 1.f);
+          std::vector<float> x(size_t(rows * c.M));
+          for (auto& v : x) v = normal(rng);
+          const std::vector<double> ref = reference(c, x, rows);
+          for (ParallelFor pfor : {ParallelFor(nullptr), ParallelFor(reverse_pfor)}) {
+            std::vector<float> y(size_t(rows * c.N) + 1, -7.f);  // +1: a guard element
+            const std::string re = run_chain(plan, x.data(), c.bias.data(), y.data(), rows, pfor, nullptr);
+            const std::string what = std::string(name) + " " + dtype_name(dtype) + " " + isa + (perms ? " perms" : "") +
+                                     " rows " + std::to_string(rows);
+            check(re.empty(), what + ": run_chain: " + re);
+            check(y.back() == -7.f, what + ": wrote past the output");
+            if (dtype == kTypeInt8) {
+              size_t diff = 0;
+              for (size_t i = 0; i < ref.size(); ++i) diff += float(ref[i]) != y[i];
+              check(diff == 0, what + ": int8 not bit-exact, " + std::to_string(diff) + " elements differ");
+            } else {
+              double num = 0, den = 0;
+              for (size_t i = 0; i < ref.size(); ++i) num += (y[i] - ref[i]) * (y[i] - ref[i]), den += ref[i] * ref[i];
+              const double rel = std::sqrt(num / std::max(den, 1e-30));
+              check(rel < kFloatRelTol, what + ": relative error " + std::to_string(rel));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- validation ----------------------------------------------------------------------
+void expect_error(const std::string& got, const char* fragment, const char* what) {
+  check(!got.empty() && got.find(fragment) != std::string::npos,
+        std::string("validation ") + what + ": expected an error containing '" + fragment + "', got '" + got + "'");
+}
+
+void test_validation() {
+  // chain (1,4,3,2) -> (3,2,4,1): M = 8, N = 12
+  const Case ok = make_case({{1, 4, 3, 2}, {3, 2, 4, 1}}, kTypeFloat, 1, false);
+  const NodeDesc good = node_of(ok);
+  ChainDims dims;
+  check(validate_node(good, &dims).empty() && dims.M == 8 && dims.N == 12 && dims.L == 2, "validation: good node");
+  auto with = [&](auto edit) {
+    NodeDesc n = good;
+    edit(n);
+    return validate_node(n, &dims);
+  };
+  expect_error(with([](NodeDesc& n) { n.has_patterns = false; }), "required", "no patterns");
+  expect_error(with([](NodeDesc& n) { n.patterns.pop_back(); }), "got 7 values", "patterns length");
+  expect_error(with([](NodeDesc& n) { n.patterns.clear(); }), "got 0 values", "empty patterns");
+  expect_error(with([](NodeDesc& n) { n.patterns[2] = 0; }), "positive", "zero entry");
+  expect_error(with([](NodeDesc& n) { n.patterns[0] = -3; }), "positive", "negative entry");
+  expect_error(with([](NodeDesc& n) { n.patterns[1] = int64_t(1) << 31; }), "below 2^31", "huge entry");
+  expect_error(with([](NodeDesc& n) { n.patterns = {1 << 20, 1 << 20, 1 << 20, 1 << 20}; }), "too large",
+               "product overflow");
+  expect_error(with([](NodeDesc& n) { n.patterns[5] = 3; }), "invalid chain", "chain");
+  expect_error(with([](NodeDesc& n) { n.factors.pop_back(); }), "scale_1 (input 5) is missing", "missing input");
+  expect_error(with([](NodeDesc& n) { n.factors.push_back(n.factors[0]); }), "(more)", "extra input");
+  expect_error(with([](NodeDesc& n) { n.factors[0].dims = {1, 2, 3, 4}; }), "needs (a, d, b, c) = (1, 2, 4, 3)",
+               "values shape");
+  expect_error(with([](NodeDesc& n) { n.factors[2].dims = {3, 1, 2}; }), "values_1 (input 4) has shape (3, 1, 2)",
+               "values rank");
+  expect_error(with([](NodeDesc& n) { n.factors[0].dtype = 6; }), "element type 6", "values dtype");
+  expect_error(with([](NodeDesc& n) { n.factors[1].dtype = kTypeFloat16; }), "must be float32", "scale dtype");
+  expect_error(with([](NodeDesc& n) { n.factors[3].dims = {3, 1, 2, 1}; }), "scale_1 (input 5) has shape (3, 1, 2, 1)",
+               "scale dim 2");
+  expect_error(with([](NodeDesc& n) { n.factors[3].dims = {1, 1, 1}; }), "4-D", "scale rank");
+  expect_error(with([](NodeDesc& n) { n.factors[1].dims = {2, 1, 1, 1}; }), "broadcastable", "scale not broadcastable");
+  expect_error(with([](NodeDesc& n) {
+                 n.factors[0].dtype = kTypeInt8;
+                 n.factors[0].rank_known = false;
+                 n.patterns = {1, 70000, 1, 1};
+                 n.factors.resize(2);
+                 n.factors[1].dims = {1, 1, 1, 1};
+               }),
+               "int32 accumulation", "int8 reduction bound");
+  expect_error(with([](NodeDesc& n) { n.in_perm = {0, 1, 2}; }), "3 entries", "in_perm length");
+  expect_error(with([](NodeDesc& n) { n.in_perm = {0, 1, 2, 3, 4, 5, 6, 6}; }), "repeated", "in_perm repeated");
+  expect_error(with([](NodeDesc& n) { n.out_perm = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1}; }), "out of range",
+               "out_perm negative");
+  expect_error(with([](NodeDesc& n) {
+                 n.bias.present = n.bias.rank_known = true;
+                 n.bias.dims = {5};
+               }),
+               "bias (input 1) has shape (5,)", "bias shape");
+  expect_error(with([](NodeDesc& n) {
+                 n.bias.present = true;
+                 n.bias.dtype = kTypeInt8;
+               }),
+               "float32 of shape (12,)", "bias dtype");
+  expect_error(with([](NodeDesc& n) {
+                 n.x.rank_known = true;
+                 n.x.dims = {kUnknownDim, 9};
+               }),
+               "M = 8", "X last dim");
+  expect_error(with([](NodeDesc& n) { n.x.rank_known = true; }), "rank >= 1", "X scalar");
+  expect_error(with([](NodeDesc& n) {
+                 n.x.rank_known = true;
+                 n.x.dims = {-5, 8};
+               }),
+               "negative", "X negative dim");
+  expect_error(with([](NodeDesc& n) {
+                 n.need_constants = true;
+                 n.factors[2].data = nullptr;
+               }),
+               "values_1 (input 4) must be a constant", "non-constant values");
+  // unknown and zero dims are fine
+  check(with([](NodeDesc& n) {
+          n.x.rank_known = true;
+          n.x.dims = {kUnknownDim, 0, kUnknownDim};
+          n.factors[0].dims = {1, kUnknownDim, 4, 3};
+          n.bias.present = n.bias.rank_known = true;
+          n.bias.dims = {kUnknownDim};
+        }).empty(),
+        "validation: unknown and zero dims accepted");
+
+  // run time: count, X and bias of one call
+  const ChainDims chain{8, 12, 2};
+  TensorDesc x, bias;
+  x.present = x.rank_known = true;
+  x.dtype = kTypeFloat;
+  int64_t rows = -1;
+  x.dims = {3, 0, 8};
+  check(validate_run(chain, 6, x, bias, &rows).empty() && rows == 0, "validate_run: zero rows");
+  x.dims = {3, 5, 8};
+  check(validate_run(chain, 6, x, bias, &rows).empty() && rows == 15, "validate_run: rows");
+  expect_error(validate_run(chain, 5, x, bias, &rows), "needs 6 inputs", "run input count");
+  x.dims = {int64_t(1) << 30, int64_t(1) << 30, 8};
+  expect_error(validate_run(chain, 6, x, bias, &rows), "too large", "run rows overflow");
+  x.dims = {2, 7};
+  expect_error(validate_run(chain, 6, x, bias, &rows), "(2, 7)", "run last dim");
+  x.dims = {};
+  expect_error(validate_run(chain, 6, x, bias, &rows), "rank >= 1", "run scalar X");
+  x.dims = {2, 8};
+  x.dtype = kTypeInt8;
+  expect_error(validate_run(chain, 6, x, bias, &rows), "float32", "run X dtype");
+  x.dtype = kTypeFloat;
+  bias.present = bias.rank_known = true;
+  bias.dtype = kTypeFloat;
+  bias.dims = {13};
+  expect_error(validate_run(chain, 6, x, bias, &rows), "(13,)", "run bias shape");
+
+  // build_plan validates (constants required) and checks the ISA override
+  Plan plan;
+  NodeDesc no_data = good;
+  no_data.factors[1].data = nullptr;
+  expect_error(build_plan(no_data, nullptr, &plan), "scale_0 (input 3) must be a constant", "build_plan constants");
+  expect_error(build_plan(good, "sse9", &plan), "BFC_KS_ISA", "build_plan isa");
+  check(shape_str({2, kUnknownDim, 8}) == "(2, ?, 8)" && shape_str({5}) == "(5,)", "shape_str");
+}
+
+}  // namespace
+
+int main() {
+  test_validation();
+  test_chain("butterfly64", {{1, 2, 2, 32}, {2, 2, 2, 16}, {4, 2, 2, 8}, {8, 2, 2, 4}, {16, 2, 2, 2}, {32, 2, 2, 1}}, 10);
+  test_chain("monarch256", {{1, 16, 16, 16}, {16, 16, 16, 1}}, 20);
+  test_chain("single7x5", {{1, 7, 5, 1}}, 30);
+  test_chain("odd30x28", {{3, 5, 7, 2}, {7, 6, 4, 1}}, 40);
+  test_chain("big_small_big", {{1, 16, 16, 8}, {16, 2, 2, 4}, {32, 2, 2, 2}, {64, 2, 2, 1}, {8, 16, 16, 1}}, 50);
+  test_chain("small_then_big", {{1, 2, 2, 64}, {2, 2, 2, 32}, {4, 32, 8, 1}}, 60);
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
