@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,30 +72,16 @@ def matmul_model(m, n, seed=0):
 
 def portable(model, precision):
     from bfc.config import OptimizeConfig
-    from bfc.passes.cleanup import export
-    from bfc.passes.find_sites import find_sites
-    from bfc.passes.plan import plan_sites
-    from bfc.passes.rewrite_portable import rewrite_portable
+    from bfc.passes.pipeline import run_passes
     cfg = OptimizeConfig(structure="monarch", rank=1, max_error=None, min_size=0, precision=precision,
                          quant_method="rtn", verify=False)
-    graph = gs.import_onnx(model)
-    plans = plan_sites(find_sites(graph), cfg)
-    rewrite_portable(graph, plans, 21)
-    return export(graph, model, ["layer"]), plans[0]
+    state = run_passes(model, cfg)
+    return state.output, state.plans[0]
 
 
-def latency_ms(model, x, budget_s=1.0):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sess.run(None, {"x": x})
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 500):
-        t = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+def latency_ms(model, x):
+    from bfc.runtime import latency_ms as median_ms, session
+    return median_ms(session(model, threads=1), {"x": x}, repeats=100)
 
 
 def latency_table() -> list[str]:
@@ -160,7 +143,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "optimize.md")
     args = ap.parse_args(argv)
     import tempfile
-    text = ["# bfc optimize benchmark", "", f"Command: `python bench/bench_optimize.py`  ", f"Machine: {machine()}", ""]
+    text = ["# bfc optimize benchmark", "", "Command: `python bench/bench_optimize.py`  ", f"Machine: {machine()}", ""]
     if not args.skip_minilm:
         with tempfile.TemporaryDirectory() as tmp:
             text += ["## MiniLM-L6 (all-MiniLM-L6-v2, 22.7 M params)", ""] + minilm_run(Path(tmp)) + [""]

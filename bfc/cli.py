@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from bfc import __version__
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError
-
-ISSUES = "https://github.com/bfc-project/bfc/issues"
 
 
 class _UsageError(Exception):
@@ -49,11 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="no error budget (fixed structures only)")
     op.add_argument("--target-size", type=int, default=S, help="stop once the model has at most this many bytes")
     op.add_argument("--min-size", type=int, default=S, help="keep layers with fewer weights dense (default 4096)")
-    op.add_argument("--include", action="append", default=S, help="only node names matching this pattern")
-    op.add_argument("--exclude", action="append", default=S, help="skip node names matching this pattern")
+    op.add_argument("--include", action="append", default=S,
+                    help="only nodes whose full name matches this shell-style glob, e.g. '*/mlp/*' (repeatable)")
+    op.add_argument("--exclude", action="append", default=S,
+                    help="skip nodes whose full name matches this shell-style glob (repeatable)")
     op.add_argument("--calibration", type=Path, default=S, help=".npz of model inputs keyed by input name")
     op.add_argument("--quant-method", default=S, help="auto|rtn|pairwise|l2r|balanced (default auto)")
-    op.add_argument("--target", default=S, help="portable (standard ops, default) | custom-op")
+    op.add_argument("--target", default=S, help="where the layers run: " + "; ".join(
+        f"{t.name}: {t.summary}" for t in _targets()) + " (default portable)")
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
     op.add_argument("--fix-batch", type=int, default=S, help="pin dynamic batch dimensions to N")
     op.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="fine-tune each quantized layer's factors to its calibration outputs (needs --calibration)")
     op.add_argument("--reconstruct-steps", type=int, default=S, help="reconstruction steps per layer (default 100)")
     op.add_argument("--reconstruct-lr", type=float, default=S, help="reconstruction step size (default 0.01)")
+    op.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
+                    help="exit 2 when nothing can be rewritten (default: write the model unchanged, exit 0)")
     op.add_argument("--report", type=Path, help="also write the report as JSON")
     op.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     ins = sub.add_parser("inspect", help="list a model's sites and what each could gain")
@@ -82,24 +84,32 @@ def _config(args) -> OptimizeConfig:
     return OptimizeConfig(**given)
 
 
+def _targets():
+    from bfc.passes.targets import get_target, names
+    return [get_target(n) for n in names()]
+
+
 class _Progress:
-    """tqdm progress over the planned sites, on stderr (disabled when stderr is not a terminal)."""
+    """tqdm progress over the planned layers, on stderr, drawn from the pipeline's typed events
+    (disabled when stderr is not a terminal)."""
 
     def __init__(self, enabled: bool):
         self.bar, self.enabled = None, enabled
 
-    def __call__(self, stage, detail=None):
+    def __call__(self, event):
         if not self.enabled:
             return
         from tqdm import tqdm
-        if stage == "load":
-            n = int(str(detail).split()[0])
-            self.bar = tqdm(total=n, desc="planning", unit="layer", file=sys.stderr, leave=False, disable=None)
-        elif stage == "plan" and self.bar is not None:
-            self.bar.set_postfix_str(str(detail)[-30:])
+
+        from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
+        if isinstance(event, SitesFound):
+            self.bar = tqdm(total=event.total, desc="planning", unit="layer", file=sys.stderr, leave=False,
+                            disable=None)
+        elif isinstance(event, LayerPlanned) and self.bar is not None:
+            self.bar.set_postfix_str(event.layer[-30:])
             self.bar.update(1)
-        elif self.bar is not None:
-            self.bar.set_description(stage)
+        elif isinstance(event, StageStarted) and self.bar is not None:
+            self.bar.set_description(event.stage)
 
     def close(self):
         if self.bar is not None:
@@ -107,27 +117,14 @@ class _Progress:
 
 
 def cmd_optimize(args) -> int:
-    from bfc.api import optimize, verification_feeds, verify_into
-    from bfc.passes.cleanup import check_file
-    from bfc.passes.load import check_output_path, save_model
+    from bfc.api import optimize
+    from bfc.passes.load import check_output_path, input_files
     cfg = _config(args)
-    check_output_path(args.output, args.model)
     if args.report is not None:
-        check_output_path(args.report, args.model)
+        check_output_path(args.report, input_files(args.model) + [args.output])
     prog = _Progress(not args.quiet)
-    try:   # verification runs after saving, from the files: only onnxruntime's copies in memory
-        model, report = optimize(args.model, cfg.replace(verify=False), progress=prog)
-        _release_memory()
-        feeds = verification_feeds(model, cfg) if cfg.verify else None
-        save_model(model, args.output, args.model)
-        del model
-        _release_memory()
-        check_file(args.output)
-        if feeds is not None:
-            prog("verify")
-            t0 = time.perf_counter()
-            verify_into(report, args.model, args.output, feeds, cfg)
-            report.seconds += time.perf_counter() - t0
+    try:
+        _, report = optimize(args.model, cfg, output=args.output, on_event=prog)
     finally:
         prog.close()
     if args.report is not None:
@@ -173,18 +170,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _latency_ms(model, feeds, repeats: int = 30) -> float:
-    from bfc.passes.session import session
-    sess = session(model, threads=1)
-    sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
 def cmd_demo(args) -> int:
     """Optimize the bundled MLP with its bundled calibration images; compare accuracy, size, latency."""
     import tempfile
@@ -193,9 +178,8 @@ def cmd_demo(args) -> int:
     import numpy as np
     import onnx
 
-    from bfc.api import optimize
-    from bfc.passes.load import save_model
-    from bfc.passes.session import session
+    from bfc.api import optimize, save
+    from bfc.runtime import latency_ms, session
     with as_file(files("bfc") / "data" / "demo_mlp.onnx") as mpath, \
             as_file(files("bfc") / "data" / "demo_data.npz") as dpath:
         if not Path(mpath).is_file() or not Path(dpath).is_file():
@@ -215,19 +199,20 @@ def cmd_demo(args) -> int:
                   f"--precision {cfg.precision.value} --max-error {cfg.max_error:g}", flush=True)
             prog = _Progress(True)
             try:
-                optimized, report = optimize(mpath, cfg, progress=prog)
+                optimized, report = optimize(mpath, cfg, on_event=prog)
             finally:
                 prog.close()
     print(report.table())
     if args.output is not None:
-        save_model(optimized, args.output)
+        save(optimized, args.output)
         print(f"wrote {args.output}")
     x, y = data["test_images"], data["test_labels"]
     print("\nmodel       accuracy  file size   latency b=1   latency b=256   (onnxruntime CPU, 1 thread, median)")
     for name, m in (("original", original), ("optimized", optimized)):
-        acc = float(np.mean(session(m).run(None, {"image": x})[0].argmax(1) == y))
-        print(f"{name:<10}  {acc:8.4f}  {m.ByteSize() / 1024:7.1f} kB  {_latency_ms(m, {'image': x[:1]}):8.3f} ms  "
-              f"{_latency_ms(m, {'image': x[:256]}):11.3f} ms")
+        sess = session(m, threads=1)
+        acc = float(np.mean(sess.run(None, {"image": x})[0].argmax(1) == y))
+        print(f"{name:<10}  {acc:8.4f}  {m.ByteSize() / 1000:7.1f} kB  {latency_ms(sess, {'image': x[:1]}):8.3f} ms  "
+              f"{latency_ms(sess, {'image': x[:256]}):11.3f} ms")
     return 0
 
 
@@ -249,8 +234,8 @@ def main(argv=None) -> int:
         print("bfc: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug: one line and where to report it
-        print(f"bfc: internal error ({type(e).__name__}: {e}); this is a bug in bfc, please report it at "
-              f"{ISSUES} with the command and model", file=sys.stderr)
+        print(f"bfc: internal error ({type(e).__name__}: {e}); this is a bug in bfc: please report it to the "
+              "bfc maintainers with the command and the model", file=sys.stderr)
         return 1
 
 

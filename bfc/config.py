@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from bfc.errors import ConfigError
+from bfc.quant.chain import Method as QuantMethod
+from bfc.quant.formats import Format, get_format
 
 
 class Structure(str, enum.Enum):
@@ -24,6 +26,7 @@ class Structure(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
+    """``auto`` or the name of a format of ``bfc.quant.formats.FORMATS`` (the one format table)."""
     AUTO = "auto"
     INT8 = "int8"
     FP8_E4M3 = "fp8-e4m3"
@@ -32,22 +35,12 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
 
     @property
+    def format(self) -> Format:
+        return get_format(self.value)
+
+    @property
     def bits(self) -> int:
-        return {"int8": 8, "fp8-e4m3": 8, "fp8-e5m2": 8, "fp16": 16, "fp32": 32}[self.value]
-
-
-class QuantMethod(str, enum.Enum):
-    """How bfc.quant scales the chain: optimal rank-one searches, or plain round-to-nearest."""
-    AUTO = "auto"
-    RTN = "rtn"
-    PAIRWISE = "pairwise"
-    L2R = "l2r"
-    BALANCED = "balanced"
-
-
-class Target(str, enum.Enum):
-    PORTABLE = "portable"
-    CUSTOM_OP = "custom-op"
+        return self.format.bits
 
 
 # Precisions tried by ``precision=auto``, lowest first (HAWQ-style: the lowest that keeps the budget).
@@ -77,7 +70,10 @@ class OptimizeConfig:
     target_size: stop compressing once the model's weight bytes are at most this many bytes
     min_size:    layers with fewer weight elements stay dense
     include/exclude: fnmatch patterns on node names
+    target:      the graph target that emits the layers (``bfc.passes.targets``: portable, custom-op);
+                 its name is checked against the registry when the pipeline starts
     calibration: .npz of model inputs (names as keys) used for calibration and verification
+    strict:      a run that rewrites nothing is an error (default: the model is written unchanged)
     calibration_rows: at most this many activation rows per layer (seeded subsample) enter its Gram matrix
     reconstruct: fine-tune each quantized layer's factors to its calibration outputs (bfc.reconstruct)
     reconstruct_steps, reconstruct_lr: Adam steps per layer and step size (relative to each factor's RMS)
@@ -94,9 +90,9 @@ class OptimizeConfig:
     exclude: tuple[str, ...] = ()
     calibration: Path | None = None
     calibration_rows: int = 8192
-    target: Target = Target.PORTABLE
+    target: str = "portable"
     verify: bool = True
-    verify_tolerance: float | None = None
+    strict: bool = False
     fix_batch: int | None = None
     seed: int = 0
     reconstruct: bool = False
@@ -107,7 +103,9 @@ class OptimizeConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
         set_("structure", _enum(Structure, "structure", self.structure))
         set_("precision", _enum(Precision, "precision", self.precision))
-        set_("target", _enum(Target, "target", self.target))
+        if not isinstance(self.target, str) or not self.target:
+            raise ConfigError(f"target={self.target!r} must be a target name such as portable or custom-op")
+        set_("target", self.target.lower())
         set_("quant_method", _enum(QuantMethod, "quant_method", self.quant_method))
         for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
                          ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1),
@@ -117,7 +115,7 @@ class OptimizeConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
-        for name in ("max_error", "verify_tolerance", "reconstruct_lr"):
+        for name in ("max_error", "reconstruct_lr"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -137,8 +135,9 @@ class OptimizeConfig:
             raise ConfigError(f"reconstruct={self.reconstruct!r} must be true or false")
         if self.reconstruct and self.calibration is None:
             raise ConfigError("reconstruct needs calibration data: pass --calibration FILE.npz of model inputs")
-        if not isinstance(self.verify, bool):
-            raise ConfigError(f"verify={self.verify!r} must be true or false")
+        for name in ("verify", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.structure is Structure.AUTO and self.max_error is None and self.target_size is None:
             raise ConfigError("structure=auto needs a budget: set max_error (e.g. 0.1) or target_size, "
                               "or pick a fixed structure such as monarch")

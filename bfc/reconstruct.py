@@ -51,10 +51,23 @@ def _backward(chain, values, acts, grad_out):
     return grads
 
 
-def reconstruct(qf: QuantizedFactorization, w, x, *, steps: int = 200, lr: float = 1e-2) -> ReconstructionResult:
-    """Refine ``qf`` (a quantized approximation of ``w``) on activations ``x``; see module doc."""
+def gram_rows(gram) -> np.ndarray:
+    """Rows R with R^T R = G (R = diag(sqrt(lambda)) U^T from G = U diag(lambda) U^T, small
+    eigenvalues dropped): ||X E|| = ||R E|| for every E, so R stands in for the activations X
+    with at most M rows however many tokens were seen."""
+    evals, evecs = np.linalg.eigh(np.asarray(gram, np.float64))
+    keep = evals > evals.max() * 1e-10
+    return np.sqrt(evals[keep])[:, None] * evecs[:, keep].T
+
+
+def reconstruct(qf: QuantizedFactorization, w, x=None, *, gram=None, steps: int = 200,
+                lr: float = 1e-2) -> ReconstructionResult:
+    """Refine ``qf`` (a quantized approximation of ``w``) on activations ``x`` or on their Gram
+    matrix ``gram`` = X^T X (through ``gram_rows``); see module doc."""
     w = np.asarray(w, dtype=np.float64)
-    x = np.asarray(x, dtype=np.float64)
+    if (x is None) == (gram is None):
+        raise InvalidInputError("reconstruct needs the layer's activations x or their Gram matrix, not both")
+    x = gram_rows(gram) if gram is not None else np.asarray(x, dtype=np.float64)
     if x.ndim < 2 or x.shape[-1] != w.shape[0]:
         raise InvalidInputError(f"activations of shape {x.shape} do not match a {w.shape} weight: "
                                 f"the last dimension must be {w.shape[0]}")

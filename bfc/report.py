@@ -41,7 +41,8 @@ class Report:
     target: str
     layers: list[LayerRow] = field(default_factory=list)
     outputs: list[OutputRow] = field(default_factory=list)
-    verified_on: str | None = None   # "calibration" | "random" | None (skipped)
+    verified_on: str | None = None   # "calibration" | "random" | None (skipped or not possible)
+    not_verified: str | None = None  # why verification could not run
     model_bytes_before: int = 0
     model_bytes_after: int = 0
     seconds: float = 0.0
@@ -90,13 +91,16 @@ class Report:
             for o in self.outputs:
                 lines.append(f"verified output {o.name} on {self.verified_on} inputs: relative error "
                              f"{o.rel_error:.3e}, cosine {o.cosine:.5f}")
+        elif self.not_verified:
+            lines.append(f"not verified: {self.not_verified}")
         else:
             lines.append("verification skipped (--no-verify)")
         return "\n".join(lines)
 
 
 def _size(n: int) -> str:
-    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+    """Decimal units (1 kB = 1000 B), as everywhere in bfc."""
+    for unit, k in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= k:
             return f"{n / k:.2f} {unit}"
     return f"{n} B"

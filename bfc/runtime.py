@@ -79,39 +79,68 @@ def is_available() -> bool:
     return True
 
 
-def session_options(threads: int = 1, *, optimization_level=None):
-    """``onnxruntime.SessionOptions`` with the bfc library registered."""
+def session_options(threads: int = 1, *, arena: bool = True, optimization_level=None):
+    """``onnxruntime.SessionOptions``: ``threads`` intra-op threads (0 = onnxruntime's default),
+    quiet logging, the bfc library registered when it is built."""
     import onnxruntime as ort
 
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise NativeLibraryError(f"threads={threads!r} must be a non-negative integer (0 = onnxruntime default)")
-    path = library_path()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_cpu_mem_arena = arena
+    so.log_severity_level = 3          # onnxruntime's own warnings do not leak into bfc's output
     if optimization_level is not None:
         so.graph_optimization_level = optimization_level
-    try:
-        so.register_custom_ops_library(str(path))
-    except Exception as exc:  # onnxruntime raises RuntimeError / Fail subclasses
-        raise NativeLibraryError(
-            f"onnxruntime could not load the bfc custom-op library {path}: {exc}; rebuild it for this "
-            f"platform and onnxruntime {ort.__version__} (needs >= 1.17)") from exc
+    if is_available():
+        path = library_path()
+        try:
+            so.register_custom_ops_library(str(path))
+        except Exception as exc:  # onnxruntime raises RuntimeError / Fail subclasses
+            raise NativeLibraryError(
+                f"onnxruntime could not load the bfc custom-op library {path}: {exc}; rebuild it for this "
+                f"platform and onnxruntime {ort.__version__} (needs >= 1.17)") from None
     return so
 
 
-def session(model, threads: int = 1, *, providers=None, optimization_level=None):
-    """An ``onnxruntime.InferenceSession`` for ``model`` (ModelProto, bytes or path).
+def session(model, threads: int = 1, *, arena: bool = True, providers=None, optimization_level=None):
+    """The one onnxruntime session factory of bfc, for ``model`` (ModelProto, bytes or path).
 
-    ``threads`` is the intra-op thread count (the ai.bfc kernels parallelize only
-    through onnxruntime's intra-op pool); 0 lets onnxruntime decide.
+    ``threads`` is the intra-op thread count (the ai.bfc kernels parallelize only through
+    onnxruntime's intra-op pool; 0 lets onnxruntime decide); ``arena=False`` returns
+    activation memory after each run.  A model onnxruntime refuses raises ModelError, one
+    that needs the missing bfc library NativeLibraryError.
     """
     import onnxruntime as ort
 
-    so = session_options(threads, optimization_level=optimization_level)
+    from bfc.errors import ModelError
+
+    so = session_options(threads, arena=arena, optimization_level=optimization_level)
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
-    return ort.InferenceSession(model, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        if "ai.bfc" in str(e) and not is_available():
+            raise NativeLibraryError("the model uses bfc's ai.bfc custom ops but the bfc custom-op library is "
+                                     "not installed; reinstall bfc with a C++17 compiler, or use --target "
+                                     "portable") from None
+        raise ModelError(f"onnxruntime cannot load the model ({str(e).splitlines()[0][:300]})") from None
+
+
+def latency_ms(sess, feeds: dict, repeats: int = 30, warmup: int = 1) -> float:
+    """Median wall time of ``sess.run(None, feeds)`` in milliseconds (the one latency helper)."""
+    import time
+
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]

@@ -1,5 +1,7 @@
-"""Clean up after a rewrite: dead nodes/initializers, topological order, shape inference, checker.
+"""Export: clean up after a rewrite (dead nodes/initializers, topological order, shape inference, checker).
 
+Requires: rewritten.  Ensures: exported (``state.output``, a new ModelProto; the input
+model is not modified).
 Matches: any graph a rewrite pass produced (graphsurgeon form).
 Ensures: unused nodes and tensors are gone (gs cleanup), nodes are topologically
 sorted, ``metadata_props['bfc.layers']`` lists the rewritten layers (so a second
@@ -15,7 +17,22 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.load import output_ir_version, proto_size
+
+
+class Export(GraphPass):
+    contract = Contract.of(requires={"rewritten"}, ensures={"exported"})
+
+    def run(self, state) -> PassResult:
+        if not any(p.rewritten for p in state.plans) and state.config.fix_batch is None:
+            state.output = state.model          # nothing rewritten: the input as it is (a plain re-save)
+            return PassResult(changed=False)
+        out = export(state.graph, state.model, [p.site.name for p in state.plans if p.rewritten])
+        if state.config.fix_batch is not None:
+            out = fix_batch(out, state.config.fix_batch)
+        state.output = out
+        return PassResult(changed=any(p.rewritten for p in state.plans))
 
 
 def _export_light(graph: gs.Graph) -> onnx.ModelProto:
@@ -87,8 +104,8 @@ def _checked(run) -> None:
     try:
         run()
     except onnx.checker.ValidationError as e:
-        raise RuntimeError(f"internal error: the rewritten model fails the ONNX checker ({str(e).splitlines()[0]}); "
-                           "please report this with the input model") from None
+        raise RuntimeError(f"bfc's output fails the ONNX checker ({str(e).splitlines()[0]}); this is a bug in "
+                           "bfc, not in the input model: please report it with the model and command") from None
 
 
 def fix_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:

@@ -28,12 +28,19 @@ FLOAT_TYPES = (np.float32, np.float16)
 
 @dataclass
 class SiteNode:
-    name: str
+    name: str                     # node_key(node): the node's name, or op:first-output for unnamed nodes
     op: str                       # MatMul | Gemm
     alpha: float = 1.0
     beta: float = 1.0
     trans_a: bool = False
     in_rank: int | None = None
+    input: str = ""               # name of the activation tensor x
+    node: gs.Node | None = field(default=None, repr=False, compare=False)   # the graph node itself
+
+
+def node_key(node: gs.Node) -> str:
+    """A node's name, or ``op:first-output`` for unnamed nodes (output names are unique)."""
+    return node.name or f"{node.op}:{node.outputs[0].name}"
 
 
 @dataclass
@@ -79,11 +86,11 @@ def _candidate(node, graph_label, in_main):
     """(key, SiteNode, weight, reason) for a MatMul/Gemm node, or None."""
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
-    name = node.name or f"{node.op}:{node.outputs[0].name}"
+    name = node_key(node)
     x, wt = node.inputs[0], node.inputs[1]
     a = node.attrs
     sn = SiteNode(name, node.op, float(a.get("alpha", 1.0)), float(a.get("beta", 1.0)),
-                  bool(a.get("transA", 0)), len(x.shape) if x.shape is not None else None)
+                  bool(a.get("transA", 0)), len(x.shape) if x.shape is not None else None, x.name, node)
     trans_b = bool(a.get("transB", 0)) if node.op == "Gemm" else False
     w = _constant_value(wt)
     reason = None
@@ -128,10 +135,3 @@ def find_sites(graph: gs.Graph) -> list[Site]:
 
     visit(graph, "main", True)
     return list(sites.values())
-
-
-def find_node(graph: gs.Graph, name: str):
-    for node in graph.nodes:
-        if (node.name or f"{node.op}:{node.outputs[0].name}") == name:
-            return node
-    raise KeyError(name)

@@ -143,13 +143,45 @@ def output_ir_version(model: onnx.ModelProto) -> int:
     return min(MAX_IR, max(need, min(model.ir_version, MAX_IR)))
 
 
-def check_output_path(out, inp=None) -> Path:
+def input_files(path) -> list[Path]:
+    """The files a model path reads: the model and every external-data file it references
+    (resolved; unreadable models give just the path, and loading then reports the problem)."""
+    path = Path(path)
+    files = [path]
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports the exact problem
+        return files
+    for t in onnx.external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            if loc:
+                files.append(path.parent / loc)
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(out, protected=()) -> Path:
+    """``out`` as a Path, refused (ModelError) when it, or the ``<out>.data`` file ``save_model`` may write,
+    is one of the ``protected`` input files (or a link to one), or its folder is not writable."""
     out = Path(out)
-    if inp is not None:
-        inp = Path(inp)
-        if out.resolve() == inp.resolve() or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
-            raise ModelError(f"output {out} is the input file; bfc never overwrites its input: "
-                             "choose another path with -o")
+    if isinstance(protected, (str, os.PathLike)):
+        protected = [Path(protected)]
+    for p in protected:
+        p = Path(p)
+        for candidate in (out, Path(str(out) + ".data")):
+            if _same_file(candidate, p):
+                what = "the input model" if p == Path(protected[0]) else f"the input's external data file {p}"
+                raise ModelError(f"output {candidate} is {what}; bfc never overwrites what it reads: "
+                                 "choose another path with -o")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ModelError(f"output folder {folder} does not exist; create it or choose another -o path")
@@ -160,9 +192,10 @@ def check_output_path(out, inp=None) -> Path:
     return out
 
 
-def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
-    """Atomic write; external data (``<name>.data``) when the model exceeds 2 GB."""
-    out = check_output_path(out, inp)
+def save_model(model: onnx.ModelProto, out, protected=()) -> Path:
+    """Atomic write; external data (``<name>.data``) when the model exceeds 2 GB.  ``protected``:
+    the files the output may not replace (the input model and its data, see ``input_files``)."""
+    out = check_output_path(out, protected)
     model.ir_version = output_ir_version(model)
     folder = out.parent if str(out.parent) else Path(".")
     big = proto_size(model) > PROTO_LIMIT

@@ -1,10 +1,18 @@
-"""Plan: choose structure and precision per site, factorize and quantize (target-independent).
+"""Plan: choose structure and precision per site, factorize and quantize, scored with the target's numerics.
 
+Requires: sites (and calibration when given).  Ensures: plans.  Not in place.
 Matches: the eligible sites of ``find_sites``.
-Ensures: every site gets a ``LayerPlan``; a rewritten plan carries ``LayerWeights``
-(W_hat = P_row^T K_1 ... K_L P_col [+ U V^T], quantized), a kept-dense plan a reason.
-Error of a layer: with calibration activations X, the relative output error
-||X W - X W_hat|| / ||X W||; without, the weight error ||W - W_hat||_F / ||W||_F.
+Ensures: every site gets a ``LayerPlan``; a rewritten plan carries a
+``QuantizedFactorization`` (W_hat = P_row^T K_1 ... K_L P_col [+ U V^T]), a kept-dense
+plan a reason.
+Error of a layer, for the function y = T(x) that the chosen target computes:
+  * T the float product x @ W_hat: with calibration the relative output error
+    ||X W - X W_hat|| / ||X W|| from the Gram matrix G = X^T X
+    (``bfc.factorize.weighted_error``); without, ||W - W_hat||_F / ||W||_F;
+  * otherwise (e.g. the custom op's per-row int8 activations): ||X W - T(X)|| / ||X W||
+    measured on the site's sample of calibration rows, or without calibration on
+    WHITE_ROWS seeded standard-normal rows (for which E||x E||^2 = ||E||_F^2, the same
+    quantity the weight error measures).
 Choice:
   * structure=auto: per family (monarch, 3-factor chain, butterfly for square layers),
     block ranks 1, 2, 4, ... up to half the dense parameters; the largest is tried first
@@ -13,13 +21,10 @@ Choice:
     layer stays dense and the best error seen is reported.
   * a fixed structure: that chain (``rank``), kept dense if it misses ``max_error``.
   * precision=auto: for the chosen structure the lowest precision (int8, fp8-e4m3,
-    fp16, fp32) whose measured error (the layer's sensitivity, measured on the
-    calibration activations when given) keeps the budget.
-With calibration the fit is activation-weighted: W is factorized as diag(s) W with
-s_i = ||X[:, i]|| and the scaling undone on the first factor, and errors are computed
-from the Gram matrix X^T X (bfc.factorize's full weighted CG refinement is not used
-here: it costs seconds per layer and candidate).
-The factorization does not depend on the target, so the custom-op rewrite reuses it.
+    fp16, fp32) whose measured error keeps the budget.
+With calibration the fit is activation-weighted (``bfc.factorize.factorize(gram=G,
+refine=False)``: diagonal pre-whitening, no CG refinement, which costs seconds per layer
+and candidate).
 """
 from __future__ import annotations
 
@@ -30,19 +35,22 @@ import numpy as np
 
 from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
-from bfc.factorize import KSFactorization, candidates, chain_for, factorize
+from bfc.factorize import candidates, chain_for, factorize, weighted_error
+from bfc.passes.contract import Contract, GraphPass, PassResult
+from bfc.passes.events import LayerPlanned
 from bfc.passes.find_sites import Site
-from bfc.passes.layer import LayerWeights, from_factorization
+from bfc.quant import QuantizedFactorization, cast, quantize
 
 AUTO_STRUCTURES = ("monarch", "butterfly", "chain3")
 AUTO_RANKS = (1, 2, 4, 8, 16, 32)
 MAX_PARAM_FRACTION = 0.5   # auto: a structure must at least halve the parameters to be worth its transposes
+WHITE_ROWS = 256           # rows of N(0, I) inputs scoring a non-float target without calibration
 
 
 @dataclass
 class LayerPlan:
     site: Site
-    weights: LayerWeights | None = None
+    weights: QuantizedFactorization | None = None
     structure: str = "dense"
     precision: str = "-"
     error: float | None = None
@@ -79,40 +87,37 @@ class LayerPlan:
         return self.weights.flops_per_row if self.rewritten else self.flops_before
 
 
-def layer_error(w: np.ndarray, lw: LayerWeights, gram: np.ndarray | None) -> float:
-    """Relative weight error, or with gram = X^T X the output error ||X (W - W_hat)|| / ||X W||."""
-    e = w - lw.to_dense()
-    if gram is None:
-        return float(np.linalg.norm(e) / max(np.linalg.norm(w), 1e-30))
-    num = np.einsum("ij,ij->", e, gram @ e)
-    den = np.einsum("ij,ij->", w, gram @ w)
-    return float(np.sqrt(max(num, 0.0) / max(den, 1e-300)))
+class Scorer:
+    """The layer error of candidates for one site under one target (see module doc)."""
+
+    def __init__(self, w: np.ndarray, stats, target, seed: int):
+        self.w, self.target = w, target
+        self.gram = None if stats is None else np.asarray(stats.gram, np.float64)
+        if stats is not None:
+            self.rows = np.asarray(stats.sample, np.float64)
+        else:
+            self.rows = np.random.default_rng(seed).standard_normal((WHITE_ROWS, w.shape[0]))
+        self._ref = None
+
+    def __call__(self, q: QuantizedFactorization) -> float:
+        simulate = self.target.simulate(q)
+        if simulate is not None:
+            if self._ref is None:
+                self._ref = self.rows @ self.w
+            y = np.asarray(simulate(self.rows), np.float64)
+            if q.low_rank is not None:
+                u, v = (np.asarray(m, np.float64) for m in q.low_rank)
+                y = y + (self.rows @ u) @ v.T
+            return float(np.linalg.norm(y - self._ref) / max(np.linalg.norm(self._ref), 1e-30))
+        if self.gram is not None:
+            return weighted_error(self.w, q.to_dense(), self.gram)
+        return float(np.linalg.norm(self.w - q.to_dense()) / max(np.linalg.norm(self.w), 1e-30))
 
 
-def _fit(w, chain, residual_rank, gram):
-    if gram is None:
-        return factorize(w, chain, residual_rank=residual_rank)
-    s = np.sqrt(np.clip(np.diag(gram), 0, None))
-    s = np.maximum(s, 1e-3 * max(s.max(), 1e-30))
-    f = factorize(s[:, None] * w, chain, residual_rank=residual_rank)
-    p = chain[0]
-    values = list(f.factors)
-    values[0] = values[0] / s[p.row_index()]
-    low = None if f.low_rank is None else (f.low_rank[0] / s[:, None], f.low_rank[1])
-    return KSFactorization(chain, tuple(values), f.row_perm, f.col_perm, low)
-
-
-def _quantize(f: KSFactorization, precision: Precision, seed: int, method: str = "auto") -> LayerWeights:
-    if precision is Precision.FP32:
-        return from_factorization(f, precision, np.float32)
-    if precision is Precision.FP16:
-        return from_factorization(f, precision, np.float16)
-    try:
-        from bfc.quant import quantize
-    except ImportError as e:  # pragma: no cover - bfc.quant ships with bfc
-        raise BfcError(f"precision {precision.value} needs bfc.quant, which failed to import ({e}); "
-                       "use --precision fp16 or fp32") from None
-    return from_factorization(quantize(f, precision.value, method=method, seed=seed), precision)
+def _store(f, precision: Precision, seed: int, method: str) -> QuantizedFactorization:
+    if precision in (Precision.FP32, Precision.FP16):
+        return cast(f, precision.value)
+    return quantize(f, precision.value, method=method, seed=seed)
 
 
 def _label(structure, rank, k):
@@ -127,23 +132,20 @@ def _fixed_candidate(cfg: OptimizeConfig, m: int, n: int):
     return [(cfg.structure.value, rank, 0, chain_for(cfg.structure.value, m, n, rank))]
 
 
-def _try_precisions(w, f, x, precisions, budget, seed, method):
-    """(LayerWeights, precision, error) for the lowest precision meeting the budget, else (None, label, err)."""
-    fp = from_factorization(f, Precision.FP32)
-    err = f.rel_error if x is None and np.isfinite(f.rel_error) else layer_error(w, fp, x)
-    if err > budget:
-        return None, "fp32", err
+def _try_precisions(f, score, precisions, budget, seed, method):
+    """(QuantizedFactorization, precision, error) for the lowest precision meeting the budget,
+    else (None, label, error)."""
     best = (float("inf"), "")
     for prec in precisions:
-        lw = fp if prec is Precision.FP32 else _quantize(f, prec, seed, method)
-        e = err if prec is Precision.FP32 else layer_error(w, lw, x)
+        q = _store(f, prec, seed, method)
+        e = score(q)
         if e <= budget:
-            return lw, prec.value, e
+            return q, prec.value, e
         best = min(best, (e, prec.value))
     return None, best[1], best[0]
 
 
-def _search_family(w, cands, x, precisions, budget, seed, method, seen):
+def _search_family(w, cands, gram, score, precisions, budget, seed, method, seen):
     """Cheapest candidate of one structure family meeting the budget, assuming the error falls with
     the rank: test the largest first (if it fails the family fails), then bisect on fp32 error."""
     cache = {}
@@ -151,13 +153,11 @@ def _search_family(w, cands, x, precisions, budget, seed, method, seen):
     def fit(i):
         if i not in cache:
             s, r, k, ch = cands[i]
-            cache[i] = _fit(w, ch, k, x)
-            fp_err = (cache[i].rel_error if x is None and np.isfinite(cache[i].rel_error)
-                      else layer_error(w, from_factorization(cache[i], Precision.FP32), x))
-            cache[i] = (cache[i], fp_err)
-            label = _label(s, r, k)
+            f = factorize(w, ch, gram=gram, refine=False, residual_rank=k)
+            fp_err = score(cast(f, "fp32"))
+            cache[i] = (f, fp_err)
             if seen[0] is None or fp_err < seen[0][0]:
-                seen[0] = (fp_err, label)
+                seen[0] = (fp_err, _label(s, r, k))
         return cache[i]
 
     hi = len(cands) - 1
@@ -171,10 +171,10 @@ def _search_family(w, cands, x, precisions, budget, seed, method, seen):
         else:
             lo = mid + 1
     for i in range(lo, len(cands)):
-        lw, prec, err = _try_precisions(w, fit(i)[0], x, precisions, budget, seed, method)
-        if lw is not None:
+        q, prec, err = _try_precisions(fit(i)[0], score, precisions, budget, seed, method)
+        if q is not None:
             s, r, k, _ch = cands[i]
-            return lw, _label(s, r, k), prec, err
+            return q, _label(s, r, k), prec, err
         seen[0] = min(seen[0], (err, f"{_label(*cands[i][:3])} {prec}"))
     return None
 
@@ -189,13 +189,16 @@ def _auto_candidates(cfg, m, n):
     return fams
 
 
-def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPlan:
-    """Plan one eligible site (include/exclude/min-size already applied)."""
+def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=None) -> LayerPlan:
+    """Plan one eligible site (include/exclude/min-size already applied) for ``target``;
+    ``precisions`` (default: from ``cfg``) are the formats to try, lowest first."""
     w = site.weight.astype(np.float64)
     m, n = w.shape
-    plan = LayerPlan(site, error_kind="output" if x is not None else "weight")
-    x = None if x is None else np.asarray(x, np.float64)    # the Gram matrix X^T X of the calibration rows
-    precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
+    plan = LayerPlan(site, error_kind="output" if stats is not None else "weight")
+    gram = None if stats is None else np.asarray(stats.gram, np.float64)
+    score = Scorer(w, stats, target, cfg.seed)
+    if precisions is None:
+        precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
     budget = cfg.max_error if cfg.max_error is not None else float("inf")
     if cfg.structure is Structure.AUTO:
         fams = _auto_candidates(cfg, m, n)
@@ -214,56 +217,52 @@ def plan_site(site: Site, cfg: OptimizeConfig, x: np.ndarray | None) -> LayerPla
         return plan
     seen = [None]
     found = []
+    method = cfg.quant_method.value
     for fam in AUTO_STRUCTURES + tuple(s.value for s in Structure):
         cands = fams.pop(fam, [])
         if found:
             cands = [c for c in cands if c[3].nnz + c[2] * (m + n) < found[0][0].n_params]
         if cands:
-            hit = _search_family(w, cands, x, precisions, budget, cfg.seed, cfg.quant_method.value, seen)
+            hit = _search_family(w, cands, gram, score, precisions, budget, cfg.seed, method, seen)
             if hit is not None and (not found or hit[0].nbytes < found[0][0].nbytes):
                 found = [hit]
+    if found and found[0][0].nbytes >= plan.bytes_before:
+        plan.error = found[0][3]
+        plan.reason = (f"no byte saving: {found[0][1]} {found[0][2]} needs {found[0][0].nbytes} bytes, "
+                       f"the dense weight {plan.bytes_before}")
+        return plan
     if found:
         plan.weights, plan.structure, plan.precision, plan.error = found[0]
-        if cfg.reconstruct and x is not None and plan.precision not in ("fp32", "fp16"):
-            _reconstruct(plan, w, x, cfg)
+        if cfg.reconstruct and gram is not None and plan.precision not in ("fp32", "fp16"):
+            _reconstruct(plan, w, gram, score, cfg)
         return plan
     plan.error = seen[0][0]
     plan.reason = f"error budget not met: best {seen[0][1]} has error {seen[0][0]:.3g} > max-error {budget:g}"
     return plan
 
 
-def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, cfg: OptimizeConfig) -> None:
-    """Fine-tune the planned layer's quantized factors on its calibration outputs (bfc.reconstruct).
-
-    ||X (W - W_hat)|| depends on X only through G = X^T X, so the rows of G^(1/2) stand in
-    for the calibration activations (at most M rows however many tokens were seen)."""
-    from bfc.quant import QuantizedFactor, QuantizedFactorization
+def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, score, cfg: OptimizeConfig) -> None:
+    """Fine-tune the planned layer's quantized factors on its calibration Gram (bfc.reconstruct);
+    kept only when the target's error improves."""
     from bfc.reconstruct import reconstruct
-    lw = plan.weights
-    evals, evecs = np.linalg.eigh(gram)
-    keep = evals > evals.max() * 1e-10
-    x = np.sqrt(evals[keep])[:, None] * evecs[:, keep].T
-    qf = QuantizedFactorization(lw.chain, tuple(QuantizedFactor(v, s) for v, s in zip(lw.values, lw.scales)),
-                                lw.row_perm, lw.col_perm, lw.low_rank, lw.precision.value, "planned", float("nan"))
-    res = reconstruct(qf, w, x, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr)
-    new = from_factorization(res.factorization, lw.precision)
-    err = layer_error(w, new, gram)
+    res = reconstruct(plan.weights, w, gram=gram, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr)
+    err = score(res.factorization)
     if err < plan.error:
         plan.note = f"reconstructed: error {plan.error:.3g} -> {err:.3g}"
-        plan.weights, plan.error = new, err
+        plan.weights, plan.error = res.factorization, err
 
 
 def _match(names, patterns):
     return any(fnmatch.fnmatchcase(nm, p) for nm in names for p in patterns)
 
 
-def plan_sites(sites: list[Site], cfg: OptimizeConfig, activations: dict | None = None,
-               progress=None, model_bytes: int | None = None) -> list[LayerPlan]:
-    """One LayerPlan per site, in the order of ``sites``."""
+def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | None = None,
+               on_event=None, model_bytes: int | None = None, precisions=None) -> list[LayerPlan]:
+    """One LayerPlan per site, in the order of ``sites`` (largest weights are planned first)."""
     plans = {}
     order = sorted(range(len(sites)), key=lambda i: -(sites[i].weight.size if sites[i].weight is not None else 0))
     total = model_bytes if model_bytes is not None else sum(s.weight.nbytes for s in sites if s.weight is not None)
-    for i in order:
+    for done, i in enumerate(order, 1):
         site = sites[i]
         names = [nd.name for nd in site.nodes]
         if not site.eligible:
@@ -277,10 +276,19 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, activations: dict | None 
         elif cfg.target_size is not None and total <= cfg.target_size:
             plans[i] = LayerPlan(site, reason=f"target size {cfg.target_size} bytes already reached")
         else:
-            x = None if activations is None else activations.get(site.weight_name)
-            plans[i] = plan_site(site, cfg, x)
+            plans[i] = plan_site(site, cfg, target, None if stats is None else stats.get(site.weight_name),
+                                 precisions)
             if plans[i].rewritten:
                 total -= plans[i].bytes_before - plans[i].bytes_after
-        if progress is not None:
-            progress(site.name)
+        if on_event is not None:
+            on_event(LayerPlanned(site.name, plans[i].rewritten, done, len(sites)))
     return [plans[i] for i in range(len(sites))]
+
+
+class Plan(GraphPass):
+    contract = Contract.of(requires={"sites", "calibration"}, ensures={"plans"})
+
+    def run(self, state) -> PassResult:
+        state.plans = plan_sites(state.sites, state.config, state.target, state.stats, state.emit,
+                                 state.model_bytes, state.precisions or None)
+        return PassResult(changed=False, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})

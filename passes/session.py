@@ -15,43 +15,13 @@ import onnx
 import onnx.shape_inference
 import onnxruntime as ort
 
-from bfc.errors import ConfigError, ModelError, NativeLibraryError
+from bfc.errors import ConfigError, ModelError
+from bfc.runtime import session  # noqa: F401 - the one session factory (calibration, verification)
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
        onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
        onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
        onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8}
-
-
-def session(model, threads: int = 0, arena: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session from a ModelProto or a model path (read by onnxruntime itself);
-    ``arena=False`` returns activation memory after each run (calibration probes)."""
-    so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = arena
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    _register_bfc_ops(so)
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    try:
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        if "ai.bfc" in str(e):
-            raise NativeLibraryError("the model uses bfc's ai.bfc custom ops but the bfc custom-op library is "
-                                     "not available; reinstall bfc with a C++17 compiler, or use --target portable"
-                                     ) from None
-        raise ModelError(f"onnxruntime cannot load the model ({str(e).splitlines()[0][:300]}); "
-                         "check that it runs in onnxruntime before optimizing it") from None
-
-
-def _register_bfc_ops(so) -> None:
-    """Register the ai.bfc custom-op library when it is built (custom-op target models need it)."""
-    try:
-        from bfc import runtime
-        if runtime.is_available():
-            so.register_custom_ops_library(str(runtime.library_path()))
-    except ImportError:
-        pass
 
 
 def graph_inputs(model: onnx.ModelProto):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from bfc.errors import ModelError, NativeLibraryError
 from bfc.passes.session import run, session
 
 
@@ -30,11 +32,17 @@ def _cosine(a, b) -> float:
 
 def verify(original, optimized, feeds: dict) -> list[OutputCheck]:
     """original/optimized: ModelProtos or model paths (paths keep only onnxruntime's copy in memory)."""
-    sess = session(original)
+    sess = session(original, threads=0)
     names = [o.name for o in sess.get_outputs()]
     ref = run(sess, feeds, names)
     del sess                                         # one session at a time: peak memory
-    got = run(session(optimized), feeds, names)
+    try:
+        got = run(session(optimized, threads=0), feeds, names)
+    except NativeLibraryError:
+        raise
+    except ModelError as e:
+        raise RuntimeError(f"bfc's output does not run in onnxruntime ({e}); this is a bug in bfc, not in the "
+                           "input model: please report it with the model and command") from None
     out = []
     for n, r, g in zip(names, ref, got):
         r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)

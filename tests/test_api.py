@@ -1,6 +1,5 @@
 """bfc.optimize / OptimizeConfig: budgets, reasons, determinism, idempotence, calibration."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
@@ -106,12 +105,18 @@ def test_input_model_not_modified():
     assert m.SerializeToString() == before
 
 
-def test_no_eligible_site():
+def test_nothing_to_rewrite_is_written_unchanged(tmp_path):
     g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [2])],
                      [h.make_tensor_value_info("y", T.FLOAT, [2])])
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
-    with pytest.raises(UnsupportedError, match="no eligible"):
-        bfc.optimize(m)
+    m.ir_version = 10
+    out, report = bfc.optimize(m)
+    bfc.save(out, tmp_path / "a.onnx")
+    bfc.save(m, tmp_path / "plain.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    assert report.rewritten == [] and report.outputs[0].rel_error == 0.0
+    with pytest.raises(UnsupportedError, match="nothing to rewrite"):
+        bfc.optimize(m, OptimizeConfig(strict=True))
 
 
 @pytest.mark.parametrize("kw,field", [({"precision": "int4"}, "precision"), ({"structure": "tt"}, "structure"),
@@ -145,12 +150,17 @@ def test_config_toml(tmp_path):
         OptimizeConfig.from_toml(p)
 
 
-def test_custom_op_target_without_rewriter_is_a_clear_error():
+def test_custom_op_without_its_library_is_written_but_not_verified(monkeypatch):
+    """The custom-op model is still a valid result when the library is missing: "not verified: <why>"."""
+    from bfc import runtime
+    monkeypatch.setattr(runtime, "is_available", lambda: False)
     m = mlp(monarch_weight(64, 64), monarch_weight(64, 64))
-    try:
-        import bfc.passes.rewrite_custom_op  # noqa: F401
-        pytest.skip("the custom-op rewrite exists; its own tests cover it")
-    except ImportError:
-        pass
-    with pytest.raises(UnsupportedError, match="custom-op"):
-        bfc.optimize(m, OptimizeConfig(target="custom-op", min_size=0))
+    out, report = bfc.optimize(m, OptimizeConfig(target="custom-op", min_size=0))
+    assert any(n.domain == "ai.bfc" for n in out.graph.node)
+    assert report.verified_on is None and "custom-op library" in report.not_verified
+    assert "not verified:" in report.table()
+
+
+def test_unknown_target_names_the_registry():
+    with pytest.raises(ConfigError, match="custom-op.*portable"):
+        bfc.optimize(mlp(monarch_weight(64, 64), monarch_weight(64, 64)), OptimizeConfig(target="gpu"))

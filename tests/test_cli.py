@@ -92,7 +92,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
         m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
         m.ir_version = 10
         (tmp_path / "r.onnx").write_bytes(m.SerializeToString())
-        args = ["optimize", str(tmp_path / "r.onnx"), "-o", out]
+        args = ["optimize", str(tmp_path / "r.onnx"), "-o", out, "--strict"]
     elif case == "nan":
         args = ["optimize", str(structured_model(tmp_path / "n.onnx", nan=True)), "-o", out]
     elif case == "unknown_key":

@@ -1,21 +1,27 @@
-"""Portable rewrite vs the numpy reference of the factorized, quantized layer, in onnxruntime."""
+"""Each target's rewrite vs the numpy reference of the factorized, quantized layer, in onnxruntime."""
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
-from bfc.config import OptimizeConfig, Precision
+from bfc import runtime
+from bfc.config import OptimizeConfig
 from bfc.factorize import chain_for, factorize
+from bfc.ops import reference_evaluator
 from bfc.passes.cleanup import export
 from bfc.passes.find_sites import find_sites
-from bfc.passes.layer import from_factorization
-from bfc.passes.plan import LayerPlan, plan_sites
-from bfc.passes.rewrite_portable import rewrite_portable
+from bfc.passes.pipeline import run_passes
+from bfc.passes.plan import LayerPlan
+from bfc.passes.rewrite import rewrite
 from bfc.passes.session import session
+from bfc.passes.targets import get_target
+from bfc.quant import cast
 
 FP32_RTOL = 2e-5        # onnxruntime float32 vs numpy float64 reference of the same factors
 RNG = np.random.default_rng(1)
+TARGETS = ["portable", pytest.param("custom-op", marks=pytest.mark.skipif(
+    not runtime.is_available(), reason="bfc custom-op library not built"))]
 
 
 def matmul_model(m, n, opset=21, shape=("B", None)):
@@ -28,11 +34,11 @@ def matmul_model(m, n, opset=21, shape=("B", None)):
     return mod
 
 
-def rewrite_with(mod, lw, opset=21):
+def rewrite_with(mod, q, target="portable"):
     graph = gs.import_onnx(mod)
     site = find_sites(graph)[0]
-    plan = LayerPlan(site, weights=lw, structure="test", precision=lw.precision.value)
-    rewrite_portable(graph, [plan], opset)
+    plan = LayerPlan(site, weights=q, structure="test", precision=q.fmt)
+    rewrite(graph, [plan], get_target(target))
     return export(graph, mod, [site.name])
 
 
@@ -40,61 +46,68 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8-e4m3", "fp8-e5m2"])
-def test_precisions_match_numpy_reference(precision):
+def test_precisions_match_numpy_reference(precision, target):
+    """Portable and float formats compute the float product q.apply; the custom op's int8 layer
+    computes the per-row-quantized function its target states (``simulate``)."""
     mod = matmul_model(96, 64)
     cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision=precision,
-                         quant_method="rtn")
-    graph = gs.import_onnx(mod)
-    plans = plan_sites(find_sites(graph), cfg)
-    lw = plans[0].weights
-    assert lw.values[0].dtype.itemsize == {"fp32": 4, "fp16": 2}.get(precision, 1)
-    rewrite_portable(graph, plans, 21)
-    out = export(graph, mod, ["mm"])
+                         quant_method="rtn", target=target, verify=False)
+    state = run_passes(mod, cfg)
+    q, out = state.plans[0].weights, state.output
+    assert q.values[0].dtype.itemsize == {"fp32": 4, "fp16": 2}.get(precision, 1)
     x = RNG.standard_normal((7, 96)).astype(np.float32)
     y = session(out).run(None, {"x": x})[0]
-    assert rel(y, lw.apply(x.astype(np.float64))) < (1e-3 if precision == "fp16" else FP32_RTOL)
-    stored = {t.data_type for t in out.graph.initializer if "/q_" in t.name or "/w_" in t.name}
+    simulate = get_target(target).simulate(q)
+    want = q.apply(x.astype(np.float64)) if simulate is None else simulate(x)
+    assert rel(y, want) < (1e-3 if precision == "fp16" else FP32_RTOL)
+    assert rel(y, reference_evaluator(out).run(None, {"x": x})[0]) < FP32_RTOL
+    stored = {t.data_type for t in out.graph.initializer if "/q_" in t.name or "/w_" in t.name
+              or "/values" in t.name}
     want = {"fp32": T.FLOAT, "fp16": T.FLOAT16, "int8": T.INT8, "fp8-e4m3": T.FLOAT8E4M3FN,
             "fp8-e5m2": T.FLOAT8E5M2}[precision]
     assert stored == {want}
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("structure,m,n,rank", [("butterfly", 64, 64, 1), ("chain3", 48, 80, 2),
                                                 ("monarch", 60, 36, 3), ("butterfly", 32, 128, 1)])
-def test_structures_match_factorization_apply(structure, m, n, rank):
+def test_structures_match_factorization_apply(structure, m, n, rank, target):
     mod = matmul_model(m, n)
     w = nh.to_array(mod.graph.initializer[0]).astype(np.float64)
     f = factorize(w, chain_for(structure, m, n, rank))
-    out = rewrite_with(mod, from_factorization(f, Precision.FP32))
+    out = rewrite_with(mod, cast(f, "fp32"), target)
     x = RNG.standard_normal((5, m))
     y = session(out).run(None, {"x": x.astype(np.float32)})[0]
     assert rel(y, f.apply(x)) < FP32_RTOL
 
 
-def test_permutations_and_low_rank_are_folded():
+@pytest.mark.parametrize("target", TARGETS)
+def test_permutations_and_low_rank_are_folded(target):
     m, n = 64, 48
     mod = matmul_model(m, n)
     w = nh.to_array(mod.graph.initializer[0]).astype(np.float64)
     f = factorize(w, chain_for("monarch", m, n, 2), perm=RNG.permutation(n), row_perm=RNG.permutation(m),
                   residual_rank=3)
     assert f.row_perm is not None and f.col_perm is not None and f.low_rank is not None
-    out = rewrite_with(mod, from_factorization(f, Precision.FP32))
+    out = rewrite_with(mod, cast(f, "fp32"), target)
     x = RNG.standard_normal((9, m))
     y = session(out).run(None, {"x": x.astype(np.float32)})[0]
     assert rel(y, f.apply(x)) < FP32_RTOL
     ops = [nd.op_type for nd in out.graph.node]
-    assert ops.count("Transpose") == 2              # only the entry and exit 2-D transposes
-    assert ops.count("Gather") <= len(f.chain) + 1  # perms ride on the layout gathers
+    if target == "portable":
+        assert ops.count("Transpose") == 2              # only the entry and exit 2-D transposes
+        assert ops.count("Gather") <= len(f.chain) + 1  # perms ride on the layout gathers
+    else:
+        assert ops.count("KSMatMul") == 1 and "Gather" not in ops and "Transpose" not in ops
 
 
 def test_int8_on_opset_13_uses_per_axis_dequantize():
     mod = matmul_model(64, 64, opset=13)
-    graph = gs.import_onnx(mod)
-    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, quant_method="rtn")
-    plans = plan_sites(find_sites(graph), cfg)
-    rewrite_portable(graph, plans, 13)
-    out = export(graph, mod, ["mm"])
+    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, quant_method="rtn", verify=False)
+    state = run_passes(mod, cfg)
+    plans, out = state.plans, state.output
     assert out.opset_import[0].version == 13
     dq = [nd for nd in out.graph.node if nd.op_type == "DequantizeLinear"]
     assert dq and all({a.name for a in nd.attribute} <= {"axis"} for nd in dq)
@@ -104,8 +117,8 @@ def test_int8_on_opset_13_uses_per_axis_dequantize():
 
 
 def test_output_is_checked_and_loadable_by_ort_ir():
-    out = rewrite_with(matmul_model(64, 64), from_factorization(
-        factorize(RNG.standard_normal((64, 64)), chain_for("monarch", 64, 64)), Precision.FP32))
+    out = rewrite_with(matmul_model(64, 64), cast(
+        factorize(RNG.standard_normal((64, 64)), chain_for("monarch", 64, 64)), "fp32"))
     onnx.checker.check_model(out)
     assert out.ir_version <= 13
     session(out)

@@ -26,8 +26,8 @@ def activation_gram(x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
 def weighted_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> float:
     """||X (W - W_hat)||_F / ||X W||_F computed from C = X^T X."""
     e = w - w_hat
-    num = np.einsum("ij,ik,kj->", e, gram, e)
-    den = np.einsum("ij,ik,kj->", w, gram, w)
+    num = float(np.vdot(e, gram @ e))
+    den = float(np.vdot(w, gram @ w))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))
 
 

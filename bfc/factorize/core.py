@@ -50,7 +50,7 @@ def _low_rank(e: np.ndarray, k: int):
 
 
 def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True, perm=None,
-              row_perm=None, calibration=None, residual_rank: int = 0,
+              row_perm=None, calibration=None, gram=None, refine: bool = True, residual_rank: int = 0,
               residual_iters: int = 6) -> KSFactorization:
     """Approximate ``w`` (M x N) by ``P_row^T (K_1 ... K_L) P_col [+ U V^T]``.
 
@@ -61,6 +61,11 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
       ``candidate_perms``) or an index array; ``row_perm`` likewise for rows.
     - ``calibration``: activations X (n x M, or any [..., M]); the result then
       minimizes ``||X (W - W_hat)||_F`` (reported as ``info["output_error"]``).
+    - ``gram``: G = X^T X (M x M) instead of X: the same objective, since
+      ||X E||_F^2 = tr(E^T G E).  The fit pre-whitens by s_i = sqrt(G_ii) (floored at
+      1e-3 max s): W is factorized as diag(s) W and the scaling undone on the first
+      factor, which keeps the KS support; ``refine`` then runs the weighted
+      block-coordinate CG (seconds per layer; the planner skips it).
     - ``residual_rank``: k > 0 adds a rank-k residual U V^T (alternating projections).
     """
     w = check_matrix(w)
@@ -73,7 +78,6 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
         raise InvalidInputError(f"order={order!r} is not one of {ORDERS}")
     if not isinstance(residual_rank, (int, np.integer)) or residual_rank < 0:
         raise InvalidInputError(f"residual_rank={residual_rank!r} must be a non-negative integer")
-    gram = None
     if calibration is not None:
         x = np.asarray(calibration)
         if x.ndim < 1 or x.shape[-1] != w.shape[0] or x.size == 0:
@@ -82,11 +86,19 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
         if not np.isfinite(x).all():
             raise InvalidInputError("calibration activations contain NaN/Inf")
         gram = activation_gram(x)
+    elif gram is not None:
+        gram = np.asarray(gram, dtype=np.float64)
+        if gram.shape != (w.shape[0], w.shape[0]) or not np.isfinite(gram).all():
+            raise InvalidInputError(f"gram of shape {gram.shape} must be a finite {w.shape[0]} x {w.shape[0]} "
+                                    "matrix X^T X of the layer's input activations")
+        if refine:              # the small ridge of activation_gram keeps the CG well posed
+            gram = gram + 1e-6 * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
     if isinstance(perm, str) and perm == "search":
         best = None
         for name, p in candidate_perms(w.shape[1]):
             f = factorize(w, chain, order=order, orthonormalize=orthonormalize, perm=p,
-                          row_perm=row_perm, calibration=calibration, residual_rank=residual_rank,
+                          row_perm=row_perm, calibration=calibration, gram=gram, refine=refine,
+                          residual_rank=residual_rank,
                           residual_iters=residual_iters)
             score = f.info.get("output_error", f.rel_error)
             if best is None or score < best[0]:
@@ -106,11 +118,12 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
         if gram_p is None:
             return hierarchical(target, chain, order, orthonormalize)
         # diagonal pre-whitening keeps the support; then weighted CG refinement
-        scale = np.sqrt(np.clip(np.diag(gram_p).real, 1e-30, None))
+        scale = np.sqrt(np.clip(np.diag(gram_p).real, 0, None))
+        scale = np.maximum(scale, 1e-3 * max(scale.max(), 1e-30))
         values = hierarchical(scale[:, None] * target, chain, order, orthonormalize)
         p = chain[0]
         values[0] = values[0] / scale.reshape(p.a, p.b, p.d).transpose(0, 2, 1)[..., None]
-        return refine_weighted(target, chain, values, gram_p)
+        return refine_weighted(target, chain, values, gram_p) if refine else values
 
     def result(values, low_rank):
         info = {"order": order, "orthonormalize": orthonormalize}

@@ -1,4 +1,14 @@
-"""``quantize(factorization, fmt, method=...)`` and the quantized result types."""
+"""``quantize(factorization, fmt, method=...)``, ``cast(factorization, fmt)`` and the quantized layer type.
+
+``QuantizedFactorization`` is bfc's one quantized-layer type: the planner scores it,
+every graph target emits it, and reconstruction / distillation refine it.  Algebra:
+
+    W_hat = P_row^T (S_1 * Q_1) ... (S_L * Q_L) P_col + U V^T,      y = x @ W_hat
+
+with Q_l the stored values (canonical (a, d, b, c) layout), S_l float32 scales
+broadcastable to them (dims 1 or full, 1 on axis 2), P the permutations and U V^T an
+optional float32 low-rank residual.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from bfc.errors import ConfigError, InvalidInputError
-from bfc.factorize.result import KSFactorization
+from bfc.factorize.result import KSFactorization, chain_dense
 from bfc.ks import Chain
 from bfc.quant.chain import Method, quantize_chain, round_grid
-from bfc.quant.formats import Format, get_format
+from bfc.quant.formats import FP32, Format, get_format
 from bfc.quant.rounding import Rounding, get_rounding, to_storage
 from bfc.quant.scales import Granularity, get_granularity
 
@@ -39,21 +49,49 @@ class QuantizedFactorization:
     method: str
     rel_error: float
 
-    def _as_ks(self) -> KSFactorization:
+    def dequantized(self) -> KSFactorization:
+        """The same layer with float64 factors S_l * Q_l (what every target computes in float)."""
         lr = None if self.low_rank is None else tuple(np.asarray(m, np.float64) for m in self.low_rank)
         return KSFactorization(self.chain, tuple(f.dequantize() for f in self.factors),
                                self.row_perm, self.col_perm, lr)
 
-    def to_dense(self) -> np.ndarray:
-        return self._as_ks().to_dense()
+    def to_dense(self, chunk: int | None = None) -> np.ndarray:
+        return self.dequantized().to_dense(chunk)
 
     def apply(self, x) -> np.ndarray:
-        return self._as_ks().apply(np.asarray(x, dtype=np.float64))
+        """``x @ W_hat`` (float64) for x of shape (..., M), without forming W_hat."""
+        return self.dequantized().apply(np.asarray(x, dtype=np.float64))
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.fmt)
+
+    @property
+    def values(self) -> tuple[np.ndarray, ...]:
+        return tuple(f.values for f in self.factors)
+
+    @property
+    def scales(self) -> tuple[np.ndarray, ...]:
+        return tuple(f.scale for f in self.factors)
+
+    @property
+    def n_params(self) -> int:
+        k = 0 if self.low_rank is None else self.low_rank[0].size + self.low_rank[1].size
+        return self.chain.nnz + k
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.low_rank is None else sum(int(m.nbytes) for m in self.low_rank)
-        return sum(f.nbytes for f in self.factors) + extra
+        """Stored bytes: values, float32 scales, float32 residual, permutations as int64."""
+        n = sum(f.nbytes for f in self.factors)
+        n += 0 if self.low_rank is None else 4 * (self.low_rank[0].size + self.low_rank[1].size)
+        return int(n + sum(8 * p.size for p in (self.row_perm, self.col_perm) if p is not None))
+
+    @property
+    def flops_per_row(self) -> int:
+        """Multiply-adds (x2) per input row: the chain's nonzeros plus the residual's k (M + N)."""
+        m, n = self.chain.shape
+        k = 0 if self.low_rank is None else self.low_rank[0].shape[1]
+        return 2 * (self.chain.nnz + k * (m + n))
 
 
 def _get_method(method) -> Method:
@@ -71,7 +109,20 @@ _DEFAULT_GRAN = {True: Granularity.FACTOR, False: Granularity.CHANNEL}    # by f
 
 def _product_error(chain, ref, deq):
     """||K_1...K_L - K^_1...K^_L||_F (dense, fp64)."""
-    return float(np.linalg.norm(ref - chain.to_dense(deq)))
+    return float(np.linalg.norm(ref - chain_dense(chain, deq)))
+
+
+def cast(factorization: KSFactorization, fmt="fp32") -> QuantizedFactorization:
+    """Store the factors in a float format as they are (unit scales, no scale search): fp32 or fp16."""
+    f: Format = get_format(fmt)
+    if f.name not in ("fp32", "fp16"):
+        raise ConfigError(f"cast stores fp32 or fp16 factors, got {f.name!r}; use quantize() for {f.name}")
+    factors = tuple(QuantizedFactor(np.asarray(v).astype(f.dtype), np.ones((1, 1, 1, 1), np.float32))
+                    for v in factorization.factors)
+    low = None if factorization.low_rank is None else tuple(np.asarray(m, np.float32)
+                                                          for m in factorization.low_rank)
+    return QuantizedFactorization(factorization.chain, factors, factorization.row_perm, factorization.col_perm,
+                                  low, f.name, "cast", float("nan"))     # rel_error: not measured
 
 
 def quantize(factorization: KSFactorization, fmt, method="auto", rounding="nearest", seed=None,
@@ -86,6 +137,8 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
     int8 and "factor" for floats (power-of-two scales).
     """
     f: Format = get_format(fmt)
+    if f is FP32:
+        return cast(factorization, f)
     m = _get_method(method)
     r = get_rounding(rounding)
     gran = _DEFAULT_GRAN[f.is_float] if granularity is None else get_granularity(granularity)
@@ -102,7 +155,7 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
         if not np.all(np.isfinite(v)):
             raise InvalidInputError(f"factor {l} contains NaN or inf; fix the factorization first")
     values = [v.astype(np.float64) for v in values]
-    ref = chain.to_dense(values)
+    ref = chain_dense(chain, values)
     rng = np.random.default_rng(seed)
 
     candidates = ([Method.RTN, Method.PAIRWISE, Method.L2R, Method.BALANCED] if m is Method.AUTO

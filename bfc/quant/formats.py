@@ -5,6 +5,10 @@ fp16 11, bf16 8, e4m3 4, e5m2 3), ``emin`` (exponent of the smallest normal numb
 and ``max`` (largest finite value; 448 for e4m3fn, which has no infinities).
 Subnormals fill ``[0, 2**emin)`` with the spacing of the first normal binade.
 
+This module is bfc's one table of number formats: the config's ``precision`` values,
+the quantizer, the graph targets (ONNX element types) and the custom op's value
+inputs all use ``FORMATS`` (name, bits, max, numpy/ml_dtypes dtype, ONNX type).
+
 The *grid index* maps the non-negative representable numbers onto 0, 1, 2, ... in
 order (piecewise linear in between), so rounding to nearest-even is ``rint`` on the
 index and the rounding midpoints are the half-integers.  This gives exact fp64
@@ -37,6 +41,7 @@ class Format:
     max: float                  # largest finite magnitude (saturation value)
     t: int | None = None        # significand bits incl. the implicit bit (floats)
     emin: int | None = None     # exponent of the smallest normal (floats)
+    onnx_type: int = 0          # onnx.TensorProto element type of stored values
 
     @property
     def is_float(self) -> bool:
@@ -102,14 +107,32 @@ def _table(fmt: Format) -> np.ndarray:
     return t
 
 
-INT8 = Format("int8", Kind.INT, np.dtype(np.int8), 8, 127.0)   # symmetric: -128 unused
-FP8_E4M3 = Format("fp8-e4m3", Kind.FLOAT, np.dtype(ml_dtypes.float8_e4m3fn), 8, 448.0, t=4, emin=-6)
-FP8_E5M2 = Format("fp8-e5m2", Kind.FLOAT, np.dtype(ml_dtypes.float8_e5m2), 8, 57344.0, t=3, emin=-14)
-FP16 = Format("fp16", Kind.FLOAT, np.dtype(np.float16), 16, 65504.0, t=11, emin=-14)
-BF16 = Format("bf16", Kind.FLOAT, np.dtype(ml_dtypes.bfloat16), 16,
-              float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), t=8, emin=-126)
+# onnx.TensorProto element types (plain ints: importing onnx here would make bfc.quant heavy;
+# tests/test_quant_formats.py checks them against onnx.TensorProto)
+_FLOAT, _INT8, _FLOAT16, _BFLOAT16, _FLOAT8E4M3FN, _FLOAT8E5M2 = 1, 3, 10, 16, 17, 19
 
-FORMATS: dict[str, Format] = {f.name: f for f in (INT8, FP8_E4M3, FP8_E5M2, FP16, BF16)}
+INT8 = Format("int8", Kind.INT, np.dtype(np.int8), 8, 127.0, onnx_type=_INT8)   # symmetric: -128 unused
+FP8_E4M3 = Format("fp8-e4m3", Kind.FLOAT, np.dtype(ml_dtypes.float8_e4m3fn), 8, 448.0, t=4, emin=-6,
+                  onnx_type=_FLOAT8E4M3FN)
+FP8_E5M2 = Format("fp8-e5m2", Kind.FLOAT, np.dtype(ml_dtypes.float8_e5m2), 8, 57344.0, t=3, emin=-14,
+                  onnx_type=_FLOAT8E5M2)
+FP16 = Format("fp16", Kind.FLOAT, np.dtype(np.float16), 16, 65504.0, t=11, emin=-14, onnx_type=_FLOAT16)
+BF16 = Format("bf16", Kind.FLOAT, np.dtype(ml_dtypes.bfloat16), 16,
+              float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), t=8, emin=-126, onnx_type=_BFLOAT16)
+FP32 = Format("fp32", Kind.FLOAT, np.dtype(np.float32), 32, float(np.finfo(np.float32).max), t=24, emin=-126,
+              onnx_type=_FLOAT)
+
+#: every format bfc stores; fp32 is only ever a plain cast (``bfc.quant.cast``), never a scale search
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, FP8_E4M3, FP8_E5M2, FP16, BF16, FP32)}
+
+
+def format_of_dtype(dtype) -> Format:
+    """The Format whose storage dtype is ``dtype`` (int8, float8 e4m3fn/e5m2, float16, bfloat16, float32)."""
+    dtype = np.dtype(dtype)
+    for f in FORMATS.values():
+        if f.dtype == dtype:
+            return f
+    raise ConfigError(f"no bfc number format stores {dtype}; allowed: {sorted(FORMATS)}")
 
 
 def get_format(fmt) -> Format:

@@ -1,0 +1,39 @@
+"""``GraphBuilder``: appends named nodes and constants to a graphsurgeon graph (used by every target).
+
+Every node and tensor it creates is named ``<prefix>/<what>_<n>`` with a ``bfc/``
+prefix, so a later run recognizes bfc's own layers and never re-factorizes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+class GraphBuilder:
+    def __init__(self, graph: gs.Graph, prefix: str, dtype=np.float32):
+        self.graph, self.prefix, self.dtype, self.count = graph, prefix, np.dtype(dtype), 0
+
+    def name(self, what: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{what}_{self.count}"
+
+    def const(self, what: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.name(what), np.ascontiguousarray(values))
+
+    def op(self, op: str, inputs, attrs=None, dtype=None, domain=None) -> gs.Variable:
+        """One node ``op(inputs)``; its output is float of the builder's dtype unless ``dtype`` says."""
+        out = gs.Variable(self.name(op.lower() + "_out"), dtype=self.dtype if dtype is None else np.dtype(dtype))
+        self.graph.nodes.append(gs.Node(op, name=self.name(op), inputs=list(inputs), outputs=[out],
+                                        attrs=attrs or {}, domain=domain))
+        return out
+
+    def reshape(self, x, shape) -> gs.Variable:
+        return self.op("Reshape", [x, self.const("shape", np.array(shape, np.int64))])
+
+    def cast(self, x, dtype, onnx_type: int) -> gs.Variable:
+        return self.op("Cast", [x], {"to": onnx_type}, dtype=dtype)
+
+    @staticmethod
+    def route(out: gs.Variable, y: gs.Variable) -> None:
+        """Make the node producing ``out`` write ``y`` instead (graph outputs keep their names)."""
+        out.inputs[0].outputs = [y]

@@ -1,0 +1,174 @@
+"""The one pipeline: load -> find sites -> calibrate -> plan -> rewrite -> export -> save -> verify.
+
+``optimize(source, config, output=None, on_event=None)`` is the only owner of this order,
+for a model file and for an in-memory ``onnx.ModelProto`` alike (both get the same
+checks); ``bfc.optimize`` and ``bfc optimize`` both call it, so the same config gives
+the same model bytes.  Each step is a ``GraphPass`` with a declared contract
+(``bfc.passes.contract``); the pipeline checks the contracts as it runs them and
+reports progress as typed events (``bfc.passes.events``).
+With ``output`` the result is written atomically (``load.save_model``), the written
+file is checked, and verification runs from the files (only onnxruntime's copies in
+memory); the returned model is then None.  When verification cannot run (no
+onnxruntime library for the target, inputs bfc cannot generate), the result stands and
+the report says "not verified: <reason>".
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision
+from bfc.errors import BfcError, ConfigError, UnsupportedError
+from bfc.passes.calibrate import Calibrate
+from bfc.passes.cleanup import Export, check_file
+from bfc.passes.contract import Contract, GraphPass, PassResult
+from bfc.passes.events import Event, SitesFound, StageStarted
+from bfc.passes.find_sites import find_sites
+from bfc.passes.load import as_model, check_output_path, default_opset, input_files, proto_size, save_model
+from bfc.passes.plan import LayerPlan, Plan
+from bfc.passes.rewrite import Rewrite
+from bfc.passes.session import load_feeds, random_feeds
+from bfc.passes.targets import Target, get_target
+from bfc.passes.verify import verify
+from bfc.report import LayerRow, OutputRow, Report
+
+
+@dataclass
+class State:
+    """Everything the passes read and write; ``facts`` records what the passes so far ensured."""
+    config: OptimizeConfig
+    target: Target
+    source: object                             # path or ModelProto, as given
+    emit: Callable[[Event], None]
+    model: onnx.ModelProto | None = None       # the input (never modified)
+    name: str = "model"
+    model_bytes: int = 0
+    precisions: tuple[Precision, ...] = ()
+    feeds: dict | None = None
+    graph: gs.Graph | None = None
+    sites: list = field(default_factory=list)
+    stats: dict | None = None
+    plans: list[LayerPlan] = field(default_factory=list)
+    output: onnx.ModelProto | None = None
+    results: dict[str, PassResult] = field(default_factory=dict)
+    facts: set[str] = field(default_factory=set)
+
+
+class Load(GraphPass):
+    """Load and check the model, read the calibration inputs, check the target's requirements."""
+    contract = Contract.of(ensures={"model"})
+
+    def run(self, state: State) -> PassResult:
+        cfg = state.config
+        state.model = as_model(state.source)
+        state.name = (state.model.graph.name or "model") if isinstance(state.source, onnx.ModelProto) \
+            else str(state.source)
+        state.model_bytes = proto_size(state.model)
+        opset = default_opset(state.model)
+        wanted = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
+        why = {p: state.target.check(p.format, opset) for p in wanted}
+        state.precisions = tuple(p for p in wanted if why[p] is None)
+        if not state.precisions:
+            raise UnsupportedError(f"target {state.target.name} cannot store {cfg.precision.value} weights in "
+                                   f"this model: {why[cfg.precision]}, and the model has opset {opset}; use "
+                                   "--precision int8 or convert the model to a newer opset")
+        if cfg.calibration is not None:
+            state.feeds = load_feeds(cfg.calibration, state.model)
+        return PassResult(changed=False)
+
+
+class FindSites(GraphPass):
+    contract = Contract.of(requires={"model"}, ensures={"graph", "sites"})
+
+    def run(self, state: State) -> PassResult:
+        state.graph = gs.import_onnx(state.model)
+        state.sites = find_sites(state.graph)
+        state.emit(SitesFound(sum(s.eligible for s in state.sites), len(state.sites)))
+        return PassResult(changed=False, skipped={s.name: s.reason for s in state.sites if not s.eligible})
+
+
+PASSES: tuple[tuple[str, GraphPass], ...] = (
+    ("load", Load()), ("sites", FindSites()), ("calibrate", Calibrate()), ("plan", Plan()),
+    ("rewrite", Rewrite()), ("export", Export()))
+
+
+def _row(p: LayerPlan) -> LayerRow:
+    s = p.site
+    return LayerRow(layer=s.name, nodes=len(s.nodes), shape=s.shape, structure=p.structure,
+                    precision=p.precision if p.rewritten else (str(s.weight.dtype) if s.weight is not None else "-"),
+                    params_before=p.params_before, params_after=p.params_after,
+                    bytes_before=p.bytes_before, bytes_after=p.bytes_after,
+                    flops_before=p.flops_before, flops_after=p.flops_after,
+                    error=p.error, error_kind=p.error_kind, reason=None if p.rewritten else (p.reason or "kept dense"),
+                    note=p.note)
+
+
+def run_passes(source, cfg: OptimizeConfig, emit=None) -> State:
+    """Load -> ... -> export in memory (no save, no verification); the state holds every pass's output."""
+    state = State(cfg, get_target(cfg.target), source, emit or (lambda event: None))
+    for stage, p in PASSES:
+        state.emit(StageStarted(stage))
+        state.results[stage] = p(state)
+    return state
+
+
+def optimize(source, config: OptimizeConfig | None = None, *, output=None,
+             on_event: Callable[[Event], None] | None = None) -> tuple[onnx.ModelProto | None, Report]:
+    """Run the pipeline on a model path or ModelProto; see the module doc.  Returns (model or None, report)."""
+    cfg = config if config is not None else OptimizeConfig()
+    if not isinstance(cfg, OptimizeConfig):
+        raise ConfigError(f"config must be a bfc.OptimizeConfig, got {type(cfg).__name__}")
+    emit = on_event or (lambda event: None)
+    t0 = time.perf_counter()
+    protected = input_files(source) if not isinstance(source, onnx.ModelProto) else []
+    if output is not None:
+        output = check_output_path(output, protected)
+    state = run_passes(source, cfg, emit)
+    if cfg.strict and not any(p.rewritten for p in state.plans):
+        why = "; ".join(f"{p.site.name}: {p.reason}" for p in state.plans[:3]) or "no MatMul/Gemm node"
+        raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
+    out = state.output
+    report = Report(model=state.name, target=state.target.name, layers=[_row(p) for p in state.plans],
+                    model_bytes_before=state.model_bytes, model_bytes_after=proto_size(out))
+    verify_against = out
+    feeds, no_feeds = state.feeds, None
+    if cfg.verify and feeds is None:
+        try:                             # shaped by the output: --fix-batch pins its batch dimension
+            feeds = random_feeds(out, cfg.seed)
+        except BfcError as e:
+            no_feeds = str(e)
+    if output is not None:
+        emit(StageStarted("save"))
+        save_model(out, output, protected)
+        state.output = out = verify_against = None     # verification reads the files: one copy in memory
+        check_file(output)
+        report.model_bytes_after = _file_bytes(output)
+        verify_against = output
+    if cfg.verify:
+        emit(StageStarted("verify"))
+        original = source if not isinstance(source, onnx.ModelProto) else state.model
+        try:
+            if feeds is None:
+                raise BfcError(no_feeds)
+            report.outputs = [OutputRow(c.name, c.rel_error, c.cosine) for c in verify(original, verify_against, feeds)]
+            report.verified_on = "calibration" if state.feeds is not None else "random"
+        except BfcError as e:
+            report.not_verified = str(e)
+        except Exception:
+            if output is not None:       # bfc's own output does not run: do not leave it on disk
+                for p in (Path(output), Path(str(output) + ".data")):
+                    p.unlink(missing_ok=True)
+            raise
+    report.seconds = time.perf_counter() - t0
+    return out, report
+
+
+def _file_bytes(path: Path) -> int:
+    """Bytes written: the model file and the external data file save_model may write beside it."""
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

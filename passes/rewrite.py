@@ -1,0 +1,89 @@
+"""Rewrite: every planned layer's nodes are replaced by what the target emits.
+
+Requires: plans.  Ensures: rewritten.  In place (``state.graph``).
+Matches: the nodes of every rewritten ``LayerPlan`` (MatMul ``y = x @ W``, x of any
+rank [..., M]; Gemm ``y = alpha * op(A) @ W + beta * C``).
+Algebra, the same for every target:
+  y = cast_back( T( cast(op(A)) ) + (x U) V^T ) * alpha + beta * C
+with T the target's layer ``x @ W_hat (+ bias)``, op(A) = A^T for transA (one
+Transpose), casts only when the target computes in another float type than the model
+(custom op: float32 for fp16 models).  A constant C of N values with alpha = 1 and no
+residual is folded into T's bias; otherwise alpha is a Mul and beta * C an Add.
+The constants of a weight group are created once and shared by its nodes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from bfc.passes.contract import Contract, GraphPass, PassResult
+from bfc.passes.find_sites import BFC_PREFIX
+from bfc.passes.graph_builder import GraphBuilder
+from bfc.quant.formats import format_of_dtype
+
+
+def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank) -> None:
+    node, q = sn.node, plan.weights
+    n_out = q.chain.shape[1]
+    model_dtype = np.dtype(plan.site.weight.dtype)
+    x, y = node.inputs[0], node.outputs[0]
+    c = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
+    node.outputs, node.inputs = [], []
+    if y.shape is None and x.shape is not None:      # a graph output keeps a declared shape
+        lead = [x.shape[-1]] if sn.trans_a else list(x.shape[:-1])
+        y.shape = lead + [n_out]
+    rank = sn.in_rank
+    if sn.trans_a:
+        x, rank = b.op("Transpose", [x], {"perm": [1, 0]}, dtype=model_dtype), 2
+    if b.dtype != model_dtype:
+        x = b.cast(x, b.dtype, format_of_dtype(b.dtype).onnx_type)
+    bias = None
+    if (isinstance(c, gs.Constant) and sn.alpha == 1.0 and low_rank is None
+            and np.asarray(c.values).size == n_out and np.asarray(c.values).ndim <= 2):
+        bias = b.const("bias", (np.asarray(c.values, np.float64).reshape(n_out) * sn.beta).astype(b.dtype))
+        c = None
+    out = target.emit(b, x, rank, tensors, q, bias)
+    if low_rank is not None:
+        u, vt = low_rank
+        out = b.op("Add", [out, b.op("MatMul", [b.op("MatMul", [x, u]), vt])])
+    if sn.alpha != 1.0:
+        out = b.op("Mul", [out, b.const("alpha", np.array(sn.alpha, b.dtype))])
+    if c is not None:
+        if isinstance(c, gs.Constant):
+            c = b.const("c", (np.asarray(c.values, np.float64) * sn.beta).astype(b.dtype))
+        else:
+            if b.dtype != model_dtype:
+                c = b.cast(c, b.dtype, format_of_dtype(b.dtype).onnx_type)
+            if sn.beta != 1.0:
+                c = b.op("Mul", [c, b.const("beta", np.array(sn.beta, b.dtype))])
+        out = b.op("Add", [out, c])
+    if b.dtype != model_dtype:
+        out = b.cast(out, model_dtype, format_of_dtype(model_dtype).onnx_type)
+    b.route(out, y)
+
+
+def rewrite(graph: gs.Graph, plans, target) -> int:
+    """Rewrite every planned layer of ``graph`` with ``target``; returns the number of nodes rewritten."""
+    done = 0
+    for li, plan in enumerate(plans):
+        if not plan.rewritten:
+            continue
+        q = plan.weights
+        dtype = target.compute_dtype(np.dtype(plan.site.weight.dtype))
+        b = GraphBuilder(graph, f"{BFC_PREFIX}{li}_{plan.site.name.replace('/', '_')}", dtype)
+        tensors = target.tensors(b, q)
+        low_rank = None if q.low_rank is None else (
+            b.const("U", q.low_rank[0].astype(dtype)), b.const("Vt", np.ascontiguousarray(q.low_rank[1].T).astype(dtype)))
+        for sn in plan.site.nodes:
+            _rewrite_node(b, sn, plan, target, tensors, low_rank)
+            done += 1
+    graph.cleanup().toposort()
+    return done
+
+
+class Rewrite(GraphPass):
+    contract = Contract.of(requires={"plans"}, ensures={"rewritten"}, in_place=True)
+
+    def run(self, state) -> PassResult:
+        done = rewrite(state.graph, state.plans, state.target)
+        return PassResult(changed=done > 0, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})
