@@ -1,9 +1,17 @@
-"""Hypothesis fuzzing of KSMatMul shapes, dtypes and attributes through real ORT sessions.
+"""Fuzzing of KSMatMul shapes, dims, dtypes and attributes through real ORT sessions.
 
-The cases run in a subprocess: a crash of the native library (segfault, abort) makes the
-subprocess die by a signal and fails the test.  Valid cases must match the numpy
-reference; every broken case must come back as an onnxruntime exception.
+Two fuzzers, each running its cases in a subprocess: a crash of the native library
+(segfault, abort, also inside onnxruntime's shape inference of the ops that follow) makes
+the subprocess die by a signal and fails the test.  Valid cases must match the numpy
+reference (bfc.ops); every broken case must come back as an onnxruntime exception.
+
+* hypothesis (derandomized): chains, value formats, scale shapes, node mutations;
+* graph fuzz (numpy, fixed integer seeds): declared X ranks and dims (known, 0, huge,
+  named, unnamed, negative), wrong last dims, scalar X, followed by Slice / Shape ->
+  Reshape consumers, plus attribute, dtype and input-count mutations; sessions with and
+  without graph optimizations; the inferred output shape must never hold a negative dim.
 """
+import ast
 import subprocess
 import sys
 
@@ -151,13 +159,194 @@ def _worker(n_examples):
     print("fuzz outcomes:", dict(sorted(counts.items())))
 
 
+# ---- graph fuzz: declared dims, consumers, mutations (fixed integer seeds) ----------------
+GRAPH_SEEDS = range(300)
+HUGE_DIM = 2**40
+# mutations that make the node or its inputs invalid (each one always is)
+GRAPH_MUTATIONS = ["patterns_len", "pattern_value", "values_dtype", "values_shape", "scale_dtype", "scale_shape",
+                   "in_perm", "out_perm", "bias_shape", "input_count", "x_last", "x_scalar"]
+
+
+def _graph_case(seed):
+    """One model + input from an integer seed: (model, x or None, expect, check) where expect is
+    'ok' (must run and match), 'error' (must raise), 'any' (either; a success must match) and
+    check(y, h) compares the outputs with the reference."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bfc import ops
+
+    rng = np.random.default_rng(seed)
+    pats = [tuple(int(v) for v in rng.integers(1, 5, 4))]
+    for _ in range(int(rng.integers(0, 3))):
+        out = pats[-1][0] * pats[-1][2] * pats[-1][3]
+        a = int(rng.choice(_divisors(out)))
+        d = int(rng.choice(_divisors(out // a)))
+        pats.append((a, out // (a * d), int(rng.integers(1, 5)), d))
+    M, N = pats[0][0] * pats[0][1] * pats[0][3], pats[-1][0] * pats[-1][2] * pats[-1][3]
+    fmts = [str(rng.choice(list(ops.VALUE_TYPES))) for _ in pats]
+    values, scales = [], []
+    for (a, b, c, d), fmt in zip(pats, fmts):
+        values.append(ops.quantize_factor(rng.standard_normal((a, d, b, c)), fmt, "tensor")[0])
+        scales.append((rng.random((a, d, 1, c)) + 0.5).astype(np.float32))
+    flat = [v for p in pats for v in p]
+    in_perm = rng.permutation(M) if rng.random() < 0.5 else None
+    out_perm = rng.permutation(N) if rng.random() < 0.5 else None
+    bias = rng.standard_normal(N).astype(np.float32) if rng.random() < 0.5 else None
+    # declared X: rank 1..4, leading dims known / 0 / huge / named / unnamed / negative
+    rank = int(rng.integers(1, 5))
+    kinds = [str(rng.choice(["known", "known", "zero", "huge", "named", "unnamed", "negative"])) for _ in range(rank - 1)]
+    actual = [int(rng.integers(0, 4)) if k == "zero" else int(rng.integers(1, 6)) for k in kinds]
+    actual = [0 if k == "zero" else v for k, v in zip(kinds, actual)]
+    declared = [v if k in ("known", "zero") else HUGE_DIM if k == "huge" else f"s{i}" if k == "named"
+                else None if k == "unnamed" else -1 for i, (k, v) in enumerate(zip(kinds, actual))]
+    declared.append(str(rng.choice(["M", "named", "unnamed"])))
+    declared[-1] = M if declared[-1] == "M" else "m" if declared[-1] == "named" else None
+    x_shape = actual + [M]
+    expect = "any" if "negative" in kinds else "ok"
+    mut = str(rng.choice(GRAPH_MUTATIONS)) if rng.random() < 0.6 else "none"
+    l = int(rng.integers(0, len(pats)))
+    a, b, c, d = pats[l]
+    extra_inputs = 0
+    if mut == "patterns_len":
+        flat = flat[:-int(rng.integers(1, 4))] if rng.random() < 0.5 else flat + [1] * int(rng.integers(1, 4))
+    elif mut == "pattern_value":
+        flat[int(rng.integers(0, len(flat)))] = int(rng.choice([0, -1, -7, 2**31, 2**62]))
+    elif mut == "values_dtype":
+        values[l] = values[l].astype(rng.choice([np.int32, np.float64, np.uint8, np.int16, np.bool_]))
+    elif mut == "values_shape":
+        values[l] = np.zeros([(a, d, b + 1, c), (a, d, b * c), (a, d, b, c, 1)][int(rng.integers(0, 3))], np.float32)
+    elif mut == "scale_dtype":
+        scales[l] = scales[l].astype(rng.choice([np.float16, np.float64]))
+    elif mut == "scale_shape":
+        scales[l] = np.ones([(1, 1, 2, 1), (1, 1, 1), (1,) * 5, (a + 1, d, 1, 1), ()][int(rng.integers(0, 5))],
+                            np.float32)
+    elif mut == "in_perm":
+        in_perm = [np.concatenate([np.arange(M), [0]]), np.full(M, M), -np.arange(M) - 1][int(rng.integers(0, 3))]
+    elif mut == "out_perm":
+        out_perm = np.arange(N)[:-1] if N > 1 else np.array([-1])
+    elif mut == "bias_shape":
+        bias = np.ones([(N + 1,), (1, N), ()][int(rng.integers(0, 3))], np.float32)
+    elif mut == "input_count":
+        extra_inputs = 1 if rng.random() < 0.5 else -1
+    elif mut == "x_last":
+        x_shape[-1] = M + 1 if M == 1 or rng.random() < 0.5 else M - 1
+        declared[-1] = x_shape[-1] if rng.random() < 0.5 else None
+    elif mut == "x_scalar":
+        x_shape, declared = [], []
+    if mut != "none":
+        expect = "error"
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    inits, names = [], []
+    for i, (v, s) in enumerate(zip(values, scales)):  # no dtype normalization: mutations must survive
+        inits += [numpy_helper.from_array(np.asarray(v), f"v{i}"), numpy_helper.from_array(np.asarray(s), f"s{i}")]
+        names += [f"v{i}", f"s{i}"]
+    if extra_inputs > 0:
+        inits.append(numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "extra"))
+        names.append("extra")
+    elif extra_inputs < 0:
+        names = names[:-1]
+    bias_name = ""
+    if bias is not None:
+        bias_name = "bias"
+        inits.append(numpy_helper.from_array(bias, "bias"))
+    attrs = {"patterns": flat}
+    if in_perm is not None:
+        attrs["in_perm"] = [int(v) for v in in_perm]
+    if out_perm is not None:
+        attrs["out_perm"] = [int(v) for v in out_perm]
+    nodes = [helper.make_node("KSMatMul", ["X", bias_name, *names], ["H"], domain="ai.bfc", **attrs)]
+    consumer = str(rng.choice(["none", "slice", "reshape"])) if len(x_shape) >= 1 else "none"
+    axis = int(rng.integers(0, len(x_shape))) if x_shape else 0
+    const = lambda n, v: numpy_helper.from_array(np.array(v, np.int64), n)  # noqa: E731
+    if consumer == "slice":  # Y = H[..., 0:1, ...] along axis (ONNX Slice inference clamps with the dim)
+        inits += [const("st", [0]), const("en", [1]), const("ax", [axis])]
+        nodes.append(helper.make_node("Slice", ["H", "st", "en", "ax"], ["Y"]))
+    elif consumer == "reshape":  # Y = Reshape(H, Shape(H)[:-1] + [N]) (shape data propagation)
+        inits += [const("z", [0]), const("e", [-1]), const("n", [N])]
+        nodes += [helper.make_node("Shape", ["H"], ["sh"]), helper.make_node("Slice", ["sh", "z", "e"], ["lead"]),
+                  helper.make_node("Concat", ["lead", "n"], ["tgt"], axis=0),
+                  helper.make_node("Reshape", ["H", "tgt"], ["Y"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["H"], ["Y"]))
+    graph = helper.make_graph(nodes, "graph_fuzz", [helper.make_tensor_value_info("X", TensorProto.FLOAT, declared)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("H", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    # a huge declared dim: session creation and shape inference only (X errors show at run time)
+    run = "huge" not in kinds or mut.startswith("x_")
+
+    def check(y, h):
+        factors = [t for v, s in zip(values, scales) for t in (v, s)]
+        ref = ops.ks_matmul_reference(x, bias, factors, flat, in_perm, out_perm)
+        assert h.shape == ref.shape, (h.shape, ref.shape)
+        if consumer == "slice":
+            ref_y = ref[(slice(None),) * axis + (slice(0, 1),)]
+        else:
+            ref_y = ref
+        assert y.shape == ref_y.shape and np.array_equal(y, h[(slice(None),) * axis + (slice(0, 1),)]
+                                                          if consumer == "slice" else h)
+        if h.size:
+            err = float(np.linalg.norm(ref.astype(np.float64) - h))
+            if "int8" in fmts:
+                sig = float(np.linalg.norm(ref.astype(np.float64)))
+                assert err == 0 or sig < 1e-6 or 20 * np.log10(sig / err) > INT8_EMULATED_SQNR_DB, (sig, err)
+            else:
+                assert err <= FLOAT_REL_TOL * max(float(np.linalg.norm(ref)), 1e-6), err
+
+    return model, (x if run else None), expect, check, mut, N
+
+
+def _graph_worker(seeds):
+    import onnxruntime as ort
+
+    counts = {}
+    levels = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]
+    for seed in seeds:
+        print("case", seed, flush=True)  # the last line names the case if the process dies
+        model, x, expect, check, mut, N = _graph_case(seed)
+        try:
+            sess = runtime.session(model, threads=1 + seed % 2, optimization_level=levels[seed % 2])
+            h_shape = [o.shape for o in sess.get_outputs() if o.name == "H"][0]
+            # inferred dims are names, None or non-negative values, with N last
+            assert all(not isinstance(v, int) or v >= 0 for v in h_shape or []), (seed, h_shape)
+            if h_shape:
+                assert h_shape[-1] == N, (seed, h_shape)
+            outs = sess.run(None, {"X": x}) if x is not None else None
+        except AssertionError:
+            raise
+        except Exception as exc:  # onnxruntime's exception types
+            assert expect != "ok", f"seed {seed}: valid case failed: {exc}"
+            counts[mut] = counts.get(mut, 0) + 1
+            continue
+        assert expect != "error", f"seed {seed}: mutation {mut} was not rejected"
+        if outs is not None:
+            check(*outs)
+        counts["ok"] = counts.get("ok", 0) + 1
+    print("graph fuzz outcomes:", dict(sorted(counts.items())))
+
+
+def _run_child(args):
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600)
+    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
+    assert proc.returncode >= 0, (f"native library crashed the process (signal {-proc.returncode}) at {last}:\n"
+                                  f"{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
 @pytest.mark.skipif(not runtime.is_available(), reason="bfc custom-op library not built")
 def test_fuzz_shapes_and_attributes_in_subprocess():
     pytest.importorskip("hypothesis")
-    proc = subprocess.run([sys.executable, __file__, str(N_EXAMPLES)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode >= 0, f"native library crashed the process (signal {-proc.returncode}):\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "fuzz outcomes" in proc.stdout
+    assert "fuzz outcomes" in _run_child(["hypothesis", str(N_EXAMPLES)])
+
+
+@pytest.mark.skipif(not runtime.is_available(), reason="bfc custom-op library not built")
+def test_fuzz_graph_dims_and_consumers_in_subprocess():
+    out = _run_child(["graph", str(GRAPH_SEEDS.start), str(GRAPH_SEEDS.stop)])
+    assert "graph fuzz outcomes" in out
+    counts = ast.literal_eval(out.strip().splitlines()[-1].split(":", 1)[1])
+    # both valid and rejected cases were reached, and every mutation was drawn
+    assert counts.get("ok", 0) >= 50 and set(GRAPH_MUTATIONS) <= set(counts), counts
 
 
 if __name__ == "__main__":
@@ -167,4 +356,7 @@ if __name__ == "__main__":
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(4)
-    _worker(int(sys.argv[1]) if len(sys.argv) > 1 else N_EXAMPLES)
+    if sys.argv[1] == "graph":
+        _graph_worker(range(int(sys.argv[2]), int(sys.argv[3])))
+    else:
+        _worker(int(sys.argv[2]) if len(sys.argv) > 2 else N_EXAMPLES)
