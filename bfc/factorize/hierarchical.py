@@ -250,3 +250,77 @@ def hierarchical(target: np.ndarray, chain: Chain, order: str = "balanced",
         k = next(i for i, (a, _) in enumerate(pieces.ranges) if a == lo)
         pieces.split(k, s)
     return pieces.values
+
+
+def combine(g: _Geometry, left: np.ndarray, right: np.ndarray, rows=None) -> np.ndarray:
+    """The product piece of two neighbouring pieces (the inverse of a split).
+
+    With the blocks of ``_Geometry``, every ``B_L x C_R`` block of the product is one
+    rank-r product ``left_block @ right_block`` over the batch (a, c1, b2, d), so the
+    cost is nnz(product) * r and nothing the size of a dense factor is formed.  ``rows``
+    (a slice of the flattened a*c1 axis of the right piece) restricts the result to
+    those right blocks; returns blocks of shape (J, b2, d, B_L, C_R), J = a*c1 or the
+    slice length.
+    """
+    a, c1, b2, d, bl, r, cr = g.a, g.c1, g.b2, g.d, g.bl, g.r, g.cr
+    lb = g.left_blocks(left).reshape(a * c1, b2, d, bl, r)
+    rb = right.reshape(a * c1, d, r, b2, cr)
+    if rows is not None:
+        lb, rb = lb[rows], rb[rows]
+    return np.einsum("jbdlr,jdrbk->jbdlk", lb, rb, optimize=True)
+
+
+def product_values(chain: Chain, values, lo: int = 0, hi: int | None = None):
+    """``(pattern, values)`` of the piece K_lo ... K_hi, multiplied pairwise along a
+    balanced tree (each step ``combine``); memory is the size of the pieces, never the
+    size of a dense factor."""
+    hi = len(chain) - 1 if hi is None else hi
+    if lo == hi:
+        return chain[lo], np.asarray(values[lo])
+    s = (lo + hi - 1) // 2
+    pl, vl = product_values(chain, values, lo, s)
+    pr, vr = product_values(chain, values, s + 1, hi)
+    g = _Geometry(pl, pr)
+    blocks = combine(g, vl, vr)                       # (a*c1, b2, d, BL, CR)
+    out = blocks.reshape(g.a, g.c1, g.b2, g.d, g.bl, g.cr).transpose(0, 3, 4, 2, 1, 5)
+    return (chain.product_pattern(lo, hi),
+            np.ascontiguousarray(out).reshape(g.a, g.d, g.bl * g.b2, g.c1 * g.cr))
+
+
+def dense_column_chunks(chain: Chain, values, chunk: int = 4096):
+    """Yield ``(start, stop, K_1 ... K_L[:, start:stop])`` in column chunks.
+
+    The chain is split once at its balanced midpoint into a left and a right piece
+    (``product_values``); a chunk of the right piece's (a*c1) blocks covers the
+    contiguous columns [j*C_R*d, (j+1)*C_R*d) of the product, so each chunk costs
+    one ``combine`` on a slice.  Peak memory: the two pieces plus one M x chunk block.
+    """
+    m, n = chain.shape
+    if len(chain) == 1:
+        dense = chain[0].to_dense(values[0])
+        for j0 in range(0, n, chunk):
+            yield j0, min(n, j0 + chunk), dense[:, j0:j0 + chunk]
+        return
+    s = (len(chain) - 2) // 2
+    pl, vl = product_values(chain, values, 0, s)
+    pr, vr = product_values(chain, values, s + 1, len(chain) - 1)
+    g = _Geometry(pl, pr)
+    a, c1, b2, d, bl, cr = g.a, g.c1, g.b2, g.d, g.bl, g.cr
+    width = cr * d                                    # columns per right block
+    step = max(1, chunk // width)
+    big_b = bl * b2
+    for j0 in range(0, a * c1, step):
+        j1 = min(a * c1, j0 + step)
+        blk = combine(g, vl, vr, slice(j0, j1))         # (J, b2, d, BL, CR)
+        out = np.zeros((m, (j1 - j0) * width), dtype=blk.dtype)
+        j = np.arange(j0, j1)
+        i = j // c1
+        # product row = i*B*d + (bl*b2 + b2)*d + l ; local column = (j - j0)*C_R*d + k*d + l
+        row = (i[:, None, None, None, None] * big_b * d
+               + (np.arange(bl)[None, None, None, :, None] * b2
+                  + np.arange(b2)[None, :, None, None, None]) * d
+               + np.arange(d)[None, None, :, None, None])
+        col = ((j - j0)[:, None, None, None, None] * width
+               + np.arange(cr)[None, None, None, None, :] * d + np.arange(d)[None, None, :, None, None])
+        out[row, col] = blk
+        yield j0 * width, j1 * width, out

@@ -12,7 +12,29 @@ from functools import cached_property
 
 import numpy as np
 
+from bfc.factorize.hierarchical import dense_column_chunks, product_values
 from bfc.ks import Chain
+
+
+def chain_dense(chain: Chain, values) -> np.ndarray:
+    """K_1 ... K_L dense, multiplied piece by piece on the KS supports
+    (``hierarchical.product_values``; cost nnz(product) * r, no dense factor formed)."""
+    values = chain.check_values(values)
+    if not chain.is_chainable:
+        return chain.to_dense(values)
+    pattern, v = product_values(chain, values)
+    return pattern.to_dense(v)
+
+
+def chain_column_chunks(chain: Chain, values, chunk: int = 4096):
+    """``(start, stop, (K_1 ... K_L)[:, start:stop])`` chunks (``hierarchical.dense_column_chunks``)."""
+    values = chain.check_values(values)
+    if not chain.is_chainable:
+        dense = chain.to_dense(values)
+        for j0 in range(0, chain.shape[1], chunk):
+            yield j0, min(chain.shape[1], j0 + chunk), dense[:, j0:j0 + chunk]
+        return
+    yield from dense_column_chunks(chain, values, chunk)
 
 
 def inverse_perm(perm: np.ndarray) -> np.ndarray:
@@ -47,10 +69,31 @@ class KSFactorization:
 
     def product(self) -> np.ndarray:
         """K_1 ... K_L as a dense matrix (permutations and residual not applied)."""
-        return self.chain.to_dense(self.factors)
+        return chain_dense(self.chain, self.factors)
 
-    def to_dense(self) -> np.ndarray:
-        return self._assemble(self.product())
+    def to_dense(self, chunk: int | None = None) -> np.ndarray:
+        """W_hat (M x N).  ``chunk``: assemble it from ``iter_columns(chunk)`` so that no
+        temporary exceeds the two half-chain pieces plus one M x chunk block."""
+        if chunk is None:
+            return self._assemble(self.product())
+        out = np.empty(self.shape, dtype=np.result_type(*self.factors))
+        for cols, block in self.iter_columns(chunk):
+            out[:, cols] = block
+        return out
+
+    def iter_columns(self, chunk: int = 4096):
+        """Yield ``(cols, W_hat[:, cols])`` over all columns, ``cols`` an index array
+        (a contiguous range without ``col_perm``), about ``chunk`` columns at a time.
+        Product column j is output column ``col_perm[j]``."""
+        inv_r = None if self.row_perm is None else inverse_perm(self.row_perm)
+        for j0, j1, block in chain_column_chunks(self.chain, self.factors, chunk):
+            cols = np.arange(j0, j1) if self.col_perm is None else self.col_perm[j0:j1]
+            if inv_r is not None:
+                block = block[inv_r]
+            if self.low_rank is not None:
+                u, v = self.low_rank
+                block = block + u @ v[cols].T
+            yield cols, block
 
     def _assemble(self, product: np.ndarray) -> np.ndarray:
         out = product

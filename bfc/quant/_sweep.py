@@ -21,8 +21,7 @@ def sweep(lam, ddot, dnx, dot0, nx0, hi):
     piece is real (finite breakpoint and not tied with the next one: for coincident
     breakpoints only the last state is a piece).
     """
-    order = np.argsort(lam, axis=1, kind="stable")
-    lam_s = np.take_along_axis(lam, order, 1)
+    order, lam_s = argsort_rows(lam)
     dot = dot0[:, None] + np.cumsum(np.take_along_axis(ddot, order, 1), axis=1)
     nx = nx0[:, None] + np.cumsum(np.take_along_axis(dnx, order, 1), axis=1)
     hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), lam.shape[:1])[:, None]
@@ -32,6 +31,34 @@ def sweep(lam, ddot, dnx, dot0, nx0, hi):
     with np.errstate(invalid="ignore"):
         lam_eval = np.where(np.isfinite(nxt), 0.5 * (lam_s + nxt), 2.0 * lam_s)
     return lam_eval, dot, nx, valid
+
+
+def argsort_rows(lam):
+    """``(order, sorted)`` of every row of ``lam`` (non-negative, ``inf`` allowed), equal
+    to a stable argsort.
+
+    Sorting keys instead of indices: the low ``bits`` bits of every value's IEEE pattern
+    (monotone in the value for non-negative floats) are replaced by its column, and the
+    uint64 keys go through numpy's vectorized sort (2-3x faster than ``argsort``).  Equal
+    values come out by column, as in a stable sort; two different values that agree on
+    all other bits (relative gap < 2^(bits-52)) may come out swapped, which shows as a
+    decrease of the exact values, and those rows are re-sorted with ``argsort``.
+    """
+    G, C = lam.shape
+    if C < 2:
+        return np.zeros((G, C), np.int64), lam.copy()
+    bits = int(C - 1).bit_length()
+    mask = np.uint64((1 << bits) - 1)
+    keys = np.ascontiguousarray(lam, dtype=np.float64).view(np.uint64) & ~mask
+    keys |= np.arange(C, dtype=np.uint64)
+    keys.sort(axis=1)
+    order = (keys & mask).astype(np.int64)
+    lam_s = np.take_along_axis(lam, order, 1)
+    bad = np.flatnonzero((lam_s[:, 1:] < lam_s[:, :-1]).any(axis=1))
+    if bad.size:
+        order[bad] = np.argsort(lam[bad], axis=1, kind="stable")
+        lam_s[bad] = np.take_along_axis(lam[bad], order[bad], 1)
+    return order, lam_s
 
 
 def first_min(err, scale, rel=1e-9):

@@ -104,16 +104,140 @@ def optimal_int_scale(values: np.ndarray, gran: Granularity, fmt: Format = INT8)
     return out.reshape(scale_shape(values.shape, gran))
 
 
+def _rho_range(a: np.ndarray, qmax: float, upper: np.ndarray):
+    """Interval [rho_lo, rho_hi] holding every rho with F(rho) <= ``upper``, where
+
+        F(rho) = ||a - Q(rho a) / rho||^2,   Q(u) = min(rint(u), qmax)  (a >= 0).
+
+    Why it suffices: at the optimum (s*, q*) the integer vector is self-consistent,
+    q* = Q(a / s*) (else rounding a / s* would do better), so the optimum of the scale
+    search equals F(1 / s*) <= upper and rho* = 1 / s* lies in the interval; the piece
+    of rho -> Q(rho a) that holds rho* is swept.  Two monotone lower bounds of F:
+      * entries with rho a_i < 1/2 round to 0:  F >= sum_{a_i < 1/(2 rho)} a_i^2
+        (decreasing in rho; its crossing of ``upper`` gives rho_lo);
+      * entries with rho a_i >= qmax + 1/2 saturate:  F >= sum (a_i - c)_+^2 with
+        c = (qmax + 1/2) / rho (increasing in rho; its crossing gives rho_hi).
+    """
+    G, m = a.shape
+    srt = np.sort(a, axis=1)
+    cs = np.cumsum(srt * srt, axis=1)
+    over = cs > upper[:, None]
+    j = np.argmax(over, axis=1)
+    with np.errstate(divide="ignore"):
+        rho_lo = np.where(over.any(axis=1) & (srt[np.arange(G), j] > 0),
+                          0.5 / np.where(srt[np.arange(G), j] > 0, srt[np.arange(G), j], 1.0), 0.0)
+    # sum_{a_i > c} (a_i - c)^2 <= upper: on [desc[k], desc[k-1]] the active set is the k
+    # largest entries, a quadratic n c^2 - 2 c S1 + S2 - upper; its smaller root in range
+    desc = srt[:, ::-1]
+    n = np.arange(1, m + 1, dtype=np.float64)
+    s1, s2 = np.cumsum(desc, axis=1), np.cumsum(desc * desc, axis=1)
+    disc = s1 * s1 - n * (s2 - upper[:, None])
+    c = (s1 - np.sqrt(np.maximum(disc, 0.0))) / n
+    nxt = np.concatenate([desc[:, 1:], np.zeros((G, 1))], axis=1)
+    ok = (disc >= 0) & (c <= desc) & (c >= nxt)
+    c_min = np.where(ok, c, np.inf).min(axis=1)
+    with np.errstate(divide="ignore"):
+        rho_hi = np.where(c_min > 0, (qmax + 0.5) / c_min, np.inf)
+    rho_lo, rho_hi = _shrink(a, qmax, upper, rho_lo, np.minimum(rho_hi, 1e300))
+    return rho_lo * (1 - 1e-9), rho_hi * (1 + 1e-9)
+
+
+def _interval_bound(a, qmax, r0, r1):
+    """Lower bound of F over rho in [r0, r1] (per group): every term is at least the
+    squared distance from a_i to the values k / rho reachable there, the union of
+    [k / r1, k / r0] over k = 0..qmax (nearest rounding picks the closest of them)."""
+    lo, hi = a * r0[:, None], a * r1[:, None]
+    k1 = np.minimum(np.floor(lo), qmax)
+    k2 = np.ceil(hi)
+    inside = np.ceil(lo) <= np.minimum(np.floor(hi), qmax)
+    d = a - k1 / r0[:, None]
+    with np.errstate(invalid="ignore"):
+        d = np.where(k2 <= qmax, np.minimum(d, k2 / r1[:, None] - a), d)
+    d = np.where(inside, 0.0, d)
+    return np.sum(d * d, axis=1)
+
+
+def _shrink(a, qmax, upper, rho_lo, rho_hi, iters: int = 12):
+    """Move both ends inwards past sub-intervals whose ``_interval_bound`` exceeds
+    ``upper`` (exponential search on the log-width of the step, per group)."""
+    active = (rho_lo > 0) & (rho_hi > rho_lo)
+    step = np.where(active, np.log(np.where(active, rho_hi / np.where(rho_lo > 0, rho_lo, 1.0), 2.0)) / 8, 0.0)
+    for end in (0, 1):
+        t = step.copy()
+        for _ in range(iters):
+            if end == 0:
+                r0, r1 = rho_lo, np.minimum(rho_lo * np.exp(t), rho_hi)
+            else:
+                r0, r1 = np.maximum(rho_hi * np.exp(-t), rho_lo), rho_hi
+            cut = active & (t > 0) & (_interval_bound(a, qmax, np.where(active, r0, 1.0),
+                                                      np.where(active, r1, 1.0)) > upper)
+            if end == 0:
+                rho_lo = np.where(cut, r1, rho_lo)
+            else:
+                rho_hi = np.where(cut, r0, rho_hi)
+            t = np.where(cut, 2 * t, t / 2)
+    return rho_lo, rho_hi
+
+
+def _int_err(a, rho, qmax, vv):
+    """Optimal-scale error vv - <a, q>^2 / ||q||^2 of q = Q(rho a), per group."""
+    q = np.minimum(np.rint(rho[:, None] * a), qmax)
+    dot, nx = np.sum(a * q, axis=1), np.sum(q * q, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(nx > 0, vv - dot * dot / np.where(nx > 0, nx, 1.0), vv)
+
+
 def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
+    """Exact sweep of rho -> Q(rho |v|) restricted to ``_rho_range`` (see module doc).
+
+    The upper bound is the best optimal-scale error at a few probes around absmax; the
+    breakpoints (k + 1/2) / a_i inside [rho_lo, rho_hi] are swept from the state just
+    before rho_lo (q_i = number of breakpoints of entry i below it), and the next
+    breakpoint above rho_hi closes the last piece.  The minimum and its tie-breaking
+    (smallest rho) are those of the full sweep over all m * K breakpoints.
+    """
     G, m = v.shape
     a = np.abs(v)
-    k = np.arange(K, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        lam = np.where(a[:, :, None] > 0, (k + 0.5) / a[:, :, None], np.inf).reshape(G, m * K)
-    ddot = np.broadcast_to(a[:, :, None], (G, m, K)).reshape(G, m * K)
-    dnx = np.broadcast_to(2 * k + 1, (G, m, K)).reshape(G, m * K)
-    zeros = np.zeros(G)
-    lam_eval, dot, nx, valid = sweep(lam, ddot, dnx, zeros, zeros, np.full(G, np.inf))
+    qmax = float(K)
+    vv = np.sum(a * a, axis=1)
+    amax = a.max(axis=1)
+    rho0 = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1.0), 0.0)
+    upper = np.min([_int_err(a, rho0 * f, qmax, vv) for f in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)], axis=0)
+    rho_lo, rho_hi = _rho_range(a, qmax, upper * (1 + 1e-9) + 1e-30 * vv)
+    with np.errstate(invalid="ignore"):
+        k_lo = np.clip(np.ceil(rho_lo[:, None] * a - 0.5), 0, K).astype(np.int64)
+        k_hi = np.clip(np.floor(np.minimum(rho_hi[:, None] * a, 2.0 * K) - 0.5), -1, K - 1).astype(np.int64)
+    k_lo = np.where(a > 0, k_lo, 0)
+    cnt = np.where(a > 0, np.maximum(k_hi - k_lo + 1, 0), 0)
+    width = max(1, int(cnt.sum(axis=1).max()))
+    flat_cnt = cnt.ravel()
+    total = int(flat_cnt.sum())
+    ent = np.repeat(np.arange(G * m), flat_cnt)
+    first = np.cumsum(flat_cnt) - flat_cnt
+    k = k_lo.ravel()[ent] + (np.arange(total) - first[ent])
+    g = ent // m
+    gstart = np.cumsum(cnt.sum(axis=1)) - cnt.sum(axis=1)
+    pos = np.arange(total) - gstart[g]
+    af = a.ravel()[ent]
+    lam = np.full((G, width), np.inf)
+    ddot = np.zeros((G, width))
+    dnx = np.zeros((G, width))
+    lam[g, pos] = (k + 0.5) / af
+    ddot[g, pos] = af
+    dnx[g, pos] = 2 * k + 1
+    q0 = k_lo.astype(np.float64)
+    dot0, nx0 = np.sum(a * q0, axis=1), np.sum(q0 * q0, axis=1)
+    with np.errstate(divide="ignore"):       # first breakpoint above the swept range
+        above = np.where((a > 0) & (k_hi + 1 < K), (k_hi + 1.5) / np.where(a > 0, a, 1.0), np.inf)
+    hi = above.min(axis=1)
+    lam_eval, dot, nx, valid = sweep(lam, ddot, dnx, dot0, nx0, hi)
+    start = lam.min(axis=1)                  # the piece holding rho_lo, before the first breakpoint
+    start = np.minimum(start, hi)
+    lam0 = np.where(np.isfinite(start), 0.5 * (rho_lo + start), np.where(np.isfinite(rho_lo), rho_lo + 1, 1.0))
+    lam_eval = np.concatenate([lam0[:, None], lam_eval], axis=1)
+    dot = np.concatenate([dot0[:, None], dot], axis=1)
+    nx = np.concatenate([nx0[:, None], nx], axis=1)
+    valid = np.concatenate([(rho_lo < start)[:, None], valid], axis=1)
     vv = np.sum(a * a, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         err = np.where(valid & (nx > 0), vv[:, None] - dot * dot / nx, np.inf)
