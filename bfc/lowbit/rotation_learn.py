@@ -104,7 +104,9 @@ def learn_rotation(w, gram=None, fmt: LowBitFormat | None = None, init: Rotation
                    learn_blocks: bool = True, dtype: str = "float32",
                    columns_per_step: int | None = 384) -> tuple[RotationParams, list[float]]:
     """Learned rotation parameters and the loss history (relative activation-weighted
-    squared error per step; without a Gram, the plain Frobenius one).
+    squared error per step; without a Gram, the plain Frobenius one).  The straight-through
+    loss is piecewise and noisy, so the parameters of the step with the lowest loss are
+    returned (step 0 is the initialization, so the result never scores worse than it).
 
     Each step uses ``columns_per_step`` random columns of W (seeded; the loss is a sum over
     columns, so this is an unbiased stochastic gradient).  The optimization runs in ``dtype`` (float32 halves the time); the returned parameters
@@ -131,6 +133,7 @@ def learn_rotation(w, gram=None, fmt: LowBitFormat | None = None, init: Rotation
     leaves = angles + ([skew_raw] if learn_blocks else [])
     opt = torch.optim.Adam(leaves, lr=lr)
     history = []
+    best = (np.inf, None)
     for _ in range(steps):
         opt.zero_grad()
         if columns_per_step is not None and columns_per_step < n:
@@ -147,10 +150,15 @@ def learn_rotation(w, gram=None, fmt: LowBitFormat | None = None, init: Rotation
             pq = _apply_t(torch, chain, vals, pt)                    # P Q (r, K)
             loss = loss + ((pq @ e) ** 2).sum()
         loss = loss / (norm * frac)
+        history.append(float(loss.detach()))
+        if history[-1] < best[0]:
+            best = (history[-1], _snapshot(skew, angles))
         loss.backward()
         opt.step()
-        history.append(float(loss.detach()))
-    with torch.no_grad():
-        skew = (skew_raw - skew_raw.transpose(-1, -2)).numpy().astype(np.float64)
-        ang = tuple(a.detach().numpy().astype(np.float64) for a in angles)
+    skew, ang = best[1]
     return RotationParams(init.signs.copy(), skew, ang), history
+
+
+def _snapshot(skew, angles):
+    return (skew.detach().numpy().astype(np.float64),
+            tuple(a.detach().numpy().astype(np.float64) for a in angles))
