@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="per-layer relative output error budget (default 0.1); layers that miss it stay dense")
     op.add_argument("--no-max-error", dest="max_error", action="store_const", const=None, default=S,
                     help="no error budget (fixed structures only)")
+    op.add_argument("--max-output-error", type=float, default=S,
+                    help="whole-model relative output error budget (default 0.05); the layers that cost most "
+                         "error per byte saved are kept dense until it holds")
+    op.add_argument("--no-max-output-error", dest="max_output_error", action="store_const", const=None, default=S,
+                    help="no whole-model error check")
     op.add_argument("--target-size", type=int, default=S, help="stop once the model has at most this many bytes")
     op.add_argument("--min-size", type=int, default=S, help="keep layers with fewer weights dense (default 4096)")
     op.add_argument("--include", action="append", default=S,
@@ -73,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("-o", "--output", type=Path, help="where to keep the optimized demo model")
     dm.add_argument("--precision", default="int8")
     dm.add_argument("--max-error", type=float, default=0.2, help="per-layer output error budget (default 0.2)")
+    dm.add_argument("--max-output-error", type=float, default=0.15,
+                    help="whole-model (logits) relative error budget (default 0.15)")
     return ap
 
 
@@ -190,13 +197,14 @@ def cmd_demo(args) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             calib = Path(tmp) / "calibration.npz"
             np.savez(calib, image=data["calib_images"])
-            cfg = OptimizeConfig(precision=args.precision, calibration=calib,
+            cfg = OptimizeConfig(precision=args.precision, calibration=calib, max_output_error=args.max_output_error,
                                  **({} if args.max_error is None else {"max_error": args.max_error}))
             print(f"bfc demo: Fashion-MNIST MLP {mpath.name} (784-256-256-10), calibration on "
                   f"{len(data['calib_images'])} training images, evaluation on {len(data['test_images'])} "
                   "held-out test images", flush=True)
             print(f"$ bfc optimize demo_mlp.onnx -o demo_mlp.bfc.onnx --calibration calibration.npz "
-                  f"--precision {cfg.precision.value} --max-error {cfg.max_error:g}", flush=True)
+                  f"--precision {cfg.precision.value} --max-error {cfg.max_error:g} "
+                  f"--max-output-error {cfg.max_output_error:g}", flush=True)
             prog = _Progress(True)
             try:
                 optimized, report = optimize(mpath, cfg, on_event=prog)

@@ -67,6 +67,9 @@ class OptimizeConfig:
     precision:   storage format of the factor values, or auto (lowest meeting the budget)
     quant_method: bfc.quant method (auto = best of the optimal rank-one orders; rtn is fastest)
     max_error:   per-layer relative output error budget; a layer that cannot meet it stays dense
+    max_output_error: budget of the whole model's relative output error (on the calibration inputs, or
+                 generated ones); layers are backed off, worst error per byte saved first, until it holds
+                 (None: no whole-model check)
     target_size: stop compressing once the model's weight bytes are at most this many bytes
     min_size:    layers with fewer weight elements stay dense
     include/exclude: fnmatch patterns on node names
@@ -84,6 +87,7 @@ class OptimizeConfig:
     precision: Precision = Precision.INT8
     quant_method: QuantMethod = QuantMethod.AUTO
     max_error: float | None = 0.1
+    max_output_error: float | None = 0.05
     target_size: int | None = None
     min_size: int = 4096
     include: tuple[str, ...] = ()
@@ -115,7 +119,7 @@ class OptimizeConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
-        for name in ("max_error", "reconstruct_lr"):
+        for name in ("max_error", "max_output_error", "reconstruct_lr"):
             v = getattr(self, name)
             if v is None:
                 continue

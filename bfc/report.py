@@ -44,7 +44,8 @@ class Report:
     verified_on: str | None = None   # "calibration" | "random" | None (skipped or not possible)
     not_verified: str | None = None  # why verification could not run
     model_bytes_before: int = 0
-    model_bytes_after: int = 0
+    model_bytes_after: int = 0         # bytes written (model file + its external data) when saved
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -87,6 +88,7 @@ class Report:
         lines.append(f"model file: {_size(self.model_bytes_before)} -> {_size(self.model_bytes_after)}"
                      f"  ({self.seconds:.1f} s, target {self.target}; errors: (w) = weight error, "
                      "else output error on calibration data)")
+        lines += [f"note: {n}" for n in self.notes]
         if self.verified_on:
             for o in self.outputs:
                 lines.append(f"verified output {o.name} on {self.verified_on} inputs: relative error "

@@ -29,6 +29,7 @@ from bfc.passes.cleanup import Export, check_file
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_sites
+from bfc.passes.guard import Guard
 from bfc.passes.load import as_model, check_output_path, default_opset, input_files, proto_size, save_model
 from bfc.passes.plan import LayerPlan, Plan
 from bfc.passes.rewrite import Rewrite
@@ -55,6 +56,8 @@ class State:
     stats: dict | None = None
     plans: list[LayerPlan] = field(default_factory=list)
     output: onnx.ModelProto | None = None
+    output_error: float | None = None          # whole-model output error measured by the guard
+    notes: list[str] = field(default_factory=list)   # what the pipeline did beyond the layer table
     results: dict[str, PassResult] = field(default_factory=dict)
     facts: set[str] = field(default_factory=set)
 
@@ -93,7 +96,7 @@ class FindSites(GraphPass):
 
 
 PASSES: tuple[tuple[str, GraphPass], ...] = (
-    ("load", Load()), ("sites", FindSites()), ("calibrate", Calibrate()), ("plan", Plan()),
+    ("load", Load()), ("sites", FindSites()), ("calibrate", Calibrate()), ("plan", Plan()), ("guard", Guard()),
     ("rewrite", Rewrite()), ("export", Export()))
 
 
@@ -134,7 +137,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     out = state.output
     report = Report(model=state.name, target=state.target.name, layers=[_row(p) for p in state.plans],
-                    model_bytes_before=state.model_bytes, model_bytes_after=proto_size(out))
+                    model_bytes_before=state.model_bytes, model_bytes_after=proto_size(out), notes=state.notes)
     verify_against = out
     feeds, no_feeds = state.feeds, None
     if cfg.verify and feeds is None:

@@ -1,6 +1,6 @@
 """Rewrite: every planned layer's nodes are replaced by what the target emits.
 
-Requires: plans.  Ensures: rewritten.  In place (``state.graph``).
+Requires: plans, guarded.  Ensures: rewritten.  In place (``state.graph``).
 Matches: the nodes of every rewritten ``LayerPlan`` (MatMul ``y = x @ W``, x of any
 rank [..., M]; Gemm ``y = alpha * op(A) @ W + beta * C``).
 Algebra, the same for every target:
@@ -82,7 +82,7 @@ def rewrite(graph: gs.Graph, plans, target) -> int:
 
 
 class Rewrite(GraphPass):
-    contract = Contract.of(requires={"plans"}, ensures={"rewritten"}, in_place=True)
+    contract = Contract.of(requires={"plans", "guarded"}, ensures={"rewritten"}, in_place=True)
 
     def run(self, state) -> PassResult:
         done = rewrite(state.graph, state.plans, state.target)
