@@ -2,7 +2,9 @@
 
 Requires: sites.  Ensures: calibration (``state.stats``).  Not in place (the model is
 left as it was: the extra outputs are added for the session only).
-Matches: eligible sites (their first input tensor ``x``; for Gemm with transA, x^T).
+Matches: eligible sites (their first input tensor ``x``; for Gemm with transA, x^T), main
+graph nodes only: onnxruntime cannot return the activations of an If/Loop/Scan body, so
+sites inside one are planned with the weight error (their note says so).
 Ensures: ``stats[weight_name]`` is a ``LayerStats`` over every node sharing the weight:
   * ``gram``: the (K, K) Gram matrix X^T X (float32 storage, accumulated in float64) of
     the rows x (at most ``rows``, a seeded subsample) that the layer ``y = x @ W`` sees;
@@ -58,6 +60,8 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     for s in sites:
         if s.eligible:
             for sn in s.nodes:
+                if getattr(sn, "scope", None) is not None:
+                    continue               # inside a subgraph: onnxruntime cannot return its activations
                 wanted.setdefault(sn.input, []).append((s, sn))   # Q, K, V share an input
     names = list(wanted)
     if not names:

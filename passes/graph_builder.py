@@ -2,6 +2,10 @@
 
 Every node and tensor it creates is named ``<prefix>/<what>_<n>`` with a ``bfc/``
 prefix, so a later run recognizes bfc's own layers and never re-factorizes them.
+The builder appends to the graph it is given: the main graph, or the If/Loop/Scan body
+that holds the node being rewritten (its constants then become that body's
+initializers on export).  ``opset`` is the model's default-domain opset, for targets
+whose valid ops or types depend on it (e.g. fp16 DequantizeLinear scales need 19).
 """
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import onnx_graphsurgeon as gs
 
 
 class GraphBuilder:
-    def __init__(self, graph: gs.Graph, prefix: str, dtype=np.float32):
+    def __init__(self, graph: gs.Graph, prefix: str, dtype=np.float32, opset: int = 21):
         self.graph, self.prefix, self.dtype, self.count = graph, prefix, np.dtype(dtype), 0
+        self.opset = opset
 
     def name(self, what: str) -> str:
         self.count += 1

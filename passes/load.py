@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from bfc.errors import ModelError, UnsupportedError
 
 MIN_OPSET = 13      # per-axis DequantizeLinear, Reshape with -1, Gemm-13
+MIN_UPGRADE_OPSET = 7   # opsets 7..12 are read and upgraded to MIN_OPSET (bfc.passes.normalize)
 MAX_OPSET = 26      # newest default-domain opset onnxruntime 1.31 loads
 MAX_IR = 13         # onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects
 PROTO_LIMIT = 2**31 - 1
@@ -70,9 +71,10 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
     op = default_opset(model)
-    if not MIN_OPSET <= op <= MAX_OPSET:
-        raise UnsupportedError(f"{where} uses ONNX opset {op}; bfc supports opsets {MIN_OPSET}..{MAX_OPSET}: "
-                               "convert it first (onnx.version_converter.convert_version(model, 17))")
+    if not MIN_UPGRADE_OPSET <= op <= MAX_OPSET:
+        raise UnsupportedError(f"{where} uses ONNX opset {op}; bfc supports opsets {MIN_UPGRADE_OPSET}..{MAX_OPSET} "
+                               f"(below {MIN_OPSET} upgraded to {MIN_OPSET}): convert it first "
+                               "(onnx.version_converter.convert_version(model, 17))")
     if not 3 <= model.ir_version <= onnx.IR_VERSION:
         raise UnsupportedError(f"{where} has IR version {model.ir_version}; bfc reads IR 3..{onnx.IR_VERSION}: "
                                "re-export it with a current exporter")

@@ -30,6 +30,7 @@ from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_sites
 from bfc.passes.guard import Guard
+from bfc.passes.normalize import Normalize
 from bfc.passes.load import as_model, check_output_path, default_opset, input_files, proto_size, save_model
 from bfc.passes.plan import LayerPlan, Plan
 from bfc.passes.rewrite import Rewrite
@@ -96,8 +97,8 @@ class FindSites(GraphPass):
 
 
 PASSES: tuple[tuple[str, GraphPass], ...] = (
-    ("load", Load()), ("sites", FindSites()), ("calibrate", Calibrate()), ("plan", Plan()), ("guard", Guard()),
-    ("rewrite", Rewrite()), ("export", Export()))
+    ("load", Load()), ("normalize", Normalize()), ("sites", FindSites()), ("calibrate", Calibrate()), ("plan", Plan()),
+    ("guard", Guard()), ("rewrite", Rewrite()), ("export", Export()))
 
 
 def _row(p: LayerPlan) -> LayerRow:

@@ -9,7 +9,12 @@ with T the target's layer ``x @ W_hat (+ bias)``, op(A) = A^T for transA (one
 Transpose), casts only when the target computes in another float type than the model
 (custom op: float32 for fp16 models).  A constant C of N values with alpha = 1 and no
 residual is folded into T's bias; otherwise alpha is a Mul and beta * C an Add.
-The constants of a weight group are created once and shared by its nodes.
+y = W @ x sites (``trans_out``) compute y^T = x^T W^T: one Transpose in, one out.
+Nodes inside If/Loop/Scan bodies are rewritten in the body that holds them (the
+builder appends there).  The constants of a weight group are created once per graph
+holding its nodes and shared by those nodes.
+Each plan's note is prefixed with its site's note (folded weight chain, dequantized
+weight, planned without calibration), so the report says how the weight was found.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import onnx_graphsurgeon as gs
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.find_sites import BFC_PREFIX
 from bfc.passes.graph_builder import GraphBuilder
+from bfc.passes.load import default_opset
 from bfc.quant.formats import format_of_dtype
 
 
@@ -26,12 +32,12 @@ def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank) -> None:
     node, q = sn.node, plan.weights
     n_out = q.chain.shape[1]
     model_dtype = np.dtype(plan.site.weight.dtype)
-    x, y = node.inputs[0], node.outputs[0]
+    x, y = node.inputs[1 if sn.trans_out else 0], node.outputs[0]
     c = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
     node.outputs, node.inputs = [], []
     if y.shape is None and x.shape is not None:      # a graph output keeps a declared shape
         lead = [x.shape[-1]] if sn.trans_a else list(x.shape[:-1])
-        y.shape = lead + [n_out]
+        y.shape = [n_out] + lead if sn.trans_out else lead + [n_out]
     rank = sn.in_rank
     if sn.trans_a:
         x, rank = b.op("Transpose", [x], {"perm": [1, 0]}, dtype=model_dtype), 2
@@ -59,31 +65,49 @@ def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank) -> None:
         out = b.op("Add", [out, c])
     if b.dtype != model_dtype:
         out = b.cast(out, model_dtype, format_of_dtype(model_dtype).onnx_type)
+    if sn.trans_out:
+        out = b.op("Transpose", [out], {"perm": [1, 0]}, dtype=model_dtype)
     b.route(out, y)
 
 
-def rewrite(graph: gs.Graph, plans, target) -> int:
-    """Rewrite every planned layer of ``graph`` with ``target``; returns the number of nodes rewritten."""
+def rewrite(graph: gs.Graph, plans, target, opset: int = 21) -> int:
+    """Rewrite every planned layer of ``graph`` (and of its subgraphs) with ``target``; returns the
+    number of nodes rewritten."""
     done = 0
     for li, plan in enumerate(plans):
         if not plan.rewritten:
             continue
         q = plan.weights
         dtype = target.compute_dtype(np.dtype(plan.site.weight.dtype))
-        b = GraphBuilder(graph, f"{BFC_PREFIX}{li}_{plan.site.name.replace('/', '_')}", dtype)
-        tensors = target.tensors(b, q)
-        low_rank = None if q.low_rank is None else (
-            b.const("U", q.low_rank[0].astype(dtype)), b.const("Vt", np.ascontiguousarray(q.low_rank[1].T).astype(dtype)))
+        by_graph: dict[int, tuple] = {}
         for sn in plan.site.nodes:
-            _rewrite_node(b, sn, plan, target, tensors, low_rank)
-            done += 1
+            g = sn.graph if sn.graph is not None else graph
+            by_graph.setdefault(id(g), (g, []))[1].append(sn)
+        for gi, (g, nodes) in enumerate(by_graph.values()):
+            suffix = "" if gi == 0 else f"_g{gi}"       # names stay unique across nested scopes
+            b = GraphBuilder(g, f"{BFC_PREFIX}{li}_{plan.site.name.replace('/', '_')}{suffix}", dtype, opset)
+            tensors = target.tensors(b, q)
+            low_rank = None if q.low_rank is None else (
+                b.const("U", q.low_rank[0].astype(dtype)),
+                b.const("Vt", np.ascontiguousarray(q.low_rank[1].T).astype(dtype)))
+            for sn in nodes:
+                _rewrite_node(b, sn, plan, target, tensors, low_rank)
+                done += 1
     graph.cleanup().toposort()
     return done
+
+
+def _with_site_notes(plans) -> None:
+    for p in plans:
+        note = getattr(p.site, "note", None)
+        if note and (p.note is None or note not in p.note):
+            p.note = note if p.note is None else f"{note}; {p.note}"
 
 
 class Rewrite(GraphPass):
     contract = Contract.of(requires={"plans", "guarded"}, ensures={"rewritten"}, in_place=True)
 
     def run(self, state) -> PassResult:
-        done = rewrite(state.graph, state.plans, state.target)
+        _with_site_notes(state.plans)
+        done = rewrite(state.graph, state.plans, state.target, default_opset(state.model))
         return PassResult(changed=done > 0, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})

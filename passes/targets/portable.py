@@ -40,12 +40,20 @@ def _factor_weight(b, q, l: int):
     if not q.format.is_float or q.format.bits == 8:
         # per-axis DequantizeLinear on axis 0 only: onnxruntime runs it ~7x faster than the blocked
         # form on the last axis.  (a, d, 1, c) scales become one scale per row of the (a*d*c, b) view.
-        sd = np.broadcast_to(s.astype(b.dtype), (p.a, p.d, 1, cc)).reshape(ad * cc)
-        if np.all(sd == sd[0]) or s.shape[3] == 1:
-            per_ad = sd.reshape(ad, cc)[:, 0]
-            return b.op("DequantizeLinear", [b.const("q", v), b.const("scale", per_ad)], {"axis": 0})
-        w = b.op("DequantizeLinear", [b.const("q", v.reshape(ad * cc, bb)), b.const("scale", sd)], {"axis": 0})
-        return b.reshape(w, [ad, cc, bb])
+        # Scales of another float type than float32 need DequantizeLinear-19: below, float32 scales
+        # and one Cast of the dequantized factor to the model's type.
+        sdt = b.dtype if b.dtype == np.float32 or getattr(b, "opset", 21) >= 19 else np.dtype(np.float32)
+        sd = np.broadcast_to(s.astype(sdt), (p.a, p.d, 1, cc)).reshape(ad * cc)
+        per_tensor_row = bool(np.all(sd == sd[0]) or s.shape[3] == 1)
+        if per_tensor_row:
+            w = b.op("DequantizeLinear", [b.const("q", v), b.const("scale", sd.reshape(ad, cc)[:, 0])],
+                     {"axis": 0}, dtype=sdt)
+        else:
+            w = b.op("DequantizeLinear", [b.const("q", v.reshape(ad * cc, bb)), b.const("scale", sd)],
+                     {"axis": 0}, dtype=sdt)
+        if sdt != b.dtype:
+            w = b.cast(w, b.dtype, format_of_dtype(b.dtype).onnx_type)
+        return w if per_tensor_row else b.reshape(w, [ad, cc, bb])
     if np.any(s != 1):
         full = q.values[l].astype(np.float32) * s
         v = np.ascontiguousarray(full.reshape(ad, bb, cc).transpose(0, 2, 1)).astype(v.dtype)
