@@ -5,13 +5,14 @@ ORT C-API slots (runtime_ops/ort/ort_abi.h) and the tests that exercise them:
   kernel creation: KernelInfoGetAttributeArray_int64 163, KernelInfoGetConstantInput_tensor 249,
     GetTensorTypeAndShape 65, GetTensorElementType 60, GetDimensionsCount 61, GetDimensions 62,
     GetTensorMutableData 51, ReleaseTensorTypeAndShapeInfo 99, GetErrorMessage 2 + ReleaseStatus 93
-    (absent optional perms) -> every session; CreateStatus 0 -> test_creation_errors
-  compute: KernelContext_GetInputCount 88, KernelContext_GetInput 90, KernelContext_GetOutput 91,
-    KernelInfoGetAttributeArray_float 162 (float list given for an int attribute) -> test_creation_errors;
+    (absent optional perms) -> every session; CreateStatus 0 -> test_creation_errors;
+    KernelInfoGetAttributeArray_float 162 (float list given for an int attribute) -> test_creation_errors
+  compute: KernelContext_GetInputCount 88, KernelContext_GetInput 90, KernelContext_GetOutput 91 -> every run;
     KernelContext_ParallelFor 274 (threads > 1, several tiles) -> test_chains_*, test_threads
-  shape inference: ShapeInferContext_GetInputCount 267, _GetInputTypeShape 268, _SetOutputTypeShape 270,
+  shape inference: ShapeInferContext_GetInputCount 267, _GetInputTypeShape 268, _GetAttribute 269 +
+    ReadOpAttr 272 (N comes from 'patterns'; a float list -> test_creation_errors), _SetOutputTypeShape 270,
     GetSymbolicDimensions 63, SetSymbolicDimensions 271, CreateTensorTypeAndShapeInfo 57,
-    SetTensorElementType 58, SetDimensions 59 -> test_shape_inference
+    SetTensorElementType 58, SetDimensions 59 -> test_shape_inference_*, test_attention_reshape_*
 """
 import os
 import subprocess

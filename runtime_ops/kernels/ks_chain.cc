@@ -145,11 +145,9 @@ bool cpu_has_avx2() {
 #endif
 }
 
-std::string build_plan(const NodeDesc& node, const char* isa_override, Plan* plan) {
-  NodeDesc n = node;
-  n.need_constants = true;
+std::string build_plan(const NodeDesc& n, const char* isa_override, Plan* plan) {
   ChainDims dims;
-  std::string e = validate_node(n, &dims);
+  std::string e = validate_node(n, true, &dims);
   if (!e.empty()) return e;
   const std::string isa = isa_override ? isa_override : "";
   if (isa.empty() || isa == "auto") {

@@ -17,47 +17,47 @@ void f32_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t b
   constexpr int NB = 8 * NV;
   const int64_t b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
-      const int64_t i = blk_il / d, l = blk_il % d;
-      const float* xb = in + (i * d + l) * b * NB;
-      const int32_t* orow = f.out_row.data() + i * c * d + l;
-      const int64_t blk = (i * d + l) * nkt;
-      for (int64_t kt = 0; kt < nkt; ++kt) {
-        __m256 acc[MR][NV];
+    const int64_t i = blk_il / d, l = blk_il % d;
+    const float* xb = in + (i * d + l) * b * NB;
+    const int32_t* orow = f.out_row.data() + i * c * d + l;
+    const int64_t blk = (i * d + l) * nkt;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      __m256 acc[MR][NV];
 #pragma GCC unroll 6
-        for (int r = 0; r < MR; ++r)
+      for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-        const float* xr = xb;
-        {
-          const float* w = f.wf.data() + (blk + kt) * b * MR;
-          for (int64_t j = 0; j < b; ++j, xr += NB, w += MR) {
-            __m256 xv[NV];
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+      const float* xr = xb;
+      {
+        const float* w = f.wf.data() + (blk + kt) * b * MR;
+        for (int64_t j = 0; j < b; ++j, xr += NB, w += MR) {
+          __m256 xv[NV];
 #pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_ps(xr + 8 * v);
+          for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_ps(xr + 8 * v);
 #pragma GCC unroll 6
-            for (int r = 0; r < MR; ++r) {
-              const __m256 wv = _mm256_broadcast_ss(w + r);
+          for (int r = 0; r < MR; ++r) {
+            const __m256 wv = _mm256_broadcast_ss(w + r);
 #pragma GCC unroll 2
-              for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(wv, xv[v], acc[r][v]);
-            }
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(wv, xv[v], acc[r][v]);
           }
         }
-        const int valid = int(std::min<int64_t>(MR, c - kt * MR));
-        const float* sc = FP8 ? f.sc.data() + (blk + kt) * MR : nullptr;
+      }
+      const int valid = int(std::min<int64_t>(MR, c - kt * MR));
+      const float* sc = FP8 ? f.sc.data() + (blk + kt) * MR : nullptr;
 #pragma GCC unroll 6
-        for (int r = 0; r < MR; ++r) {
-          if (r < valid) {
-            float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
+      for (int r = 0; r < MR; ++r) {
+        if (r < valid) {
+          float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
 #pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) {
-              __m256 o = acc[r][v];
-              if (FP8) o = _mm256_mul_ps(o, _mm256_broadcast_ss(sc + r));
-              _mm256_store_ps(yr + 8 * v, o);
-            }
+          for (int v = 0; v < NV; ++v) {
+            __m256 o = acc[r][v];
+            if (FP8) o = _mm256_mul_ps(o, _mm256_broadcast_ss(sc + r));
+            _mm256_store_ps(yr + 8 * v, o);
           }
         }
       }
     }
+  }
 }
 
 template <int MR, int NV>
@@ -67,45 +67,45 @@ void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, 
   __m256 cs[NV];
   for (int v = 0; v < NV; ++v) cs[v] = _mm256_load_ps(colscale + 8 * v);
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
-      const int64_t i = blk_il / d, l = blk_il % d;
-      const int16_t* xb = q + (i * d + l) * bp * NB * 2;
-      const int32_t* orow = f.out_row.data() + i * c * d + l;
-      const int64_t blk = (i * d + l) * nkt;
-      for (int64_t kt = 0; kt < nkt; ++kt) {
-        __m256i acc[MR][NV];
+    const int64_t i = blk_il / d, l = blk_il % d;
+    const int16_t* xb = q + (i * d + l) * bp * NB * 2;
+    const int32_t* orow = f.out_row.data() + i * c * d + l;
+    const int64_t blk = (i * d + l) * nkt;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      __m256i acc[MR][NV];
 #pragma GCC unroll 6
-        for (int r = 0; r < MR; ++r)
+      for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
-        const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
-        const int16_t* xr = xb;
-        for (int64_t jp = 0; jp < bp; ++jp, xr += 2 * NB, w += 2 * MR) {
-          __m256i xv[NV];
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+      const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
+      const int16_t* xr = xb;
+      for (int64_t jp = 0; jp < bp; ++jp, xr += 2 * NB, w += 2 * MR) {
+        __m256i xv[NV];
 #pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xr + 16 * v));
-#pragma GCC unroll 6
-          for (int r = 0; r < MR; ++r) {
-            int32_t pair;
-            std::memcpy(&pair, w + 2 * r, 4);
-            const __m256i wv = _mm256_set1_epi32(pair);
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(xv[v], wv));
-          }
-        }
-        const int valid = int(std::min<int64_t>(MR, c - kt * MR));
-        const float* sc = f.sc.data() + (blk + kt) * MR;
+        for (int v = 0; v < NV; ++v) xv[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xr + 16 * v));
 #pragma GCC unroll 6
         for (int r = 0; r < MR; ++r) {
-          if (r < valid) {
-            float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
-            const __m256 s = _mm256_broadcast_ss(sc + r);
+          int32_t pair;
+          std::memcpy(&pair, w + 2 * r, 4);
+          const __m256i wv = _mm256_set1_epi32(pair);
 #pragma GCC unroll 2
-            for (int v = 0; v < NV; ++v)
-              _mm256_store_ps(yr + 8 * v, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), cs[v]), s));
-          }
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(xv[v], wv));
+        }
+      }
+      const int valid = int(std::min<int64_t>(MR, c - kt * MR));
+      const float* sc = f.sc.data() + (blk + kt) * MR;
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        if (r < valid) {
+          float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
+          const __m256 s = _mm256_broadcast_ss(sc + r);
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v)
+            _mm256_store_ps(yr + 8 * v, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), cs[v]), s));
         }
       }
     }
+  }
 }
 
 template <int NV>

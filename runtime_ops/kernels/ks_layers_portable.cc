@@ -14,58 +14,58 @@ template <int MR, int NB>
 void f32_t(const Factor& f, const float* in, float* out, bool fp8, int64_t blk0, int64_t blk1) {
   const int64_t b = f.b, c = f.c, d = f.d, nkt = f.nkt;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
-      const int64_t i = blk_il / d, l = blk_il % d;
-      const float* xb = in + (i * d + l) * b * NB;
-      const int32_t* orow = f.out_row.data() + i * c * d + l;
-      const int64_t blk = (i * d + l) * nkt;
-      for (int64_t kt = 0; kt < nkt; ++kt) {
-        float acc[MR][NB] = {};
-        {
-          const float* w = f.wf.data() + (blk + kt) * b * MR;
-          for (int64_t j = 0; j < b; ++j) {
-            const float* xr = xb + j * NB;
-            for (int r = 0; r < MR; ++r) {
-              const float wv = w[j * MR + r];
-              for (int n = 0; n < NB; ++n) acc[r][n] += wv * xr[n];
-            }
+    const int64_t i = blk_il / d, l = blk_il % d;
+    const float* xb = in + (i * d + l) * b * NB;
+    const int32_t* orow = f.out_row.data() + i * c * d + l;
+    const int64_t blk = (i * d + l) * nkt;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      float acc[MR][NB] = {};
+      {
+        const float* w = f.wf.data() + (blk + kt) * b * MR;
+        for (int64_t j = 0; j < b; ++j) {
+          const float* xr = xb + j * NB;
+          for (int r = 0; r < MR; ++r) {
+            const float wv = w[j * MR + r];
+            for (int n = 0; n < NB; ++n) acc[r][n] += wv * xr[n];
           }
         }
-        const int valid = int(std::min<int64_t>(MR, c - kt * MR));
-        for (int r = 0; r < valid; ++r) {
-          float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
-          const float s = fp8 ? f.sc[size_t((blk + kt) * MR + r)] : 1.f;
-          for (int n = 0; n < NB; ++n) yr[n] = fp8 ? acc[r][n] * s : acc[r][n];
-        }
+      }
+      const int valid = int(std::min<int64_t>(MR, c - kt * MR));
+      for (int r = 0; r < valid; ++r) {
+        float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
+        const float s = fp8 ? f.sc[size_t((blk + kt) * MR + r)] : 1.f;
+        for (int n = 0; n < NB; ++n) yr[n] = fp8 ? acc[r][n] * s : acc[r][n];
       }
     }
+  }
 }
 
 template <int MR, int NB>
 void i8_t(const Factor& f, const int16_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
   const int64_t bp = f.bp, c = f.c, d = f.d, nkt = f.nkt;
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
-      const int64_t i = blk_il / d, l = blk_il % d;
-      const int16_t* xb = q + (i * d + l) * bp * NB * 2;
-      const int32_t* orow = f.out_row.data() + i * c * d + l;
-      const int64_t blk = (i * d + l) * nkt;
-      for (int64_t kt = 0; kt < nkt; ++kt) {
-        int32_t acc[MR][NB] = {};
-        const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
-        for (int64_t jp = 0; jp < bp; ++jp) {
-          const int16_t* xr = xb + jp * NB * 2;
-          for (int r = 0; r < MR; ++r) {
-            const int32_t w0 = w[(jp * MR + r) * 2], w1 = w[(jp * MR + r) * 2 + 1];
-            for (int n = 0; n < NB; ++n) acc[r][n] += int32_t(xr[2 * n]) * w0 + int32_t(xr[2 * n + 1]) * w1;
-          }
-        }
-        const int valid = int(std::min<int64_t>(MR, c - kt * MR));
-        for (int r = 0; r < valid; ++r) {
-          float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
-          const float s = f.sc[size_t((blk + kt) * MR + r)];
-          for (int n = 0; n < NB; ++n) yr[n] = float(acc[r][n]) * colscale[n] * s;
+    const int64_t i = blk_il / d, l = blk_il % d;
+    const int16_t* xb = q + (i * d + l) * bp * NB * 2;
+    const int32_t* orow = f.out_row.data() + i * c * d + l;
+    const int64_t blk = (i * d + l) * nkt;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      int32_t acc[MR][NB] = {};
+      const int16_t* w = f.wq.data() + (blk + kt) * bp * MR * 2;
+      for (int64_t jp = 0; jp < bp; ++jp) {
+        const int16_t* xr = xb + jp * NB * 2;
+        for (int r = 0; r < MR; ++r) {
+          const int32_t w0 = w[(jp * MR + r) * 2], w1 = w[(jp * MR + r) * 2 + 1];
+          for (int n = 0; n < NB; ++n) acc[r][n] += int32_t(xr[2 * n]) * w0 + int32_t(xr[2 * n + 1]) * w1;
         }
       }
+      const int valid = int(std::min<int64_t>(MR, c - kt * MR));
+      for (int r = 0; r < valid; ++r) {
+        float* yr = out + int64_t(orow[(kt * MR + r) * d]) * NB;
+        const float s = f.sc[size_t((blk + kt) * MR + r)];
+        for (int n = 0; n < NB; ++n) yr[n] = float(acc[r][n]) * colscale[n] * s;
+      }
     }
+  }
 }
 
 template <int NB>

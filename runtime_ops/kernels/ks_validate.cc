@@ -106,7 +106,7 @@ std::string check_patterns(const NodeDesc& n, ChainDims* dims) {
 }
 
 // values (a, d, b, c) of a supported type; scale float32, 4-D, every dim 1 or full, dim 2 = 1
-std::string check_factor(const NodeDesc& n, size_t l) {
+std::string check_factor(const NodeDesc& n, bool need_constants, size_t l) {
   const int64_t* q = &n.patterns[4 * l];
   const int64_t a = q[0], b = q[1], c = q[2], d = q[3];
   const TensorDesc& v = n.factors[2 * l];
@@ -130,7 +130,7 @@ std::string check_factor(const NodeDesc& n, size_t l) {
         << "; it must be 4-D and broadcastable to values (a, d, b, c) = " << shape_str(want)
         << " with every dim 1 or full and dim 2 equal to 1, e.g. (1, 1, 1, 1), (" << a << ", " << d << ", 1, 1) or ("
         << a << ", " << d << ", 1, " << c << ")";
-  } else if (n.need_constants && (v.data == nullptr || s.data == nullptr || !v.rank_known || !s.rank_known ||
+  } else if (need_constants && (v.data == nullptr || s.data == nullptr || !v.rank_known || !s.rank_known ||
                                   v.dtype == kTypeUnknown || s.dtype == kTypeUnknown)) {
     err << "KSMatMul: " << input_name(v.data == nullptr ? "values" : "scale", l)
         << " must be a constant initializer (values and scales are prepacked at session creation)";
@@ -193,14 +193,14 @@ const char* dtype_name(int t) {
   }
 }
 
-std::string validate_node(const NodeDesc& n, ChainDims* dims) {
+std::string validate_node(const NodeDesc& n, bool need_constants, ChainDims* dims) {
   *dims = ChainDims{};
   std::string e = check_patterns(n, dims);
   if (!e.empty()) return e;
   const size_t L = dims->L = n.patterns.size() / 4;
   if (!(e = check_input_count(L, 2 + n.factors.size())).empty()) return e;
   for (size_t l = 0; l < L; ++l)
-    if (!(e = check_factor(n, l)).empty()) return e;
+    if (!(e = check_factor(n, need_constants, l)).empty()) return e;
   if (!(e = check_perm("in_perm", n.in_perm, dims->M)).empty()) return e;
   if (!(e = check_perm("out_perm", n.out_perm, dims->N)).empty()) return e;
   if (!(e = check_bias(*dims, n.bias)).empty()) return e;

@@ -34,7 +34,6 @@ struct NodeDesc {
   std::vector<int64_t> patterns, in_perm, out_perm;  // empty perm = identity
   TensorDesc x, bias;
   std::vector<TensorDesc> factors;  // inputs 2, 3, ...: values_0, scale_0, values_1, ...
-  bool need_constants = false;      // values/scales must carry data (kernel creation)
 };
 
 struct ChainDims {
@@ -42,9 +41,10 @@ struct ChainDims {
   size_t L = 0;          // factors
 };
 
-// Attributes and every known type/shape of the node.  Returns "" (and M, N) or a message
-// naming the op, the input and the shapes.
-std::string validate_node(const NodeDesc& node, ChainDims* dims);
+// Attributes and every known type/shape of the node; need_constants: values and scales
+// must carry data (kernel creation).  Returns "" (and the chain dims) or a message naming
+// the op, the input and the shapes.
+std::string validate_node(const NodeDesc& node, bool need_constants, ChainDims* dims);
 
 // Inputs of one run (fully known shapes): their count, X and bias; rows = product of X's
 // leading dims.

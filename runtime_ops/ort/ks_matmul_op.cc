@@ -268,7 +268,7 @@ OrtStatus* infer_shape(const CustomOp*, OrtShapeInferContext* ctx) {
       if (i == 1) t.present = t.dtype != ks::kTypeUnknown;  // an absent optional input has no type
     }
     ks::ChainDims dims;
-    if (e.empty()) e = ks::validate_node(n, &dims);
+    if (e.empty()) e = ks::validate_node(n, false, &dims);
     if (!e.empty()) return error(api, e);
     if (!n.x.rank_known) return nullptr;
     std::vector<int64_t> yd = n.x.dims;

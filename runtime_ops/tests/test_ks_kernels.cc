@@ -238,11 +238,12 @@ void test_validation() {
   const Case ok = make_case({{1, 4, 3, 2}, {3, 2, 4, 1}}, kTypeFloat, 1, false);
   const NodeDesc good = node_of(ok);
   ChainDims dims;
-  check(validate_node(good, &dims).empty() && dims.M == 8 && dims.N == 12 && dims.L == 2, "validation: good node");
+  check(validate_node(good, false, &dims).empty() && dims.M == 8 && dims.N == 12 && dims.L == 2, "validation: good node");
+  bool need_constants = false;
   auto with = [&](auto edit) {
     NodeDesc n = good;
     edit(n);
-    return validate_node(n, &dims);
+    return validate_node(n, need_constants, &dims);
   };
   expect_error(with([](NodeDesc& n) { n.has_patterns = false; }), "required", "no patterns");
   expect_error(with([](NodeDesc& n) { n.patterns.pop_back(); }), "got 7 values", "patterns length");
@@ -298,11 +299,10 @@ void test_validation() {
                  n.x.dims = {-5, 8};
                }),
                "negative", "X negative dim");
-  expect_error(with([](NodeDesc& n) {
-                 n.need_constants = true;
-                 n.factors[2].data = nullptr;
-               }),
-               "values_1 (input 4) must be a constant", "non-constant values");
+  need_constants = true;
+  expect_error(with([](NodeDesc& n) { n.factors[2].data = nullptr; }), "values_1 (input 4) must be a constant",
+               "non-constant values");
+  need_constants = false;
   // unknown and zero dims are fine
   check(with([](NodeDesc& n) {
           n.x.rank_known = true;
