@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "models"))
 from common import write_result  # noqa: E402
 
 import bfc  # noqa: E402
-from bfc.runtime import session_options  # noqa: E402
+from bfc.runtime import latency_ms, session  # noqa: E402
 from bfc.study.baselines import int4_nbits, int8_dynamic, linear_bytes  # noqa: E402
 from bfc.study.evaluators import _tokenizer, encode_sentences, spearman  # noqa: E402
 from eval_sts import load_stsb  # noqa: E402  (models/: $BFC_STSB or the shared data folder)
@@ -31,31 +31,20 @@ from eval_sts import load_stsb  # noqa: E402  (models/: $BFC_STSB or the shared 
 
 def stsb(path: Path, limit: int | None) -> float:
     """STS-B dev Spearman x100 (mean pooling + cosine), library registered for ai.bfc nodes."""
-    import onnxruntime as ort
     s1, s2, gold = load_stsb()
     if limit:
         s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
     uniq = sorted(set(s1) | set(s2))
     pos = {s: i for i, s in enumerate(uniq)}
-    sess = ort.InferenceSession(str(path), session_options(threads=1), providers=["CPUExecutionProvider"])
-    emb = encode_sentences(sess, _tokenizer(None), uniq)
+    emb = encode_sentences(session(str(path), threads=1), _tokenizer(None), uniq)
     a, b = emb[[pos[s] for s in s1]], emb[[pos[s] for s in s2]]
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(min=1e-12)
     return 100.0 * spearman(cos, np.asarray(gold))
 
 
 def latency(path: Path, batch: int, seq: int = 128, repeat: int = 20) -> float:
-    import onnxruntime as ort
-    so = session_options(threads=1)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": np.full((batch, seq), 1037, np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
-    sess.run(None, feeds)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
+    return latency_ms(session(str(path), threads=1), feeds, repeats=repeat)
 
 
 def main(argv=None) -> int:

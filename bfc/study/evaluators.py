@@ -39,14 +39,9 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
 def session(path, threads: int = 1):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (sequential execution)."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    """bfc's session factory (``bfc.runtime.session``: sequential, ai.bfc library registered) on a path."""
+    from bfc.runtime import session as runtime_session
+    return runtime_session(str(path), threads=threads)
 
 
 @dataclass

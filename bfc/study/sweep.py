@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,15 +128,8 @@ def _append(path: Path, rec: dict) -> None:
 # ---- measurements ------------------------------------------------------------------------
 def latency_ms(path, feed: dict, runs: int = 20) -> float:
     """Median wall time (ms) of one onnxruntime run on ``feed``, 1 intra-op thread, after 2 warm-ups."""
-    sess = session(path, threads=1)
-    for _ in range(2):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+    from bfc.runtime import latency_ms as median_ms
+    return median_ms(session(path, threads=1), feed, repeats=runs, warmup=2)
 
 
 def _first_output(path, feed):
