@@ -115,3 +115,17 @@ def test_learned_rotation_improves_and_stays_orthogonal():
     assert np.abs(q.T @ q - np.eye(k)).max() < ORTHO_TOL
     assert min(hist) < hist[0]
     assert err(learned) <= LEARN_GAIN * err(init), (err(learned), err(init))
+
+
+def test_learning_starts_from_the_given_rotation():
+    """Step 0 scores the initialization itself (also a non-zero Cayley init), and the best
+    step is returned: one step gives back the initial Q (up to the float32 parameters)."""
+    pytest.importorskip("torch")
+    from bfc.lowbit.rotation_learn import learn_rotation
+    init = random_params(96, 4)
+    w = np.random.default_rng(0).standard_normal((96, 32))
+    for steps in (0, 1):
+        params, hist = learn_rotation(w, None, init=init, steps=steps)
+        assert len(hist) == steps
+        np.testing.assert_allclose(ButterflyRotation.from_params(params).to_dense(),
+                                   ButterflyRotation.from_params(init).to_dense(), atol=1e-6)

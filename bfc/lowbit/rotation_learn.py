@@ -122,7 +122,8 @@ def learn_rotation(w, gram=None, fmt: LowBitFormat | None = None, init: Rotation
         raise InvalidInputError(f"rotation of size {init.size} does not match W with K={k_dim}")
     chain = rotation_chain(k_dim)
     angles = [torch.tensor(a, dtype=dt, requires_grad=True) for a in init.angles]
-    skew_raw = torch.tensor(init.skew, dtype=dt, requires_grad=learn_blocks)
+    # skew = raw - raw^T, so raw = init.skew / 2 reproduces the initial blocks exactly
+    skew_raw = torch.tensor(0.5 * init.skew, dtype=dt, requires_grad=learn_blocks)
     wt = torch.as_tensor(w.T.copy(), dtype=dt)                                  # (N, K)
     if gram is not None:
         p, tau = gram_factor(gram, gram_rank)
@@ -155,6 +156,8 @@ def learn_rotation(w, gram=None, fmt: LowBitFormat | None = None, init: Rotation
             best = (history[-1], _snapshot(skew, angles))
         loss.backward()
         opt.step()
+    if best[1] is None:                                              # steps == 0
+        return RotationParams(init.signs.copy(), init.skew.copy(), tuple(a.copy() for a in init.angles)), history
     skew, ang = best[1]
     return RotationParams(init.signs.copy(), skew, ang), history
 
