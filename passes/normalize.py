@@ -73,7 +73,7 @@ def fold_weight(t, depth: int = 0) -> Folded | None:
     if depth >= MAX_CHAIN or len(t.inputs) != 1:
         return None
     node = t.inputs[0]
-    if node.op not in FOLDABLE or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+    if node.op not in FOLDABLE or (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
         return None
     ins = []
     for i in node.inputs:
