@@ -8,6 +8,20 @@ factor K_l in turn minimizes the (convex, quadratic) objective
 
 over its support with a few conjugate-gradient steps (warm-started, so f never
 increases).  The Hessian acts as  K -> mask(A^T C A K B B^T).
+
+Bounded memory.  A dense Gram matrix is M x M, and the refinement above works with dense
+A (M x m_in), A^T C A (m_in x m_in), B B^T (m_out x m_out) and the dense factor
+(m_in x m_out).  Two caps keep every layer's memory proportional to its weight:
+
+* ``GRAM_MAX_DIM``: for inputs wider than this (M^2 fp64 > 64 MB) ``activation_gram``
+  keeps only the diagonal g_i = sum_n x_ni^2 / n.  The objective becomes the row-weighted
+  error  sum_i g_i ||e_i||^2 = ||diag(sqrt g) (W - W_hat)||_F^2, i.e. the approximation
+  C ~ diag(C) that ignores correlations between input features.  For it the diagonal
+  pre-whitening of ``factorize`` is already the whole method (factorize diag(sqrt g) W,
+  undo the scaling on the first factor's rows, which keeps the support); no CG runs.
+* ``DENSE_CAP``: the refinement runs only when all of its dense temporaries fit in
+  ``DENSE_CAP`` entries (``refine_fits``); otherwise the pre-whitened factorization is
+  returned and ``info["calibration"]`` says so.
 """
 from __future__ import annotations
 
@@ -16,16 +30,49 @@ import numpy as np
 from bfc.ks import Chain
 
 
-def activation_gram(x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
-    """C = X^T X / n plus a small ridge relative to its trace (keeps CG well posed)."""
+GRAM_MAX_DIM = 2896            # 2896^2 fp64 ~ 64 MB: wider inputs keep diag(X^T X) only
+DENSE_CAP = 8 << 20            # entries (64 MB fp64) per dense temporary of the refinement
+
+
+def activation_gram(x: np.ndarray, ridge: float = 1e-6, max_dim: int = GRAM_MAX_DIM) -> np.ndarray:
+    """C = X^T X / n plus a small ridge relative to its trace (keeps CG well posed).
+
+    For M > ``max_dim`` only the diagonal is formed and returned as a 1-D array of
+    length M (see the module doc for what that approximation means)."""
     x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-    c = x.T @ x / max(x.shape[0], 1)
-    return c + ridge * np.trace(c) / c.shape[0] * np.eye(c.shape[0])
+    n, m = x.shape
+    if m > max_dim:
+        g = np.einsum("ij,ij->j", x, x) / max(n, 1)
+        return g + ridge * g.sum() / m
+    c = x.T @ x / max(n, 1)
+    return c + ridge * np.trace(c) / m * np.eye(m)
+
+
+def gram_diagonal(gram: np.ndarray) -> np.ndarray:
+    """diag(C) of a dense Gram matrix, or the 1-D diagonal form itself."""
+    return gram if gram.ndim == 1 else np.diag(gram).real
+
+
+def refine_fits(chain: Chain, cap: int = DENSE_CAP) -> bool:
+    """Whether every dense temporary of ``refine_weighted`` has at most ``cap`` entries."""
+    m, n = chain.shape
+    if m * m > cap:
+        return False
+    for p in chain:
+        r, c = p.shape
+        if max(m * r, r * r, c * c, r * c, c * n) > cap:
+            return False
+    return True
 
 
 def weighted_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> float:
-    """||X (W - W_hat)||_F / ||X W||_F computed from C = X^T X."""
+    """||X (W - W_hat)||_F / ||X W||_F computed from C = X^T X (or its 1-D diagonal form,
+    then sum_i C_ii ||e_i||^2)."""
     e = w - w_hat
+    if gram.ndim == 1:
+        num = float(np.sum(gram * np.sum(np.abs(e) ** 2, axis=1)))
+        den = float(np.sum(gram * np.sum(np.abs(w) ** 2, axis=1)))
+        return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))
     num = float(np.vdot(e, gram @ e))
     den = float(np.vdot(w, gram @ w))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from bfc.errors import ChainError, InvalidInputError
-from bfc.factorize.calibrated import activation_gram, refine_weighted, weighted_error
+from bfc.factorize.calibrated import (activation_gram, gram_diagonal, refine_fits, refine_weighted,
+                                     weighted_error)
 from bfc.factorize.hierarchical import hierarchical
 from bfc.factorize.perm import bitrev_perm, candidate_perms, check_perm
 from bfc.factorize.result import KSFactorization
@@ -88,10 +89,14 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
         gram = activation_gram(x)
     elif gram is not None:
         gram = np.asarray(gram, dtype=np.float64)
-        if gram.shape != (w.shape[0], w.shape[0]) or not np.isfinite(gram).all():
+        if gram.ndim == 1:          # diagonal form (wide inputs, see bfc.factorize.calibrated)
+            if gram.shape != (w.shape[0],) or not np.isfinite(gram).all() or (gram < 0).any():
+                raise InvalidInputError(f"diagonal gram of shape {gram.shape} must hold {w.shape[0]} finite "
+                                        "non-negative values diag(X^T X) of the layer's input activations")
+        elif gram.shape != (w.shape[0], w.shape[0]) or not np.isfinite(gram).all():
             raise InvalidInputError(f"gram of shape {gram.shape} must be a finite {w.shape[0]} x {w.shape[0]} "
                                     "matrix X^T X of the layer's input activations")
-        if refine:              # the small ridge of activation_gram keeps the CG well posed
+        if refine and gram.ndim == 2 and refine_fits(chain):   # the small ridge keeps the CG well posed
             gram = gram + 1e-6 * np.trace(gram) / gram.shape[0] * np.eye(gram.shape[0])
     if isinstance(perm, str) and perm == "search":
         best = None
@@ -112,24 +117,28 @@ def factorize(w, chain, *, order: str = "balanced", orthonormalize: bool = True,
         m = m[rp] if rp is not None else m
         return m[:, col_perm] if col_perm is not None else m
 
-    gram_p = None if gram is None else (gram[np.ix_(rp, rp)] if rp is not None else gram)
+    gram_p = None if gram is None or rp is None else (gram[rp] if gram.ndim == 1 else gram[np.ix_(rp, rp)])
+    gram_p = gram if gram_p is None else gram_p
+    refine_ok = refine and gram is not None and gram.ndim == 2 and refine_fits(chain)
 
     def fit(target):
         if gram_p is None:
             return hierarchical(target, chain, order, orthonormalize)
         # diagonal pre-whitening keeps the support; then weighted CG refinement
-        scale = np.sqrt(np.clip(np.diag(gram_p).real, 0, None))
+        scale = np.sqrt(np.clip(gram_diagonal(gram_p), 0, None))
         scale = np.maximum(scale, 1e-3 * max(scale.max(), 1e-30))
         values = hierarchical(scale[:, None] * target, chain, order, orthonormalize)
         p = chain[0]
         values[0] = values[0] / scale.reshape(p.a, p.b, p.d).transpose(0, 2, 1)[..., None]
-        return refine_weighted(target, chain, values, gram_p) if refine else values
+        return refine_weighted(target, chain, values, gram_p) if refine_ok else values
 
     def result(values, low_rank):
         info = {"order": order, "orthonormalize": orthonormalize}
         f = KSFactorization(chain, tuple(values), rp, col_perm, low_rank, w, info)
         if gram is not None:
             info["output_error"] = weighted_error(w, f.to_dense(), gram)
+            info["calibration"] = ("refined" if refine_ok else "diagonal gram" if gram.ndim == 1
+                                   else "pre-whitened" if not refine else "pre-whitened (refinement over DENSE_CAP)")
         return f
 
     def score(f):

@@ -162,6 +162,10 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
                   else [m])
     if m is Method.AUTO and not f.is_float:
         candidates = [Method.RTN, Method.L2R]          # every non-RTN int8 order is the same
+    if len(values) == 2 and Method.PAIRWISE in candidates:
+        # two factors: pairwise, l2r and balanced are the same joint solve (Alg. 7.1 on
+        # (K_1, K_2)); the first of them wins ties anyway, so solve it once
+        candidates = [c for c in candidates if c not in (Method.L2R, Method.BALANCED)]
     best = None
     for cand in candidates:
         qs = quantize_chain(f, values, cand, gran, r, rng)

@@ -35,10 +35,10 @@ from bfc.quant._sweep import first_min, sweep
 from bfc.quant.formats import Format
 from bfc.quant.rounding import round_nearest
 
-_CHUNK = 1 << 20          # candidates per vectorized batch
+_CHUNK = 1 << 18          # candidates (and shortlist entries) per vectorized batch: ~2 MB arrays
 _NOISE = 1e-11            # relative noise of the swept statistics (cumulative sums)
 _SHORT = 16               # sweep candidates re-evaluated exactly
-_TOPK = 4
+_EVAL = 1 << 18           # y entries per batch of full-error evaluations (bounded temporaries)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def optimal_rank_one(x, y, fmt: Format, sx=1.0, sy=1.0, quantize_y: bool = True)
         y = np.atleast_2d(np.asarray(y, dtype=np.float64))
         sy = np.broadcast_to(np.asarray(sy, dtype=np.float64), y.shape)
     K = fmt.half + 1 if fmt.is_float else fmt.max_index
-    step = max(1, _CHUNK // (m * K + 2))
+    n = y.shape[1] if quantize_y else 0
+    step = max(1, _CHUNK // (m * K + 2 + _SHORT * (m + n)))
     parts = []
     for p0 in range(0, P, step):
         sl = slice(p0, p0 + step)
@@ -303,14 +304,7 @@ def _solve(x, y, fmt, sx, sy):
             yh = _q(fmt, mu * y[rows], sy[rows])
             return E1[rows, cols] + N[rows, cols] * np.sum((mu * y[rows] - yh) ** 2, axis=1)
 
-        k = min(_TOPK, L.shape[1])
-        top = np.argpartition(E1, k - 1, axis=1)[:, :k]
-        top = np.concatenate([np.zeros((P, 1), np.int64), top], axis=1)
-        rows = np.repeat(np.arange(P), top.shape[1])
-        bound = full(rows, top.ravel()).reshape(top.shape).min(axis=1)
-        rows, cols = np.nonzero(E1 <= (bound + noise)[:, None])
-        approx = np.full(E1.shape, np.inf)
-        approx[rows, cols] = full(rows, cols)
+        approx = _evaluate_below(E1, full, noise, y.shape[1])
     # the swept statistics carry cancellation noise: re-evaluate a shortlist exactly
     k = min(_SHORT, L.shape[1])
     sl = np.sort(np.argpartition(approx, k - 1, axis=1)[:, :k], axis=1)     # lam order
@@ -345,6 +339,57 @@ def _solve(x, y, fmt, sx, sy):
         x_hat[worse], y_hat[worse], err[worse] = xr[worse], yr[worse], err_r[worse]
         mu[worse], lam_p[worse] = 1.0, 1.0
     return x_hat, y_hat, mu, lam_p, err
+
+
+def _evaluate_below(E1, full, noise, n):
+    """Full errors of every candidate that can still win, in bounded batches.
+
+    ``E1`` (P, C) lower-bounds each candidate's full error (the y term is >= 0).  The
+    candidates of every row are visited in increasing ``E1``; a row stops at the first
+    candidate with ``E1 > best + margin`` (``best``: smallest full error evaluated so
+    far; ``margin`` = 2 * noise + 1e-8 * best covers the sweep noise and the tie
+    tolerance of ``first_min``), since all later ones are larger still.  Each batch
+    evaluates at most ``_EVAL`` y entries, so the temporaries stay O(_EVAL) whatever the
+    number of surviving candidates.  Returns (P, C): the full error where evaluated,
+    inf elsewhere; every candidate within ``margin`` of the row optimum is evaluated.
+    """
+    P, C = E1.shape
+    order = np.argsort(E1, axis=1, kind="stable")
+    e_sorted = np.take_along_axis(E1, order, 1)
+    approx = np.full((P, C), np.inf)
+    best = np.full(P, np.inf)
+    nxt = np.zeros(P, np.int64)                      # next rank to visit, per row
+    # rank 0 also takes candidate 0 (RTN), which bounds every row from the start
+    rows = np.arange(P)
+    e0 = full(rows, np.zeros(P, np.int64))
+    approx[rows, 0] = e0
+    best = np.minimum(best, e0)
+    while True:
+        live = np.flatnonzero(nxt < C)
+        if live.size == 0:
+            break
+        lim = best[live] + 2 * noise[live] + 1e-8 * best[live]
+        go = e_sorted[live, nxt[live]] <= lim
+        nxt[live[~go]] = C                               # the rest of those rows cannot win
+        live = live[go]
+        if live.size == 0:
+            break
+        depth = max(1, min(C, _EVAL // max(1, live.size * n)))
+        r = np.repeat(live, depth)
+        j = (nxt[live][:, None] + np.arange(depth)).ravel()
+        keep = j < C
+        r, j = r[keep], j[keep]
+        ok = e_sorted[r, j] <= (best[r] + 2 * noise[r] + 1e-8 * best[r])
+        r, j = r[ok], j[ok]
+        c = order[r, j]
+        todo = approx[r, c] == np.inf                    # candidate 0 is already done
+        e = np.full(r.size, np.inf)
+        if todo.any():
+            e[todo] = full(r[todo], c[todo])
+            approx[r[todo], c[todo]] = e[todo]
+        np.minimum.at(best, r, e)
+        nxt[live] += depth
+    return approx
 
 
 def _joint_err(x, y, xh, yh):

@@ -37,8 +37,30 @@ def round_nearest(fmt: Format, v) -> np.ndarray:
         return np.rint(v)
     if fmt is FP16:                 # numpy's double -> half cast is correctly rounded (RNE)
         return v.astype(np.float16).astype(np.float64)
-    j = np.rint(fmt.grid_index(np.abs(v)))         # index parity == significand parity
-    return np.copysign(fmt.grid_value(j), v)
+    return np.copysign(_round_magnitude(fmt, np.abs(v)), v)
+
+
+def _round_magnitude(fmt: Format, a: np.ndarray) -> np.ndarray:
+    """RNE of ``0 <= a <= fmt.max`` to ``fmt.t`` significant bits, on the bits of fp64.
+
+    Normal range (a >= 2^emin): with s = 53 - t dropped mantissa bits, adding
+    ``2^(s-1) - 1 + (bit s)`` and clearing the low s bits is round-half-to-even of the
+    significand; a carry out of the mantissa bumps the exponent, which is exactly the
+    next binade's first value.  Subnormal range: ``(a + C) - C`` with C = 2^(52 + k)
+    rounds to the multiple of 2^k = 2^(emin + 1 - t) (the subnormal spacing), RNE by
+    IEEE addition.  Equal to ``grid_value(rint(grid_index(a)))`` (tested), 3-4x faster.
+    """
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    shift = 53 - fmt.t
+    b = a.view(np.uint64)
+    out = (b + np.uint64((1 << (shift - 1)) - 1) + ((b >> np.uint64(shift)) & np.uint64(1)))
+    out &= ~np.uint64((1 << shift) - 1)
+    out = out.view(np.float64)
+    sub = a < 2.0 ** fmt.emin
+    if sub.any():
+        c = 2.0 ** (52 + fmt.emin + 1 - fmt.t)
+        out = np.where(sub, (a + c) - c, out)
+    return out
 
 
 def round_stochastic(fmt: Format, v, rng: np.random.Generator) -> np.ndarray:
