@@ -108,7 +108,7 @@ def build_ks(fmt, structure):
 def backends():
     out = [Backend("dense-fp32", build_dense), Backend("dyn-int8", build_dyn_int8), Backend("nbits4", build_nbits4)]
     for structure in ("monarch", "butterfly"):
-        for fmt, tag in (("float32", "fp32"), ("int8", "int8"), ("float8e4m3fn", "fp8")):
+        for fmt, tag in (("fp32", "fp32"), ("int8", "int8"), ("fp8-e4m3", "fp8")):
             out.append(Backend(f"ks-{tag}-{structure}", build_ks(fmt, structure), flops=structure))
     return out + EXTRA_BACKENDS
 

@@ -12,7 +12,8 @@ Inputs
     1 ``bias``    optional float32 ``[N]`` (empty input name = absent).
     2.. variadic, two per factor in chain order (heterogeneous types):
         ``values_l`` shape ``(a, d, b, c)`` (bfc's canonical layout, see
-        :mod:`bfc.ks.pattern`), dtype int8, float8e4m3fn, float8e5m2, float16 or float32;
+        :mod:`bfc.ks.pattern`), dtype int8, float8e4m3fn, float8e5m2, float16 or float32
+        (formats int8, fp8-e4m3, fp8-e5m2, fp16, fp32 of ``bfc.quant.formats.FORMATS``);
         ``scale_l``  float32, 4-D, broadcastable to ``(a, d, b, c)`` with every dim 1 or
         full and dim 2 always 1: ``(1,1,1,1)``, ``(a,d,1,1)``, ``(a,d,1,c)`` (or
         ``(1,1,1,c)`` etc.).  The dequantized factor is ``values * scale``:
@@ -57,6 +58,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bfc.errors import ChainError, ConfigError, InvalidInputError
 from bfc.ks.chain import Chain
 from bfc.ks.pattern import KSPattern
+from bfc.quant.formats import FORMATS
 
 DOMAIN = "ai.bfc"
 OP_TYPE = "KSMatMul"
@@ -64,26 +66,10 @@ OPSET_VERSION = 1
 DEFAULT_ONNX_OPSET = 21
 DEFAULT_IR_VERSION = 10
 
-#: value formats accepted by the op -> ONNX element type
-VALUE_TYPES = {
-    "int8": TensorProto.INT8,
-    "float8e4m3fn": TensorProto.FLOAT8E4M3FN,
-    "float8e5m2": TensorProto.FLOAT8E5M2,
-    "float16": TensorProto.FLOAT16,
-    "float32": TensorProto.FLOAT,
-}
+#: value formats accepted by the op (names of bfc's one format table) -> ONNX element type
+VALUE_TYPES = {name: FORMATS[name].onnx_type for name in ("int8", "fp8-e4m3", "fp8-e5m2", "fp16", "fp32")}
 #: scale granularity of :func:`quantize_factor` -> scale shape
 GRANULARITIES = ("tensor", "block", "column")
-
-
-def _ml_dtype(fmt: str):
-    import ml_dtypes
-
-    return {"float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2}[fmt]
-
-
-def _format_max(fmt: str) -> float:
-    return {"int8": 127.0, "float8e4m3fn": 448.0, "float8e5m2": 57344.0}[fmt]
 
 
 def _patterns(patterns) -> Chain:
@@ -126,13 +112,14 @@ def quantize_factor(values, fmt: str = "int8", granularity: str = "column") -> t
         raise ConfigError(f"value format {fmt!r} is not one of {sorted(VALUE_TYPES)}")
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity {granularity!r} is not one of {GRANULARITIES}")
-    if fmt in ("float32", "float16"):
-        return v.astype(np.float32 if fmt == "float32" else np.float16), np.ones((1, 1, 1, 1), np.float32)
+    f = FORMATS[fmt]
+    if fmt in ("fp32", "fp16"):
+        return v.astype(f.dtype), np.ones((1, 1, 1, 1), np.float32)
     axes = {"tensor": (0, 1, 2, 3), "block": (2, 3), "column": (2,)}[granularity]
     amax = np.max(np.abs(v), axis=axes, keepdims=True)
-    scale = np.where(amax > 0, amax / _format_max(fmt), 1.0).astype(np.float32)
-    r = np.clip(v / scale, -_format_max(fmt), _format_max(fmt))
-    q = np.rint(r).astype(np.int8) if fmt == "int8" else r.astype(_ml_dtype(fmt))
+    scale = np.where(amax > 0, amax / f.max, 1.0).astype(np.float32)
+    r = np.clip(v / scale, -f.max, f.max)          # clip first: ml_dtypes turns out-of-range fp8 into NaN
+    q = np.rint(r).astype(np.int8) if fmt == "int8" else r.astype(f.dtype)
     return q, scale
 
 

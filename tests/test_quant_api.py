@@ -50,7 +50,8 @@ def test_contract(fmt):
     w = f.to_dense()
     assert q.rel_error == pytest.approx(np.linalg.norm(w - w_hat) / np.linalg.norm(w), rel=1e-9)
     nbytes = sum(qf.values.size * FORMATS[fmt].bits // 8 + qf.scale.size * 4 for qf in q.factors)
-    assert q.nbytes == nbytes + sum(m.size * 4 for m in f.low_rank)
+    perms = 8 * (f.row_perm.size + f.col_perm.size)           # int64 permutation attributes
+    assert q.nbytes == nbytes + sum(m.size * 4 for m in f.low_rank) + perms
 
 
 @pytest.mark.parametrize("gran,shape", [("factor", lambda a, d, b, c: (1, 1, 1, 1)),

@@ -92,7 +92,7 @@ CHAINS = {
     "odd_single7x5": Chain([(1, 7, 5, 1)]),
     "valid_not_chainable": Chain([(2, 3, 5, 2), (4, 5, 3, 1)]),
 }
-FORMATS = ["float32", "float16", "float8e4m3fn", "float8e5m2", "int8"]
+FORMATS = ["fp32", "fp16", "fp8-e4m3", "fp8-e5m2", "int8"]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -111,7 +111,7 @@ def test_chains_formats(name, fmt, isa):
 def test_batch_shapes(shape, isa):
     rng = np.random.default_rng(len(shape) * 100 + sum(shape))
     chain = monarch_chain(96, 40, rank=2)
-    for fmt in ("float32", "int8"):
+    for fmt in ("fp32", "int8"):
         model, factors, kw = build(chain, fmt, rng, lead=len(shape))
         x = rng.standard_normal(shape + (96,)).astype(np.float32)
         check(model, factors, chain, kw, x, [fmt], threads=2, isa=isa)
@@ -120,17 +120,17 @@ def test_batch_shapes(shape, isa):
 def test_one_dim_input():
     rng = np.random.default_rng(5)
     chain = monarch_chain(16, 12)
-    model, factors, kw = build(chain, "float32", rng)
+    model, factors, kw = build(chain, "fp32", rng)
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, [16]))
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", TensorProto.FLOAT, [12]))
-    check(model, factors, chain, kw, rng.standard_normal(16).astype(np.float32), ["float32"])
+    check(model, factors, chain, kw, rng.standard_normal(16).astype(np.float32), ["fp32"])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_threads(threads):
     rng = np.random.default_rng(threads)
     chain = chainable_chain(384, 1536)
-    for fmt in ("float32", "float8e4m3fn", "int8"):
+    for fmt in ("fp32", "fp8-e4m3", "int8"):
         model, factors, kw = build(chain, fmt, rng)
         x = rng.standard_normal((67, 384)).astype(np.float32)
         check(model, factors, chain, kw, x, [fmt], threads=threads)
@@ -140,7 +140,7 @@ def test_threads(threads):
 def test_scale_granularities_and_mixed_formats(gran):
     rng = np.random.default_rng(7)
     chain = chainable_chain(64, 96, rank=2, n_factors=3)
-    fmts = ["int8", "float8e5m2", "float16"]
+    fmts = ["int8", "fp8-e5m2", "fp16"]
     model, factors, kw = build(chain, None, rng, gran=gran, fmts=fmts)
     x = rng.standard_normal((21, 64)).astype(np.float32)
     check(model, factors, chain, kw, x, fmts, threads=2)
@@ -151,7 +151,7 @@ def test_scale_granularities_and_mixed_formats(gran):
     m2 = ops.make_ks_matmul_model(chain2, vals, scales)
     kw2 = dict(bias=None, in_perm=None, out_perm=None)
     check(m2, [t for v, s in zip(vals, scales) for t in (v, s)], chain2, kw2,
-          rng.standard_normal((9, 16)).astype(np.float32), ["float32"])
+          rng.standard_normal((9, 16)).astype(np.float32), ["fp32"])
 
 
 def test_portable_and_avx2_agree():
@@ -159,7 +159,7 @@ def test_portable_and_avx2_agree():
         pytest.skip("no AVX2 build on this machine")
     rng = np.random.default_rng(11)
     chain = chainable_chain(1536, 384, rank=2, n_factors=3)
-    for fmt in ("float32", "float8e4m3fn", "int8"):
+    for fmt in ("fp32", "fp8-e4m3", "int8"):
         model, factors, kw = build(chain, fmt, rng)
         x = rng.standard_normal((40, 1536)).astype(np.float32)
         ys = []
@@ -175,7 +175,7 @@ def test_portable_and_avx2_agree():
 def test_shape_inference_keeps_symbolic_dims():
     rng = np.random.default_rng(3)
     chain = monarch_chain(64, 48)
-    model, _, _ = build(chain, "float32", rng)
+    model, _, _ = build(chain, "fp32", rng)
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", "T", 64]))
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", TensorProto.FLOAT, None))
     assert runtime.session(model).get_outputs()[0].shape == ["B", "T", 48]
@@ -257,7 +257,7 @@ def _attention_projection(rng, fmt):
     return model, chain, [t for q, s in qs for t in (q, s)]
 
 
-@pytest.mark.parametrize("fmt", ["float32", "int8"])
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
 def test_attention_reshape_after_unknown_dims(fmt):
     import onnxruntime as ort
 

@@ -38,7 +38,7 @@ def test_quantize_factor_shapes_and_error(fmt, gran):
     q, s = ops.quantize_factor(v, fmt, gran)
     assert q.shape == v.shape and s.ndim == 4 and s.shape[2] == 1
     rel = _rel(ops.dequantize_factor(q, s), v)
-    assert rel < {"int8": 0.02, "float8e4m3fn": 0.06, "float8e5m2": 0.12, "float16": 1e-3, "float32": 1e-7}[fmt]
+    assert rel < {"int8": 0.02, "fp8-e4m3": 0.06, "fp8-e5m2": 0.12, "fp16": 1e-3, "fp32": 1e-7}[fmt]
 
 
 def test_quantize_factor_rejects_bad_config():

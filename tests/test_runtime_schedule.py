@@ -66,13 +66,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["float32", "int8", "float8e4m3fn", "mixed"])
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "fp8-e4m3", "mixed"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_schedule_paths(name, fmt, isa):
     chain = CASES[name]
     L = len(chain)
     if fmt == "mixed":  # int8 every third factor: int8 before, at the start of and inside a tail
-        fmts = ["int8" if i % 3 == 1 else ("float8e4m3fn" if i % 3 == 2 else "float32") for i in range(L)]
+        fmts = ["int8" if i % 3 == 1 else ("fp8-e4m3" if i % 3 == 2 else "fp32") for i in range(L)]
     else:
         fmts = [fmt] * L
     seed = zlib.crc32(f"{name}/{fmt}/{isa}".encode())
