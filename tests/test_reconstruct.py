@@ -37,7 +37,23 @@ def test_reconstruction_keeps_permutations_and_residual():
     q = quantize(f, "int8")
     res = reconstruct(q, w, x, steps=50)
     assert res.error_after <= res.error_before
-    assert res.factorization.low_rank is not None
+    out = res.factorization
+    assert np.array_equal(out.row_perm, q.row_perm) and np.array_equal(out.col_perm, q.col_perm)
+    assert all(np.array_equal(a, b) for a, b in zip(out.low_rank, q.low_rank))
+    direct = np.linalg.norm(x @ w - x @ out.to_dense()) / np.linalg.norm(x @ w)
+    assert res.error_after == pytest.approx(direct, rel=1e-6)
+
+
+def test_reconstruction_from_the_gram_matrix_equals_from_activations():
+    """||X E|| = ||R E|| for R^T R = X^T X: the planner's Gram-only path optimizes the same objective."""
+    x, w = layer(2)
+    q = quantize(factorize(w, monarch_chain(64, 96, rank=4)), "int8")
+    from_x = reconstruct(q, w, x, steps=0)
+    from_gram = reconstruct(q, w, gram=x.T @ x, steps=0)
+    assert from_gram.error_before == pytest.approx(from_x.error_before, rel=1e-8)
+    trained = reconstruct(q, w, gram=x.T @ x, steps=60)
+    direct = np.linalg.norm(x @ w - x @ trained.factorization.to_dense()) / np.linalg.norm(x @ w)
+    assert trained.error_after == pytest.approx(direct, rel=1e-6) and trained.error_after < from_x.error_before
 
 
 def test_reconstruction_rejects_mismatched_activations():
