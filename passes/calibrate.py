@@ -45,10 +45,21 @@ class Calibrate(GraphPass):
         return PassResult(changed=False)
 
 
-def _chunks(feeds: dict) -> list[dict]:
-    """Split the feeds along axis 0 when every input shares that batch axis; else one run."""
+def _fixed_first_dims(model: onnx.ModelProto) -> set[str]:
+    """Inputs whose axis 0 is a fixed size (not a batch axis: e.g. x in y = W @ x)."""
+    out = set()
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim if i.type.tensor_type.HasField("shape") else []
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            out.add(i.name)
+    return out
+
+
+def _chunks(feeds: dict, fixed=frozenset()) -> list[dict]:
+    """Split the feeds along axis 0 when every input shares that batch axis (and none declares a
+    fixed size there); else one run."""
     sizes = {v.shape[0] if np.ndim(v) else None for v in feeds.values()}
-    if len(sizes) != 1 or None in sizes:
+    if len(sizes) != 1 or None in sizes or fixed & set(feeds):
         return [feeds]
     n = sizes.pop()
     return [{k: v[i:i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
@@ -78,7 +89,7 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
             del outputs[len(outputs) - 1]
     grams: dict = {}
     samples: dict = {}
-    chunks = _chunks(feeds)
+    chunks = _chunks(feeds, _fixed_first_dims(model))
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     sample_per_chunk = max(1, -(-SAMPLE_ROWS // len(chunks)))
     rng = np.random.default_rng(seed)

@@ -127,6 +127,8 @@ FORMS = {
     "dq-per-axis": ([h.make_node("DequantizeLinear", ["Q", "s", "z"], ["Wf"], axis=1)],
                     [nh.from_array(QW, "Q"), nh.from_array((RNG.random(80) * 0.05 + 0.01).astype(np.float32), "s"),
                      nh.from_array(RNG.integers(-3, 3, 80).astype(np.int8), "z")]),
+    "dq-blocked": ([h.make_node("DequantizeLinear", ["Q", "s"], ["Wf"], axis=0, block_size=16)],
+                   [nh.from_array(QW, "Q"), nh.from_array((RNG.random((3, 80)) * 0.05 + 0.01).astype(np.float32), "s")]),
     "mul-div": ([h.make_node("Mul", ["W", "k"], ["Wm"]), h.make_node("Div", ["Wm", "k2"], ["Wf"])],
                 [nh.from_array(W48x80, "W"), nh.from_array(np.array(0.5, np.float32), "k"),
                  nh.from_array(np.full((1, 80), 2.0, np.float32), "k2")]),
@@ -158,13 +160,19 @@ def test_folded_values_follow_onnx():
         assert sites[0].weight.dtype == want.dtype
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
 @pytest.mark.parametrize("target", TARGETS)
-def test_weight_on_first_input(target):
-    """y = W @ x (2-D x) is rewritten as (x^T W^T)^T."""
+def test_weight_on_first_input(target, calibrated, tmp_path):
+    """y = W @ x (2-D x) is rewritten as (x^T W^T)^T; calibration sees the rows of x^T."""
     m = model([h.make_node("MatMul", ["W", "x"], ["y"], name="wx")], [vi("x", [48, 6])], [vi("y", None)],
               [nh.from_array(w((80, 48)), "W")])
-    out, plans, _ = check(m, {"x": w((48, 6))}, CFG.replace(target=target))
+    cfg = CFG.replace(target=target)
+    if calibrated:
+        np.savez(tmp_path / "c.npz", x=w((48, 6)))
+        cfg = cfg.replace(calibration=tmp_path / "c.npz")
+    out, plans, _ = check(m, {"x": w((48, 6))}, cfg)
     assert plans[0].site.shape == (48, 80) and "(x^T W^T)^T" in plans[0].note
+    assert plans[0].error_kind == ("output" if calibrated else "weight")
     assert session(out).run(None, {"x": w((48, 6))})[0].shape == (80, 6)
 
 
