@@ -107,13 +107,29 @@ def _fold_note(f: Folded, name: str) -> str | None:
     return note
 
 
+def _why_not(node, name, x, wt, w) -> str | None:
+    """Why a MatMul/Gemm with weight value ``w`` (None: not constant) is not rewritten (None: it is)."""
+    if name.startswith(BFC_PREFIX):
+        return "already a bfc layer (not re-factorized)"
+    if w is None:
+        return ("weight is on the first input (bfc rewrites x @ W with a constant W)"
+                if _constant_value(x) is not None else "weight is computed at run time, not a constant")
+    if w.ndim != 2:
+        return f"weight {wt.name} has rank {w.ndim}; bfc rewrites 2-D weights only"
+    if w.dtype not in FLOAT_TYPES:
+        return f"weight {wt.name} has type {w.dtype}; bfc rewrites float32/float16 layers only"
+    if node.op == "MatMul" and x.shape is not None and len(x.shape) < 1:
+        return "input is a scalar"
+    return None
+
+
 def _candidate(node, graph, label, in_main):
     """(key, SiteNode, weight, reason, note) for a MatMul/Gemm (or quantized matmul) node, or None."""
     if node.op in QUANTIZED_OPS:
         name = node_key(node)
         reason = QUANTIZED_REASON if node.op in ("MatMulInteger", "MatMulNBits") else \
             f"already quantized ({node.op}); bfc does not re-factorize quantized layers"
-        return (f"{name}#skip", False), SiteNode(name, node.op, node=node, graph=graph,
+        return (f"{name}#skip", id(node)), SiteNode(name, node.op, node=node, graph=graph,
                                                   scope=None if in_main else label), None, reason, None
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
@@ -139,19 +155,7 @@ def _candidate(node, graph, label, in_main):
                 reason = (f"weight is on the first input (y = W @ x) and x has rank {rank}; bfc rewrites "
                           "W @ x only for a 2-D W and a 2-D x")
     w = None if fw is None else fw.value
-    if reason is not None:
-        pass
-    elif name.startswith(BFC_PREFIX):
-        reason = "already a bfc layer (not re-factorized)"
-    elif w is None:
-        reason = ("weight is on the first input (bfc rewrites x @ W with a constant W)"
-                  if _constant_value(x) is not None else "weight is computed at run time, not a constant")
-    elif w.ndim != 2:
-        reason = f"weight {wt.name} has rank {w.ndim}; bfc rewrites 2-D weights only"
-    elif w.dtype not in FLOAT_TYPES:
-        reason = f"weight {wt.name} has type {w.dtype}; bfc rewrites float32/float16 layers only"
-    elif node.op == "MatMul" and x.shape is not None and len(x.shape) < 1:
-        reason = "input is a scalar"
+    reason = reason or _why_not(node, name, x, wt, w)
     if w is not None and w.ndim == 2 and reason is None:
         if not np.isfinite(w).all():
             raise ModelError(f"weight {wt.name} of node {name} contains NaN or Inf values; "
