@@ -24,20 +24,27 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
-from common import RESULTS, machine_line  # noqa: E402
+from common import RESULTS, machine_line
 
-from bfc.lowbit import (ButterflyRotation, LowBitFormat, RotatedLayer, fit_correction, gptq_quantize,  # noqa: E402
-                        quantize_groups, rotated_gram, weighted_error)
+from bfc.lowbit import (
+    ButterflyRotation,
+    LowBitFormat,
+    RotatedLayer,
+    fit_correction,
+    gptq_quantize,
+    quantize_groups,
+    rotated_gram,
+)
 
 LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense",
           "encoder.layer.0.output.dense", "encoder.layer.5.attention.self.query",
@@ -49,11 +56,11 @@ RANK = 16
 def minilm_layers(n_cal=48, n_eval=48):
     """[(name, W (K, N), G_cal, G_eval)] from the real model, or None without it."""
     try:
-        import torch
         import minilm
+        import torch
         model = minilm.load_torch_model()
         tok = minilm.load_tokenizer()
-    except Exception as e:                      # package, torch or transformers missing
+    except Exception as e:  # noqa: BLE001  (package, torch, transformers or weights missing)
         print(f"MiniLM unavailable ({type(e).__name__}: {e}); using synthetic weights", file=sys.stderr)
         return None
     torch.set_num_threads(1)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from bfc.lowbit import LowBitFormat, gptq_quantize, quantize_groups, weighted_error
-from bfc.lowbit.groups import fit_scales, round_codes
 from bfc.lowbit.gptq import damped_gram
+from bfc.lowbit.groups import fit_scales, round_codes
 
 GPTQ_GAIN = 2.0          # activation-weighted error at least 2x below RTN (measured ~3x)
 
@@ -21,7 +21,7 @@ def reference_gptq(w, gram, fmt, damp=0.01):
     """Row k rounded, then W[k+1:] -= H_F^-1[F, k] / H_F^-1[k, k] * delta with F = k..K-1."""
     w = np.array(w, dtype=np.float64)
     h = damped_gram(gram, damp)
-    k_dim, n = w.shape
+    k_dim = w.shape[0]
     g = fmt.group(k_dim)
     out = np.zeros_like(w)
     hd = np.diag(h)

@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 
 from bfc.errors import ConfigError, InvalidInputError
-from bfc.lowbit import LowBitFormat, pack_bits, packed_nbytes, quantize_groups, unpack_bits, weighted_error
+from bfc.lowbit import (
+    LowBitFormat,
+    pack_bits,
+    packed_nbytes,
+    quantize_groups,
+    unpack_bits,
+    weighted_error,
+)
 from bfc.lowbit.groups import DEFAULT_RATIOS
 
 SEARCH_GAIN_INT3 = 0.95      # searched scales: error <= 95% of absmax RTN (Gaussian, int3)

@@ -2,8 +2,14 @@
 import numpy as np
 import pytest
 
-from bfc.lowbit import (best_within, correction_options, fit_correction, quantize_groups, rotate_quantize,
-                        weighted_error)
+from bfc.lowbit import (
+    best_within,
+    correction_options,
+    fit_correction,
+    quantize_groups,
+    rotate_quantize,
+    weighted_error,
+)
 
 INT8_SLACK = 1.02          # int8 factors: weighted error within 2% of the float Eckart-Young optimum
 APPLY_TOL = 1e-10
@@ -60,8 +66,8 @@ def test_correction_options_report_bytes_and_error():
     assert best_within(opts, opts[2].nbytes).rank == 16
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(gptq=False), dict(rotate=False), dict(bits=3, symmetric=False),
-                                dict(correction_rank=8), dict(group_size=None, bits=2)])
+@pytest.mark.parametrize("kw", [{}, {"gptq": False}, {"rotate": False}, {"bits": 3, "symmetric": False},
+                                {"correction_rank": 8}, {"group_size": None, "bits": 2}])
 def test_layer_apply_dense_and_error(kw):
     x, w = problem(96, 64, 400, 1)
     g = x.T @ x

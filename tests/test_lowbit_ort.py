@@ -7,7 +7,7 @@ from bfc.lowbit import ORT_BITS, quantize_groups, to_matmulnbits
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
 REL_TOL = 1e-5           # float32 accumulation in onnxruntime vs float64 reference
 

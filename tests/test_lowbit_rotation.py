@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from bfc.ks import KSPattern
-from bfc.lowbit import ButterflyRotation, RotationParams, quantize_groups, rotation_chain, weighted_error
+from bfc.lowbit import (
+    ButterflyRotation,
+    RotationParams,
+    quantize_groups,
+    rotation_chain,
+    weighted_error,
+)
 from bfc.lowbit.rotation import split_size
 
 ORTHO_TOL = 1e-6
@@ -91,9 +97,9 @@ def test_rotation_beats_plain_int4_on_outliers():
 
 def test_learned_rotation_improves_and_stays_orthogonal():
     pytest.importorskip("torch")
+    from bfc.lowbit import LowBitFormat
     from bfc.lowbit.layer import rotated_gram
     from bfc.lowbit.rotation_learn import learn_rotation
-    from bfc.lowbit import LowBitFormat
     rng = np.random.default_rng(0)
     k, n = 96, 192
     x = rng.standard_normal((1024, k)) @ (rng.standard_normal((k, k)) * np.linspace(1, 0.05, k)[:, None])
@@ -108,7 +114,7 @@ def test_learned_rotation_improves_and_stays_orthogonal():
 
     init = ButterflyRotation.hadamard_like(k, seed=0)
     params, hist = learn_rotation(w, g, fmt, init=init.params, steps=60, seed=0)
-    params2, hist2 = learn_rotation(w, g, fmt, init=init.params, steps=60, seed=0)
+    _, hist2 = learn_rotation(w, g, fmt, init=init.params, steps=60, seed=0)
     assert hist == hist2                                            # deterministic
     learned = ButterflyRotation.from_params(params)
     q = learned.to_dense()

@@ -94,7 +94,7 @@ def _fit_all(residual, gram, ranks, damp):
         raise InvalidInputError(f"expected a 2-D residual (K, N), got shape {r_mat.shape}")
     k, n = r_mat.shape
     s, s_inv, g = _whitening(gram, k, damp)
-    p, sig, tt = np.linalg.svd(s @ r_mat, full_matrices=False)
+    p, sig, _ = np.linalg.svd(s @ r_mat, full_matrices=False)
     out = {}
     for r in ranks:
         r = int(r)

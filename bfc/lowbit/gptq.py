@@ -32,7 +32,13 @@ from __future__ import annotations
 import numpy as np
 
 from bfc.errors import InvalidInputError
-from bfc.lowbit.groups import DEFAULT_RATIOS, GroupQuantized, LowBitFormat, fit_scales, round_codes
+from bfc.lowbit.groups import (
+    DEFAULT_RATIOS,
+    GroupQuantized,
+    LowBitFormat,
+    fit_scales,
+    round_codes,
+)
 
 
 def damped_gram(h, damp: float = 0.01) -> np.ndarray:

@@ -128,7 +128,7 @@ class GroupQuantized:
         zp = 0 if self.zero_points is None else packed_nbytes(self.zero_points.size, self.bits)
         return packed_nbytes(k * n, self.bits) + self.scales.nbytes + zp
 
-    def pack(self) -> "PackedGroups":
+    def pack(self) -> PackedGroups:
         """Bit-packed storage: codes in column-major order (each column's K codes contiguous)."""
         zp = None if self.zero_points is None else pack_bits(self.zero_points.T, self.bits)
         return PackedGroups(pack_bits(self.codes().T, self.bits), self.scales.copy(), zp,

@@ -23,7 +23,12 @@ import numpy as np
 from bfc.errors import InvalidInputError
 from bfc.lowbit.correction import LowRankCorrection, fit_correction
 from bfc.lowbit.gptq import gptq_quantize
-from bfc.lowbit.groups import GroupQuantized, LowBitFormat, quantize_groups, weighted_error
+from bfc.lowbit.groups import (
+    GroupQuantized,
+    LowBitFormat,
+    quantize_groups,
+    weighted_error,
+)
 from bfc.lowbit.rotation import ButterflyRotation
 
 

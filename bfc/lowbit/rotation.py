@@ -78,7 +78,7 @@ class RotationParams:
         return self.signs.size
 
     @classmethod
-    def hadamard_like(cls, k_dim: int, seed: int | None = 0) -> "RotationParams":
+    def hadamard_like(cls, k_dim: int, seed: int | None = 0) -> RotationParams:
         """Random signs (seeded; None = all +1), zero skew, all angles pi/4."""
         m, k = split_size(k_dim)
         signs = np.ones(k_dim) if seed is None else \
@@ -107,11 +107,11 @@ class ButterflyRotation:
     params: RotationParams | None = None
 
     @classmethod
-    def from_params(cls, params: RotationParams) -> "ButterflyRotation":
+    def from_params(cls, params: RotationParams) -> ButterflyRotation:
         return cls(rotation_chain(params.size), tuple(params.values()), params)
 
     @classmethod
-    def hadamard_like(cls, k_dim: int, seed: int | None = 0) -> "ButterflyRotation":
+    def hadamard_like(cls, k_dim: int, seed: int | None = 0) -> ButterflyRotation:
         return cls.from_params(RotationParams.hadamard_like(k_dim, seed))
 
     @property
