@@ -25,7 +25,7 @@ from enum import Enum
 import numpy as np
 
 from bfc.errors import ConfigError
-from bfc.quant._sweep import first_min, sweep
+from bfc.quant._sweep import argsort_rows, first_min
 from bfc.quant.formats import INT8, Format
 
 _CHUNK = 1 << 21          # candidates per vectorized batch
@@ -219,30 +219,42 @@ def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
     gstart = np.cumsum(cnt.sum(axis=1)) - cnt.sum(axis=1)
     pos = np.arange(total) - gstart[g]
     af = a.ravel()[ent]
-    lam = np.full((G, width), np.inf)
-    ddot = np.zeros((G, width))
-    dnx = np.zeros((G, width))
-    lam[g, pos] = (k + 0.5) / af
-    ddot[g, pos] = af
-    dnx[g, pos] = 2 * k + 1
+    # one scatter of the breakpoints and of their ids; the sorted ids give the increments
+    flat = g * width + pos
+    lam = np.full(G * width, np.inf)
+    lam[flat] = (k + 0.5) / af
+    lam = lam.reshape(G, width)
+    ids = np.full(G * width, total, np.int64)
+    ids[flat] = np.arange(total)
+    order, lam_s = argsort_rows(lam)
+    ids = np.take_along_axis(ids.reshape(G, width), order, 1)
+    ddot = np.append(af, 0.0)[ids]
+    dnx = np.append(2.0 * k + 1.0, 0.0)[ids]
     q0 = k_lo.astype(np.float64)
     dot0, nx0 = np.sum(a * q0, axis=1), np.sum(q0 * q0, axis=1)
     with np.errstate(divide="ignore"):       # first breakpoint above the swept range
         above = np.where((a > 0) & (k_hi + 1 < K), (k_hi + 1.5) / np.where(a > 0, a, 1.0), np.inf)
     hi = above.min(axis=1)
-    lam_eval, dot, nx, valid = sweep(lam, ddot, dnx, dot0, nx0, hi)
-    start = lam.min(axis=1)                  # the piece holding rho_lo, before the first breakpoint
-    start = np.minimum(start, hi)
-    lam0 = np.where(np.isfinite(start), 0.5 * (rho_lo + start), np.where(np.isfinite(rho_lo), rho_lo + 1, 1.0))
-    lam_eval = np.concatenate([lam0[:, None], lam_eval], axis=1)
-    dot = np.concatenate([dot0[:, None], dot], axis=1)
-    nx = np.concatenate([nx0[:, None], nx], axis=1)
-    valid = np.concatenate([(rho_lo < start)[:, None], valid], axis=1)
-    vv = np.sum(a * a, axis=1)
+    # sweep (as ``_sweep.sweep``): state after each sorted breakpoint, valid where the
+    # piece is non-empty; column 0 is the piece holding rho_lo, before the first one
+    dot = np.cumsum(ddot, axis=1)
+    dot += dot0[:, None]
+    nx = np.cumsum(dnx, axis=1)
+    nx += nx0[:, None]
+    nxt = np.minimum(np.concatenate([lam_s[:, 1:], hi[:, None]], axis=1), hi[:, None])
+    start = np.minimum(lam_s[:, 0], hi)
     with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.where(valid & (nx > 0), vv[:, None] - dot * dot / nx, np.inf)
-    pick = first_min(err, vv)
-    rho = lam_eval[np.arange(G), pick]
+        err = np.where((lam_s < nxt) & (nx > 0), vv[:, None] - dot * dot / nx, np.inf)
+        err0 = np.where((rho_lo < start) & (nx0 > 0), vv - dot0 * dot0 / nx0, np.inf)
+    pick = first_min(np.concatenate([err0[:, None], err], axis=1), vv)
+    rows = np.arange(G)
+    j = np.maximum(pick - 1, 0)
+    ls, nt = lam_s[rows, j], nxt[rows, j]
+    with np.errstate(invalid="ignore"):
+        rho = np.where(np.isfinite(nt), 0.5 * (ls + nt), 2.0 * ls)
+    lam0 = np.where(np.isfinite(start), 0.5 * (rho_lo + start),
+                    np.where(np.isfinite(rho_lo), rho_lo + 1, 1.0))
+    rho = np.where(pick == 0, lam0, rho)
     q = np.clip(np.rint(rho[:, None] * a), 0, fmt.max) * np.sign(v)
     qq = np.sum(q * q, axis=1)
     s = np.where(qq > 0, np.sum(v * q, axis=1) / np.where(qq > 0, qq, 1), 0)
