@@ -174,3 +174,76 @@ def test_bad_options_raise():
         factorize(w, butterfly_chain(4), calibration=np.ones((3, 5)))
     with pytest.raises(ChainError, match="not chainable"):
         factorize(np.ones((2, 2)), Chain([(2, 1, 1, 1), (1, 2, 2, 1)]))
+
+
+# ---- scale: no dense factor, no K x K temporaries ----------------------------------------
+WIDE_PEAK_BYTES = 400 << 20      # 25088 x 64 with calibration: a dense Gram alone is 5 GB
+
+
+@pytest.mark.parametrize("chain", [butterfly_chain(32), monarch_chain(24, 36, rank=2),
+                                   chainable_chain(12, 18, rank=2, n_factors=3),
+                                   chainable_chain(64, 48, n_factors=4)], ids=str)
+def test_structured_product_and_column_chunks_equal_the_dense_product(chain):
+    from bfc.factorize.hierarchical import product_values
+    values = chain.random_values(21)
+    ref = chain.to_dense(values)
+    pattern, v = product_values(chain, values)
+    np.testing.assert_allclose(pattern.to_dense(v), ref, atol=1e-12)
+    rng = np.random.default_rng(22)
+    m, n = chain.shape
+    f = factorize(ref + 0.1 * rng.standard_normal((m, n)), chain, perm=rng.permutation(n),
+                  row_perm=rng.permutation(m), residual_rank=1)
+    full = f.to_dense()
+    direct = f.chain.to_dense(f.factors)[inverse_perm(f.row_perm)][:, inverse_perm(f.col_perm)]
+    u, vv = f.low_rank
+    np.testing.assert_allclose(full, direct + u @ vv.T, atol=1e-12)
+    for chunk in (1, 5, n):
+        np.testing.assert_allclose(f.to_dense(chunk=chunk), full, atol=1e-12)
+    seen = np.concatenate([cols for cols, _ in f.iter_columns(7)])
+    assert np.array_equal(np.sort(seen), np.arange(n))
+
+
+def test_wide_calibrated_layer_keeps_a_diagonal_gram_and_bounded_memory():
+    """25088 x 64 (a VGG classifier input): the Gram matrix of the inputs is diagonal
+    (sum_i g_i ||e_i||^2), the factorization and its int8 quantization stay far below the
+    cost of one K x K matrix, and the fit beats the plain one on that objective."""
+    import tracemalloc
+
+    from bfc.factorize import activation_gram
+    from bfc.quant import quantize
+    rng = np.random.default_rng(23)
+    m, n = 25088, 64
+    w = rng.standard_normal((m, n)) / np.sqrt(m)
+    x = rng.standard_normal((64, m)) * np.exp(rng.standard_normal(m))
+    ch = chain_for("monarch", m, n)
+    tracemalloc.start()
+    f = factorize(w, ch, calibration=x)
+    q = quantize(f, "int8")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < WIDE_PEAK_BYTES
+    g = activation_gram(x)
+    assert g.shape == (m,) and f.info["calibration"] == "diagonal gram"
+    plain = factorize(w, ch)
+    assert weighted_error(w, f.to_dense(), g) < weighted_error(w, plain.to_dense(), g)
+    assert np.isfinite(q.rel_error)
+
+
+def test_diagonal_gram_error_is_the_dense_formula_with_a_diagonal_matrix():
+    rng = np.random.default_rng(24)
+    w, w_hat = rng.standard_normal((30, 7)), rng.standard_normal((30, 7))
+    g = rng.uniform(0.1, 2, 30)
+    assert weighted_error(w, w_hat, g) == pytest.approx(weighted_error(w, w_hat, np.diag(g)), rel=1e-12)
+
+
+def test_refinement_only_under_the_dense_cap():
+    """The block-coordinate CG forms dense A^T C A and B B^T; above DENSE_CAP entries the
+    pre-whitened fit is returned (and says so) instead of allocating them."""
+    from bfc.factorize.calibrated import refine_fits
+    assert refine_fits(monarch_chain(64, 64, rank=2))
+    assert not refine_fits(chain_for("monarch", 2048, 5632, 4))      # A^T C A: 16384^2
+    rng = np.random.default_rng(25)
+    w = rng.standard_normal((64, 96))
+    x = rng.standard_normal((200, 64)) @ rng.standard_normal((64, 64))
+    small = factorize(w, monarch_chain(64, 96), calibration=x)
+    assert small.info["calibration"] == "refined"

@@ -132,3 +132,35 @@ def test_quantizes_a_real_factorization():
     l2r = quantize(f, "fp16", method="l2r")
     assert abs(rel_err(f, l2r) - l2r.rel_error) < 1e-12
     assert l2r.rel_error * MIN_GAIN_PAIRWISE_FP16 < rtn.rel_error
+
+
+# Figures of the implementation before the "Scale" rework (commit 61d21bc), same seeds:
+# relative product error of quantize(factorize(W, chain), fmt, "auto") and the method it
+# picked.  The rework (structured products, pruned int8 search, bounded rank-one search)
+# must reproduce them.
+GOLDEN = [
+    ((256, 704, "monarch", 4, 0), {"int8": ("l2r", 0.006540317775820144),
+                                    "fp8-e4m3": ("pairwise", 0.027534070430298842),
+                                    "fp16": ("pairwise", 0.00016553827322844252)}),
+    ((128, 96, "monarch", 2, 1), {"int8": ("l2r", 0.0052135994106279225),
+                                   "fp8-e5m2": ("pairwise", 0.05059905513049421)}),
+    ((64, 64, "butterfly", 1, 2), {"int8": ("l2r", 0.000613389269947812),
+                                    "fp8-e4m3": ("l2r", 0.01470358564078905),
+                                    "fp16": ("balanced", 2.0471396161241735e-05)}),
+    ((96, 160, "chain3", 2, 3), {"int8": ("l2r", 0.003816620304017959),
+                                  "fp8-e4m3": ("l2r", 0.024819093656037204)}),
+]
+GOLDEN_REL = 1e-6
+
+
+@pytest.mark.parametrize("case,expected", GOLDEN)
+def test_matches_the_figures_before_the_scale_rework(case, expected):
+    from bfc.factorize import chain_for, factorize
+    m, n, structure, rank, seed = case
+    w = np.random.default_rng(seed).standard_normal((m, n)) / np.sqrt(m)
+    f = factorize(w, chain_for(structure, m, n, rank))
+    for fmt, (method, err) in expected.items():
+        q = quantize(f, fmt, method="auto")
+        assert q.method == method
+        assert q.rel_error == pytest.approx(err, rel=GOLDEN_REL)
+        assert rel_err(f, q) == pytest.approx(err, rel=GOLDEN_REL)
