@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("model", type=Path, help="input .onnx model (never modified)")
     op.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path (written atomically)")
     op.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
-    op.add_argument("--structure", default=S, help="auto|butterfly|monarch|chain3|lowrank-residual (default auto)")
+    op.add_argument("--structure", default=S, help="auto|butterfly|monarch|chain3|lowrank-residual|rotated (default auto)")
     op.add_argument("--rank", type=int, default=S, help="block rank between factors (fixed structures)")
     op.add_argument("--residual-rank", type=int, default=S, help="rank of the low-rank residual (default 8)")
     op.add_argument("--precision", default=S, help="auto|int8|fp8-e4m3|fp8-e5m2|fp16|fp32 (default int8)")
@@ -62,10 +62,26 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
     op.add_argument("--fix-batch", type=int, default=S, help="pin dynamic batch dimensions to N")
     op.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    op.add_argument("--distill", type=Path, default=S, metavar="DATA.npz",
+                    help="train the planned layers end to end against the original on these model inputs (needs torch)")
+    op.add_argument("--distill-steps", type=int, default=S, help="distillation Adam steps (default 500)")
+    op.add_argument("--distill-batch", type=int, default=S, help="distillation samples per step (default 32)")
+    op.add_argument("--distill-lr", type=float, default=S, help="distillation peak step size, cosine decay (default 5e-4)")
+    op.add_argument("--distill-match", action="append", default=S, metavar="TENSOR",
+                    help="also match this intermediate tensor of the original (repeatable)")
+    op.add_argument("--distill-layernorm", action="store_true", default=S,
+                    help="also train the LayerNormalization scales and biases")
     op.add_argument("--reconstruct", action="store_true", default=S,
                     help="fine-tune each quantized layer's factors to its calibration outputs (needs --calibration)")
     op.add_argument("--reconstruct-steps", type=int, default=S, help="reconstruction steps per layer (default 100)")
     op.add_argument("--reconstruct-lr", type=float, default=S, help="reconstruction step size (default 0.01)")
+    op.add_argument("--bits", type=int, default=S, help="rotated layers: weight bits 2|3|4 (default 4)")
+    op.add_argument("--group-size", type=int, default=S, help="rotated layers: rows per scale 32|64|128 (default 64)")
+    op.add_argument("--learn-rotation", action="store_true", default=S,
+                    help="rotated layers: learn each rotation on the calibration data (needs torch)")
+    op.add_argument("--rotation-steps", type=int, default=S, help="Adam steps of a learned rotation (default 100)")
+    op.add_argument("--correction-rank", type=int, default=S,
+                    help="rotated layers: rank of the int8 correction (default 0: per layer, when it pays)")
     op.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
                     help="exit 2 when nothing can be rewritten (default: write the model unchanged, exit 0)")
     op.add_argument("--report", type=Path, help="also write the report as JSON")

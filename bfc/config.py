@@ -23,6 +23,7 @@ class Structure(str, enum.Enum):
     MONARCH = "monarch"
     CHAIN3 = "chain3"               # three KS factors (block rank via --rank)
     LOWRANK_RESIDUAL = "lowrank-residual"
+    ROTATED = "rotated"             # orthogonal butterfly rotation + int2/3/4 group-wise weight (bfc.lowbit)
 
 
 class Precision(str, enum.Enum):
@@ -78,8 +79,18 @@ class OptimizeConfig:
     calibration: .npz of model inputs (names as keys) used for calibration and verification
     strict:      a run that rewrites nothing is an error (default: the model is written unchanged)
     calibration_rows: at most this many activation rows per layer (seeded subsample) enter its Gram matrix
+    distill:     .npz of unlabeled model inputs: train the planned layers end to end against the original
+                 model before the rewrite (bfc.distill; needs torch); None: no distillation
+    distill_steps, distill_batch, distill_lr: Adam steps, samples per step, peak step size (cosine decay)
+    distill_match: names of intermediate tensors matched as well as the outputs (e.g. each block's output)
+    distill_layernorm: also train the LayerNormalization scales and biases
     reconstruct: fine-tune each quantized layer's factors to its calibration outputs (bfc.reconstruct)
     reconstruct_steps, reconstruct_lr: Adam steps per layer and step size (relative to each factor's RMS)
+    bits, group_size: the rotated family's weight format (int2|3|4, one scale per group of 32|64|128 rows)
+    learn_rotation: learn each rotation on the calibration Gram (ButterflyQuant-style; needs torch),
+                 rotation_steps Adam steps; else the randomized Hadamard-like butterfly
+    correction_rank: rank of the int8 low-rank correction of rotated layers; 0 = per layer, only when
+                 it is the cheapest way to meet max_error
     """
     structure: Structure = Structure.AUTO
     rank: int | None = None
@@ -99,9 +110,20 @@ class OptimizeConfig:
     strict: bool = False
     fix_batch: int | None = None
     seed: int = 0
+    distill: Path | None = None
+    distill_steps: int = 500
+    distill_batch: int = 32
+    distill_lr: float = 5e-4
+    distill_match: tuple[str, ...] = ()
+    distill_layernorm: bool = False
     reconstruct: bool = False
     reconstruct_steps: int = 100
     reconstruct_lr: float = 1e-2
+    bits: int = 4
+    group_size: int = 64
+    learn_rotation: bool = False
+    rotation_steps: int = 100
+    correction_rank: int = 0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -112,14 +134,15 @@ class OptimizeConfig:
         set_("target", self.target.lower())
         set_("quant_method", _enum(QuantMethod, "quant_method", self.quant_method))
         for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
-                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1),
-                         ("reconstruct_steps", 0)):
+                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1), ("distill_steps", 1),
+                         ("distill_batch", 1),
+                         ("reconstruct_steps", 0), ("rotation_steps", 0), ("correction_rank", 0)):
             v = getattr(self, name)
             if v is None and name in ("rank", "target_size", "fix_batch"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
-        for name in ("max_error", "max_output_error", "reconstruct_lr"):
+        for name in ("max_error", "max_output_error", "reconstruct_lr", "distill_lr"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -135,10 +158,24 @@ class OptimizeConfig:
             set_(name, tuple(v))
         if self.calibration is not None:
             set_("calibration", Path(self.calibration))
+        if self.distill is not None:
+            set_("distill", Path(self.distill))
+        v = (self.distill_match,) if isinstance(self.distill_match, str) else self.distill_match
+        if not isinstance(v, (tuple, list)) or not all(isinstance(n, str) and n for n in v):
+            raise ConfigError(f"distill_match={self.distill_match!r} must be a list of tensor names")
+        set_("distill_match", tuple(v))
+        if not isinstance(self.distill_layernorm, bool):
+            raise ConfigError(f"distill_layernorm={self.distill_layernorm!r} must be true or false")
         if not isinstance(self.reconstruct, bool):
             raise ConfigError(f"reconstruct={self.reconstruct!r} must be true or false")
         if self.reconstruct and self.calibration is None:
             raise ConfigError("reconstruct needs calibration data: pass --calibration FILE.npz of model inputs")
+        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+            raise ConfigError(f"bits={self.bits!r} is not allowed; use 2, 3 or 4 (rotated low-bit weights)")
+        if isinstance(self.group_size, bool) or self.group_size not in (32, 64, 128):
+            raise ConfigError(f"group_size={self.group_size!r} is not allowed; use 32, 64 or 128")
+        if not isinstance(self.learn_rotation, bool):
+            raise ConfigError(f"learn_rotation={self.learn_rotation!r} must be true or false")
         for name in ("verify", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")

@@ -22,6 +22,12 @@ Choice:
   * a fixed structure: that chain (``rank``), kept dense if it misses ``max_error``.
   * precision=auto: for the chosen structure the lowest precision (int8, fp8-e4m3,
     fp16, fp32) whose measured error keeps the budget.
+  * structure=rotated: the rotated low-bit family (``bfc.passes.lowbit_plan``: one butterfly
+    rotation per input tensor, int2/3/4 group-wise weight, optional int8 correction); with
+    structure=auto and precision=auto its int4/int3/int2 candidates compete with the KS
+    families by bytes (the smallest meeting ``max_error`` wins; mixed plans are normal).
+    A target that cannot emit the family says why (``Target.lowbit_support``): the sites
+    get that reason (fixed family) or the family is skipped (auto).
 With calibration the fit is activation-weighted (``bfc.factorize.factorize(gram=G,
 refine=False)``: diagonal pre-whitening, no CG refinement, which costs seconds per layer
 and candidate).
@@ -39,6 +45,7 @@ from bfc.factorize import candidates, chain_for, factorize, weighted_error
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.events import LayerPlanned
 from bfc.passes.find_sites import Site
+from bfc.passes import lowbit_plan
 from bfc.quant import QuantizedFactorization, cast, quantize
 
 AUTO_STRUCTURES = ("monarch", "butterfly", "chain3")
@@ -189,9 +196,25 @@ def _auto_candidates(cfg, m, n):
     return fams
 
 
-def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=None) -> LayerPlan:
+def _lowbit_bits(cfg: OptimizeConfig, target, opset) -> tuple[tuple[int, ...], str | None]:
+    """Bits of the rotated family this plan tries (none: the reason)."""
+    if cfg.structure is Structure.ROTATED:
+        wanted = (cfg.bits,)
+    elif cfg.structure is Structure.AUTO and cfg.precision is Precision.AUTO and cfg.max_error is not None:
+        wanted = lowbit_plan.AUTO_BITS
+    else:
+        return (), None
+    why = {b: target.lowbit_support(b, opset) for b in wanted}
+    ok = tuple(b for b in wanted if why[b] is None)
+    return ok, None if ok else why[wanted[0]]
+
+
+def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=None, rotation=None,
+              lowbit_bits=()) -> LayerPlan:
     """Plan one eligible site (include/exclude/min-size already applied) for ``target``;
-    ``precisions`` (default: from ``cfg``) are the formats to try, lowest first."""
+    ``precisions`` (default: from ``cfg``) are the formats to try, lowest first; ``rotation`` the
+    site's (shared) rotation and ``lowbit_bits`` the rotated family's bits to try (none: no rotated
+    candidates)."""
     w = site.weight.astype(np.float64)
     m, n = w.shape
     plan = LayerPlan(site, error_kind="output" if stats is not None else "weight")
@@ -200,6 +223,18 @@ def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=No
     if precisions is None:
         precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
     budget = cfg.max_error if cfg.max_error is not None else float("inf")
+    lowbit = None
+    if lowbit_bits:
+        lowbit = lowbit_plan.plan_rotated(w, gram, score, cfg, target, rotation, lowbit_bits, budget)
+    if cfg.structure is Structure.ROTATED:
+        if lowbit is None:
+            plan.reason = "no bits of the rotated family can be emitted by this target"
+        elif lowbit[0] is None:
+            plan.error = lowbit[2]
+            plan.reason = f"error budget not met: best {lowbit[1]} has error {lowbit[2]:.3g} > max-error {budget:g}"
+        else:
+            plan.weights, plan.structure, plan.precision, plan.error = lowbit
+        return plan
     if cfg.structure is Structure.AUTO:
         fams = _auto_candidates(cfg, m, n)
         if cfg.max_error is None:       # target-size only: the cheapest Monarch/chain
@@ -217,6 +252,11 @@ def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=No
         return plan
     seen = [None]
     found = []
+    if lowbit is not None:
+        if lowbit[0] is not None:
+            found = [lowbit]
+        else:
+            seen[0] = (lowbit[2], lowbit[1])
     method = cfg.quant_method.value
     for fam in AUTO_STRUCTURES + tuple(s.value for s in Structure):
         cands = fams.pop(fam, [])
@@ -233,7 +273,8 @@ def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=No
         return plan
     if found:
         plan.weights, plan.structure, plan.precision, plan.error = found[0]
-        if cfg.reconstruct and gram is not None and plan.precision not in ("fp32", "fp16"):
+        if cfg.reconstruct and gram is not None and plan.precision not in ("fp32", "fp16") \
+                and plan.structure != "rotated":
             _reconstruct(plan, w, gram, score, cfg)
         return plan
     plan.error = seen[0][0]
@@ -257,9 +298,16 @@ def _match(names, patterns):
 
 
 def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | None = None,
-               on_event=None, model_bytes: int | None = None, precisions=None) -> list[LayerPlan]:
+               on_event=None, model_bytes: int | None = None, precisions=None, opset: int = 21) -> list[LayerPlan]:
     """One LayerPlan per site, in the order of ``sites`` (largest weights are planned first)."""
     plans = {}
+    bits, lowbit_why = _lowbit_bits(cfg, target, opset)
+    rots = {}
+    if bits:
+        todo = [s for s in sites if s.eligible and s.weight.size >= cfg.min_size
+                and not (cfg.include and not _match([nd.name for nd in s.nodes], cfg.include))
+                and not (cfg.exclude and _match([nd.name for nd in s.nodes], cfg.exclude))]
+        rots = lowbit_plan.rotations(todo, stats, cfg, target, max(bits))
     order = sorted(range(len(sites)), key=lambda i: -(sites[i].weight.size if sites[i].weight is not None else 0))
     total = model_bytes if model_bytes is not None else sum(s.weight.nbytes for s in sites if s.weight is not None)
     for done, i in enumerate(order, 1):
@@ -275,20 +323,25 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
             plans[i] = LayerPlan(site, reason=f"too small ({site.weight.size} weights < min-size {cfg.min_size})")
         elif cfg.target_size is not None and total <= cfg.target_size:
             plans[i] = LayerPlan(site, reason=f"target size {cfg.target_size} bytes already reached")
+        elif cfg.structure is Structure.ROTATED and lowbit_why is not None:
+            plans[i] = LayerPlan(site, reason=lowbit_why)
         else:
             plans[i] = plan_site(site, cfg, target, None if stats is None else stats.get(site.weight_name),
-                                 precisions)
+                                 precisions, rots.get(site.weight_name), bits)
             if plans[i].rewritten:
                 total -= plans[i].bytes_before - plans[i].bytes_after
         if on_event is not None:
             on_event(LayerPlanned(site.name, plans[i].rewritten, done, len(sites)))
-    return [plans[i] for i in range(len(sites))]
+    out = [plans[i] for i in range(len(sites))]
+    lowbit_plan.assign_rotation_owners(out)
+    return out
 
 
 class Plan(GraphPass):
     contract = Contract.of(requires={"sites", "calibration"}, ensures={"plans"})
 
     def run(self, state) -> PassResult:
+        from bfc.passes.load import default_opset
         state.plans = plan_sites(state.sites, state.config, state.target, state.stats, state.emit,
-                                 state.model_bytes, state.precisions or None)
+                                 state.model_bytes, state.precisions or None, default_opset(state.model))
         return PassResult(changed=False, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})

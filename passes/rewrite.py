@@ -1,6 +1,6 @@
 """Rewrite: every planned layer's nodes are replaced by what the target emits.
 
-Requires: plans, guarded.  Ensures: rewritten.  In place (``state.graph``).
+Requires: plans, guarded, distilled.  Ensures: rewritten.  In place (``state.graph``).
 Matches: the nodes of every rewritten ``LayerPlan`` (MatMul ``y = x @ W``, x of any
 rank [..., M]; Gemm ``y = alpha * op(A) @ W + beta * C``).
 Algebra, the same for every target:
@@ -13,6 +13,10 @@ y = W @ x sites (``trans_out``) compute y^T = x^T W^T: one Transpose in, one out
 Nodes inside If/Loop/Scan bodies are rewritten in the body that holds them (the
 builder appends there).  The constants of a weight group are created once per graph
 holding its nodes and shared by those nodes.
+Rotated low-bit layers (``family`` "rotated"): T = target.emit_rotated, and x Q is
+emitted once per graph, input tensor x and rotation Q (``target.rotate``) and shared by
+every layer reading x with that Q (Q, K, V projections); the rotation's bytes are counted
+by the first rewritten layer of its group.
 Each plan's note is prefixed with its site's note (folded weight chain, dequantized
 weight, planned without calibration), so the report says how the weight was found.
 """
@@ -28,9 +32,9 @@ from bfc.passes.load import default_opset
 from bfc.quant.formats import format_of_dtype
 
 
-def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank) -> None:
+def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank, rotated=None) -> None:
     node, q = sn.node, plan.weights
-    n_out = q.chain.shape[1]
+    n_out = plan.site.weight.shape[1]
     model_dtype = np.dtype(plan.site.weight.dtype)
     x, y = node.inputs[1 if sn.trans_out else 0], node.outputs[0]
     c = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name else None
@@ -48,7 +52,16 @@ def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank) -> None:
             and np.asarray(c.values).size == n_out and np.asarray(c.values).ndim <= 2):
         bias = b.const("bias", (np.asarray(c.values, np.float64).reshape(n_out) * sn.beta).astype(b.dtype))
         c = None
-    out = target.emit(b, x, rank, tensors, q, bias)
+    if getattr(q, "family", "ks") == "rotated":
+        key = (id(b.graph), x.name, id(q.rotation), rank)
+
+        def shared_xq():
+            if key not in rotated:
+                rotated[key] = target.rotate(b, x, rank, q.rotation)
+            return rotated[key]
+        out = target.emit_rotated(b, x, rank, tensors, q, bias, shared_xq)
+    else:
+        out = target.emit(b, x, rank, tensors, q, bias)
     if low_rank is not None:
         u, vt = low_rank
         out = b.op("Add", [out, b.op("MatMul", [b.op("MatMul", [x, u]), vt])])
@@ -74,6 +87,7 @@ def rewrite(graph: gs.Graph, plans, target, opset: int = 21) -> int:
     """Rewrite every planned layer of ``graph`` (and of its subgraphs) with ``target``; returns the
     number of nodes rewritten."""
     done = 0
+    rotated: dict = {}          # (graph, input tensor, rotation, rank) -> x Q, shared by the layers reading it
     for li, plan in enumerate(plans):
         if not plan.rewritten:
             continue
@@ -91,7 +105,7 @@ def rewrite(graph: gs.Graph, plans, target, opset: int = 21) -> int:
                 b.const("U", q.low_rank[0].astype(dtype)),
                 b.const("Vt", np.ascontiguousarray(q.low_rank[1].T).astype(dtype)))
             for sn in nodes:
-                _rewrite_node(b, sn, plan, target, tensors, low_rank)
+                _rewrite_node(b, sn, plan, target, tensors, low_rank, rotated)
                 done += 1
     graph.cleanup().toposort()
     return done
@@ -105,9 +119,11 @@ def _with_site_notes(plans) -> None:
 
 
 class Rewrite(GraphPass):
-    contract = Contract.of(requires={"plans", "guarded"}, ensures={"rewritten"}, in_place=True)
+    contract = Contract.of(requires={"plans", "guarded", "distilled"}, ensures={"rewritten"}, in_place=True)
 
     def run(self, state) -> PassResult:
         _with_site_notes(state.plans)
+        from bfc.passes.lowbit_plan import assign_rotation_owners
+        assign_rotation_owners(state.plans)       # the guard may have backed off a rotation's first user
         done = rewrite(state.graph, state.plans, state.target, default_opset(state.model))
         return PassResult(changed=done > 0, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})

@@ -123,10 +123,11 @@ class GroupQuantized:
 
     @property
     def nbytes(self) -> int:
-        """Packed codes + scales + packed zero points."""
+        """Packed codes + scales + packed zero points; a last, shorter group is stored padded to
+        ``group_size`` rows (as MatMulNBits and bfc's graphs store it)."""
         k, n = self.shape
         zp = 0 if self.zero_points is None else packed_nbytes(self.zero_points.size, self.bits)
-        return packed_nbytes(k * n, self.bits) + self.scales.nbytes + zp
+        return packed_nbytes(self.n_groups * self.group_size * n, self.bits) + self.scales.nbytes + zp
 
     def pack(self) -> PackedGroups:
         """Bit-packed storage: codes in column-major order (each column's K codes contiguous)."""

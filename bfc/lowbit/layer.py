@@ -37,6 +37,10 @@ class RotatedLayer:
     rotation: ButterflyRotation | None      # None = identity
     weight: GroupQuantized                  # quantized Q^T W
     correction: LowRankCorrection | None
+    owns_rotation: bool = True              # False: another layer reading the same tensor stores Q
+
+    family = "rotated"                      # the planner's layer protocol (KS layers: "ks")
+    low_rank = None                         # no float32 residual (the correction is part of apply)
 
     def apply(self, x) -> np.ndarray:
         """``(x Q) deq(Q^T W) + (x U) V^T`` in float64."""
@@ -58,12 +62,31 @@ class RotatedLayer:
 
     @property
     def rotation_nbytes(self) -> int:
-        """fp32 values of the rotation chain (shared by every layer reading the same input)."""
-        return 0 if self.rotation is None else 4 * self.rotation.chain.nnz
+        """Stored values of the rotation chain (shared by every layer reading the same input:
+        counted by the layer that ``owns_rotation`` only)."""
+        return 0 if self.rotation is None or not self.owns_rotation else self.rotation.nbytes
 
     @property
     def nbytes(self) -> int:
         return self.weight_nbytes + self.rotation_nbytes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    @property
+    def n_params(self) -> int:
+        """Stored numbers: weight codes, the correction's factors, the rotation when owned."""
+        k, n = self.shape
+        r = 0 if self.correction is None else self.correction.rank * (k + n)
+        return k * n + r + (0 if self.rotation is None or not self.owns_rotation else self.rotation.n_params)
+
+    @property
+    def flops_per_row(self) -> int:
+        """Multiply-adds (x2) per input row: rotation chain, weight, correction."""
+        k, n = self.shape
+        r = 0 if self.correction is None else self.correction.rank * (k + n)
+        return 2 * (k * n + r + (0 if self.rotation is None else self.rotation.n_params))
 
     def error(self, w, gram=None) -> float:
         """``||X (W - W_hat)|| / ||X W||`` (relative Frobenius without a Gram)."""
@@ -78,8 +101,11 @@ def rotated_gram(rotation: ButterflyRotation, gram) -> np.ndarray:
 def rotate_quantize(w, gram=None, bits: int = 4, group_size: int | None = 64, symmetric: bool = True,
                     learn: bool = False, gptq: bool = True, correction_rank: int = 0, seed: int = 0,
                     rotate: bool = True, scale_dtype: str = "float16", learn_steps: int = 100,
-                    damp: float = 0.01) -> RotatedLayer:
-    """Rotate, quantize (and correct) W (K, N) for ``y = x @ W``; ``gram = X^T X`` (K, K)."""
+                    damp: float = 0.01, rotation: ButterflyRotation | None = None) -> RotatedLayer:
+    """Rotate, quantize (and correct) W (K, N) for ``y = x @ W``; ``gram = X^T X`` (K, K).
+
+    ``rotation``: use this Q (e.g. one shared by every layer reading the same tensor) instead of
+    building (and learning) one."""
     w = np.asarray(w, dtype=np.float64)
     if w.ndim != 2 or not np.isfinite(w).all():
         raise InvalidInputError(f"expected a finite 2-D weight (K, N), got shape {w.shape}")
@@ -89,8 +115,10 @@ def rotate_quantize(w, gram=None, bits: int = 4, group_size: int | None = 64, sy
         if gram.shape != (k, k):
             raise InvalidInputError(f"Gram of shape {gram.shape} does not match W with K={k} rows")
     fmt = LowBitFormat(bits, group_size, symmetric, scale_dtype)
-    rot = None
-    if rotate:
+    rot = rotation
+    if rot is not None and rot.size != k:
+        raise InvalidInputError(f"rotation of size {rot.size} does not match W with K={k} rows")
+    if rotate and rot is None:
         rot = ButterflyRotation.hadamard_like(k, seed)
         if learn:
             from bfc.lowbit.rotation_learn import learn_rotation

@@ -105,6 +105,7 @@ class ButterflyRotation:
     chain: Chain
     values: tuple[np.ndarray, ...]
     params: RotationParams | None = None
+    storage: str = "float32"      # how a graph stores the values ("float16": 2 bytes each, Cast at load)
 
     @classmethod
     def from_params(cls, params: RotationParams) -> ButterflyRotation:
@@ -141,3 +142,18 @@ class ButterflyRotation:
     @property
     def n_params(self) -> int:
         return self.chain.nnz
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored values (``storage``)."""
+        return np.dtype(self.storage).itemsize * self.chain.nnz
+
+    def stored_as(self, storage: str) -> ButterflyRotation:
+        """The rotation whose values are rounded to ``storage`` (float16 or float32), as a graph holds
+        them; float16 rounding leaves Q orthogonal to ~1e-3, and every user of the returned rotation
+        (``rotate_weight``, ``apply``) sees exactly the stored numbers."""
+        dt = np.dtype(storage)
+        if dt not in (np.float16, np.float32):
+            raise InvalidInputError(f"rotation storage {storage!r}: allowed float16, float32")
+        vals = tuple(np.asarray(v, dt).astype(np.float64) for v in self.values)
+        return ButterflyRotation(self.chain, vals, self.params, dt.name)

@@ -23,10 +23,19 @@ _REGISTRY: dict[str, "Target"] = {}
 
 
 class Target:
-    """Base class.  A layer is ``y = x @ W_hat (+ bias)`` with ``W_hat`` a ``QuantizedFactorization``."""
+    """Base class.  A layer is ``y = x @ W_hat (+ bias)`` with ``W_hat`` a ``QuantizedFactorization``
+    (``family`` "ks") or a ``bfc.lowbit.RotatedLayer`` (``family`` "rotated"): ``tensors``, ``emit`` and
+    ``simulate`` dispatch on the layer's family; a target that cannot emit a family says why in
+    ``lowbit_support`` and the planner skips it."""
     name: str = ""
     summary: str = ""
     min_opset: int = 13
+    rotation_storage: str = "float16"     # how the rotation chain's values are stored
+    lowbit_scale_dtype: str = "float16"   # type of the group scales of rotated layers
+
+    def lowbit_support(self, bits: int, opset: int) -> str | None:
+        """Why this target cannot emit a rotated layer of ``bits`` at ``opset`` (None: it can)."""
+        return f"target {self.name} cannot emit rotated low-bit layers; use --target portable or ort"
 
     def compute_dtype(self, model_dtype: np.dtype) -> np.dtype:
         """Float type the emitted layer computes in (the rewrite casts around it when it differs)."""
@@ -48,6 +57,15 @@ class Target:
     def emit(self, b, x: gs.Variable, rank: int | None, tensors, q: QuantizedFactorization,
              bias: gs.Constant | None) -> gs.Variable:
         """Nodes computing ``x @ W_hat (+ bias)`` for ``x`` of shape [..., M] (``rank`` if known)."""
+        raise NotImplementedError
+
+    def rotate(self, b, x: gs.Variable, rank: int | None, rotation) -> gs.Variable:
+        """Nodes computing ``x Q`` as a 2-D (rows, K) tensor (the rewrite shares it among the layers
+        reading ``x`` with the same Q)."""
+        raise NotImplementedError
+
+    def emit_rotated(self, b, x: gs.Variable, rank: int | None, tensors, layer, bias, rotated) -> gs.Variable:
+        """Nodes computing ``layer.apply(x) (+ bias)``; ``rotated()`` returns the shared ``x Q`` (2-D)."""
         raise NotImplementedError
 
 

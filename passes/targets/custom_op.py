@@ -37,8 +37,12 @@ class CustomOp(Target):
             return f"{fmt.name} initializers need ONNX opset >= 19 (IR 9 float8 types)"
         return None
 
+    def lowbit_support(self, bits, opset):
+        return ("the custom-op target cannot emit rotated low-bit layers yet (no ai.bfc kernel for them); "
+                "use --target ort or portable")
+
     def simulate(self, q):
-        if q.fmt != "int8":
+        if getattr(q, "fmt", None) != "int8":
             return None
         factors = [t for f in q.factors for t in (f.values, f.scale)]
         in_perm, out_perm = _perms(q)

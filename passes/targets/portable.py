@@ -21,6 +21,10 @@ view then a Reshape): the same numbers as opset 21's blocked form over (a*d, c, 
 block_size b, but onnxruntime runs it ~7x faster and it needs only opset 13 (fp8: 19);
 fp16 values are Cast to the model's float type; fp32 values are plain initializers.
 Numerics: the float product of the dequantized factors (``q.apply``), in the model's type.
+Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, opset >= 18): x Q by the chain code above
+(fp16 values Cast to float), then MatMul with the weight unpacked in-graph from b-bit packed
+codes and fp16 group scales, + the int8 correction (``bfc.passes.lowbit_emit``); the float
+function ``layer.apply``.
 """
 from __future__ import annotations
 
@@ -93,8 +97,32 @@ class Portable(Target):
             return f"{fmt.name} weights need ONNX opset >= 19 (DequantizeLinear-19)"
         return None
 
-    def tensors(self, b, q):
+    def lowbit_support(self, bits, opset):
+        from bfc.passes.lowbit_emit import UNPACK_OPSET
+        if opset < UNPACK_OPSET:
+            return (f"rotated low-bit layers need ONNX opset >= {UNPACK_OPSET} on the portable target (in-graph "
+                    f"unpacking of the packed codes), the model has {opset}; convert the model or use --target ort")
+        return None
+
+    @staticmethod
+    def factor_tensors(b, q):
         return [_factor_weight(b, q, l) for l in range(len(q.chain))]
+
+    def tensors(self, b, q):
+        if getattr(q, "family", "ks") == "rotated":
+            from bfc.passes.lowbit_emit import correction_tensors, unpacked_weight
+            return unpacked_weight(b, q.weight), correction_tensors(b, q.correction)
+        return self.factor_tensors(b, q)
+
+    def rotate(self, b, x, rank, rotation):
+        from bfc.passes.lowbit_emit import rotate
+        return rotate(b, x, rank, rotation)
+
+    def emit_rotated(self, b, x, rank, tensors, layer, bias, rotated):
+        from bfc.passes.lowbit_emit import finish
+        w, corr = tensors
+        x2 = rotated() if layer.rotation is not None else (b.reshape(x, [-1, layer.shape[0]]) if rank != 2 else x)
+        return finish(b, x, rank, layer, b.op("MatMul", [x2, w]), corr, bias)
 
     def emit(self, b, x, rank, tensors, q, bias):
         m, n = q.chain.shape
