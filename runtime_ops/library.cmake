@@ -28,6 +28,15 @@ if(_bfc_proc MATCHES "^(x86_64|amd64|x64|i[3-6]86)$" AND CMAKE_CXX_COMPILER_ID M
   set_source_files_properties("${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx2.cc"
     PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
   target_compile_definitions(bfc_ks_kernels PUBLIC BFC_HAVE_AVX2=1)
+  # AVX-512 VNNI int8 kernels: only this file gets the AVX-512 flags; dispatched by cpuid.
+  include(CheckCXXCompilerFlag)
+  check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512vnni" BFC_CXX_HAS_AVX512VNNI)
+  if(BFC_CXX_HAS_AVX512VNNI)
+    target_sources(bfc_ks_kernels PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512.cc")
+    set_source_files_properties("${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512.cc"
+      PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni")
+    target_compile_definitions(bfc_ks_kernels PUBLIC BFC_HAVE_AVX512=1)
+  endif()
 endif()
 
 add_library(bfc_ops MODULE "${CMAKE_CURRENT_LIST_DIR}/ort/ks_matmul_op.cc")

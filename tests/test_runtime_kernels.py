@@ -37,7 +37,32 @@ FLOAT_REL_TOL = 2e-5        # fp32/fp16/fp8 paths vs float64 reference of the sa
 INT8_EMULATED_SQNR_DB = 50  # int8 path vs reference emulating its per-row activation quantization
 INT8_VS_FLOAT_SQNR_DB = 25  # int8 path vs the unquantized-activation reference (quantization noise)
 
-ISAS = ["portable"] + (["avx2"] if os.uname().machine in ("x86_64", "AMD64") else [])
+
+def _supported_isas() -> list[str]:
+    """Kernel ISAs this build and CPU run (asked from the library: BfcKsIsa)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(str(runtime.library_path())).BfcKsIsa
+    except (OSError, AttributeError, Exception):
+        return ["portable"] + (["avx2"] if os.uname().machine in ("x86_64", "AMD64") else [])
+    fn.restype = ctypes.c_char_p
+    old = os.environ.get("BFC_KS_ISA")
+    out = []
+    try:
+        for isa in ("portable", "avx2", "avx512"):
+            os.environ["BFC_KS_ISA"] = isa
+            if fn() == isa.encode():
+                out.append(isa)
+    finally:
+        if old is None:
+            os.environ.pop("BFC_KS_ISA", None)
+        else:
+            os.environ["BFC_KS_ISA"] = old
+    return out
+
+
+ISAS = _supported_isas() if runtime.is_available() else ["portable"]
 
 
 def rel(a, b):
@@ -154,22 +179,57 @@ def test_scale_granularities_and_mixed_formats(gran):
           rng.standard_normal((9, 16)).astype(np.float32), ["fp32"])
 
 
-def test_portable_and_avx2_agree():
+ISA_FLOAT_REL_TOL = 1e-6   # float paths: same math, FMA vs separate roundings on the portable path
+
+
+def _run_isa(model, x, isa, threads=1):
+    os.environ["BFC_KS_ISA"] = isa
+    try:
+        return runtime.session(model, threads=threads).run(None, {"X": x})[0]
+    finally:
+        os.environ.pop("BFC_KS_ISA", None)
+
+
+def test_isas_agree():
+    """Every ISA path against the portable one: int8 bit-identical, float within ISA_FLOAT_REL_TOL."""
     if len(ISAS) < 2:
-        pytest.skip("no AVX2 build on this machine")
+        pytest.skip("only the portable path on this machine")
     rng = np.random.default_rng(11)
     chain = chainable_chain(1536, 384, rank=2, n_factors=3)
     for fmt in ("fp32", "fp8-e4m3", "int8"):
         model, factors, kw = build(chain, fmt, rng)
         x = rng.standard_normal((40, 1536)).astype(np.float32)
-        ys = []
-        for isa in ISAS:
-            os.environ["BFC_KS_ISA"] = isa
-            try:
-                ys.append(runtime.session(model).run(None, {"X": x})[0])
-            finally:
-                os.environ.pop("BFC_KS_ISA", None)
-        assert rel(ys[0], ys[1]) < (1e-3 if fmt == "int8" else 1e-6)
+        ys = {isa: _run_isa(model, x, isa) for isa in ISAS}
+        for isa in ISAS[1:]:
+            if fmt == "int8":
+                np.testing.assert_array_equal(ys[isa], ys["portable"], err_msg=f"int8 {isa} vs portable")
+            else:
+                assert rel(ys[isa], ys["portable"]) < ISA_FLOAT_REL_TOL, (fmt, isa)
+
+
+@pytest.mark.parametrize("shape", [(384, 1536), (1536, 384), (768, 3072), (1024, 1024)])
+def test_int8_monarch_bit_identical_across_isas(shape):
+    """The VNNI (u8 x s8 + offset correction), AVX2 (int16 madd) and portable int8 paths give
+    the same bits on the benchmark's Monarch shapes, incl. -128 weights, outliers, NaN-free
+    zero rows, partial tiles and 2 threads."""
+    if len(ISAS) < 2:
+        pytest.skip("only the portable path on this machine")
+    rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
+    chain = monarch_chain(*shape)
+    vals = [rng.integers(-128, 128, size=v.shape).astype(np.int8) for v in chain.random_values(rng)]
+    scales = [(rng.random((p.a, p.d, 1, p.c)) + 0.5).astype(np.float32) / (127 * np.sqrt(p.b)) for p in chain]
+    model = ops.make_ks_matmul_model(chain, vals, scales, in_perm=rng.permutation(shape[0]),
+                                     out_perm=rng.permutation(shape[1]), bias=rng.standard_normal(shape[1]))
+    for batch in (1, 7, 37, 64):
+        x = rng.standard_normal((batch, shape[0])).astype(np.float32)
+        x[0, :5] *= 100.0          # an outlier row
+        if batch > 2:
+            x[1] = 0.0             # amax = 0
+        ref = _run_isa(model, x, "portable")
+        for isa in ISAS[1:]:
+            for threads in (1, 2):
+                np.testing.assert_array_equal(_run_isa(model, x, isa, threads), ref,
+                                              err_msg=f"{shape} batch {batch} {isa} threads {threads}")
 
 
 def test_shape_inference_keeps_symbolic_dims():

@@ -132,9 +132,44 @@ void pack_factor(const int64_t* pat, const TensorDesc& values, const TensorDesc&
       }
 }
 
+// VNNI layout of a big-block int8 factor (see Factor::wv), from the int16 pairs and the
+// epilogue scales pack_factor already holds.
+void pack_vnni(const TensorDesc& values, Factor* f) {
+  const int64_t a = f->a, b = f->b, c = f->c, d = f->d;
+  const int8_t* v = static_cast<const int8_t*>(values.data);  // (a, d, b, c), dtype checked
+  int mrv = 16;
+  int64_t best = (c + 15) / 16 * 16 - c;
+  for (int m : {12, 8, 4}) {
+    const int64_t waste = (c + m - 1) / m * m - c;
+    if (waste < best) best = waste, mrv = m;
+  }
+  f->mrv = mrv;
+  f->nktv = (c + mrv - 1) / mrv;
+  f->b4 = (b + 3) / 4;
+  const int64_t ntile = a * d * f->nktv;
+  f->wv.assign(size_t(ntile * f->b4 * mrv * 4), 0);
+  f->corr.assign(size_t(ntile * mrv), 0);
+  f->scv.assign(size_t(ntile * mrv), 0.f);
+  for (int64_t blk = 0; blk < a * d; ++blk)
+    for (int64_t k = 0; k < c; ++k) {
+      const int64_t kt = k / mrv, r = k % mrv, tile = blk * f->nktv + kt;
+      // sc is laid out with mr rows per tile (pack_factor)
+      f->scv[size_t(tile * mrv + r)] = f->sc[size_t((blk * f->nkt + k / f->mr) * f->mr + k % f->mr)];
+      int32_t sum = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const int8_t w = v[(blk * b + j) * c + k];
+        sum += w;
+        f->wv[size_t(((tile * f->b4 + j / 4) * mrv + r) * 4 + j % 4)] = w;
+      }
+      f->corr[size_t(tile * mrv + r)] = 128 * sum;  // |sum| <= 2^16 * 128: no overflow
+    }
+  f->wq.clear();
+  f->wq.shrink_to_fit();
+}
+
 }  // namespace
 
-const char* isa_name(int isa) { return isa == 1 ? "avx2" : "portable"; }
+const char* isa_name(int isa) { return isa == 2 ? "avx512" : isa == 1 ? "avx2" : "portable"; }
 
 bool cpu_has_avx2() {
 #if defined(BFC_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -145,25 +180,49 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512vnni() {
+#if defined(BFC_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  // libgcc's feature bits include the OS check (XCR0 enables the opmask / zmm state)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+int resolve_isa(const char* isa_override, std::string* err) {
+  const std::string isa = isa_override ? isa_override : "";
+  if (isa.empty() || isa == "auto") return cpu_has_avx512vnni() ? 2 : cpu_has_avx2() ? 1 : 0;
+  if (isa == "portable") return 0;
+  if (isa == "avx2") {
+    if (cpu_has_avx2()) return 1;
+    *err = "KSMatMul: BFC_KS_ISA=avx2 was requested but this build or CPU has no AVX2/FMA";
+    return -1;
+  }
+  if (isa == "avx512") {
+    if (cpu_has_avx512vnni()) return 2;
+    *err = "KSMatMul: BFC_KS_ISA=avx512 was requested but this build or CPU has no AVX-512 F/BW/VL + VNNI";
+    return -1;
+  }
+  *err = "KSMatMul: BFC_KS_ISA must be auto, portable, avx2 or avx512, got '" + isa + "'";
+  return -1;
+}
+
 std::string build_plan(const NodeDesc& n, const char* isa_override, Plan* plan) {
   ChainDims dims;
   std::string e = validate_node(n, true, &dims);
   if (!e.empty()) return e;
-  const std::string isa = isa_override ? isa_override : "";
-  if (isa.empty() || isa == "auto") {
-    plan->isa = cpu_has_avx2() ? 1 : 0;
-  } else if (isa == "portable") {
-    plan->isa = 0;
-  } else if (isa == "avx2") {
-    if (!cpu_has_avx2()) return "KSMatMul: BFC_KS_ISA=avx2 was requested but this build or CPU has no AVX2/FMA";
-    plan->isa = 1;
-  } else {
-    return "KSMatMul: BFC_KS_ISA must be auto, portable or avx2, got '" + isa + "'";
-  }
+  plan->isa = resolve_isa(isa_override, &e);
+  if (plan->isa < 0) return e;
   const size_t L = n.patterns.size() / 4;
   plan->M = dims.M, plan->N = dims.N;
   plan->factors.assign(L, Factor());
-  for (size_t l = 0; l < L; ++l) pack_factor(&n.patterns[4 * l], n.factors[2 * l], n.factors[2 * l + 1], &plan->factors[l]);
+  for (size_t l = 0; l < L; ++l) {
+    Factor& f = plan->factors[l];
+    pack_factor(&n.patterns[4 * l], n.factors[2 * l], n.factors[2 * l + 1], &f);
+    if (plan->isa == 2 && f.path == Path::I8 && !f.small) pack_vnni(n.factors[2 * l], &f);
+  }
   // block-major storage order of every factor input (see ks_chain.h): feature
   // i*b*d + j*d + l of factor f lives in row (i*d + l)*b + j
   auto block_row = [](const Factor& f, int64_t feat) {
@@ -396,6 +455,7 @@ bool run(ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_t n, Exec*
 
 // Bytes of packed weights per (i, l) block.
 size_t block_bytes(const Factor& f) {
+  if (!f.wv.empty()) return size_t(f.nktv) * size_t(f.mrv) * (size_t(f.b4) * 4 + 8);
   const size_t per = size_t(f.nkt) * size_t(f.mr);
   switch (f.path) {
     case Path::F32: return per * size_t(f.b) * 4;
@@ -416,6 +476,9 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   Exec e{};
   e.plan = &plan;
   e.T =
+#if defined(BFC_HAVE_AVX512)
+      plan.isa == 2 ? &avx512_table() :
+#endif
 #if defined(BFC_HAVE_AVX2)
       plan.isa == 1 ? &avx2_table() :
 #endif

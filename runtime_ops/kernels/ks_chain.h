@@ -56,6 +56,16 @@ struct Factor {
   std::vector<int16_t> wq;
   // FP8 / I8 epilogue scale: sc[((i*d + l)*nkt + kt)*mr + r]
   std::vector<float> sc;
+  // I8 on AVX-512 VNNI (Plan::isa == 2, big blocks only; see ks_layers_avx512.cc): register
+  // tiles of mrv in {4, 8, 12, 16} outputs, inputs in groups of 4 (b4 = ceil(b / 4)):
+  // wv[((tile*b4 + j4)*mrv + r)*4 + t] = V[i, l, 4*j4 + t, kt*mrv + r] (0 past b), tile =
+  // (i*d + l)*nktv + kt; corr[tile*mrv + r] = 128 * sum_j V[i, l, j, k] (the u8 offset);
+  // scv[tile*mrv + r] the epilogue scale.
+  int mrv = 0;
+  int64_t nktv = 0, b4 = 0;
+  std::vector<int8_t> wv;
+  std::vector<int32_t> corr;
+  std::vector<float> scv;
   // Storage row of output feature o = i*c*d + k*d + l in the next buffer: the next
   // factor's block-major row ((i'*d' + l')*b' + j'), or o itself after the last factor.
   std::vector<int32_t> out_row;
@@ -86,7 +96,7 @@ struct Plan {
   std::vector<int32_t> scatter_row;  // final-buffer row of Y column o (out_perm folded in)
   size_t df_start = 0;            // first factor of the depth-first small-block tail (L = none)
   int64_t df_group_rows = 0;      // largest per-group activation (features) inside that tail
-  int isa = 0;                    // 0 portable, 1 avx2
+  int isa = 0;                    // 0 portable, 1 avx2, 2 avx512 (VNNI int8 + AVX2 for the rest)
   mutable std::mutex scratch_mu;  // guards scratch (concurrent runs fall back to a private buffer)
   mutable ScratchBuf scratch;
 };
@@ -111,8 +121,11 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
 
 const char* isa_name(int isa);
 bool cpu_has_avx2();
+bool cpu_has_avx512vnni();  // AVX-512 F/BW/VL + VNNI (and AVX2/FMA for the shared kernels)
+// the ISA build_plan picks for BFC_KS_ISA = isa_override (null/"auto": the best this CPU runs)
+int resolve_isa(const char* isa_override, std::string* err);
 
-// ---- per-ISA layer kernels (implemented twice: portable and AVX2) ----------------------
+// ---- per-ISA layer kernels (portable, AVX2; AVX-512 VNNI replaces the int8 big-block ones) ----------------------
 struct LayerTable {
   // f32 / fp8 / i8 compute the (i, l) blocks blk in [blk0, blk1), blk = i*d + l, of one tile
   void (*f32)(const Factor& f, const float* in, float* out, int nb, int64_t blk0, int64_t blk1);
@@ -146,6 +159,9 @@ struct LayerTable {
 const LayerTable& portable_table();
 #if defined(BFC_HAVE_AVX2)
 const LayerTable& avx2_table();
+#endif
+#if defined(BFC_HAVE_AVX512)
+const LayerTable& avx512_table();
 #endif
 
 }  // namespace ks

@@ -372,3 +372,12 @@ extern "C" BFC_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, c
   }
   return api.AddCustomOpDomain(options, domain);
 }
+
+// The kernel ISA a KSMatMul node created now would run: BFC_KS_ISA (auto / portable / avx2 /
+// avx512) resolved against this build and CPU; "" with an invalid or unsupported request.
+// For reports and tests (ctypes), not used by onnxruntime.
+extern "C" BFC_EXPORT const char* BfcKsIsa(void) {
+  std::string err;
+  const int isa = bfc::ks::resolve_isa(std::getenv("BFC_KS_ISA"), &err);
+  return isa < 0 ? "" : bfc::ks::isa_name(isa);
+}

@@ -76,7 +76,7 @@ Case make_case(const std::vector<Pattern>& pats, int dtype, uint32_t seed, bool 
       }
     } else if (dtype == kTypeInt8) {
       v.resize(size_t(nnz));
-      for (auto& x : v) x = uint8_t(int8_t(int(rng() % 255) - 127));
+      for (auto& x : v) x = uint8_t(int8_t(int(rng() % 256) - 128));  // -128 included
     } else {  // e4m3fn: any byte but NaN (S.1111.111)
       v.resize(size_t(nnz));
       for (auto& x : v) {
@@ -189,6 +189,7 @@ void test_chain(const char* name, const std::vector<Pattern>& pats, uint32_t see
   const int dtypes[] = {kTypeFloat, kTypeInt8, kTypeF8E4M3FN};
   std::vector<const char*> isas = {"portable"};
   if (cpu_has_avx2()) isas.push_back("avx2");
+  if (cpu_has_avx512vnni()) isas.push_back("avx512");
   for (int dtype : dtypes) {
     for (bool perms : {false, true}) {
       const Case c = make_case(pats, dtype, seed + uint32_t(dtype) * 7 + perms, perms);
@@ -358,6 +359,9 @@ int main() {
   test_chain("odd30x28", {{3, 5, 7, 2}, {7, 6, 4, 1}}, 40);
   test_chain("big_small_big", {{1, 16, 16, 8}, {16, 2, 2, 4}, {32, 2, 2, 2}, {64, 2, 2, 1}, {8, 16, 16, 1}}, 50);
   test_chain("small_then_big", {{1, 2, 2, 64}, {2, 2, 2, 32}, {4, 32, 8, 1}}, 60);
+  // VNNI edges: b not a multiple of 4, c not a multiple of the tile rows (mrv 4..16), b < 4 < c
+  test_chain("vnni_edges", {{2, 13, 20, 3}, {4, 15, 9, 2}, {8, 9, 33, 1}}, 70);
+  test_chain("narrow_wide", {{2, 3, 40, 1}, {5, 16, 4, 1}}, 80);
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,235 @@
+// AVX-512 VNNI int8 kernels.  This translation unit alone is compiled with
+// -mavx512f -mavx512bw -mavx512vl -mavx512vnni; it is only called after a run-time CPU
+// check (cpu_has_avx512vnni()).  Float32 / fp8 factors and the small-block kernels reuse
+// the AVX2 table (16-wide float FMAs would give the same bits, they are not the bottleneck).
+//
+// int8 big-block factors (vpdpbusd, u8 x s8 -> s32):
+//   activations: q = rint(clip(h * 127/amax, -127, 127)) exactly as the other paths, stored
+//     as the byte u = q + 128 in groups of 4 consecutive block inputs j = 4*j4 + t:
+//     q8[((blk*b4 + j4)*NB + n)*4 + t]  (one 64-byte line = 16 batch columns x 4 inputs);
+//     inputs j >= b are padded with u = 128 (q = 0).
+//   weights: Factor::wv[((tile*b4 + j4)*mrv + r)*4 + t] = V[i, l, 4*j4 + t, kt*mrv + r]
+//     (0 for j >= b), packed once at kernel creation.
+//   sum_j u_j w_j = sum_j q_j w_j + 128 * sum_j w_j: Factor::corr holds 128 * sum_j w_j per
+//     output, subtracted before the conversion.  The sum is exact in int32 (modular wrap of
+//     vpdpbusd cancels: the true result |sum q w| <= 65536*127*128 < 2^31), so acc equals the
+//     other paths' int32 accumulator bit for bit, and the epilogue
+//     (float(acc) * colscale) * scale is the same two roundings in the same order.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "ks_chain.h"
+#include "ks_tile.h"
+
+// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*()
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace bfc {
+namespace ks {
+namespace {
+
+// f(Int<MRV>{}) for the VNNI register-tile rows Factor::mrv in {4, 8, 12, 16}
+template <class F>
+inline void with_mrv(int mrv, F&& f) {
+  switch (mrv) {
+    case 4: f(Int<4>{}); break;
+    case 8: f(Int<8>{}); break;
+    case 12: f(Int<12>{}); break;
+    default: f(Int<16>{}); break;
+  }
+}
+
+// NB = 16: zmm (16 int32 lanes = 16 batch columns); NB = 8: ymm (AVX512VL)
+template <int MRV>
+void i8_16(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
+  constexpr int NB = 16;
+  const int64_t b4 = f.b4, c = f.c, d = f.d, nkt = f.nktv;
+  const __m512 cs = _mm512_loadu_ps(colscale);
+  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
+    const int64_t i = blk_il / d, l = blk_il % d;
+    const uint8_t* xb = q + blk_il * b4 * NB * 4;
+    const int32_t* orow = f.out_row.data() + i * c * d + l;
+    const int64_t blk = blk_il * nkt;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      __m512i acc[MRV];
+#pragma GCC unroll 16
+      for (int r = 0; r < MRV; ++r) acc[r] = _mm512_setzero_si512();
+      const int8_t* w = f.wv.data() + (blk + kt) * b4 * MRV * 4;
+      const uint8_t* xr = xb;
+      for (int64_t j4 = 0; j4 < b4; ++j4, xr += 4 * NB, w += 4 * MRV) {
+        const __m512i xv = _mm512_load_si512(reinterpret_cast<const void*>(xr));
+#pragma GCC unroll 16
+        for (int r = 0; r < MRV; ++r) {
+          int32_t quad;
+          std::memcpy(&quad, w + 4 * r, 4);
+          acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_set1_epi32(quad));
+        }
+      }
+      const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
+      const float* sc = f.scv.data() + (blk + kt) * MRV;
+      const int32_t* corr = f.corr.data() + (blk + kt) * MRV;
+#pragma GCC unroll 16
+      for (int r = 0; r < MRV; ++r) {
+        if (r < valid) {
+          float* yr = out + int64_t(orow[(kt * MRV + r) * d]) * NB;
+          const __m512i a = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(corr[r]));
+          _mm512_store_ps(yr, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), cs), _mm512_set1_ps(sc[r])));
+        }
+      }
+    }
+  }
+}
+
+template <int MRV>
+void i8_8(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
+  constexpr int NB = 8;
+  const int64_t b4 = f.b4, c = f.c, d = f.d, nkt = f.nktv;
+  const __m256 cs = _mm256_loadu_ps(colscale);
+  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
+    const int64_t i = blk_il / d, l = blk_il % d;
+    const uint8_t* xb = q + blk_il * b4 * NB * 4;
+    const int32_t* orow = f.out_row.data() + i * c * d + l;
+    const int64_t blk = blk_il * nkt;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      __m256i acc[MRV];
+#pragma GCC unroll 16
+      for (int r = 0; r < MRV; ++r) acc[r] = _mm256_setzero_si256();
+      const int8_t* w = f.wv.data() + (blk + kt) * b4 * MRV * 4;
+      const uint8_t* xr = xb;
+      for (int64_t j4 = 0; j4 < b4; ++j4, xr += 4 * NB, w += 4 * MRV) {
+        const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xr));
+#pragma GCC unroll 16
+        for (int r = 0; r < MRV; ++r) {
+          int32_t quad;
+          std::memcpy(&quad, w + 4 * r, 4);
+          acc[r] = _mm256_dpbusd_epi32(acc[r], xv, _mm256_set1_epi32(quad));
+        }
+      }
+      const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
+      const float* sc = f.scv.data() + (blk + kt) * MRV;
+      const int32_t* corr = f.corr.data() + (blk + kt) * MRV;
+#pragma GCC unroll 16
+      for (int r = 0; r < MRV; ++r) {
+        if (r < valid) {
+          float* yr = out + int64_t(orow[(kt * MRV + r) * d]) * NB;
+          const __m256i a = _mm256_sub_epi32(acc[r], _mm256_set1_epi32(corr[r]));
+          _mm256_store_ps(yr, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), cs), _mm256_set1_ps(sc[r])));
+        }
+      }
+    }
+  }
+}
+
+// Per-column amax of the tile (or the max handed over by the previous factor's epilogue,
+// which is the same number), then the u8 quads.  Same float ops as the other paths:
+// v = h * inv, NaN -> 0, clamp to [-127, 127], round half to even.
+template <int NB>
+void quant_t(const Factor& f, const float* in, uint8_t* q, float* colscale) {
+  const int64_t nblk = f.a * f.d, b = f.b, b4 = f.b4, M = f.in_dim();
+  alignas(64) float amax[16], inv[16];
+  if (NB == 16) {
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    int64_t r = 0;
+    for (; r + 2 <= M; r += 2) {
+      m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_load_ps(in + r * 16)));
+      m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_load_ps(in + (r + 1) * 16)));
+    }
+    if (r < M) m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_load_ps(in + r * 16)));
+    _mm512_store_ps(amax, _mm512_max_ps(m0, m1));
+  } else {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m0 = _mm256_setzero_ps();
+    for (int64_t r = 0; r < M; ++r) m0 = _mm256_max_ps(m0, _mm256_and_ps(absmask, _mm256_load_ps(in + r * 8)));
+    _mm256_store_ps(amax, m0);
+  }
+  for (int n = 0; n < NB; ++n) int8_column_scale(amax[n], &colscale[n], &inv[n]);
+  if (NB == 16) {
+    const __m512 iv = _mm512_load_ps(inv);
+    const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+    const __m512i off = _mm512_set1_epi32(128);
+    auto qv = [&](const float* p) {
+      // NaN -> 0 first (as the other paths), then clamp
+      __m512 t = _mm512_mul_ps(_mm512_load_ps(p), iv);
+      t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, t, _CMP_ORD_Q), t);
+      t = _mm512_min_ps(hi, _mm512_max_ps(lo, t));
+      return _mm512_add_epi32(_mm512_cvtps_epi32(t), off);  // round to nearest even (MXCSR default)
+    };
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const float* x = in + blk * b * 16;
+      uint8_t* qb = q + blk * b4 * 64;
+      int64_t j4 = 0;
+      for (; 4 * j4 + 4 <= b; ++j4) {
+        const float* p = x + 4 * j4 * 16;
+        const __m512i u = _mm512_or_si512(
+            _mm512_or_si512(qv(p), _mm512_slli_epi32(qv(p + 16), 8)),
+            _mm512_or_si512(_mm512_slli_epi32(qv(p + 32), 16), _mm512_slli_epi32(qv(p + 48), 24)));
+        _mm512_store_si512(reinterpret_cast<void*>(qb + j4 * 64), u);
+      }
+      if (j4 < b4) {
+        __m512i u = _mm512_setzero_si512();
+        for (int t = 0; t < 4; ++t) {
+          const __m512i v = 4 * j4 + t < b ? qv(x + (4 * j4 + t) * 16) : off;
+          u = _mm512_or_si512(u, _mm512_sllv_epi32(v, _mm512_set1_epi32(8 * t)));
+        }
+        _mm512_store_si512(reinterpret_cast<void*>(qb + j4 * 64), u);
+      }
+    }
+  } else {
+    const __m256 iv = _mm256_load_ps(inv);
+    const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+    const __m256i off = _mm256_set1_epi32(128);
+    auto qv = [&](const float* p) {
+      __m256 t = _mm256_mul_ps(_mm256_load_ps(p), iv);
+      t = _mm256_and_ps(t, _mm256_cmp_ps(t, t, _CMP_ORD_Q));
+      t = _mm256_min_ps(hi, _mm256_max_ps(lo, t));
+      return _mm256_add_epi32(_mm256_cvtps_epi32(t), off);
+    };
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const float* x = in + blk * b * 8;
+      uint8_t* qb = q + blk * b4 * 32;
+      for (int64_t j4 = 0; j4 < b4; ++j4) {
+        __m256i u = _mm256_setzero_si256();
+        for (int t = 0; t < 4; ++t) {
+          const __m256i v = 4 * j4 + t < b ? qv(x + (4 * j4 + t) * 8) : off;
+          u = _mm256_or_si256(u, _mm256_sllv_epi32(v, _mm256_set1_epi32(8 * t)));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(qb + j4 * 32), u);
+      }
+    }
+  }
+}
+
+void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb) {
+  uint8_t* q8 = reinterpret_cast<uint8_t*>(q);
+  if (nb == 8) quant_t<8>(f, in, q8, cs);
+  else quant_t<16>(f, in, q8, cs);
+}
+
+void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
+  const uint8_t* q8 = reinterpret_cast<const uint8_t*>(q);
+  with_mrv(f.mrv, [&](auto MRV) {
+    constexpr int R = decltype(MRV)::value;
+    if (nb == 8) i8_8<R>(f, q8, cs, out, blk0, blk1);
+    else i8_16<R>(f, q8, cs, out, blk0, blk1);
+  });
+}
+
+}  // namespace
+
+const LayerTable& avx512_table() {
+  static const LayerTable t = [] {
+    LayerTable r = avx2_table();
+    r.quant = quant_layer;
+    r.i8 = i8_layer;
+    return r;
+  }();
+  return t;
+}
+
+}  // namespace ks
+}  // namespace bfc
