@@ -219,6 +219,70 @@ void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, in
   });
 }
 
+
+// 16x16 transpose of r[0..15] (r[q][c] -> r[c][q]): unpack, in-lane shuffle, then a 4x4
+// transpose of the 128-bit lanes.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // u[4i + k] lane L holds rows 4i..4i+3 of column 4L + k
+  for (int k = 0; k < 4; ++k) {
+    const __m512 a0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), a1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xEE);
+    const __m512 a2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44),
+                 a3 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
+    r[k] = _mm512_shuffle_f32x4(a0, a2, 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(a0, a2, 0xDD);
+    r[8 + k] = _mm512_shuffle_f32x4(a1, a3, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(a1, a3, 0xDD);
+  }
+}
+
+// Full 16-row tiles: 16 columns of 16 x rows (one 64-byte line each) -> 16 whole buffer
+// lines (the AVX2 version writes each line in two halves, 8 rows apart).  Other cases and
+// column tails: the AVX2 gather.
+void gather_layer(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb, int64_t c0, int64_t c1,
+                  float* buf) {
+  int64_t s = c0;
+  if (nb == 16 && nv == 16) {
+    const int64_t M = p.M;
+    const int32_t* gr = p.gather_row.data();
+    const float* xr = x + r0 * M;
+    for (; s + 16 <= c1; s += 16) {
+      __m512 r[16];
+      for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(xr + q * M + s);
+      transpose16(r);
+      for (int k = 0; k < 16; ++k) _mm512_store_ps(buf + int64_t(gr[s + k]) * 16, r[k]);
+    }
+  }
+  if (s < c1) avx2_table().gather(p, x, r0, nv, nb, s, c1, buf);
+}
+
+void scatter_layer(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb,
+                   int64_t c0, int64_t c1) {
+  int64_t o = c0;
+  if (nb == 16) {
+    const int64_t N = p.N;
+    const int32_t* sr = p.scatter_row.data();
+    for (; o + 16 <= c1; o += 16) {
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_load_ps(buf + int64_t(sr[o + k]) * 16);
+      transpose16(r);
+      const __m512 bv = bias ? _mm512_loadu_ps(bias + o) : _mm512_setzero_ps();
+      for (int q = 0; q < nv; ++q) _mm512_storeu_ps(y + (r0 + q) * N + o, bias ? _mm512_add_ps(r[q], bv) : r[q]);
+    }
+  }
+  if (o < c1) avx2_table().scatter(p, buf, bias, y, r0, nv, nb, o, c1);
+}
+
 }  // namespace
 
 const LayerTable& avx512_table() {
@@ -226,6 +290,8 @@ const LayerTable& avx512_table() {
     LayerTable r = avx2_table();
     r.quant = quant_layer;
     r.i8 = i8_layer;
+    r.gather = gather_layer;
+    r.scatter = scatter_layer;
     return r;
   }();
   return t;
