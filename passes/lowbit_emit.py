@@ -2,9 +2,9 @@
 
 Algebra, for ``layer = RotatedLayer(Q, deq(W_r), C)`` and x of shape [..., K]:
   x2 = Reshape(x, [-1, K])                              (skipped for 2-D x)
-  xr = x2 Q                                             the rotation chain, emitted by the portable target's
-                                                        KS chain code (fp16/fp32 values, Cast to float); one
-                                                        per input tensor and Q (the rewrite shares it)
+  xr = x2 Q                                             the rotation (``rotate``: m x m blocks and butterfly
+                                                        stages from fp16 angles, no index tensors); one per
+                                                        input tensor and Q (the rewrite shares it)
   y2 = low-bit matmul(xr)                               target-specific (``unpacked_weight`` + MatMul, or
                                                         com.microsoft.MatMulNBits)
      + MatMul(MatMul(x2, DQ(U)), DQ(V)^T)               int8 correction (per-column scales), if any
@@ -38,12 +38,48 @@ def rotation_factorization(rotation):
     return cast(KSFactorization(rotation.chain, tuple(rotation.values)), fmt)
 
 
+def _const_f(b, v: np.ndarray, storage):
+    t = b.const("rot", np.asarray(v, storage))
+    return t if np.dtype(storage) == b.dtype else b.cast(t, b.dtype, format_of_dtype(b.dtype).onnx_type)
+
+
 def rotate(b, x, rank, rotation):
+    """x Q (rows, K).  With angle parameters (``ButterflyRotation.params``), row-major and without index
+    tensors (the file holds only the m x m blocks and the angles, as the report counts):
+      factor 0 (1, m, m, d):  h[r, j, l] = sum_k x[r, k, l] V[k, j, l]   Reshape, Mul, ReduceSum
+      stage (a, 2, 2, d'):    h viewed (rows, a, 2, d'); with c = cos t, s = sin t of shape (a, 1, d'),
+                              y_0 = c x_0 + s x_1,  y_1 = s x_0 - c x_1           Slice, Mul, Add/Sub, Concat
+    (the canonical values of these patterns, ``bfc.lowbit.rotation``); Cos/Sin of the constant angles are
+    folded by the runtime at load.  Without parameters: the portable target's KS chain code."""
+    from bfc.lowbit.rotation import split_size
     from bfc.passes.targets.portable import Portable
-    k = rotation.size
-    x2 = b.reshape(x, [-1, k]) if rank != 2 else x
-    q = rotation_factorization(rotation)
-    return Portable._chain(b, x2, q, Portable.factor_tensors(b, q))
+    k_dim = rotation.size
+    x2 = b.reshape(x, [-1, k_dim]) if rank != 2 else x
+    if rotation.params is None:
+        q = rotation_factorization(rotation)
+        return Portable._chain(b, x2, q, Portable.factor_tensors(b, q))
+    m, k = split_size(k_dim)
+    d = 2 ** k
+    v0 = rotation.values[0][0]                                     # (d, m_in, m_out)
+    if m == 1:
+        h = b.op("Mul", [x2, _const_f(b, v0[:, 0, 0], rotation.storage)])
+    else:
+        h = b.reshape(x2, [-1, m, 1, d])
+        h = b.op("Mul", [h, _const_f(b, v0.transpose(1, 2, 0), rotation.storage)])     # (rows, m, m, d)
+        h = b.op("ReduceSum", [h, b.const("axes", np.array([1], np.int64))], {"keepdims": 0})
+    ax = b.const("axes", np.array([2], np.int64))
+    cut = [b.const("at", np.array([i], np.int64)) for i in range(3)]
+    for t in rotation.params.angles:
+        a, dd = t.shape
+        h = b.reshape(h, [-1, a, 2, dd])
+        x0 = b.op("Slice", [h, cut[0], cut[1], ax])
+        x1 = b.op("Slice", [h, cut[1], cut[2], ax])
+        ang = b.reshape(_const_f(b, t.reshape(-1), rotation.storage), [a, 1, dd])
+        c, s = b.op("Cos", [ang]), b.op("Sin", [ang])
+        y0 = b.op("Add", [b.op("Mul", [c, x0]), b.op("Mul", [s, x1])])
+        y1 = b.op("Sub", [b.op("Mul", [s, x0]), b.op("Mul", [c, x1])])
+        h = b.op("Concat", [y0, y1], {"axis": 2})
+    return b.reshape(h, [-1, k_dim])
 
 
 def _scales(b, s: np.ndarray, shape):
@@ -100,17 +136,16 @@ def unpacked_weight(b, gq):
 
 
 def correction_tensors(b, corr):
-    """(DQ(U) (K, r), DQ(V)^T (r, N)) in the builder's float type, int8 in the file."""
+    """(U (K, r), V^T (r, N)) in the builder's float type: int8 in the file, Cast and Mul by the per-component
+    scales (not DequantizeLinear: onnxruntime fuses DequantizeLinear + MatMul into an int8-activation
+    kernel, which is not the float function the planner scored)."""
     if corr is None:
         return None
-    u = b.op("DequantizeLinear", [b.const("U", corr.u), b.const("u_scale", corr.u_scale.astype(np.float32))],
-             {"axis": 1}, dtype=np.float32)
-    vt = b.op("DequantizeLinear", [b.const("Vt", np.ascontiguousarray(corr.v.T)),
-                                   b.const("v_scale", corr.v_scale.astype(np.float32))], {"axis": 0},
-              dtype=np.float32)
-    if b.dtype != np.float32:
-        onnx_type = format_of_dtype(b.dtype).onnx_type
-        u, vt = b.cast(u, b.dtype, onnx_type), b.cast(vt, b.dtype, onnx_type)
+    onnx_type = format_of_dtype(b.dtype).onnx_type
+    u = b.op("Mul", [b.cast(b.const("U", corr.u), b.dtype, onnx_type),
+                     b.const("u_scale", corr.u_scale.astype(b.dtype).reshape(1, -1))])
+    vt = b.op("Mul", [b.cast(b.const("Vt", np.ascontiguousarray(corr.v.T)), b.dtype, onnx_type),
+                      b.const("v_scale", corr.v_scale.astype(b.dtype).reshape(-1, 1))])
     return u, vt
 
 

@@ -144,16 +144,30 @@ class ButterflyRotation:
         return self.chain.nnz
 
     @property
+    def n_stored(self) -> int:
+        """Numbers a graph stores: with ``params``, the m x m blocks of factor 0 and one angle per
+        2 x 2 block (the blocks are built from the angle in the graph); else every value."""
+        if self.params is None:
+            return self.chain.nnz
+        return int(self.values[0].size + sum(a.size for a in self.params.angles))
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the stored values (``storage``)."""
-        return np.dtype(self.storage).itemsize * self.chain.nnz
+        """Bytes of the stored numbers (``storage``)."""
+        return np.dtype(self.storage).itemsize * self.n_stored
 
     def stored_as(self, storage: str) -> ButterflyRotation:
-        """The rotation whose values are rounded to ``storage`` (float16 or float32), as a graph holds
-        them; float16 rounding leaves Q orthogonal to ~1e-3, and every user of the returned rotation
-        (``rotate_weight``, ``apply``) sees exactly the stored numbers."""
+        """The rotation as a graph stores it: angles and the m x m blocks rounded to ``storage``
+        (float16 or float32).  The 2 x 2 blocks stay exactly orthogonal (cos/sin of the stored
+        angle); float16 blocks of factor 0 are orthogonal to ~1e-3.  Every user of the returned
+        rotation (``rotate_weight``, ``apply``) sees exactly the stored numbers."""
         dt = np.dtype(storage)
         if dt not in (np.float16, np.float32):
             raise InvalidInputError(f"rotation storage {storage!r}: allowed float16, float32")
-        vals = tuple(np.asarray(v, dt).astype(np.float64) for v in self.values)
-        return ButterflyRotation(self.chain, vals, self.params, dt.name)
+        rnd = lambda v: np.asarray(v, dt).astype(np.float64)  # noqa: E731
+        if self.params is None:
+            return ButterflyRotation(self.chain, tuple(rnd(v) for v in self.values), None, dt.name)
+        params = RotationParams(self.params.signs, self.params.skew, tuple(rnd(a) for a in self.params.angles))
+        vals = params.values()
+        vals[0] = rnd(vals[0])
+        return ButterflyRotation(self.chain, tuple(vals), params, dt.name)

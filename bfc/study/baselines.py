@@ -142,6 +142,21 @@ def int4_nbits(model_path, out_path, block_size: int = 32, min_size: int = 0) ->
     return _save(q.model.model, out_path)
 
 
+def nbits(model_path, out_path, bits: int = 4, block_size: int = 32, min_size: int = 0,
+          symmetric: bool = True) -> Path:
+    """onnxruntime ``MatMulNBitsQuantizer`` round-to-nearest (com.microsoft.MatMulNBits), ``bits`` 2/4/8 with one
+    scale per ``block_size`` rows of K (the low-bit baselines of docs/study.md; ``int4_nbits`` is bits=4)."""
+    MatMulNBitsQuantizer = _nbits_quantizer()
+    model = onnx.load(str(model_path))
+    sites = linear_sites(model)
+    nodes = [s.node for s in eligible(sites, min_size)]
+    small = [s.node for s in sites if s.node not in nodes]
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric, nodes_to_include=nodes,
+                             nodes_to_exclude=small)
+    q.process()
+    return _save(q.model.model, out_path)
+
+
 def _split(model, budget: float, min_size: int, bytes_per_kept: int = 4):
     """(eligible sites, their byte shares): the budget minus the fp32 bytes of the small sites
     that stay dense, split in proportion to the eligible sites' sizes."""
