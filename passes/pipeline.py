@@ -27,6 +27,7 @@ from bfc.errors import BfcError, ConfigError, UnsupportedError
 from bfc.passes.calibrate import Calibrate
 from bfc.passes.cleanup import Export, check_file
 from bfc.passes.contract import Contract, GraphPass, PassResult
+from bfc.passes.distill import Distill
 from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_sites
 from bfc.passes.guard import Guard
@@ -98,7 +99,7 @@ class FindSites(GraphPass):
 
 PASSES: tuple[tuple[str, GraphPass], ...] = (
     ("load", Load()), ("normalize", Normalize()), ("sites", FindSites()), ("calibrate", Calibrate()), ("plan", Plan()),
-    ("guard", Guard()), ("rewrite", Rewrite()), ("export", Export()))
+    ("guard", Guard()), ("distill", Distill()), ("rewrite", Rewrite()), ("export", Export()))
 
 
 def _row(p: LayerPlan) -> LayerRow:

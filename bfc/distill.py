@@ -1,0 +1,358 @@
+"""End-to-end distillation of planned KS layers against the original model (needs torch).
+
+The student is the ORIGINAL graph run by the torch interpreter (``bfc.torch.onnx_module``)
+with each planned MatMul/Gemm node replaced by a ``SiteLayer``: the layer's
+``QuantizedFactorization`` as trainable tensors with target-exact fake quantization.
+The teacher is onnxruntime on the original model (outputs, plus the named intermediate
+tensors to match), computed once per batch and cached.
+
+Parametrization of one factor l (canonical (a, d, b, c) layout), scale s_l = s0_l * exp(t_l)
+(t_l = 0 at the start, so the initial forward is the planned layer bit for bit):
+  * int8:   q = s * clamp(round(v / s), -127, 127)              (LSQ straight-through:
+            d/dv = 1 inside the range, d/ds = round(v/s) - v/s)
+  * fp8:    q = s * fp8(clamp(v / s, -max, max))                 (torch's round-to-nearest-even cast)
+  * fp16:   q = fp16(v) (unit scale); fp32: q = v
+with v a float32 latent initialized to values * s0.  Trained weights are written back
+as values = round(clamp(v / s)) on the same grid and scales s (re-fitted by training),
+so every target emits exactly what was trained.
+Numerics of the forward, per target (``emulate_rows``):
+  * float product (portable; custom-op with float factors): x[..., row_perm] @ K_1 ... K_L,
+    scattered by col_perm, in float32;
+  * custom-op int8: each factor's input h is quantized per row as ``bfc.ops._quantize_rows``
+    (amax per row, r = h * (127/amax), q = rint(clip(r, -127, 127))), acc = q @ values
+    (exact integers in float32 for b * 127^2 < 2^24), y = (acc * amax/127) * scale —
+    the same float32 operations in the same order as ``bfc.ops.ks_matmul_reference``;
+    straight-through gradient for the rounding.
+Low-rank residuals (x U) V^T are float32 parameters.
+Loss: sum over float graph outputs of the relative MSE ||s - t||^2 / ||t||^2 (plus
+``cosine`` x (1 - cos) for rank-2 outputs such as sentence embeddings), plus the mean
+relative MSE of the ``match`` tensors.  Adam with a cosine-decayed step size, seeded.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from bfc.errors import BfcError, UnsupportedError
+from bfc.factorize import inverse_perm
+from bfc.quant import QuantizedFactorization
+from bfc.quant.api import QuantizedFactor
+from bfc.quant.formats import get_format
+from bfc.torch.linear import _ks_apply
+from bfc.torch.onnx_module import OnnxModule
+
+FORMATS = ("int8", "fp8-e4m3", "fp8-e5m2", "fp16", "fp32")
+INTERPRETER_TOLERANCE = 1e-5      # relative; the dense interpreter must match onnxruntime to this
+_FP8 = {"fp8-e4m3": torch.float8_e4m3fn, "fp8-e5m2": torch.float8_e5m2}
+
+
+class QuantizedKS(nn.Module):
+    """A ``QuantizedFactorization`` as trainable tensors (see the module doc); ``forward(x2)``
+    maps rows (n, M) to (n, N); ``export()`` gives the trained ``QuantizedFactorization``."""
+
+    def __init__(self, q: QuantizedFactorization, emulate_rows: bool = False):
+        super().__init__()
+        if q.fmt not in FORMATS:
+            raise UnsupportedError(f"distillation trains factors stored as {'|'.join(FORMATS)}, not {q.fmt}")
+        self.q0, self.fmt = q, q.fmt
+        self.emulate_rows = bool(emulate_rows) and q.fmt == "int8"
+        self.qmax = float(get_format(q.fmt).max)
+        self.scaled = q.fmt in ("int8", "fp8-e4m3", "fp8-e5m2")
+        self.latent = nn.ParameterList()
+        self.log_scale = nn.ParameterList()
+        for l, f in enumerate(q.factors):
+            s0 = torch.from_numpy(np.asarray(f.scale, np.float32).copy())
+            self.register_buffer(f"s0_{l}", s0)
+            v = np.asarray(f.values).astype(np.float32) * np.asarray(f.scale, np.float32)
+            self.latent.append(nn.Parameter(torch.from_numpy(np.ascontiguousarray(v, np.float32))))
+            self.log_scale.append(nn.Parameter(torch.zeros_like(s0), requires_grad=self.scaled))
+        rp = None if q.row_perm is None else torch.from_numpy(np.asarray(q.row_perm, np.int64))
+        cp = None if q.col_perm is None else torch.from_numpy(inverse_perm(np.asarray(q.col_perm, np.int64)))
+        self.register_buffer("row_perm", rp)
+        self.register_buffer("out_perm", cp)
+        if q.low_rank is not None:
+            self.lr_u = nn.Parameter(torch.from_numpy(np.asarray(q.low_rank[0], np.float32).copy()))
+            self.lr_v = nn.Parameter(torch.from_numpy(np.asarray(q.low_rank[1], np.float32).copy()))
+        else:
+            self.lr_u = self.lr_v = None
+
+    def scale(self, l: int) -> torch.Tensor:
+        s0 = getattr(self, f"s0_{l}")
+        return s0 * torch.exp(self.log_scale[l]) if self.scaled else s0
+
+    def _grid(self, l: int):
+        """(r, q): the latent in units of the scale (clamped) and its grid point, both float32."""
+        s = self.scale(l)
+        r = torch.clamp(self.latent[l] / s, -self.qmax, self.qmax)
+        with torch.no_grad():
+            q = torch.round(r) if self.fmt == "int8" else r.to(_FP8[self.fmt]).to(torch.float32)
+        return r, q
+
+    def factor(self, l: int) -> torch.Tensor:
+        """The dequantized factor values the forward multiplies by (straight-through)."""
+        v = self.latent[l]
+        if self.fmt == "fp32":
+            return v
+        if self.fmt == "fp16":
+            return v + (v.detach().half().float() - v.detach())
+        r, q = self._grid(l)
+        return self.scale(l) * (r + (q - r).detach())
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        h = x2 if self.row_perm is None else x2.index_select(-1, self.row_perm)
+        for l, p in enumerate(self.q0.chain.patterns):
+            if self.emulate_rows:
+                h = self._int8_rows(l, p, h)
+            else:
+                h = _ks_apply(p, self.factor(l), h)
+        if self.out_perm is not None:
+            h = h.index_select(-1, self.out_perm)
+        if self.lr_u is not None:
+            h = h + (x2 @ self.lr_u) @ self.lr_v.T
+        return h
+
+    def _int8_rows(self, l, p, h):
+        """custom-op int8 factor: per-row int8 activations, exact integer products (module doc)."""
+        with torch.no_grad():
+            amax = h.abs().amax(dim=-1, keepdim=True) if h.shape[-1] else torch.zeros(h.shape[0], 1)
+            inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+            cs = amax / torch.tensor(127.0)
+        r = torch.clamp(h * inv, -127.0, 127.0)
+        hq = r + (torch.round(r.detach()) - r).detach()
+        rv, qv = self._grid(l)
+        v = rv + (qv - rv).detach()
+        acc = _ks_apply(p, v, hq)
+        s = self.scale(l)
+        s_acd = s.expand(p.a, p.d, 1, p.c)[:, :, 0, :].permute(0, 2, 1).reshape(-1)
+        return (acc * cs) * s_acd
+
+    @torch.no_grad()
+    def export(self) -> QuantizedFactorization:
+        """The trained layer on the format's grid: values = grid points, scales = trained scales."""
+        fmt = get_format(self.fmt)
+        factors = []
+        for l, f in enumerate(self.q0.factors):
+            if self.scaled:
+                _, q = self._grid(l)
+                s = self.scale(l).numpy().astype(np.float32)
+                vals = q.numpy().astype(np.float64).astype(fmt.dtype)
+            else:
+                s = np.asarray(f.scale, np.float32)
+                v = self.latent[l].detach().numpy()
+                vals = v.astype(np.float16) if self.fmt == "fp16" else v.astype(np.float32)
+            factors.append(QuantizedFactor(vals, s))
+        low = None if self.lr_u is None else (self.lr_u.detach().numpy().copy(), self.lr_v.detach().numpy().copy())
+        return replace(self.q0, factors=tuple(factors), low_rank=low, method=f"{self.q0.method}+distill",
+                       rel_error=float("nan"))
+
+
+class SiteLayer(nn.Module):
+    """One planned site node (MatMul ``x @ W`` / ``W @ x`` or Gemm) computed with a shared
+    ``QuantizedKS``: called by the interpreter with the node's inputs, ignores the weight."""
+
+    def __init__(self, ks: QuantizedKS, node):
+        super().__init__()
+        self.ks = ks
+        self.op, self.alpha, self.beta = node.op, float(node.alpha), float(node.beta)
+        self.trans_a, self.trans_out = bool(node.trans_a), bool(node.trans_out)
+
+    def forward(self, args):
+        x = args[1] if self.trans_out else args[0]
+        if self.trans_a:
+            x = x.t()
+        lead = x.shape[:-1]
+        y = self.ks(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+        if self.alpha != 1.0:
+            y = y * self.alpha
+        if self.op == "Gemm" and len(args) > 2 and args[2] is not None:
+            y = y + (args[2] * self.beta if self.beta != 1.0 else args[2])
+        return y.t() if self.trans_out else y
+
+
+# ---- data and teacher ----------------------------------------------------------------------
+def batches(data: dict, size: int, seed: int) -> list[dict]:
+    """Fixed seeded batches of ``size`` rows; with an ``attention_mask`` input the batch is cut to
+    its longest row (padding to the batch's max, not the file's)."""
+    n = next(iter(data.values())).shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    out = []
+    for i in range(0, n, size):
+        idx = np.sort(order[i:i + size])
+        b = {k: v[idx] for k, v in data.items()}
+        mask = b.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            cols = np.nonzero(mask.any(axis=0))[0]
+            keep = int(cols[-1]) + 1 if cols.size else mask.shape[1]
+            b = {k: (v[:, :keep] if v.ndim >= 2 and v.shape[:2] == mask.shape else v) for k, v in b.items()}
+        out.append(b)
+    return out
+
+
+class Teacher:
+    """onnxruntime on the original model: outputs + ``match`` tensors per batch, cached."""
+
+    def __init__(self, model: onnx.ModelProto, match=()):
+        from bfc.runtime import session
+        self.outputs = [o.name for o in model.graph.output]
+        self.names = self.outputs + [m for m in match if m not in self.outputs]
+        added = self.names[len(self.outputs):]
+        outs = model.graph.output
+        for n in added:
+            outs.append(onnx.ValueInfoProto(name=n))
+        try:
+            self.sess = session(model, threads=0)
+        finally:
+            for _ in added:
+                del outs[len(outs) - 1]
+        self.cache: dict[int, dict] = {}
+
+    def __call__(self, key: int, feeds: dict) -> dict[str, np.ndarray]:
+        if key not in self.cache:
+            try:
+                vals = self.sess.run(self.names, feeds)
+            except Exception as e:  # noqa: BLE001
+                raise BfcError(f"onnxruntime failed on the distillation data ({str(e).splitlines()[0][:200]}); "
+                               "check that the .npz holds the model's inputs") from None
+            self.cache[key] = dict(zip(self.names, vals))
+        return self.cache[key]
+
+
+def _rel(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((s - t) ** 2).sum() / (t * t).sum().clamp_min(1e-30)
+
+
+def output_error(student: OnnxModule, teacher: Teacher, feeds: list[dict], keys: list[int]) -> float:
+    """max over float graph outputs of ||student - teacher|| / ||teacher|| over all of ``feeds``."""
+    num, den = {}, {}
+    with torch.no_grad():
+        for k, f in zip(keys, feeds):
+            got = student(f)
+            ref = teacher(k, f)
+            for n in teacher.outputs:
+                r = np.asarray(ref[n], np.float64)
+                if r.dtype.kind != "f":
+                    continue
+                g = got[n].double().numpy()
+                num[n] = num.get(n, 0.0) + float(((g - r) ** 2).sum())
+                den[n] = den.get(n, 0.0) + float((r * r).sum())
+    return max((math.sqrt(num[n] / max(den[n], 1e-30)) for n in num), default=0.0)
+
+
+@dataclass
+class DistillResult:
+    weights: list[QuantizedFactorization]
+    error_before: float
+    error_after: float
+    interpreter_error: float
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    layernorm: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def layernorm_params(model: onnx.ModelProto) -> list[str]:
+    """Initializers that are the scale/bias of a LayerNormalization node."""
+    inits = {t.name for t in model.graph.initializer}
+    return sorted({n for node in model.graph.node if node.op_type == "LayerNormalization"
+                   for n in node.input[1:3] if n in inits})
+
+
+def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 500, batch: int = 32,
+            lr: float = 5e-4, match=(), cosine: float = 0.0, layernorm: bool = False, seed: int = 0,
+            eval_data: dict | None = None, emulate_rows: bool = False, checkpoint: Path | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> DistillResult:
+    """Train the planned layers of ``model`` end to end (module doc).
+
+    ``layers``: ``[(site_nodes, QuantizedFactorization)]``, each site node with ``name`` (the
+    graph node's key), ``op``, ``alpha``, ``beta``, ``trans_a``, ``trans_out``.
+    ``data``: model inputs (first axis = samples); ``eval_data``: where the before/after
+    output error is measured (default: the first batch of ``data``, held out of training).
+    ``checkpoint``: a file to save the trainable state to every 100 steps and to resume from.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    kss = [QuantizedKS(q, emulate_rows) for _, q in layers]
+    overrides = {sn.name: SiteLayer(ks, sn) for (nodes, _), ks in zip(layers, kss) for sn in nodes}
+    student = OnnxModule(model, overrides)
+    dense = OnnxModule(model)
+    teacher = Teacher(model, match)
+    all_batches = batches(data, batch, seed)
+    if eval_data is None:
+        if len(all_batches) < 2:
+            raise BfcError(f"distillation data has {next(iter(data.values())).shape[0]} samples: need more than "
+                           f"one batch of {batch} (one is held out to measure the error)")
+        eval_batches, train = all_batches[:1], all_batches[1:]
+    else:
+        eval_batches, train = batches(eval_data, batch, seed), all_batches
+    ekeys = [-1 - i for i in range(len(eval_batches))]
+    interp = output_error(dense, teacher, eval_batches[:1], ekeys[:1])
+    del dense
+    if interp > INTERPRETER_TOLERANCE:
+        raise BfcError(f"the torch interpreter differs from onnxruntime by {interp:.3g} (relative) on the "
+                       f"original model (> {INTERPRETER_TOLERANCE:g}); distillation would train the wrong "
+                       "function: run without --distill")
+    ln = {}
+    if layernorm:
+        for name in layernorm_params(model):
+            buf = student._const_names[name]
+            p = nn.Parameter(getattr(student, buf).clone())
+            delattr(student, buf)
+            student.register_parameter(buf, p)
+            ln[name] = p
+    before = output_error(student, teacher, eval_batches, ekeys)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    start, losses = 0, []
+    if checkpoint is not None and Path(checkpoint).exists():
+        ck = torch.load(checkpoint, weights_only=False)
+        student.load_state_dict(ck["student"], strict=False)
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start, losses = ck["step"], ck["losses"]
+    rng = np.random.default_rng(seed + 1)
+    order: list[int] = []
+    for step in range(start, steps):
+        if not order:
+            order = list(rng.permutation(len(train)))
+        k = int(order.pop())
+        feeds = train[k]
+        ref = teacher(k, feeds)
+        got = student(feeds, capture=tuple(match))
+        loss = torch.zeros(())
+        for n in teacher.outputs:
+            t = torch.from_numpy(np.asarray(ref[n]))
+            if not t.dtype.is_floating_point:
+                continue
+            s = got[n]
+            loss = loss + _rel(s, t)
+            if cosine and s.dim() == 2:
+                loss = loss + cosine * (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean()
+        if match:
+            loss = loss + sum(_rel(got[m], torch.from_numpy(np.asarray(ref[m]))) for m in match) / len(match)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, float(loss))
+        if checkpoint is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
+            tmp = Path(str(checkpoint) + ".tmp")
+            torch.save({"student": {k: v for k, v in student.state_dict().items()
+                                    if not k.startswith("c") or k in {student._const_names[n] for n in ln}},
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
+                        "losses": losses}, tmp)
+            tmp.replace(checkpoint)
+    after = output_error(student, teacher, eval_batches, ekeys)
+    return DistillResult([ks.export() for ks in kss], before, after, interp, steps - start,
+                         time.perf_counter() - t0, losses,
+                         {n: p.detach().numpy().copy() for n, p in ln.items()})

@@ -1,0 +1,88 @@
+"""Distill: train the planned layers end to end against the original model (optional, needs torch).
+
+Requires: plans, guarded.  Ensures: distilled.  Not in place (``state.graph`` is untouched
+except, with ``distill_layernorm``, the values of LayerNormalization scale/bias constants).
+Runs only with ``config.distill`` (a .npz of model inputs, keys = input names); otherwise
+it ensures the fact and changes nothing.
+Algebra (``bfc.distill``): the student is the original graph in the torch interpreter with
+every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer
+with target-exact fake quantization (custom-op int8: per-row int8 activations); the
+teacher is onnxruntime on the original.  Loss: relative MSE of the graph outputs (+ the
+``distill_match`` tensors).  Each trained layer is written back on its format's grid
+(values, trained scales) into ``plan.weights``, so the rewrite emits it for any target.
+Acceptance: the whole-model output error (max over float outputs, relative) is measured
+before and after on the calibration inputs (or, without them, on a held-out batch of the
+distillation data); when training does not lower it, the planned layers are kept and a
+note says so.  Each kept layer's error is re-measured with the planner's scorer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bfc.errors import BfcError, ConfigError
+from bfc.passes.contract import Contract, GraphPass, PassResult
+from bfc.passes.events import StageStarted
+from bfc.passes.plan import Scorer
+from bfc.passes.session import load_feeds
+
+
+def _torch_distill():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError("--distill needs PyTorch: pip install 'bfc[torch]' (or pip install torch)") from None
+    from bfc import distill
+    return distill
+
+
+class Distill(GraphPass):
+    contract = Contract.of(requires={"plans", "guarded"}, ensures={"distilled"})
+
+    def run(self, state) -> PassResult:
+        cfg = state.config
+        path = getattr(cfg, "distill", None)
+        taken = [p for p in state.plans if p.rewritten]
+        if path is None:
+            return PassResult(changed=False)
+        if not taken:
+            state.notes.append("distill: no planned layer to train")
+            return PassResult(changed=False)
+        if any(sn.scope is not None for p in taken for sn in p.site.nodes):
+            state.notes.append("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
+                               "(the torch interpreter runs the main graph only)")
+            return PassResult(changed=False)
+        d = _torch_distill()
+        state.emit(StageStarted("distill", f"{cfg.distill_steps} steps on {path}"))
+        data = load_feeds(path, state.model)
+        emulate = state.target.name == "custom-op"
+        for p in taken:
+            sim = state.target.simulate(p.weights)
+            if sim is not None and not (emulate and p.weights.fmt == "int8"):
+                raise BfcError(f"distill: target {state.target.name} computes layer {p.site.name} with numerics "
+                               "the distillation does not emulate; run without --distill")
+        layers = [(p.site.nodes, p.weights) for p in taken]
+        res = d.distill(state.model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
+                        lr=cfg.distill_lr, match=cfg.distill_match, layernorm=cfg.distill_layernorm,
+                        seed=cfg.seed, eval_data=state.feeds, emulate_rows=emulate)
+        where = "calibration inputs" if state.feeds is not None else "a held-out batch of the distillation data"
+        if not res.error_after < res.error_before:
+            state.notes.append(f"distill: output error {res.error_before:.3g} -> {res.error_after:.3g} on {where} "
+                               f"after {res.steps} steps did not improve; the planned layers were kept")
+            return PassResult(changed=False)
+        for p, q in zip(taken, res.weights):
+            stats = None if state.stats is None else state.stats.get(p.site.weight_name)
+            err = Scorer(p.site.weight.astype(np.float64), stats, state.target, cfg.seed)(q)
+            old = p.error
+            p.weights, p.error = q, err
+            note = f"distilled: layer error {old:.3g} -> {err:.3g}" if old is not None else "distilled"
+            p.note = note if p.note is None else f"{p.note}; {note}"
+        if res.layernorm:
+            tensors = state.graph.tensors()
+            for name, value in res.layernorm.items():
+                t = tensors.get(name)
+                if t is not None and hasattr(t, "values"):
+                    t.values = value.astype(np.asarray(t.values).dtype)
+        state.notes.append(f"distill: whole-model output error {res.error_before:.3g} -> {res.error_after:.3g} "
+                           f"on {where} ({res.steps} steps, batch {cfg.distill_batch}, lr {cfg.distill_lr:g}, "
+                           f"{res.seconds:.0f} s{', LayerNorm trained' if res.layernorm else ''})")
+        return PassResult(changed=True)
