@@ -15,6 +15,7 @@ that ``bfc optimize`` targets.  Artifacts live outside git in ``cache_dir()``
 
     python models/minilm.py            # builds minilm/model.onnx + calibration.npz, prints paths
     python models/minilm.py --force    # rebuild
+    python models/minilm.py distill-data OUT.npz [--sentences N]   # unlabeled inputs for --distill
 """
 from __future__ import annotations
 
@@ -200,8 +201,92 @@ def calibration_path(cache: Path | None = None, n: int = 48, force: bool = False
     return path
 
 
+# ---- unlabeled sentences for distillation (never STS-B, never the calibration sentences) ----
+DISTILL_SOURCES = ("lee_background.cor", "para2para_text1.txt", "para2para_text2.txt", "pang_lee_polarity.cor",
+                   "alldata-id-10.txt")     # gensim's bundled corpora: news, Wikipedia, movie reviews
+
+
+def _stsb_sentences() -> set[str]:
+    """STS-B dev sentences when the split is at hand (excluded from the distillation data)."""
+    try:
+        from models.eval_sts import load_stsb
+    except ImportError:
+        try:
+            from eval_sts import load_stsb
+        except ImportError:
+            return set()
+    try:
+        s1, s2, _ = load_stsb()
+    except (FileNotFoundError, OSError, ValueError):
+        return set()
+    return {" ".join(s.lower().split()) for s in s1 + s2}
+
+
+def distill_sentences(n: int = 2048, seed: int = 0) -> tuple[list[str], dict]:
+    """``n`` distinct English sentences of 5-60 words from gensim's bundled corpora (``DISTILL_SOURCES``),
+    without the calibration sentences and STS-B dev; a fixed-seed sample.  Returns (sentences, facts)."""
+    try:
+        import gensim
+    except ImportError as e:
+        raise ImportError("the distillation sentences come from gensim's bundled corpora: pip install gensim") from e
+    root = Path(gensim.__file__).parent / "test" / "test_data"
+    banned = {" ".join(s.lower().split()) for s in calibration_sentences(256)} | _stsb_sentences()
+    seen, pool, per_source = set(), [], {}
+    for name in DISTILL_SOURCES:
+        path = root / name
+        if not path.exists():
+            continue
+        count = 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = re.sub(r"^(__label__\w+|_\*\d+)\s+", "", line.strip())
+            for s in re.split(r"(?<=[.!?])\s+", line):
+                s = " ".join(s.split())
+                key = s.lower()
+                if not 5 <= len(s.split()) <= 60 or key in seen or key in banned or "<" in s:
+                    continue
+                seen.add(key)
+                pool.append(s)
+                count += 1
+        per_source[name] = count
+    if len(pool) < n:
+        raise ValueError(f"only {len(pool)} distinct sentences in gensim's corpora; ask for at most that many")
+    idx = np.sort(np.random.default_rng(seed).choice(len(pool), n, replace=False))
+    return [pool[i] for i in idx], {"pool": len(pool), "per_source": per_source, "excluded": len(banned)}
+
+
+def write_distill_data(path, n: int = 2048, max_length: int = 128, seed: int = 0) -> dict:
+    """An ``.npz`` of model inputs for ``bfc optimize --distill`` (padded to the longest sentence)."""
+    path = Path(path)
+    sentences, facts = distill_sentences(n, seed)
+    inputs = tokenize(sentences, max_length=max_length)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **inputs)
+    _atomic_write(path, write)
+    return {"path": str(path), "sentences": n, **facts, "shape": list(inputs["input_ids"].shape),
+            "tokens": int(inputs["attention_mask"].sum())}
+
+
+def _distill_data_main(argv) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="minilm.py distill-data",
+                                 description="tokenized unlabeled English sentences for bfc optimize --distill")
+    ap.add_argument("out", type=Path, help="output .npz (keys input_ids, attention_mask)")
+    ap.add_argument("--sentences", type=int, default=2048, help="number of sentences (default 2048)")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default 128)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    print(json.dumps(write_distill_data(args.out, args.sentences, args.max_length, args.seed), indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "distill-data":
+        return _distill_data_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=None, help="cache folder (default $BFC_CACHE or ~/.cache/bfc)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the files exist")

@@ -18,12 +18,13 @@ note says so.  Each kept layer's error is re-measured with the planner's scorer.
 from __future__ import annotations
 
 import numpy as np
-
-from bfc.errors import BfcError, ConfigError
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.events import StageStarted
 from bfc.passes.plan import Scorer
 from bfc.passes.session import load_feeds
+
+from bfc.errors import BfcError, ConfigError
+from bfc.quant import QuantizedFactorization
 
 
 def _torch_distill():
@@ -41,12 +42,16 @@ class Distill(GraphPass):
     def run(self, state) -> PassResult:
         cfg = state.config
         path = getattr(cfg, "distill", None)
-        taken = [p for p in state.plans if p.rewritten]
         if path is None:
             return PassResult(changed=False)
+        taken = [p for p in state.plans if p.rewritten and isinstance(p.weights, QuantizedFactorization)]
+        other = sum(p.rewritten for p in state.plans) - len(taken)
         if not taken:
-            state.notes.append("distill: no planned layer to train")
+            state.notes.append("distill: no planned KS layer to train")
             return PassResult(changed=False)
+        if other:
+            state.notes.append(f"distill: {other} planned layers of another family (e.g. rotated low-bit) are not "
+                               "trained and enter the student with their dense weights")
         if any(sn.scope is not None for p in taken for sn in p.site.nodes):
             state.notes.append("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
                                "(the torch interpreter runs the main graph only)")
