@@ -65,6 +65,8 @@ elif case == "c":
     out["rel_error"] = q.rel_error
     out["output_error"] = f.info.get("output_error")
     out["calibration"] = f.info.get("calibration", "none")
+out["cpu_total_s"] = time.process_time()
+out["bfc"] = __import__("bfc").__file__
 print(json.dumps(out))
 '''
 
@@ -78,7 +80,7 @@ def run_child(args, pythonpath: str) -> dict:
                PYTHONPATH=pythonpath)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+                            stderr=subprocess.PIPE, env=env, cwd=pythonpath)   # cwd first on sys.path
     out, err = proc.stdout.read(), proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -96,6 +98,7 @@ def fmt_row(label, r):
     times = ", ".join(f"{k[:-2]} {r[k]:.2f} s" for k in keys)
     extra = ", ".join(f"{k} {r[k]:.6g}" if isinstance(r[k], float) else f"{k} {r[k]}"
                       for k in r if k.endswith(("error", "method", "calibration")) and r[k] is not None)
+    times = times.replace("cpu_total", "CPU (whole child)")
     return f"| {label} | {r['peak_rss_mb']:.0f} | {times} | {extra} |"
 
 

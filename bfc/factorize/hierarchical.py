@@ -267,7 +267,7 @@ def combine(g: _Geometry, left: np.ndarray, right: np.ndarray, rows=None) -> np.
     rb = right.reshape(a * c1, d, r, b2, cr)
     if rows is not None:
         lb, rb = lb[rows], rb[rows]
-    return np.einsum("jbdlr,jdrbk->jbdlk", lb, rb, optimize=True)
+    return np.einsum("jbdlr,jdrbk->jbdlk", lb, rb)
 
 
 def product_values(chain: Chain, values, lo: int = 0, hi: int | None = None):
@@ -281,10 +281,13 @@ def product_values(chain: Chain, values, lo: int = 0, hi: int | None = None):
     pl, vl = product_values(chain, values, lo, s)
     pr, vr = product_values(chain, values, s + 1, hi)
     g = _Geometry(pl, pr)
-    blocks = combine(g, vl, vr)                       # (a*c1, b2, d, BL, CR)
-    out = blocks.reshape(g.a, g.c1, g.b2, g.d, g.bl, g.cr).transpose(0, 3, 4, 2, 1, 5)
-    return (chain.product_pattern(lo, hi),
-            np.ascontiguousarray(out).reshape(g.a, g.d, g.bl * g.b2, g.c1 * g.cr))
+    # combine's sum over r, written straight into the product's (a, d, BL, b2, c1, CR)
+    # order: numpy's own einsum loop (no BLAS call, no transposed copy) is several
+    # times faster here, r being small
+    left = g.left_blocks(vl)                                   # (a, c1, b2, d, BL, r)
+    right = vr.reshape(g.a, g.c1, g.d, g.r, g.b2, g.cr)
+    out = np.einsum("acbdlr,acdrbk->adlbck", left, right)
+    return chain.product_pattern(lo, hi), out.reshape(g.a, g.d, g.bl * g.b2, g.c1 * g.cr)
 
 
 def dense_column_chunks(chain: Chain, values, chunk: int = 4096):

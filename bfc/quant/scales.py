@@ -28,7 +28,7 @@ from bfc.errors import ConfigError
 from bfc.quant._sweep import argsort_rows, first_min
 from bfc.quant.formats import INT8, Format
 
-_CHUNK = 1 << 21          # candidates per vectorized batch
+_CHUNK = 1 << 18          # candidates per vectorized batch (arrays of ~2 MB stay in cache)
 
 
 class Granularity(Enum):
@@ -187,6 +187,46 @@ def _int_err(a, rho, qmax, vv):
         return np.where(nx > 0, vv - dot * dot / np.where(nx > 0, nx, 1.0), vv)
 
 
+def _parallel_pieces(a: np.ndarray, q: np.ndarray, K: int):
+    """The exact ties of q: ``E(q) = ||a||^2 sin^2(a, q)`` depends on the direction of q
+    only, so every multiple j * p of the primitive vector p = q / gcd(q) that is itself a
+    piece of rho -> Q(rho a) (the rounding intervals [(j p_i - 1/2) / a_i, (j p_i + 1/2) / a_i)
+    intersect; open above at K) has the same error.  Returns (rows, j) of every such
+    multiple with j >= 1, for the rows where p has more than one realizable multiple."""
+    g = np.gcd.reduce(q, axis=1)
+    g = np.where(g > 0, g, 1)
+    p = q // g[:, None]
+    top = np.max(p, axis=1)
+    jmax = np.where(top > 0, K // np.maximum(top, 1), 1)
+    rows_out, j_out = [], []
+    pos = a > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j in range(1, int(jmax.max()) + 1):
+            sel = np.flatnonzero(jmax >= j)
+            if sel.size == 0:
+                break
+            qc = p[sel] * j
+            aa, pp = a[sel], pos[sel]
+            lo = np.where(pp & (qc > 0), (qc - 0.5) / np.where(pp, aa, 1.0), 0.0).max(axis=1)
+            hi = np.where(pp & (qc < K), (qc + 0.5) / np.where(pp, aa, 1.0), np.inf).min(axis=1)
+            ok = lo < hi
+            rows_out.append(sel[ok])
+            j_out.append(np.full(int(ok.sum()), j))
+    return p, np.concatenate(rows_out), np.concatenate(j_out)
+
+
+def _final_scale(v: np.ndarray, q: np.ndarray, fmt: Format):
+    """fp32 scale <v, q> / ||q||^2 of the signed integer vector q, and its error after
+    re-rounding v / s (what is stored); 0 and inf where q = 0."""
+    qq = np.sum(q * q, axis=1)
+    s = np.where(qq > 0, np.sum(v * q, axis=1) / np.where(qq > 0, qq, 1), 0)
+    s32 = s.astype(np.float32).astype(np.float64)
+    ok = s32 > 0
+    s1 = np.where(ok, s32, 1.0)
+    e = np.where(ok, _sq_err(v, s1, np.clip(np.rint(v / s1[:, None]), -fmt.max, fmt.max)), np.inf)
+    return s32, e
+
+
 def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
     """Exact sweep of rho -> Q(rho |v|) restricted to ``_rho_range`` (see module doc).
 
@@ -255,15 +295,23 @@ def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
     lam0 = np.where(np.isfinite(start), 0.5 * (rho_lo + start),
                     np.where(np.isfinite(rho_lo), rho_lo + 1, 1.0))
     rho = np.where(pick == 0, lam0, rho)
-    q = np.clip(np.rint(rho[:, None] * a), 0, fmt.max) * np.sign(v)
-    qq = np.sum(q * q, axis=1)
-    s = np.where(qq > 0, np.sum(v * q, axis=1) / np.where(qq > 0, qq, 1), 0)
-    s32 = s.astype(np.float32).astype(np.float64)
+    qa = np.minimum(np.rint(rho[:, None] * a), K).astype(np.int64)
+    sg = np.sign(v)
+    s32, e_opt = _final_scale(v, qa * sg, fmt)
+    # exact ties (multiples of one direction, common for short groups): keep the one
+    # whose fp32 scale stores best, the smallest multiple among equals
+    p, rows_t, j_t = _parallel_pieces(a, qa, K)
+    if rows_t.size:
+        st, et = _final_scale(v[rows_t], p[rows_t] * j_t[:, None] * sg[rows_t], fmt)
+        order = np.lexsort((j_t, et, rows_t))
+        rows_t, st, et = rows_t[order], st[order], et[order]
+        first = np.r_[True, rows_t[1:] != rows_t[:-1]]
+        r1, s1, e1 = rows_t[first], st[first], et[first]
+        better = e1 < e_opt[r1]
+        s32[r1[better]], e_opt[r1[better]] = s1[better], e1[better]
     # absmax fallback: keep whichever is better after the fp32 rounding of s
     s_abs = (a.max(axis=1) / fmt.max).astype(np.float32).astype(np.float64)
     ok = s32 > 0
-    s32 = np.where(ok, s32, 1.0)
-    e_opt = _sq_err(v, s32, np.clip(np.rint(v / s32[:, None]), -fmt.max, fmt.max))
     s_abs1 = np.where(s_abs > 0, s_abs, 1.0)
     e_abs = _sq_err(v, s_abs1, np.clip(np.rint(v / s_abs1[:, None]), -fmt.max, fmt.max))
     s_out = np.where(ok & (e_opt <= e_abs), s32, s_abs1)
