@@ -179,10 +179,14 @@ class SiteLayer(nn.Module):
 
 # ---- data and teacher ----------------------------------------------------------------------
 def batches(data: dict, size: int, seed: int) -> list[dict]:
-    """Fixed seeded batches of ``size`` rows; with an ``attention_mask`` input the batch is cut to
-    its longest row (padding to the batch's max, not the file's)."""
+    """Fixed seeded batches of ``size`` rows; with a 2-D ``attention_mask`` input, rows of similar
+    length share a batch (sorted by length, ties in seeded random order) and each batch is cut to its
+    longest row (padding to the batch's max, not the file's)."""
     n = next(iter(data.values())).shape[0]
     order = np.random.default_rng(seed).permutation(n)
+    mask = data.get("attention_mask")
+    if mask is not None and mask.ndim == 2:
+        order = order[np.argsort(mask[order].sum(axis=1), kind="stable")]
     out = []
     for i in range(0, n, size):
         idx = np.sort(order[i:i + size])
@@ -289,7 +293,8 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
         if len(all_batches) < 2:
             raise BfcError(f"distillation data has {next(iter(data.values())).shape[0]} samples: need more than "
                            f"one batch of {batch} (one is held out to measure the error)")
-        eval_batches, train = all_batches[:1], all_batches[1:]
+        mid = len(all_batches) // 2          # a batch of typical length (batches are length-sorted)
+        eval_batches, train = all_batches[mid:mid + 1], all_batches[:mid] + all_batches[mid + 1:]
     else:
         eval_batches, train = batches(eval_data, batch, seed), all_batches
     ekeys = [-1 - i for i in range(len(eval_batches))]
