@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--rotation-steps", type=int, default=S, help="Adam steps of a learned rotation (default 100)")
     op.add_argument("--correction-rank", type=int, default=S,
                     help="rotated layers: rank of the int8 correction (default 0: per layer, when it pays)")
+    op.add_argument("--objective", default=S, help="size|latency: latency keeps a layer dense when its rewrite "
+                    "is slower than the dense MatMul (measured at optimize time; default size)")
+    op.add_argument("--latency-batch", type=int, default=S, help="objective latency: batch size measured (default 1)")
+    op.add_argument("--latency-seq", type=int, default=S,
+                    help="objective latency: sequence length measured; rows per call = batch * seq (default 1)")
     op.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
                     help="exit 2 when nothing can be rewritten (default: write the model unchanged, exit 0)")
     op.add_argument("--report", type=Path, help="also write the report as JSON")

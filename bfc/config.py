@@ -91,6 +91,10 @@ class OptimizeConfig:
                  rotation_steps Adam steps; else the randomized Hadamard-like butterfly
     correction_rank: rank of the int8 low-rank correction of rotated layers; 0 = per layer, only when
                  it is the cheapest way to meet max_error
+    objective:   size (the smallest plan meeting the budgets) or latency (as size, but a layer whose
+                 rewrite runs slower than its dense MatMul in the target stays dense: bfc.passes.latency
+                 measures both in onnxruntime, 1 thread, at latency_batch * latency_seq rows)
+    latency_batch, latency_seq: rows per call of the latency measurement = batch * sequence length
     """
     structure: Structure = Structure.AUTO
     rank: int | None = None
@@ -124,6 +128,9 @@ class OptimizeConfig:
     learn_rotation: bool = False
     rotation_steps: int = 100
     correction_rank: int = 0
+    objective: str = "size"
+    latency_batch: int = 1
+    latency_seq: int = 1
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -136,7 +143,8 @@ class OptimizeConfig:
         for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
                          ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1), ("distill_steps", 1),
                          ("distill_batch", 1),
-                         ("reconstruct_steps", 0), ("rotation_steps", 0), ("correction_rank", 0)):
+                         ("reconstruct_steps", 0), ("rotation_steps", 0), ("correction_rank", 0),
+                         ("latency_batch", 1), ("latency_seq", 1)):
             v = getattr(self, name)
             if v is None and name in ("rank", "target_size", "fix_batch"):
                 continue
@@ -179,6 +187,9 @@ class OptimizeConfig:
         for name in ("verify", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if not isinstance(self.objective, str) or self.objective.lower() not in ("size", "latency"):
+            raise ConfigError(f"objective={self.objective!r} is not allowed; use size or latency")
+        set_("objective", self.objective.lower())
         if self.structure is Structure.AUTO and self.max_error is None and self.target_size is None:
             raise ConfigError("structure=auto needs a budget: set max_error (e.g. 0.1) or target_size, "
                               "or pick a fixed structure such as monarch")

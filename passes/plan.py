@@ -344,4 +344,8 @@ class Plan(GraphPass):
         from bfc.passes.load import default_opset
         state.plans = plan_sites(state.sites, state.config, state.target, state.stats, state.emit,
                                  state.model_bytes, state.precisions or None, default_opset(state.model))
+        if state.config.objective == "latency":      # bfc.passes.latency: never a rewrite slower than dense
+            from bfc.passes.latency import check_plan
+            for p in state.plans:
+                check_plan(p, state.config, state.target, default_opset(state.model))
         return PassResult(changed=False, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})
