@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--rotation-steps", type=int, default=S, help="Adam steps of a learned rotation (default 100)")
     op.add_argument("--correction-rank", type=int, default=S,
                     help="rotated layers: rank of the int8 correction (default 0: per layer, when it pays)")
+    op.add_argument("--workers", type=int, default=S, metavar="N",
+                    help="processes planning layers (default: the usable cores; 1: in this process)")
+    op.add_argument("--cluster", default=S, metavar="ADDRESS",
+                    help="plan the layers on a Dask cluster (tcp://host:8786, or local); needs bfc[cluster]")
+    op.add_argument("--work-dir", type=Path, default=S, metavar="DIR",
+                    help="keep finished layer plans here; rerunning the same command resumes from them "
+                         "(default: a temporary folder, removed once planning finishes)")
     op.add_argument("--objective", default=S, help="size|latency: latency keeps a layer dense when its rewrite "
                     "is slower than the dense MatMul (measured at optimize time; default size)")
     op.add_argument("--latency-batch", type=int, default=S, help="objective latency: batch size measured (default 1)")
@@ -134,7 +141,8 @@ class _Progress:
             self.bar = tqdm(total=event.total, desc="planning", unit="layer", file=sys.stderr, leave=False,
                             disable=None)
         elif isinstance(event, LayerPlanned) and self.bar is not None:
-            self.bar.set_postfix_str(event.layer[-30:])
+            eta = f" ETA {event.eta:.0f} s" if event.eta is not None and event.done < event.total else ""
+            self.bar.set_postfix_str(event.layer[-30:] + eta)
             self.bar.update(1)
         elif isinstance(event, StageStarted) and self.bar is not None:
             self.bar.set_description(event.stage)

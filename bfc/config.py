@@ -95,6 +95,13 @@ class OptimizeConfig:
                  rewrite runs slower than its dense MatMul in the target stays dense: bfc.passes.latency
                  measures both in onnxruntime, 1 thread, at latency_batch * latency_seq rows)
     latency_batch, latency_seq: rows per call of the latency measurement = batch * sequence length
+    workers:     processes planning layers (bfc.passes.layer_runner); None: the usable cores (in process
+                 for small models), 1: in this process; the output bytes never depend on it
+    cluster:     plan on a Dask distributed cluster at this scheduler address (``local``: a LocalCluster
+                 of ``workers`` processes); needs ``pip install 'bfc[cluster]'``
+    work_dir:    folder of finished layer plans (content-keyed): a rerun loads them instead of planning
+                 again, and the folder is kept; None: a folder in the system temp dir, removed once
+                 planning finishes (a killed run resumes from it)
     """
     structure: Structure = Structure.AUTO
     rank: int | None = None
@@ -131,6 +138,9 @@ class OptimizeConfig:
     objective: str = "size"
     latency_batch: int = 1
     latency_seq: int = 1
+    workers: int | None = None
+    cluster: str | None = None
+    work_dir: Path | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -164,6 +174,14 @@ class OptimizeConfig:
             if not all(isinstance(p, str) and p for p in v):
                 raise ConfigError(f"{name}={v!r} must be a list of non-empty node-name patterns")
             set_(name, tuple(v))
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ConfigError(f"workers={self.workers!r} must be an integer >= 1 (1: plan in this process)")
+        if self.cluster is not None and (not isinstance(self.cluster, str) or not self.cluster.strip()):
+            raise ConfigError(f"cluster={self.cluster!r} must be a Dask scheduler address such as "
+                              "tcp://host:8786, or local")
+        if self.work_dir is not None:
+            set_("work_dir", Path(self.work_dir))
         if self.calibration is not None:
             set_("calibration", Path(self.calibration))
         if self.distill is not None:

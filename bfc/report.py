@@ -22,6 +22,9 @@ class LayerRow:
     error_kind: str            # "output" (calibration activations) or "weight"
     reason: str | None         # why the layer was not rewritten
     note: str | None = None    # what else was done to a rewritten layer (e.g. reconstruction)
+    plan_seconds: float | None = None   # wall time of planning the layer (None: not planned)
+    worker: str | None = None           # who planned it (main, pid N, dask NAME)
+    resumed: bool = False               # loaded from the work folder (--work-dir) instead of planned
 
     @property
     def rewritten(self) -> bool:

@@ -22,6 +22,11 @@ class LayerPlanned:
     rewritten: bool
     done: int                  # layers planned so far
     total: int
+    seconds: float | None = None   # wall time of this layer's planning (None: not planned, e.g. excluded)
+    worker: str | None = None      # who planned it: main, pid N (process pool), dask NAME
+    elapsed: float | None = None   # seconds since planning started
+    eta: float | None = None       # seconds left, from the weight elements planned so far
+    resumed: bool = False          # loaded from the work folder
 
 
 Event = StageStarted | SitesFound | LayerPlanned

@@ -110,7 +110,7 @@ def _row(p: LayerPlan) -> LayerRow:
                     bytes_before=p.bytes_before, bytes_after=p.bytes_after,
                     flops_before=p.flops_before, flops_after=p.flops_after,
                     error=p.error, error_kind=p.error_kind, reason=None if p.rewritten else (p.reason or "kept dense"),
-                    note=p.note)
+                    note=p.note, plan_seconds=p.seconds, worker=p.worker, resumed=p.resumed)
 
 
 def run_passes(source, cfg: OptimizeConfig, emit=None) -> State:

@@ -35,6 +35,7 @@ and candidate).
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,9 @@ class LayerPlan:
     error_kind: str = "weight"
     reason: str | None = None
     note: str | None = None      # e.g. what reconstruction changed
+    seconds: float | None = None  # wall time of planning this layer (bfc.passes.layer_runner)
+    worker: str | None = None     # who planned it: main, pid N, dask NAME
+    resumed: bool = False         # loaded from the work folder instead of planned
 
     @property
     def rewritten(self) -> bool:
@@ -310,7 +314,27 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
         rots = lowbit_plan.rotations(todo, stats, cfg, target, max(bits))
     order = sorted(range(len(sites)), key=lambda i: -(sites[i].weight.size if sites[i].weight is not None else 0))
     total = model_bytes if model_bytes is not None else sum(s.weight.nbytes for s in sites if s.weight is not None)
-    for done, i in enumerate(order, 1):
+    if precisions is None:
+        precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
+    # Every eligible site is one task of bfc.passes.layer_runner (in process, a process pool or Dask;
+    # resumable); a target-size cut is applied to the results in ``order``, as planned sequentially.
+    from bfc.passes.layer_runner import LayerTask, Runner
+    count = [0, time.perf_counter(), 0, 0]      # layers reported, start, elements planned, elements to plan
+    todo = []
+
+    def emit(i, res=None):
+        count[0] += 1
+        if on_event is None:
+            return
+        if res is None:
+            on_event(LayerPlanned(sites[i].name, plans[i].rewritten, count[0], len(sites)))
+            return
+        elapsed = time.perf_counter() - count[1]
+        eta = elapsed * (count[3] - count[2]) / count[2] if count[2] else None
+        on_event(LayerPlanned(sites[i].name, plans[i].rewritten, count[0], len(sites), res.seconds, res.worker,
+                              elapsed, eta, res.resumed))
+
+    for i in order:
         site = sites[i]
         names = [nd.name for nd in site.nodes]
         if not site.eligible:
@@ -326,12 +350,39 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
         elif cfg.structure is Structure.ROTATED and lowbit_why is not None:
             plans[i] = LayerPlan(site, reason=lowbit_why)
         else:
-            plans[i] = plan_site(site, cfg, target, None if stats is None else stats.get(site.weight_name),
-                                 precisions, rots.get(site.weight_name), bits)
-            if plans[i].rewritten:
-                total -= plans[i].bytes_before - plans[i].bytes_after
-        if on_event is not None:
-            on_event(LayerPlanned(site.name, plans[i].rewritten, done, len(sites)))
+            todo.append(i)
+            continue
+        emit(i)
+    count[3] = sum(int(sites[i].weight.size) for i in todo)
+    tasks = [LayerTask(i, sites[i].weight_name, sites[i].weight,
+                       None if stats is None else stats.get(sites[i].weight_name), cfg, target, tuple(precisions),
+                       rots.get(sites[i].weight_name), tuple(bits), cfg.seed) for i in todo]
+    cut = f"target size {cfg.target_size} bytes already reached"
+    ready, nxt = {}, 0
+    runs = Runner(cfg).run(tasks)
+    try:
+        for task, res in runs:
+            count[2] += int(task.weight.size)
+            ready[task.index] = res
+            while nxt < len(todo) and todo[nxt] in ready:      # in ``order``: the target-size cut as before
+                i = todo[nxt]
+                nxt += 1
+                res = ready.pop(i)
+                if cfg.target_size is not None and total <= cfg.target_size:
+                    plans[i] = LayerPlan(sites[i], reason=cut)
+                else:
+                    plans[i] = LayerPlan(sites[i], res.weights, res.structure, res.precision, res.error,
+                                         res.error_kind, res.reason, res.note, res.seconds, res.worker, res.resumed)
+                    if plans[i].rewritten:
+                        total -= plans[i].bytes_before - plans[i].bytes_after
+                emit(i, res)
+            if cfg.target_size is not None and total <= cfg.target_size:
+                break
+    finally:
+        runs.close()
+    for i in todo[nxt:]:
+        plans[i] = LayerPlan(sites[i], reason=cut)
+        emit(i)
     out = [plans[i] for i in range(len(sites))]
     lowbit_plan.assign_rotation_owners(out)
     return out
