@@ -349,7 +349,7 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
         sched.step()
         losses.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, losses[-1])
         if checkpoint is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
             tmp = Path(str(checkpoint) + ".tmp")
             torch.save({"student": {k: v for k, v in student.state_dict().items()

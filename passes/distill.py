@@ -14,8 +14,13 @@ Acceptance: the whole-model output error (max over float outputs, relative) is m
 before and after on the calibration inputs (or, without them, on a held-out batch of the
 distillation data); when training does not lower it, the planned layers are kept and a
 note says so.  Each kept layer's error is re-measured with the planner's scorer.
+With ``work_dir`` the training state is saved every 100 steps to ``work_dir/distill-<key>.pt``
+(key: the data, the planned layers and the distill options) and a rerun resumes from it.
 """
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 from bfc.passes.contract import Contract, GraphPass, PassResult
@@ -34,6 +39,26 @@ def _torch_distill():
         raise ConfigError("--distill needs PyTorch: pip install 'bfc[torch]' (or pip install torch)") from None
     from bfc import distill
     return distill
+
+
+def _checkpoint(cfg, taken, data, emulate):
+    """``work_dir/distill-<key>.pt`` (resumable training state), keyed by everything that defines the run."""
+    work = getattr(cfg, "work_dir", None)
+    if work is None:
+        return None
+    h = hashlib.sha256(repr((cfg.distill_steps, cfg.distill_batch, cfg.distill_lr, cfg.distill_match,
+                             cfg.distill_layernorm, cfg.seed, emulate)).encode())
+    for k in sorted(data):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(data[k]).tobytes())
+    for p in taken:
+        h.update(p.site.name.encode())
+        for f in p.weights.factors:
+            h.update(np.ascontiguousarray(f.values).tobytes())
+            h.update(np.ascontiguousarray(f.scale).tobytes())
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work / f"distill-{h.hexdigest()[:16]}.pt"
 
 
 class Distill(GraphPass):
@@ -66,9 +91,15 @@ class Distill(GraphPass):
                 raise BfcError(f"distill: target {state.target.name} computes layer {p.site.name} with numerics "
                                "the distillation does not emulate; run without --distill")
         layers = [(p.site.nodes, p.weights) for p in taken]
+        every = max(1, cfg.distill_steps // 20)
+
+        def progress(step, loss):
+            if step % every == 0 or step == cfg.distill_steps:
+                state.emit(StageStarted("distill", f"step {step}/{cfg.distill_steps}, loss {loss:.4g}"))
         res = d.distill(state.model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
                         lr=cfg.distill_lr, match=cfg.distill_match, layernorm=cfg.distill_layernorm,
-                        seed=cfg.seed, eval_data=state.feeds, emulate_rows=emulate)
+                        seed=cfg.seed, eval_data=state.feeds, emulate_rows=emulate,
+                        checkpoint=_checkpoint(cfg, taken, data, emulate), on_step=progress)
         where = "calibration inputs" if state.feeds is not None else "a held-out batch of the distillation data"
         if not res.error_after < res.error_before:
             state.notes.append(f"distill: output error {res.error_before:.3g} -> {res.error_after:.3g} on {where} "

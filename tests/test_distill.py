@@ -240,3 +240,15 @@ def test_minilm_distill_sentences_are_disjoint_from_evaluation():
     cal = set(minilm.calibration_sentences(48))
     assert not cal & set(a)
     assert facts["pool"] >= 200
+
+
+@pytest.mark.skipif("work_dir" not in OptimizeConfig.keys(), reason="needs the work_dir option")
+def test_checkpoint_resumes(tmp_path):
+    model = dm.mlp()
+    cal, data = _files(tmp_path, model)
+    cfg = _cfg(cal, "portable", distill=data, distill_steps=30, distill_lr=3e-3, work_dir=tmp_path / "work")
+    first, _ = bfc.optimize(model, cfg)
+    assert len(list((tmp_path / "work").glob("distill-*.pt"))) == 1
+    again, report = bfc.optimize(model, cfg)           # resumes at step 30: nothing left to train
+    assert first.SerializeToString() == again.SerializeToString()
+    assert any("(0 steps" in n for n in report.notes)
