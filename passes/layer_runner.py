@@ -18,13 +18,14 @@ Engines (``Runner``):
   * ``workers > 1`` (default ``None``: the usable cores, in process when there is less than
     ``POOL_MIN_ELEMENTS`` weight elements to plan or a single task): a
     ``concurrent.futures.ProcessPoolExecutor`` with a forkserver context (spawn where there
-    is none), the planner modules preloaded in the server, each worker limited to
-    cores // workers BLAS threads;
+    is none), the planner modules preloaded in the server;
   * ``cluster`` (an address, or ``local`` for a ``LocalCluster`` of ``workers`` processes):
     the same task function on Dask distributed (``pip install 'bfc[cluster]'``); each
     task's payload is scattered to the cluster and released after its result.
 At most ``INFLIGHT_PER_WORKER`` tasks per worker are in flight: the parent never ships
-every weight at once.
+every weight at once.  Every task runs on one BLAS thread whatever the engine
+(``one_blas_thread``): multi-threaded BLAS reductions round differently in the last bit,
+which could flip a budget decision between worker counts.
 Resume (``WorkFolder``): each finished layer is written atomically to the work folder as
 ``<key>.pkl``, key = sha256 of the planner's source code, the weight (dtype, shape, bytes),
 the statistics' bytes, the config fields that affect planning (``NOT_PLANNING`` are left
@@ -71,6 +72,7 @@ class LayerTask:
     rotation: object | None = None
     bits: tuple = ()
     seed: int = 0
+    origin_pid: int = 0          # the process that made the task (not part of the record key)
 
 
 @dataclass
@@ -115,6 +117,8 @@ def run_task(task: LayerTask) -> LayerResult:
     if isinstance(target, str):
         from bfc.passes.targets import get_target
         target = get_target(target)
+    if task.origin_pid and os.getpid() != task.origin_pid and _IN_MAIN:
+        _limit_threads(1)            # a Dask worker process (pool workers are limited by their initializer)
     cfg = task.config if task.config.seed == task.seed else task.config.replace(seed=task.seed)
     t0 = time.perf_counter()
     p = plan_mod.plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
@@ -123,17 +127,36 @@ def run_task(task: LayerTask) -> LayerResult:
                        time.perf_counter() - t0, _worker_id())
 
 
-def _init_worker(threads: int) -> None:
-    """Pool worker: at most ``threads`` BLAS threads (the pool shares the cores)."""
-    global _IN_MAIN
-    _IN_MAIN = False
+def _limit_threads(n: int) -> None:
     for v in _BLAS_VARS:
-        os.environ[v] = str(threads)
+        os.environ[v] = str(n)
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(threads)
     except ImportError:
-        pass
+        return
+    threadpool_limits(n)
+
+
+def _init_worker() -> None:
+    """Pool worker: one BLAS thread (as every task everywhere, see ``one_blas_thread``)."""
+    global _IN_MAIN
+    _IN_MAIN = False
+    _limit_threads(1)
+
+
+@contextmanager
+def one_blas_thread():
+    """Every task runs on one BLAS thread, wherever it runs: multi-threaded BLAS reductions round
+    differently, and a layer error at the last bit can flip a budget decision, so the thread count
+    must not depend on the engine or the worker count (needs threadpoolctl; without it the pool's
+    workers still start with one thread through the environment)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
 
 
 # ---- resume -----------------------------------------------------------------------------------
@@ -250,12 +273,19 @@ def _without_main():
     otherwise run again in every worker (multiprocessing's spawn/forkserver preparation)."""
     import types
     main = sys.modules.get("__main__")
+    env = {v: os.environ.get(v) for v in _BLAS_VARS}
     sys.modules["__main__"] = types.ModuleType("__main__")
+    os.environ.update({v: "1" for v in _BLAS_VARS})      # a forkserver started now preloads numpy with 1 thread
     try:
         yield
     finally:
         if main is not None:
             sys.modules["__main__"] = main
+        for v, old in env.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
 
 
 def _shipped(task: LayerTask) -> LayerTask:
@@ -318,16 +348,16 @@ class Runner:
         work = sum(int(t.weight.size) for t in tasks)
         if n <= 1 or len(tasks) == 1 or (self.workers is None and work < POOL_MIN_ELEMENTS):
             for t in tasks:
-                yield t, run_task(t)
+                with one_blas_thread():
+                    res = run_task(t)
+                yield t, res
             return
         yield from self._pool(tasks, min(n, len(tasks)))
 
     def _pool(self, tasks, n):
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        threads = max(1, cpu_count() // n)
         self.engine = f"process pool ({n} workers)"
-        ex = ProcessPoolExecutor(max_workers=n, mp_context=_pool_context(), initializer=_init_worker,
-                                 initargs=(threads,))
+        ex = ProcessPoolExecutor(max_workers=n, mp_context=_pool_context(), initializer=_init_worker)
         queue = iter(tasks)
         running = {}
         try:
@@ -374,24 +404,25 @@ class Runner:
             queue = iter(tasks)
 
             def submit(t):
-                data = client.scatter(_shipped(t), hash=False)
+                data = client.scatter(dataclasses.replace(_shipped(t), origin_pid=os.getpid()), hash=False)
                 running[client.submit(run_task, data, pure=False)] = (t, data)
 
             for t in queue:
                 submit(t)
                 if len(running) >= INFLIGHT_PER_WORKER * slots:
                     break
-            while running:
-                done = wait(list(running), return_when="FIRST_COMPLETED").done
-                for fut in done:
-                    t, data = running.pop(fut)
-                    res = fut.result()
-                    fut.release()
-                    data.release()
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        submit(nxt)
-                    yield t, res
+            with one_blas_thread():                # workers that are threads of this process
+                while running:
+                    done = wait(list(running), return_when="FIRST_COMPLETED").done
+                    for fut in done:
+                        t, data = running.pop(fut)
+                        res = fut.result()
+                        fut.release()
+                        data.release()
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            submit(nxt)
+                        yield t, res
         finally:
             for fut, (_t, data) in list(running.items()):
                 fut.cancel()
