@@ -232,6 +232,33 @@ def test_int8_monarch_bit_identical_across_isas(shape):
                                               err_msg=f"{shape} batch {batch} {isa} threads {threads}")
 
 
+@pytest.mark.parametrize("perm", ["none", "quads"])
+@pytest.mark.parametrize("shape", [(1024, 1024), (384, 1536), (1536, 384)])
+def test_int8_monarch_fused_passes_bit_identical(shape, perm):
+    """AVX-512 fused int8 passes (first quantization inside the gather when the input columns map
+    to aligned quads of storage rows: no in_perm, or one that moves whole quads; the next factor's
+    amax tracked in the VNNI epilogue) give the bits of the portable path, incl. partial 16-row tiles,
+    several panels and 2 threads."""
+    if len(ISAS) < 2:
+        pytest.skip("only the portable path on this machine")
+    rng = np.random.default_rng(zlib.crc32(repr((shape, perm)).encode()))
+    chain = monarch_chain(*shape)
+    vals = [rng.integers(-128, 128, size=v.shape).astype(np.int8) for v in chain.random_values(rng)]
+    scales = [(rng.random((p.a, p.d, 1, p.c)) + 0.5).astype(np.float32) / (127 * np.sqrt(p.b)) for p in chain]
+    in_perm = None if perm == "none" else (4 * rng.permutation(shape[0] // 4)[:, None] + np.arange(4)).reshape(-1)
+    model = ops.make_ks_matmul_model(chain, vals, scales, in_perm=in_perm, bias=rng.standard_normal(shape[1]))
+    for batch in (5, 16, 37, 300):
+        x = rng.standard_normal((batch, shape[0])).astype(np.float32)
+        x[0, :5] *= 100.0
+        x[1] = 0.0
+        x[2, -1] = -50.0           # the largest |x| in the last column
+        ref = _run_isa(model, x, "portable")
+        for isa in ISAS[1:]:
+            for threads in (1, 2):
+                np.testing.assert_array_equal(_run_isa(model, x, isa, threads), ref,
+                                              err_msg=f"{shape} {perm} batch {batch} {isa} threads {threads}")
+
+
 def test_shape_inference_keeps_symbolic_dims():
     rng = np.random.default_rng(3)
     chain = monarch_chain(64, 48)

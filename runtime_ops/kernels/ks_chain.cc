@@ -242,6 +242,47 @@ std::string build_plan(const NodeDesc& n, const char* isa_override, Plan* plan) 
   plan->scatter_row.resize(size_t(plan->N));
   for (int64_t o = 0; o < plan->N; ++o)
     plan->scatter_row[size_t(o)] = int32_t(n.out_perm.empty() ? o : n.out_perm[size_t(o)]);
+  plan->gather_q = 0;
+  plan->gq_lines.clear();
+  plan->gq_src.clear();
+  if (plan->isa == 2 && L > 0) {
+    const Factor& f0 = plan->factors[0];
+    const int64_t M = plan->M;
+    const std::vector<int32_t>& gr = plan->gather_row;
+    if (f0.path == Path::I8 && !f0.small && f0.mrv > 0 && f0.b % 4 == 0 && M % 64 == 0) {
+      bool ok = true;
+      for (int64_t s = 0; ok && s < M; s += 4) {
+        ok = gr[size_t(s)] % 4 == 0;
+        for (int t = 1; ok && t < 4; ++t) ok = gr[size_t(s + t)] == gr[size_t(s)] + t;
+      }
+      if (ok) {
+        plan->gather_q = 1;
+      } else {
+        std::vector<int32_t> inv(static_cast<size_t>(M));
+        for (int64_t s = 0; s < M; ++s) inv[size_t(gr[size_t(s)])] = int32_t(s);
+        ok = true;
+        for (int64_t cb = 0; ok && cb < M / 16; ++cb) {
+          if (gr[size_t(16 * cb)] % 4 != 0) continue;  // a byte t > 0 source block
+          int32_t line[16];
+          for (int k = 0; ok && k < 16; ++k) {
+            ok = gr[size_t(16 * cb + k)] % 4 == 0;
+            line[k] = gr[size_t(16 * cb + k)] / 4;
+          }
+          plan->gq_src.push_back(int32_t(16 * cb));
+          for (int t = 1; ok && t < 4; ++t) {
+            const int32_t st = inv[size_t(4 * line[0] + t)];
+            ok = st % 16 == 0;
+            for (int k = 1; ok && k < 16; ++k) ok = inv[size_t(4 * line[k] + t)] == st + k;
+            plan->gq_src.push_back(st);
+          }
+          plan->gq_lines.insert(plan->gq_lines.end(), line, line + 16);
+        }
+        ok = ok && int64_t(plan->gq_lines.size()) * 4 == M;
+        plan->gather_q = ok ? 2 : 0;
+        if (!ok) plan->gq_lines.clear(), plan->gq_src.clear();
+      }
+    }
+  }
   plan->max_dim = plan->M;
   plan->max_pairs = 0;
   for (const Factor& f : plan->factors) {
@@ -299,6 +340,9 @@ struct Exec {
   size_t run0, run1;            // small-block run [run0, run1) for small_run_fn
   float* P;                     // depth-first private buffers (one pair per tile)
   size_t p_stride;              // floats per tile (two buffers)
+  float* MXP;                   // per-(chunk, tile) column max |output| of a tracked int8 layer
+  int64_t nparts;               // chunks that wrote MXP (0: no tracked max for the next factor)
+  bool track;                   // layer_fn: f runs T->i8m (writes MXP)
 };
 
 void gather_fn(void* u, size_t item) {
@@ -309,8 +353,26 @@ void gather_fn(void* u, size_t item) {
   e.T->gather(*e.plan, e.x, r0, nv, e.nb, c0, c1, e.A + t * e.buf_stride);
 }
 
+void gather_q_fn(void* u, size_t t) {
+  Exec& e = *static_cast<Exec*>(u);
+  const int64_t r0 = (e.tile0 + int64_t(t)) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
+  e.T->gather_q(*e.plan, e.plan->factors[0], e.x, r0, nv, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride),
+                e.CS + t * e.nb);
+}
+
 void quant_fn(void* u, size_t t) {
   Exec& e = *static_cast<Exec*>(u);
+  if (e.nparts > 0) {  // amax from the previous factor's epilogues: no amax pass over the buffer
+    alignas(64) float am[16];
+    for (int n = 0; n < e.nb; ++n) am[n] = 0.f;
+    for (int64_t c = 0; c < e.nparts; ++c) {
+      const float* pm = e.MXP + (size_t(c) * size_t(e.ntiles) + t) * size_t(e.nb);
+      for (int n = 0; n < e.nb; ++n) am[n] = std::max(am[n], pm[n]);
+    }
+    e.T->quant_am(*e.f, e.A + t * e.buf_stride, am, reinterpret_cast<int16_t*>(e.Q + t * e.q_stride),
+                  e.CS + t * e.nb, e.nb);
+    return;
+  }
   if (e.f_small_i8)
     e.T->amax(e.A + t * e.buf_stride, e.f->in_dim(), e.CS + t * e.nb, e.INV + t * e.nb, e.nb);
   else
@@ -337,6 +399,12 @@ void layer_fn(void* u, size_t c) {
   Exec& e = *static_cast<Exec*>(u);
   const Factor& f = *e.f;
   const int64_t blk0 = int64_t(c) * e.chunk, blk1 = std::min<int64_t>(f.a * f.d, blk0 + e.chunk);
+  if (e.track) {
+    for (int64_t t = 0; t < e.ntiles; ++t)
+      e.T->i8m(f, reinterpret_cast<const int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.B + t * e.buf_stride,
+               e.nb, blk0, blk1, e.MXP + (c * size_t(e.ntiles) + size_t(t)) * size_t(e.nb));
+    return;
+  }
   for (int64_t t = 0; t < e.ntiles; ++t)
     apply_blocks(e, f, e.f_small_i8, size_t(t), e.A + t * e.buf_stride, e.B + t * e.buf_stride, blk0, blk1);
 }
@@ -464,6 +532,18 @@ size_t block_bytes(const Factor& f) {
   }
 }
 
+// blocks per layer_fn item: chunks whose packed weights stay in L2 while every tile streams
+// through them, and enough chunks to keep the pool busy
+int64_t chunk_of(const Factor& f) {
+  const int64_t nblk = f.a * f.d;
+  const size_t target = size_t(96) * 1024;
+  int64_t chunk = std::max<int64_t>(1, int64_t(target / std::max<size_t>(1, block_bytes(f))));
+  return std::min<int64_t>(chunk, std::max<int64_t>(1, nblk / 8));
+}
+
+// big-block VNNI int8 factor (T->i8 / T->i8m run it)
+inline bool vnni_i8(const Factor& f) { return f.path == Path::I8 && !f.small && f.mrv > 0; }
+
 }  // namespace
 
 std::string run_chain(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows,
@@ -499,7 +579,19 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   if (panel % 2 == 1 && panel < all_tiles) ++panel;
   const size_t cs_floats = round_up(size_t(panel) * e.nb);
   e.p_stride = 2 * round_up(size_t(plan.df_group_rows) * e.nb);
-  const size_t total = 2 * e.buf_stride * panel + e.q_stride * panel + 3 * cs_floats + e.p_stride * panel;
+  // fused int8 passes (AVX-512 tables, 16-wide tiles): first quantization in the gather, the
+  // amax of a VNNI factor following a VNNI factor tracked in the previous epilogue
+  const bool fuse = e.T->gather_q != nullptr && e.nb == 16;
+  int64_t max_parts = 0;
+  if (fuse)
+    for (size_t l = 0; l + 1 < plan.factors.size(); ++l)
+      if (vnni_i8(plan.factors[l]) && vnni_i8(plan.factors[l + 1])) {
+        const Factor& f = plan.factors[l];
+        max_parts = std::max(max_parts, (f.a * f.d + chunk_of(f) - 1) / chunk_of(f));
+      }
+  const size_t mxp_floats = round_up(size_t(max_parts) * size_t(panel) * size_t(e.nb));
+  const size_t total =
+      2 * e.buf_stride * panel + e.q_stride * panel + 3 * cs_floats + e.p_stride * panel + mxp_floats;
   float* base = sb.get(total);
   auto cols_per_item = [](int64_t n) { return std::max<int64_t>(64, (n / 4 + 15) / 16 * 16); };
   e.gcols = cols_per_item(plan.M), e.scols = cols_per_item(plan.N);
@@ -515,7 +607,14 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
     e.INV = e.CS + cs_floats;
     e.MX = e.INV + cs_floats;
     e.P = e.MX + cs_floats;
-    if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles * e.gitems), &e)) return fail;
+    e.MXP = e.P + e.p_stride * panel;
+    e.nparts = 0;
+    const bool gq = fuse && plan.gather_q;
+    if (gq) {
+      if (!run(pfor, pfor_ctx, gather_q_fn, size_t(e.ntiles), &e)) return fail;
+    } else if (!run(pfor, pfor_ctx, gather_fn, size_t(e.ntiles * e.gitems), &e)) {
+      return fail;
+    }
     for (size_t l = 0; l < L;) {
       const Factor& f = plan.factors[l];
       e.f = &f;
@@ -523,21 +622,22 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
         size_t r = l;
         while (r < L && plan.factors[r].small) ++r;
         e.run0 = l, e.run1 = r;
+        e.nparts = 0;
         if (!run(pfor, pfor_ctx, small_run_fn, size_t(e.ntiles), &e)) return fail;
         if (run_passes(plan, e.T, l, r) % 2) std::swap(e.A, e.B);
         l = r;
         continue;
       }
       e.f_small_i8 = false;
-      if (f.path == Path::I8 && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e)) return fail;
+      if (f.path == Path::I8 && !(l == 0 && gq) && !run(pfor, pfor_ctx, quant_fn, size_t(e.ntiles), &e))
+        return fail;
       const int64_t nblk = f.a * f.d;
-      // chunks of blocks whose packed weights stay in L2 while every tile streams through them,
-      // and enough chunks to keep the pool busy
-      const size_t target = size_t(96) * 1024;
-      int64_t chunk = std::max<int64_t>(1, int64_t(target / std::max<size_t>(1, block_bytes(f))));
-      chunk = std::min<int64_t>(chunk, std::max<int64_t>(1, nblk / 8));
-      e.chunk = chunk;
-      if (!run(pfor, pfor_ctx, layer_fn, size_t((nblk + chunk - 1) / chunk), &e)) return fail;
+      e.chunk = chunk_of(f);
+      const int64_t nchunks = (nblk + e.chunk - 1) / e.chunk;
+      e.track = fuse && l + 1 < L && vnni_i8(f) && vnni_i8(plan.factors[l + 1]);
+      if (!run(pfor, pfor_ctx, layer_fn, size_t(nchunks), &e)) return fail;
+      e.nparts = e.track ? nchunks : 0;
+      e.track = false;
       std::swap(e.A, e.B);
       ++l;
     }

@@ -97,6 +97,14 @@ struct Plan {
   size_t df_start = 0;            // first factor of the depth-first small-block tail (L = none)
   int64_t df_group_rows = 0;      // largest per-group activation (features) inside that tail
   int isa = 0;                    // 0 portable, 1 avx2, 2 avx512 (VNNI int8 + AVX2 for the rest)
+  // the first factor is a VNNI int8 factor whose storage rows come in aligned quads of
+  // consecutive X columns (b % 4 == 0, M % 16 == 0): LayerTable::gather_q writes its u8
+  // quads straight from x (no float buffer, no separate quantization pass)
+  // 0: no; 1: X columns 4g..4g+3 are storage rows R..R+3 (quad line R/4); 2: 16-line groups
+  // whose byte t comes from 16 consecutive X columns gq_src[4*g + t] (lines gq_lines[16*g + k]),
+  // e.g. Monarch's first factor (1, b, c, d): column j*d + l is row l*b + j
+  int gather_q = 0;
+  std::vector<int32_t> gq_lines, gq_src;
   mutable std::mutex scratch_mu;  // guards scratch (concurrent runs fall back to a private buffer)
   mutable ScratchBuf scratch;
 };
@@ -155,6 +163,16 @@ struct LayerTable {
   // tile buffer -> columns [c0, c1) of y rows [r0, r0 + nv) (+ bias); c0 is a multiple of 8
   void (*scatter)(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb,
                   int64_t c0, int64_t c1);
+  // ---- fused int8 passes (AVX-512 only, null elsewhere; same bits as the unfused passes) ----
+  // x rows [r0, r0 + nv) (all M columns, nb == 16, Plan::gather_q) -> factor f's u8 quads and
+  // column scales: per-row amax read from x, gather + quantization in one pass
+  void (*gather_q)(const Plan& p, const Factor& f, const float* x, int64_t r0, int64_t nv, int16_t* q,
+                   float* colscale);
+  // quant with the per-column amax given (nb floats), no amax pass over the buffer
+  void (*quant_am)(const Factor& f, const float* in, const float* amax, int16_t* q, float* colscale, int nb);
+  // i8 that also writes max |output| per batch column of blocks [blk0, blk1) to colmax (nb floats)
+  void (*i8m)(const Factor& f, const int16_t* q, const float* colscale, float* out, int nb, int64_t blk0,
+              int64_t blk1, float* colmax);
 };
 const LayerTable& portable_table();
 #if defined(BFC_HAVE_AVX2)

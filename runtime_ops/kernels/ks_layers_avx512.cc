@@ -45,11 +45,15 @@ inline void with_mrv(int mrv, F&& f) {
 }
 
 // NB = 16: zmm (16 int32 lanes = 16 batch columns); NB = 8: ymm (AVX512VL)
-template <int MRV>
-void i8_16(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
+// TRACK: colmax[0..16) = max |output| per batch column over blocks [blk0, blk1) (the next
+// int8 factor's amax without a pass over the buffer; max is exact, so the same number)
+template <int MRV, bool TRACK = false>
+void i8_16(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1,
+           float* colmax = nullptr) {
   constexpr int NB = 16;
   const int64_t b4 = f.b4, c = f.c, d = f.d, nkt = f.nktv;
   const __m512 cs = _mm512_loadu_ps(colscale);
+  __m512 mx = _mm512_setzero_ps();
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
     const int64_t i = blk_il / d, l = blk_il % d;
     const uint8_t* xb = q + blk_il * b4 * NB * 4;
@@ -78,11 +82,14 @@ void i8_16(const Factor& f, const uint8_t* q, const float* colscale, float* out,
         if (r < valid) {
           float* yr = out + int64_t(orow[(kt * MRV + r) * d]) * NB;
           const __m512i a = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(corr[r]));
-          _mm512_store_ps(yr, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), cs), _mm512_set1_ps(sc[r])));
+          const __m512 o = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), cs), _mm512_set1_ps(sc[r]));
+          if (TRACK) mx = _mm512_max_ps(mx, _mm512_abs_ps(o));
+          _mm512_store_ps(yr, o);
         }
       }
     }
   }
+  if (TRACK) _mm512_storeu_ps(colmax, mx);
 }
 
 template <int MRV>
@@ -129,10 +136,12 @@ void i8_8(const Factor& f, const uint8_t* q, const float* colscale, float* out, 
 // which is the same number), then the u8 quads.  Same float ops as the other paths:
 // v = h * inv, NaN -> 0, clamp to [-127, 127], round half to even.
 template <int NB>
-void quant_t(const Factor& f, const float* in, uint8_t* q, float* colscale) {
+void quant_t(const Factor& f, const float* in, uint8_t* q, float* colscale, const float* amax_in = nullptr) {
   const int64_t nblk = f.a * f.d, b = f.b, b4 = f.b4, M = f.in_dim();
   alignas(64) float amax[16], inv[16];
-  if (NB == 16) {
+  if (amax_in != nullptr) {
+    for (int n = 0; n < NB; ++n) amax[n] = amax_in[n];
+  } else if (NB == 16) {
     __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
     int64_t r = 0;
     for (; r + 2 <= M; r += 2) {
@@ -210,6 +219,22 @@ void quant_layer(const Factor& f, const float* in, int16_t* q, float* cs, int nb
   else quant_t<16>(f, in, q8, cs);
 }
 
+void quant_am_layer(const Factor& f, const float* in, const float* amax, int16_t* q, float* cs, int nb) {
+  uint8_t* q8 = reinterpret_cast<uint8_t*>(q);
+  if (nb == 8) quant_t<8>(f, in, q8, cs, amax);
+  else quant_t<16>(f, in, q8, cs, amax);
+}
+
+void i8m_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1,
+               float* colmax) {
+  const uint8_t* q8 = reinterpret_cast<const uint8_t*>(q);
+  if (nb != 16) {  // the executor tracks only 16-wide tiles
+    with_mrv(f.mrv, [&](auto MRV) { i8_8<decltype(MRV)::value>(f, q8, cs, out, blk0, blk1); });
+    return;
+  }
+  with_mrv(f.mrv, [&](auto MRV) { i8_16<decltype(MRV)::value, true>(f, q8, cs, out, blk0, blk1, colmax); });
+}
+
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
   const uint8_t* q8 = reinterpret_cast<const uint8_t*>(q);
   with_mrv(f.mrv, [&](auto MRV) {
@@ -266,6 +291,73 @@ void gather_layer(const Plan& p, const float* x, int64_t r0, int64_t nv, int nb,
   if (s < c1) avx2_table().gather(p, x, r0, nv, nb, s, c1, buf);
 }
 
+// Plan::gather_q: per-row amax straight from x (16 rows, nv valid, the others zero as the
+// unfused gather leaves them), then 16x16 transposes whose columns are quantized and packed
+// four at a time into the u8 quads quant_t writes: storage rows R..R+3 (R % 4 == 0, b % 4 == 0)
+// are quad line R/4.  Same values, same float ops, same bits as gather + quant.
+void gather_q_layer(const Plan& p, const Factor& f, const float* x, int64_t r0, int64_t nv, int16_t* q16,
+                    float* colscale) {
+  (void)f;
+  uint8_t* q = reinterpret_cast<uint8_t*>(q16);
+  const int64_t M = p.M;
+  const float* xr = x + r0 * M;
+  alignas(64) float amax[16], inv[16];
+  for (int n = 0; n < 16; ++n) {
+    if (n >= nv) {
+      amax[n] = 0.f;
+      continue;
+    }
+    const float* row = xr + n * M;
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 32 <= M; s += 32) {
+      m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(row + s)));
+      m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(row + s + 16)));
+    }
+    if (s < M) m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(row + s)));
+    amax[n] = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  }
+  for (int n = 0; n < 16; ++n) int8_column_scale(amax[n], &colscale[n], &inv[n]);
+  const __m512 iv = _mm512_load_ps(inv);
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  const __m512i off = _mm512_set1_epi32(128);
+  auto qv = [&](__m512 t) {
+    t = _mm512_mul_ps(t, iv);
+    t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, t, _CMP_ORD_Q), t);
+    t = _mm512_min_ps(hi, _mm512_max_ps(lo, t));
+    return _mm512_add_epi32(_mm512_cvtps_epi32(t), off);
+  };
+  if (p.gather_q == 2) {
+    const int64_t ng = int64_t(p.gq_lines.size()) / 16;
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i quad[16];
+      for (int t = 0; t < 4; ++t) {
+        const float* src = xr + p.gq_src[size_t(4 * g + t)];
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k) r[k] = k < nv ? _mm512_loadu_ps(src + k * M) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int k = 0; k < 16; ++k)
+          quad[k] = t == 0 ? qv(r[k]) : _mm512_or_si512(quad[k], _mm512_slli_epi32(qv(r[k]), 8 * t));
+      }
+      const int32_t* ln = p.gq_lines.data() + 16 * g;
+      for (int k = 0; k < 16; ++k) _mm512_store_si512(reinterpret_cast<void*>(q + int64_t(ln[k]) * 64), quad[k]);
+    }
+    return;
+  }
+  const int32_t* gr = p.gather_row.data();
+  for (int64_t s = 0; s < M; s += 16) {
+    __m512 r[16];
+    for (int k = 0; k < 16; ++k) r[k] = k < nv ? _mm512_loadu_ps(xr + k * M + s) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int g = 0; g < 16; g += 4) {
+      const __m512i u = _mm512_or_si512(
+          _mm512_or_si512(qv(r[g]), _mm512_slli_epi32(qv(r[g + 1]), 8)),
+          _mm512_or_si512(_mm512_slli_epi32(qv(r[g + 2]), 16), _mm512_slli_epi32(qv(r[g + 3]), 24)));
+      _mm512_store_si512(reinterpret_cast<void*>(q + int64_t(gr[s + g] / 4) * 64), u);
+    }
+  }
+}
+
 void scatter_layer(const Plan& p, const float* buf, const float* bias, float* y, int64_t r0, int64_t nv, int nb,
                    int64_t c0, int64_t c1) {
   int64_t o = c0;
@@ -292,6 +384,9 @@ const LayerTable& avx512_table() {
     r.i8 = i8_layer;
     r.gather = gather_layer;
     r.scatter = scatter_layer;
+    r.gather_q = gather_q_layer;
+    r.quant_am = quant_am_layer;
+    r.i8m = i8m_layer;
     return r;
   }();
   return t;
