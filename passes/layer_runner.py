@@ -51,6 +51,7 @@ from pathlib import Path
 
 POOL_MIN_ELEMENTS = 1 << 22     # workers=None: fewer weight elements to plan run in process (pool start-up ~1 s)
 INFLIGHT_PER_WORKER = 2         # tasks shipped per worker at a time
+CONNECT_TIMEOUT = 30            # seconds to reach a Dask scheduler
 RECORD_VERSION = 1
 NOT_PLANNING = frozenset({       # config fields that do not change one site's plan
     "workers", "cluster", "work_dir", "verify", "strict", "calibration", "calibration_rows", "fix_batch",
@@ -315,19 +316,24 @@ class Runner:
         tasks = list(tasks)
         keys = {t.index: task_key(t) for t in tasks}
         self.folder = work_folder(self.cfg, [keys[t.index] for t in tasks])
-        todo = []
-        for t in tasks:
-            rec = self.folder.load(keys[t.index])
-            if rec is None:
-                todo.append(t)
-                continue
-            self.resumed += 1
-            yield t, self._attach(t, dataclasses.replace(rec, resumed=True))
-        for t, res in self._engine(todo):
-            self.planned += 1
-            self.folder.save(keys[t.index], res)
-            yield t, self._attach(t, res)
-        if self.folder.temporary:
+        try:
+            todo = []
+            for t in tasks:
+                rec = self.folder.load(keys[t.index])
+                if rec is None:
+                    todo.append(t)
+                    continue
+                self.resumed += 1
+                yield t, self._attach(t, dataclasses.replace(rec, resumed=True))
+            for t, res in self._engine(todo):
+                self.planned += 1
+                self.folder.save(keys[t.index], res)
+                yield t, self._attach(t, res)
+        except GeneratorExit:            # the caller has what it needs (e.g. the target size is reached)
+            if self.folder.temporary:
+                self.folder.remove()
+            raise
+        if self.folder.temporary:        # planning finished; a killed or failed run keeps the folder to resume
             self.folder.remove()
 
     @staticmethod
@@ -392,7 +398,7 @@ class Runner:
             client = Client(local)
         else:
             try:
-                client = Client(self.cluster, timeout=30)
+                client = Client(self.cluster, timeout=CONNECT_TIMEOUT)
             except OSError as e:
                 from bfc.errors import ConfigError
                 raise ConfigError(f"cannot reach the Dask scheduler at {self.cluster} ({e}); start one "

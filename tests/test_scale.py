@@ -84,9 +84,11 @@ def test_pool_gives_the_same_bytes(inputs, tmp_path, name):
            [(r.layer, r.structure, r.precision, r.error) for r in r2.layers]
 
 
-def test_uncalibrated_pool_and_target_size(inputs, tmp_path):
+def test_uncalibrated_pool_and_target_size(inputs, tmp_path, monkeypatch):
     """Weight error (no statistics shipped) and the sequential target-size cut, applied in order."""
     src, _ = inputs
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     cfg = dict(structure="monarch", rank=1, max_error=None, target_size=180_000)
     one, r1 = _run(src, tmp_path / "a.onnx", workers=1, **cfg)
     two, r2 = _run(src, tmp_path / "b.onnx", workers=2, **cfg)
@@ -94,6 +96,7 @@ def test_uncalibrated_pool_and_target_size(inputs, tmp_path):
     reasons = [r.reason for r in r1.layers]
     assert any(r and "target size" in r for r in reasons) and any(r is None for r in reasons)
     assert reasons == [r.reason for r in r2.layers]
+    assert not any((tmp_path / "tmp" / "bfc-work").iterdir())     # the cut ends planning: temp records removed
 
 
 def test_completion_order_does_not_matter(inputs, tmp_path, monkeypatch):
@@ -238,8 +241,9 @@ def test_config_and_cli(inputs, tmp_path, capsys):
     assert "workers" in capsys.readouterr().err
 
 
-def test_missing_cluster_is_a_user_error(inputs, tmp_path):
+def test_missing_cluster_is_a_user_error(inputs, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
+    monkeypatch.setattr(layer_runner, "CONNECT_TIMEOUT", 2)
     src, _ = inputs
     with pytest.raises(ConfigError, match="Dask scheduler"):
         _run(src, tmp_path / "a.onnx", cluster="tcp://127.0.0.1:1", structure="monarch", max_error=None)
