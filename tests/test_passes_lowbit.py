@@ -5,13 +5,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from bfc.passes.pipeline import run_passes
 from onnx import TensorProto, helper, numpy_helper
 
 import bfc
 from bfc.config import OptimizeConfig
 from bfc.errors import ConfigError
 from bfc.lowbit import RotatedLayer
-from bfc.passes.pipeline import run_passes
 
 K, N, T = 96, 80, 6          # K = 3 * 2^5: a 3x3 block stage and five butterfly stages
 
@@ -54,7 +54,7 @@ def _model(tmp_path, names=("q", "k", "v"), inputs=1, opset=20, outliers=False, 
 
 
 def _cfg(cal, **kw):
-    base = dict(structure="rotated", calibration=cal, max_error=10.0, max_output_error=None, min_size=0, verify=False)
+    base = {"structure": "rotated", "calibration": cal, "max_error": 10.0, "max_output_error": None, "min_size": 0, "verify": False}
     return OptimizeConfig(**{**base, **kw})
 
 
@@ -115,7 +115,7 @@ def test_one_rotation_per_input_tensor(tmp_path, target):
 
 @pytest.mark.parametrize("target", ["portable", "ort"])
 def test_report_bytes_are_the_initializers_written(tmp_path, target):
-    path, cal, x = _model(tmp_path, names=("q", "k"))
+    path, cal, _x = _model(tmp_path, names=("q", "k"))
     out = tmp_path / "out.onnx"
     _, report = bfc.optimize(str(path), _cfg(cal, bits=4, target=target, correction_rank=8), output=out)
     m = onnx.load(str(out))
@@ -144,7 +144,7 @@ def test_custom_op_refuses_the_family_with_a_reason(tmp_path):
 
 def test_auto_chooses_rotated_int4_when_it_is_smallest(tmp_path):
     """A dense random layer has no KS structure: precision=auto + structure=auto takes rotated int4."""
-    path, cal, x = _model(tmp_path, names=("q",))
+    path, cal, _x = _model(tmp_path, names=("q",))
     cfg = OptimizeConfig(structure="auto", precision="auto", max_error=0.12, max_output_error=None, min_size=0,
                          calibration=cal, target="ort", verify=False)
     st = run_passes(str(path), cfg)

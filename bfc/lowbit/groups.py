@@ -125,7 +125,7 @@ class GroupQuantized:
     def nbytes(self) -> int:
         """Packed codes + scales + packed zero points; a last, shorter group is stored padded to
         ``group_size`` rows (as MatMulNBits and bfc's graphs store it)."""
-        k, n = self.shape
+        _k, n = self.shape
         zp = 0 if self.zero_points is None else packed_nbytes(self.zero_points.size, self.bits)
         return packed_nbytes(self.n_groups * self.group_size * n, self.bits) + self.scales.nbytes + zp
 
