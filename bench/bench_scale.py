@@ -213,7 +213,7 @@ def part_b(args, tmp: Path, lines: list[str], a: dict) -> None:
               f"| killed run | {k['wall_s']:.1f} (killed: {k['killed']}) | - | {recorded} recorded | - | - |",
               f"| resumed run | {r['total_s']:.1f} | {r['plan_s']:.1f} | {r['planned'] - r['resumed']} | {r['resumed']} | "
               f"`{r['sha256'][:16]}` |", "",
-              f"- Resumed plan stage / full plan stage: **{r['plan_s'] / full['plan_s']:.2f}** (about half expected); "
+              f"- Resumed plan stage / full plan stage: **{r['plan_s'] / full['plan_s']:.2f}** (the killed run had planned the largest layers first, so its recorded half held most of the work); "
               f"whole run {r['total_s'] / full['total_s']:.2f} (load, calibration and export are not resumed).",
               f"- Bytes identical to the uninterrupted run: **{'yes' if same else 'NO'}**.", ""]
 
@@ -261,7 +261,7 @@ def part_c(args, tmp: Path, lines: list[str]) -> None:
                                                             else "NO") + "**.",
               "- The bfc process holds the whole model (graph surgeon import, the rewrite, the export, and onnxruntime "
               "sessions for verification): its peak is a multiple of the weight bytes, not bounded by the largest "
-              "layer; the pool's workers add one layer each.", ""]
+              "layer; each pool worker adds its own interpreter, numpy and planner (the tree's summed peak) plus the layer it plans.", ""]
 
 
 def main(argv=None) -> int:
