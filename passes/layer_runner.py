@@ -129,12 +129,9 @@ def run_task(task: LayerTask) -> LayerResult:
 
 
 def _limit_threads(n: int) -> None:
+    from threadpoolctl import threadpool_limits
     for v in _BLAS_VARS:
         os.environ[v] = str(n)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
     threadpool_limits(n)
 
 
@@ -149,13 +146,8 @@ def _init_worker() -> None:
 def one_blas_thread():
     """Every task runs on one BLAS thread, wherever it runs: multi-threaded BLAS reductions round
     differently, and a layer error at the last bit can flip a budget decision, so the thread count
-    must not depend on the engine or the worker count (needs threadpoolctl; without it the pool's
-    workers still start with one thread through the environment)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
+    must not depend on the engine or the worker count (threadpoolctl sets it for every BLAS)."""
+    from threadpoolctl import threadpool_limits
     with threadpool_limits(1):
         yield
 
