@@ -10,7 +10,7 @@ Cases (seeded Gaussian weights scaled 1/sqrt(M), one BLAS thread):
 
 Each case runs in its own child process; its peak RSS is the child's ``ru_maxrss``
 (``os.wait4``), so the parent's memory never counts.  ``--ref DIR`` runs the same cases
-with ``DIR`` first on PYTHONPATH (an older checkout's parent folder of ``bfc``) and
+importing ``bfc`` from ``DIR`` (the folder holding an older checkout's ``bfc/``) and
 reports them beside the current ones.  Results go to bench/results/memory.md.
 """
 from __future__ import annotations
@@ -27,7 +27,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 CHILD = r'''
-import json, resource, sys, time
+import json, os, resource, sys, time
+# import bfc from the given tree, not through the editable install's redirecting finder
+sys.meta_path[:] = [f for f in sys.meta_path if "Redirecting" not in type(f).__name__]
+sys.path.insert(0, os.environ["BFC_BENCH_TREE"])
 import numpy as np
 from bfc.factorize import chain_for, factorize
 from bfc.quant import quantize
@@ -75,25 +78,40 @@ RUNS = {"a": [("a", "int8 factorize+quantize", ["a"])],
         "c": [("c-plain", "25088x64 int8", ["c", "plain"]), ("c-calib", "25088x64 int8 + calibration", ["c", "calib"])]}
 
 
+AS_LIMIT = 12 << 30     # address-space cap per child: a K x K blow-up fails instead of swapping
+
+
+def _limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+
 def run_child(args, pythonpath: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=pythonpath)
+               BFC_BENCH_TREE=pythonpath)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=pythonpath)   # cwd first on sys.path
+                            stderr=subprocess.PIPE, env=env, cwd=pythonpath,   # cwd first on sys.path
+                            preexec_fn=_limit)
     out, err = proc.stdout.read(), proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{err.decode()}")
+        last = (err.decode().strip().splitlines() or ["?"])[-1]
+        return {"failed": f"exit {proc.returncode}: {last[:120]}", "peak_rss_mb": usage.ru_maxrss / 1024.0,
+                "wall_s": wall}
     res = json.loads(out.decode().strip().splitlines()[-1])
     res["peak_rss_mb"] = usage.ru_maxrss / 1024.0          # Linux: kilobytes
     res["wall_s"] = wall
+    if not res.pop("bfc").startswith(pythonpath):
+        raise RuntimeError(f"child imported bfc from outside {pythonpath}")
     return res
 
 
 def fmt_row(label, r):
+    if "failed" in r:
+        return f"| {label} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} s, failed | {r['failed']} (cap {AS_LIMIT >> 30} GB) |"
     keys = [k for k in r if k.endswith("_s") and k != "wall_s"]
     times = ", ".join(f"{k[:-2]} {r[k]:.2f} s" for k in keys)
     extra = ", ".join(f"{k} {r[k]:.6g}" if isinstance(r[k], float) else f"{k} {r[k]}"
@@ -123,7 +141,8 @@ def main(argv=None):
                 lines.append(row)
     ratio = []
     for tree, _ in trees:
-        if ("b-int8", tree) in results and ("b-fp8", tree) in results:
+        if ("b-int8", tree) in results and ("b-fp8", tree) in results and \
+                not any("failed" in results[(k, tree)] for k in ("b-int8", "b-fp8")):
             i8, f8 = results[("b-int8", tree)], results[("b-fp8", tree)]
             ratio.append(f"fp8-e4m3 / int8 on the same factorization ({tree}): quantize time "
                          f"{f8['fp8-e4m3_quantize_s'] / i8['int8_quantize_s']:.2f}x, peak RSS "
