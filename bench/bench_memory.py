@@ -11,7 +11,9 @@ Cases (seeded Gaussian weights scaled 1/sqrt(M), one BLAS thread):
 Each case runs in its own child process; its peak RSS is the child's ``ru_maxrss``
 (``os.wait4``), so the parent's memory never counts.  ``--ref DIR`` runs the same cases
 importing ``bfc`` from ``DIR`` (the folder holding an older checkout's ``bfc/``) and
-reports them beside the current ones.  Results go to bench/results/memory.md.
+reports them beside the current ones (e.g. the code before the "Scale" rework:
+``git archive 61d21bc bfc | tar -x -C /tmp/ref`` then ``--ref /tmp/ref``).  Results go to
+bench/results/memory.md.
 """
 from __future__ import annotations
 
@@ -150,6 +152,8 @@ def main(argv=None):
                          f"{f8['peak_rss_mb'] - f8['rss_after_factorize_mb']:.0f} MB vs "
                          f"{i8['peak_rss_mb'] - i8['rss_after_factorize_mb']:.0f} MB)")
     body = "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratio) + "\n"
+    if args.ref:
+        body += (f"- ref: bfc imported from `{args.ref}` (see the module doc); current: this checkout\n")
     print(body)
     if not args.no_write:
         cmd = "python bench/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
