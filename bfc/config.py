@@ -30,6 +30,7 @@ class Precision(str, enum.Enum):
     """``auto`` or the name of a format of ``bfc.quant.formats.FORMATS`` (the one format table)."""
     AUTO = "auto"
     INT8 = "int8"
+    INT4 = "int4"
     FP8_E4M3 = "fp8-e4m3"
     FP8_E5M2 = "fp8-e5m2"
     FP16 = "fp16"

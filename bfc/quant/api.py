@@ -19,7 +19,7 @@ from bfc.errors import ConfigError, InvalidInputError
 from bfc.factorize.result import KSFactorization, chain_dense
 from bfc.ks import Chain
 from bfc.quant.chain import Method, quantize_chain, round_grid
-from bfc.quant.formats import FP32, Format, get_format
+from bfc.quant.formats import FP32, Format, get_format, packed_nbytes
 from bfc.quant.rounding import Rounding, get_rounding, to_storage
 from bfc.quant.scales import Granularity, get_granularity
 
@@ -34,7 +34,12 @@ class QuantizedFactor:
 
     @property
     def nbytes(self) -> int:
+        """In-memory bytes (an int4 factor is held as int8: see ``QuantizedFactorization.nbytes``)."""
         return int(self.values.nbytes + self.scale.nbytes)
+
+    def stored_nbytes(self, fmt: Format) -> int:
+        """Bytes as stored in ``fmt``: sub-byte values packed (int4: ceil(size / 2)), float32 scales."""
+        return int(packed_nbytes(fmt, self.values.size) + self.scale.nbytes)
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,10 @@ class QuantizedFactorization:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: values, float32 scales, float32 residual, permutations as int64."""
-        n = sum(f.nbytes for f in self.factors)
+        """Stored bytes: values (int4 packed two per byte), float32 scales, float32 residual,
+        permutations as int64."""
+        fmt = self.format
+        n = sum(f.stored_nbytes(fmt) for f in self.factors)
         n += 0 if self.low_rank is None else 4 * (self.low_rank[0].size + self.low_rank[1].size)
         return int(n + sum(8 * p.size for p in (self.row_perm, self.col_perm) if p is not None))
 
@@ -129,12 +136,13 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
              granularity=None) -> QuantizedFactorization:
     """Quantize every KS factor of ``factorization`` to ``fmt``.
 
-    fmt: "int8" | "fp8-e4m3" | "fp8-e5m2" | "fp16" | "bf16".
+    fmt: "int8" | "int4" | "fp8-e4m3" | "fp8-e5m2" | "fp16" | "bf16" (int4: symmetric [-7, 7],
+    held as int8 in memory, stored packed; the same scale searches as int8 with qmax 7).
     method: "rtn" | "pairwise" | "l2r" | "balanced" | "auto" (the smallest measured
     product error among them; the winner is recorded in ``.method``).
     rounding: "nearest" (ties to even) or "stochastic" (``seed``; only with "rtn").
     granularity: scale groups "factor" | "block" | "channel"; default "channel" for
-    int8 and "factor" for floats (power-of-two scales).
+    int8/int4 and "factor" for floats (power-of-two scales).
     """
     f: Format = get_format(fmt)
     if f is FP32:

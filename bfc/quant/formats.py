@@ -109,9 +109,12 @@ def _table(fmt: Format) -> np.ndarray:
 
 # onnx.TensorProto element types (plain ints: importing onnx here would make bfc.quant heavy;
 # tests/test_quant_formats.py checks them against onnx.TensorProto)
-_FLOAT, _INT8, _FLOAT16, _BFLOAT16, _FLOAT8E4M3FN, _FLOAT8E5M2 = 1, 3, 10, 16, 17, 19
+_FLOAT, _INT8, _FLOAT16, _BFLOAT16, _FLOAT8E4M3FN, _FLOAT8E5M2, _INT4 = 1, 3, 10, 16, 17, 19, 22
 
 INT8 = Format("int8", Kind.INT, np.dtype(np.int8), 8, 127.0, onnx_type=_INT8)   # symmetric: -128 unused
+# int4: symmetric [-7, 7] (-8 unused); held in memory as an int8 array, stored packed two per byte
+# (ONNX INT4, ``nbytes``: ceil(size / 2)); graphs read it through DequantizeLinear-21
+INT4 = Format("int4", Kind.INT, np.dtype(np.int8), 4, 7.0, onnx_type=_INT4)
 FP8_E4M3 = Format("fp8-e4m3", Kind.FLOAT, np.dtype(ml_dtypes.float8_e4m3fn), 8, 448.0, t=4, emin=-6,
                   onnx_type=_FLOAT8E4M3FN)
 FP8_E5M2 = Format("fp8-e5m2", Kind.FLOAT, np.dtype(ml_dtypes.float8_e5m2), 8, 57344.0, t=3, emin=-14,
@@ -123,16 +126,22 @@ FP32 = Format("fp32", Kind.FLOAT, np.dtype(np.float32), 32, float(np.finfo(np.fl
               onnx_type=_FLOAT)
 
 #: every format bfc stores; fp32 is only ever a plain cast (``bfc.quant.cast``), never a scale search
-FORMATS: dict[str, Format] = {f.name: f for f in (INT8, FP8_E4M3, FP8_E5M2, FP16, BF16, FP32)}
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, INT4, FP8_E4M3, FP8_E5M2, FP16, BF16, FP32)}
 
 
 def format_of_dtype(dtype) -> Format:
-    """The Format whose storage dtype is ``dtype`` (int8, float8 e4m3fn/e5m2, float16, bfloat16, float32)."""
+    """The Format whose storage dtype is ``dtype`` (int8, float8 e4m3fn/e5m2, float16, bfloat16, float32);
+    an int8 array is int8 (int4 values share the in-memory dtype: use the factorization's ``fmt``)."""
     dtype = np.dtype(dtype)
     for f in FORMATS.values():
         if f.dtype == dtype:
             return f
     raise ConfigError(f"no bfc number format stores {dtype}; allowed: {sorted(FORMATS)}")
+
+
+def packed_nbytes(fmt: Format, size: int) -> int:
+    """Stored bytes of ``size`` values of ``fmt``: sub-byte formats pack (int4: two per byte, rounded up)."""
+    return (int(size) * fmt.bits + 7) // 8
 
 
 def get_format(fmt) -> Format:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from bfc.factorize import inverse_perm
-from bfc.ops import DOMAIN, OP_TYPE, ks_matmul_reference, patterns_attribute
+from bfc.ops import DOMAIN, OP_TYPE, VALUE_TYPES, ks_matmul_reference, patterns_attribute
 from bfc.passes.targets import Target, register
 
 
@@ -33,6 +33,8 @@ class CustomOp(Target):
         return np.dtype(np.float32)
 
     def check(self, fmt, opset):
+        if fmt.name not in VALUE_TYPES:
+            return "the KSMatMul kernels take int8/fp8/fp16/fp32 values"
         if fmt.bits == 8 and fmt.is_float and opset < 19:
             return f"{fmt.name} initializers need ONNX opset >= 19 (IR 9 float8 types)"
         return None

@@ -15,10 +15,11 @@ computed feature-major so that no transpose ever splits a row of N values:
                      (valid for unnamed dynamic dims: only the last axis is fixed).
 Cost: L MatMuls + at most L+1 row Gathers + 2 transposes; a Gather moves rows of N
 contiguous values, which is far cheaper in onnxruntime than a 4-D/6-D Transpose.
-Values: int8/fp8 stay in the file behind a per-axis DequantizeLinear on axis 0 (per-tensor
+Values: int8/fp8/int4 stay in the file behind a per-axis DequantizeLinear on axis 0 (per-tensor
 and (a, d, 1, 1) scales on the (a*d, c, b) view, (a, d, 1, c) scales on the (a*d*c, b)
 view then a Reshape): the same numbers as opset 21's blocked form over (a*d, c, b) with
-block_size b, but onnxruntime runs it ~7x faster and it needs only opset 13 (fp8: 19);
+block_size b, but onnxruntime runs it ~7x faster and it needs only opset 13 (fp8: 19; int4: 21,
+stored as ONNX INT4, two values per byte);
 fp16 values are Cast to the model's float type; fp32 values are plain initializers.
 Numerics: the float product of the dequantized factors (``q.apply``), in the model's type.
 Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, opset >= 18): x Q by the chain code above
@@ -33,6 +34,19 @@ import numpy as np
 from bfc.factorize import inverse_perm
 from bfc.passes.targets import Target, register
 from bfc.quant.formats import format_of_dtype
+
+
+def _values_const(b, q, what: str, v: np.ndarray):
+    """Initializer of stored values; int4 (held as int8 in memory) becomes an ONNX INT4 tensor,
+    packed two per byte (DequantizeLinear-21 reads it)."""
+    if q.fmt != "int4":
+        return b.const(what, v)
+    import ml_dtypes
+    import onnx_graphsurgeon as gs
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    name = b.name(what)
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(v).astype(ml_dtypes.int4), name)))
 
 
 def _factor_weight(b, q, l: int):
@@ -50,10 +64,10 @@ def _factor_weight(b, q, l: int):
         sd = np.broadcast_to(s.astype(sdt), (p.a, p.d, 1, cc)).reshape(ad * cc)
         per_tensor_row = bool(np.all(sd == sd[0]) or s.shape[3] == 1)
         if per_tensor_row:
-            w = b.op("DequantizeLinear", [b.const("q", v), b.const("scale", sd.reshape(ad, cc)[:, 0])],
+            w = b.op("DequantizeLinear", [_values_const(b, q, "q", v), b.const("scale", sd.reshape(ad, cc)[:, 0])],
                      {"axis": 0}, dtype=sdt)
         else:
-            w = b.op("DequantizeLinear", [b.const("q", v.reshape(ad * cc, bb)), b.const("scale", sd)],
+            w = b.op("DequantizeLinear", [_values_const(b, q, "q", v.reshape(ad * cc, bb)), b.const("scale", sd)],
                      {"axis": 0}, dtype=sdt)
         if sdt != b.dtype:
             w = b.cast(w, b.dtype, format_of_dtype(b.dtype).onnx_type)
@@ -95,6 +109,8 @@ class Portable(Target):
     def check(self, fmt, opset):
         if fmt.bits == 8 and fmt.is_float and opset < 19:
             return f"{fmt.name} weights need ONNX opset >= 19 (DequantizeLinear-19)"
+        if fmt.bits == 4 and not fmt.is_float and opset < 21:
+            return f"{fmt.name} weights need ONNX opset >= 21 (INT4 DequantizeLinear-21)"
         return None
 
     def lowbit_support(self, bits, opset):
