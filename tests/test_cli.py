@@ -78,7 +78,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
     args = {"missing": ["optimize", str(tmp_path / "nope.onnx"), "-o", out],
             "same_path": ["optimize", str(src), "-o", str(src)],
             "bad_option": ["optimize", str(src), "-o", out, "--frobnicate"],
-            "bad_value": ["optimize", str(src), "-o", out, "--precision", "int4"],
+            "bad_value": ["optimize", str(src), "-o", out, "--precision", "int2"],
             "no_folder": ["optimize", str(src), "-o", str(tmp_path / "no" / "o.onnx")]}.get(case)
     if case == "not_onnx":
         (tmp_path / "t.onnx").write_text("not a model")
