@@ -46,7 +46,7 @@ def test_values_scales_bytes(gran, method):
     for p, qf in zip(f.chain, q.factors):
         assert qf.values.dtype == np.int8 and qf.values.shape == p.value_shape
         assert np.abs(qf.values).max() <= 7
-        a, d, b, c = p.value_shape
+        a, d, _, c = p.value_shape
         assert qf.scale.shape == ((a, d, 1, c) if gran == "channel" else (a, d, 1, 1))
     packed = sum((qf.values.size + 1) // 2 + 4 * qf.scale.size for qf in q.factors)
     extra = 4 * sum(m.size for m in f.low_rank) + 8 * (f.row_perm.size + f.col_perm.size)
