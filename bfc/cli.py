@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--structure", default=S, help="auto|butterfly|monarch|chain3|lowrank-residual|rotated (default auto)")
     op.add_argument("--rank", type=int, default=S, help="block rank between factors (fixed structures)")
     op.add_argument("--residual-rank", type=int, default=S, help="rank of the low-rank residual (default 8)")
-    op.add_argument("--precision", default=S, help="auto|int8|fp8-e4m3|fp8-e5m2|fp16|fp32 (default int8)")
+    op.add_argument("--precision", default=S, help="auto|int8|int4|fp8-e4m3|fp8-e5m2|fp16|fp32 (default int8)")
     op.add_argument("--max-error", type=float, default=S,
                     help="per-layer relative output error budget (default 0.1); layers that miss it stay dense")
     op.add_argument("--no-max-error", dest="max_error", action="store_const", const=None, default=S,
