@@ -79,6 +79,28 @@ def is_available() -> bool:
     return True
 
 
+def supported_isas() -> list[str]:
+    """Kernel ISAs this build of the library runs on this CPU (portable, avx2, avx512), asked from the
+    library itself (``BfcKsIsa`` answers the ISA it picks for each ``BFC_KS_ISA`` request)."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(library_path())).BfcKsIsa
+    fn.restype = ctypes.c_char_p
+    old = os.environ.get("BFC_KS_ISA")
+    out = []
+    try:
+        for isa in ("portable", "avx2", "avx512"):
+            os.environ["BFC_KS_ISA"] = isa
+            if fn() == isa.encode():
+                out.append(isa)
+    finally:
+        if old is None:
+            os.environ.pop("BFC_KS_ISA", None)
+        else:
+            os.environ["BFC_KS_ISA"] = old
+    return out
+
+
 def session_options(threads: int = 1, *, arena: bool = True, optimization_level=None):
     """``onnxruntime.SessionOptions``: ``threads`` intra-op threads (0 = onnxruntime's default),
     quiet logging, the bfc library registered when it is built."""

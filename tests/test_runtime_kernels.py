@@ -38,31 +38,8 @@ INT8_EMULATED_SQNR_DB = 50  # int8 path vs reference emulating its per-row activ
 INT8_VS_FLOAT_SQNR_DB = 25  # int8 path vs the unquantized-activation reference (quantization noise)
 
 
-def _supported_isas() -> list[str]:
-    """Kernel ISAs this build and CPU run (asked from the library: BfcKsIsa)."""
-    import ctypes
 
-    try:
-        fn = ctypes.CDLL(str(runtime.library_path())).BfcKsIsa
-    except (OSError, AttributeError, Exception):
-        return ["portable"] + (["avx2"] if os.uname().machine in ("x86_64", "AMD64") else [])
-    fn.restype = ctypes.c_char_p
-    old = os.environ.get("BFC_KS_ISA")
-    out = []
-    try:
-        for isa in ("portable", "avx2", "avx512"):
-            os.environ["BFC_KS_ISA"] = isa
-            if fn() == isa.encode():
-                out.append(isa)
-    finally:
-        if old is None:
-            os.environ.pop("BFC_KS_ISA", None)
-        else:
-            os.environ["BFC_KS_ISA"] = old
-    return out
-
-
-ISAS = _supported_isas() if runtime.is_available() else ["portable"]
+ISAS = runtime.supported_isas() if runtime.is_available() else ["portable"]
 
 
 def rel(a, b):
