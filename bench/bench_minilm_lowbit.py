@@ -5,7 +5,8 @@
 
 Variants: fp32; onnxruntime int8 dynamic (the byte reference: linear-weight bytes relative to
 it, ``bfc.study.baselines.linear_bytes``); onnxruntime MatMulNBits RTN (MatMulNBitsQuantizer,
-symmetric) 4 bits block 32/64/128 and 2 bits block 32/64; bfc ``structure=rotated`` with a
+symmetric) 4 bits block 32/64/128 and 2 bits block 32/64/128, HQQ (asymmetric) 4 and 2 bits
+block 32/64/128, GPTQ (symmetric, the calibration below) 4 bits block 32/128; bfc ``structure=rotated`` with a
 learned butterfly rotation per input tensor + GPTQ on the 48-sentence calibration
 (models/minilm.calibration_path()), every weight MatMul rewritten (no error budget), on the
 ort target (MatMulNBits for 2/4 bits) and the portable target (standard ops).
@@ -32,9 +33,14 @@ from bfc.study.baselines import int8_dynamic, linear_bytes, nbits  # noqa: E402
 BFC_COMMON = {"structure": "rotated", "learn_rotation": True, "max_error": 10.0, "max_output_error": None,
               "min_size": 4096, "verify": False}
 BFC = {f"bfc rotated int{b} g{g} ({t})": {"bits": b, "group_size": g, "target": t}
-       for b, g in ((4, 64), (4, 128), (3, 64), (3, 128), (2, 64)) for t in ("ort", "portable")}
+       for b, g in ((4, 64), (4, 128), (3, 64), (3, 128), (2, 64), (2, 128)) for t in ("ort", "portable")}
 ORT = {"ort MatMulNBits int4 b32": (4, 32), "ort MatMulNBits int4 b64": (4, 64),
-       "ort MatMulNBits int4 b128": (4, 128), "ort MatMulNBits int2 b32": (2, 32), "ort MatMulNBits int2 b64": (2, 64)}
+       "ort MatMulNBits int4 b128": (4, 128), "ort MatMulNBits int2 b32": (2, 32), "ort MatMulNBits int2 b64": (2, 64),
+       "ort MatMulNBits int2 b128": (2, 128)}
+# onnxruntime's other MatMulNBitsQuantizer algorithms: HQQ (asymmetric, fp32 zero points), GPTQ (calibration .npz)
+ORT_ALGO = {**{f"ort MatMulNBits HQQ int4 b{b}": (4, b, "hqq") for b in (32, 64, 128)},
+            **{f"ort MatMulNBits HQQ int2 b{b}": (2, b, "hqq") for b in (32, 64, 128)},
+            **{f"ort MatMulNBits GPTQ int4 b{b}": (4, b, "gptq") for b in (32, 128)}}
 
 
 def build(name, src, calib, work: Path, config_file=None) -> tuple[Path, str]:
@@ -46,6 +52,10 @@ def build(name, src, calib, work: Path, config_file=None) -> tuple[Path, str]:
     if name in ORT:
         bits, block = ORT[name]
         return nbits(src, out, bits=bits, block_size=block), ""
+    if name in ORT_ALGO:
+        bits, block, algo = ORT_ALGO[name]
+        return nbits(src, out, bits=bits, block_size=block, algorithm=algo,
+                     calibration=calib if algo == "gptq" else None), ""
     if config_file is not None:
         cfg = bfc.OptimizeConfig.from_toml(config_file, calibration=str(calib), verify=False, target=BFC[name]["target"]) \
             if name in BFC else bfc.OptimizeConfig.from_toml(config_file, calibration=str(calib), verify=False)
@@ -70,7 +80,7 @@ def main(argv=None) -> int:
     cache = args.work / "results.json"
     res = json.loads(cache.read_text()) if cache.exists() else {}
     original = onnx.load(str(src))
-    names = ["fp32", "ort int8 dynamic", *ORT, *BFC]
+    names = ["fp32", "ort int8 dynamic", *ORT, *ORT_ALGO, *BFC]
     if args.config is not None:
         names.append(f"config {args.config.name} (ort)")
         BFC[names[-1]] = {"target": "ort"}

@@ -142,19 +142,81 @@ def int4_nbits(model_path, out_path, block_size: int = 32, min_size: int = 0) ->
     return _save(q.model.model, out_path)
 
 
+NBITS_ALGORITHMS = ("rtn", "hqq", "gptq")
+
+
+class _NpzReader:
+    """onnxruntime ``CalibrationDataReader`` over a calibration ``.npz`` (or a dict of arrays): one row
+    (batch 1) per call, every model input sliced at the same index along axis 0."""
+
+    def __init__(self, calibration):
+        if isinstance(calibration, (str, Path)):
+            with np.load(str(calibration)) as d:
+                calibration = {k: d[k] for k in d.files}
+        self.arrays = {k: np.asarray(v) for k, v in calibration.items()}
+        self.n = min(len(v) for v in self.arrays.values())
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= self.n:
+            return None
+        self.i += 1
+        return {k: v[self.i - 1:self.i] for k, v in self.arrays.items()}
+
+    def rewind(self):
+        self.i = 0
+
+    def __iter__(self):                       # onnxruntime's GPTQ iterates a deep copy
+        self.rewind()
+        while (row := self.get_next()) is not None:
+            yield row
+
+
+def _algo_config(algorithm: str, bits: int, block_size: int, calibration):
+    import onnxruntime.quantization.matmul_nbits_quantizer as q
+    if algorithm == "rtn":
+        return None
+    if algorithm == "hqq":
+        if bits not in (2, 4, 8):
+            raise ConfigError(f"hqq: bits={bits}; onnxruntime's HQQ packs 2, 4 or 8 bits")
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConfigError("algorithm hqq needs torch (onnxruntime's HQQ quantizer imports it)") from None
+        return q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    if algorithm == "gptq":
+        if bits != 4:
+            raise ConfigError(f"gptq: bits={bits}; onnxruntime's GPTQ writes MatMulNBits for 4 bits only")
+        if calibration is None:
+            raise ConfigError("algorithm gptq needs calibration (an .npz of model inputs, e.g. "
+                              "models/minilm.calibration_path())")
+        return q.GPTQWeightOnlyQuantConfig(calibration_data_reader=_NpzReader(calibration))
+    raise ConfigError(f"unknown nbits algorithm {algorithm!r}; allowed: {', '.join(NBITS_ALGORITHMS)}")
+
+
 def nbits(model_path, out_path, bits: int = 4, block_size: int = 32, min_size: int = 0,
-          symmetric: bool = True) -> Path:
-    """onnxruntime ``MatMulNBitsQuantizer`` round-to-nearest (com.microsoft.MatMulNBits), ``bits`` 2/4/8 with one
-    scale per ``block_size`` rows of K (the low-bit baselines of docs/study.md; ``int4_nbits`` is bits=4)."""
+          symmetric: bool = True, algorithm: str = "rtn", calibration=None, accuracy_level: int | None = None) -> Path:
+    """onnxruntime ``MatMulNBitsQuantizer`` (com.microsoft.MatMulNBits), ``bits`` 2/4/8 with one scale per
+    ``block_size`` rows of K (the low-bit baselines of docs/study.md; ``int4_nbits`` is bits=4).
+
+    ``algorithm``: "rtn" round-to-nearest (``symmetric`` as given); "hqq" half-quadratic quantization
+    (onnxruntime's HQQ, asymmetric: fp32 scales and fp32 zero points per block, needs torch; bits 2/4/8);
+    "gptq" GPTQ with the Hessian of ``calibration`` (an ``.npz`` or dict of model inputs, one sample per row;
+    onnxruntime's bundled neural-compressor code; bits 4 only; ``symmetric`` as given)."""
     MatMulNBitsQuantizer = _nbits_quantizer()
+    algo = _algo_config(algorithm, bits, block_size, calibration)
     model = onnx.load(str(model_path))
     sites = linear_sites(model)
     nodes = [s.node for s in eligible(sites, min_size)]
     small = [s.node for s in sites if s.node not in nodes]
+    if algorithm == "gptq" and small:
+        raise ConfigError("gptq: onnxruntime's GPTQ quantizes every MatMul with a constant weight "
+                          "(nodes_to_exclude is ignored); use min_size=0")
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric, nodes_to_include=nodes,
-                             nodes_to_exclude=small)
+                             nodes_to_exclude=small, accuracy_level=accuracy_level, algo_config=algo)
     q.process()
-    return _save(q.model.model, out_path)
+    out = q.model.model if hasattr(q.model, "model") else q.model
+    return _save(out, out_path)
 
 
 def _split(model, budget: float, min_size: int, bytes_per_kept: int = 4):
