@@ -328,3 +328,41 @@ def test_nbits_algorithm_refusals(tmp_path):
                {"algorithm": "gptq", "min_size": 4000, "calibration": {"x": np.zeros((2, M), np.float32)}}):
         with pytest.raises(ConfigError):
             nbits(model, tmp_path / "x.onnx", **kw)
+
+
+def test_distilled_points_compare_with_the_plain_ones(setup):
+    """--distill: each bfc point runs as is and distilled; the report pairs them (tiny model, fast)."""
+    tmp, model, ev = setup
+    rng = np.random.default_rng(3)
+    data = tmp / "distill.npz"
+    np.savez(data, x=rng.standard_normal((256, M)).astype(np.float32))
+    res = tmp / "d" / "results.jsonl"
+    argv = [str(model), "--eval", f"{ev}:agreement", "--calibration", str(tmp / "calib.npz"), "--baselines", "none",
+            "--bfc", "structure=monarch,rank=1,precision=int8,min_size=1024,max_error=none,max_output_error=none",
+            "--distill", str(data), "--distill-steps", "0,40", "--distill-lr", "3e-3", "--distill-batch", "32",
+            "--results", str(res), "--latency-runs", "1"]
+    assert main(argv) == 0
+    recs = [r for r in _lines(res) if r["kind"] == "bfc"]
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    plain = next(r for r in recs if "distill" not in r["params"])
+    dist = next(r for r in recs if "distill" in r["params"])
+    assert dist["params"]["distill_steps"] == 40 and dist["params"]["distill_lr"] == 3e-3
+    assert dist["linear_bytes"] == plain["linear_bytes"]                 # same compression
+    assert dist["details"]["rewritten"] == plain["details"]["rewritten"] == 2
+    assert dist["distill_notes"] and dist["distill_seconds"] is not None
+    assert dist["output_error"] < plain["output_error"]
+    assert dist["metric"] > plain["metric"]
+    md = (tmp / "d" / "study.md").read_text()
+    assert "## Distillation" in md and "+distill 40 steps" in md
+
+
+def test_distill_point_validation(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        bfc_point(structure="monarch", distill=tmp_path / "nope.npz")
+    with pytest.raises(ConfigError, match="without distill"):
+        bfc_point(structure="monarch", distill_steps=10)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, M), np.float32))
+    from bfc.study import with_distill
+    pts = with_distill([bfc_point(structure="monarch"), baseline_point("int8-dynamic")], tmp_path / "d.npz", (0, 7))
+    assert [p.key.split(" ")[0] for p in pts] == ["bfc", "bfc", "int8-dynamic"]
+    assert pts[1].p["distill_steps"] == 7 and pts[1].p["distill"] == str(tmp_path / "d.npz")

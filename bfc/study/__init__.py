@@ -3,10 +3,14 @@
     bfc study MODEL.onnx --eval stsb --data sts-dev.csv --calibration calib.npz \\
         --structure monarch,lowrank-residual --rank 4,8 --precision int8 \\
         --baselines int8-dynamic,int4-nbits,svd,svd-int8,prune --budgets 0.0625,0.125,0.25 \\
+        [--distill distill.npz --distill-steps 0,300] \\
         --results study/results.jsonl --out study/
 
 Each point (a bfc configuration or a baseline) is built, evaluated and appended to the
-results file (JSON lines); a rerun skips the points already there.  The report
+results file (JSON lines); a rerun skips the points already there.  With ``--distill DATA.npz``
+every bfc point is measured once per ``--distill-steps`` entry (0 = as is), so the report
+compares the same compression with and without end-to-end distillation (or give
+``--bfc ...,distill=DATA.npz,distill_steps=300`` for one point).  The report
 (``study.md``) and the plots (``pareto.png``, ``error_vs_drop.png``, ``generalization.png``
 when the evaluator reports train accuracy) are rewritten from the whole results file.
 """
@@ -22,9 +26,9 @@ from bfc.study.baselines import BASELINES, BUDGETED, check_baseline, linear_byte
 from bfc.study.evaluators import Evaluator, get_evaluator
 from bfc.study.plots import NO_PLOTS, available, pareto_front, write_plots
 from bfc.study.report import markdown, summary
-from bfc.study.sweep import Point, Study, baseline_point, bfc_point, grid, load_results
+from bfc.study.sweep import Point, Study, baseline_point, bfc_point, grid, load_results, with_distill
 
-__all__ = ["main", "Study", "Point", "grid", "bfc_point", "baseline_point", "load_results", "write_report",
+__all__ = ["main", "Study", "Point", "grid", "bfc_point", "baseline_point", "with_distill", "load_results", "write_report",
            "Evaluator", "get_evaluator", "run_baseline", "linear_bytes", "linear_sites", "pareto_front",
            "summary", "BASELINES"]
 
@@ -100,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-size", type=int, default=None, help="layers with fewer weights stay dense (bfc points and baselines)")
     ap.add_argument("--bfc", action="append", default=[], metavar="K=V,...",
                     help="one extra bfc configuration, e.g. structure=auto,precision=auto,max_error=0.1 (repeatable)")
+    ap.add_argument("--distill", type=Path, default=None, metavar="DATA.npz",
+                    help="unlabeled model inputs: measure each bfc point also distilled (see --distill-steps)")
+    ap.add_argument("--distill-steps", default="0,500",
+                    help="comma list of distillation steps per bfc point; 0 = the point without distillation")
+    ap.add_argument("--distill-batch", type=int, default=None, help="distillation samples per step (bfc default 32)")
+    ap.add_argument("--distill-lr", type=float, default=None, help="distillation peak step size (bfc default 5e-4)")
     ap.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {', '.join(BASELINES)} or none")
     ap.add_argument("--budgets", default="0.0625,0.125,0.25",
                     help="byte budgets of svd/svd-int8/prune as fractions of the fp32 linear-weight bytes")
@@ -131,6 +141,11 @@ def points_from_args(args, fp32_bytes: int) -> list[Point]:
         pts += grid(_list(args.structure), _list(args.rank, int) or [None], _list(args.precision),
                     _list(args.max_error, float) or [None], _list(args.residual_rank, int) or [8], **common)
     pts += [parse_point(t) for t in args.bfc]
+    if args.distill is not None:
+        steps = [s for s in _list(args.distill_steps, int) if s is not None]
+        if not steps or any(s < 0 for s in steps):
+            raise ConfigError(f"--distill-steps {args.distill_steps!r}: give steps >= 0 (0 = without distillation)")
+        pts = with_distill(pts, args.distill, steps, distill_batch=args.distill_batch, distill_lr=args.distill_lr)
     return pts
 
 

@@ -30,13 +30,29 @@ def label(r: dict) -> str:
         bits.append(p.get("precision", "int8"))
         if p.get("max_error") is not None:
             bits.append(f"err<={p['max_error']}")
+        if p.get("distill") is not None:
+            bits.append(f"+distill {p.get('distill_steps', 500)} steps")
         extra = [f"{k}={v}" for k, v in sorted(p.items())
-                 if k not in ("structure", "rank", "residual_rank", "precision", "max_error")]
+                 if k not in ("structure", "rank", "residual_rank", "precision", "max_error", "distill", "distill_steps")]
         return "bfc " + " ".join(bits + extra)
     tail = f" (>= {p['min_size']} weights)" if p.get("min_size") else ""
     if "budget" in p:
         return f"{r['kind']} @ {p['budget'] / 1e6:.3f} MB{tail}"
     return r["kind"] + tail
+
+
+def distill_pairs(records) -> list[tuple[dict, dict]]:
+    """(plain, distilled) record pairs: a distilled bfc point and the same point without the distill keys."""
+    recs = [r for r in ok(records) if r["kind"] == "bfc"]
+    plain = {tuple(sorted((k, str(v)) for k, v in r["params"].items())): r for r in recs if "distill" not in r["params"]}
+    out = []
+    for r in recs:
+        if "distill" not in r["params"]:
+            continue
+        base = tuple(sorted((k, str(v)) for k, v in r["params"].items() if not k.startswith("distill")))
+        if base in plain:
+            out.append((plain[base], r))
+    return sorted(out, key=lambda pr: (pr[0]["linear_bytes"], pr[1]["params"].get("distill_steps", 500)))
 
 
 def summary(records) -> dict:
@@ -119,6 +135,19 @@ def markdown(records, *, title="bfc study", metric_name="metric", plots=(), comm
             if "train" in m:
                 lines.append(f"| `{label(r)}` | {m['train']:.2f} | {m[r.get('metric_key', 'test')] if 'test' in m else r['metric']:.2f} "
                              f"| {m['train'] - r['metric']:+.2f} | {_f(r.get('layer_error'))} |")
+    pairs = distill_pairs(recs)
+    if pairs:
+        lines += ["", "## Distillation", "", "The same compression without and with end-to-end distillation "
+                  "(`distill=DATA.npz`, bfc.distill).", "",
+                  f"| point | steps | {metric_name} without | with | gain | output err without / with | distill s |",
+                  "|---|---|---|---|---|---|---|"]
+        for plain, d in pairs:
+            p = d["params"]
+            lines.append("| " + " | ".join([
+                f"`{label(plain)}`", str(p.get("distill_steps", 500)), f"{plain['metric']:.2f}", f"{d['metric']:.2f}",
+                f"{d['metric'] - plain['metric']:+.2f}",
+                f"{_f(plain.get('output_error'))} / {_f(d.get('output_error'))}",
+                _f(d.get("distill_seconds"), "{:.0f}")]) + " |")
     if failed:
         lines += ["", "## Points that failed", ""]
         lines += [f"- `{r['key']}`: {r.get('error')}" for r in failed]

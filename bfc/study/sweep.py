@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,10 @@ from bfc.errors import BfcError, ConfigError
 from bfc.study.baselines import BASELINES, BUDGETED, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, session
 
-BFC_KEYS = ("structure", "rank", "residual_rank", "precision", "quant_method", "max_error", "target_size", "min_size",
-            "include", "exclude", "calibration_rows", "seed")
+BFC_KEYS = ("structure", "rank", "residual_rank", "precision", "quant_method", "max_error", "max_output_error",
+            "target_size", "min_size", "include", "exclude", "calibration_rows", "seed", "reconstruct",
+            "reconstruct_steps", "distill", "distill_steps", "distill_batch", "distill_lr", "distill_layernorm")
+DISTILL_KEYS = ("distill_steps", "distill_batch", "distill_lr", "distill_layernorm")
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,33 @@ def bfc_point(**params) -> Point:
     unknown = sorted(set(params) - set(BFC_KEYS))
     if unknown:
         raise ConfigError(f"study point: unknown bfc option(s) {unknown}; allowed: {', '.join(BFC_KEYS)}")
+    if params.get("distill") is not None:
+        params["distill"] = str(params["distill"])
+        if not Path(params["distill"]).is_file():
+            raise ConfigError(f"study point: distill={params['distill']} is not a file (an .npz of model inputs)")
+    else:
+        params.pop("distill", None)
+        orphans = sorted(k for k in DISTILL_KEYS if k in params)
+        if orphans:
+            raise ConfigError(f"study point: {', '.join(orphans)} without distill=DATA.npz")
     OptimizeConfig(**params)       # raises ConfigError naming the bad value
     return Point("bfc", tuple(sorted(params.items())))
+
+
+def with_distill(points, data, steps=(0, 500), **opts) -> list[Point]:
+    """Each bfc point of ``points`` (without its own ``distill``) once per entry of ``steps``: 0 = the
+    point as is, n > 0 = the same compression distilled for n steps on ``data`` (``opts``: distill_batch,
+    distill_lr, distill_layernorm); other points unchanged.  The sweep then compares the same
+    configuration with and without distillation."""
+    out = []
+    for pt in points:
+        if pt.kind != "bfc" or "distill" in pt.p:
+            out.append(pt)
+            continue
+        for n in steps:
+            out.append(pt if not n else bfc_point(**pt.p, distill=data, distill_steps=int(n),
+                                                  **{k: v for k, v in opts.items() if v is not None}))
+    return list(dict.fromkeys(out))
 
 
 def baseline_point(name: str, budget: int | None = None, min_size: int | None = None) -> Point:
@@ -256,11 +284,17 @@ class Study:
             errs = [r.error if r.rewritten and r.error is not None else 0.0 for r in report.layers]
             t = report.totals()
             structures = sorted({f"{r.structure} {r.precision}" for r in report.rewritten})
-            return out, {"layer_error": float(np.mean(errs)) if errs else 0.0,
+            extra = {}
+            dnotes = [n for n in report.notes if n.startswith("distill")]
+            if "distill" in pt.p:
+                m = re.search(r", (\d+(?:\.\d+)?) s[,)]", " ".join(dnotes))
+                extra = {"distill_seconds": float(m.group(1)) if m else None, "distill_notes": dnotes}
+            return out, {**extra, "layer_error": float(np.mean(errs)) if errs else 0.0,
                          "layer_error_max": float(np.max(errs)) if errs else 0.0,
                          "error_kind": report.rewritten[0].error_kind if report.rewritten else None,
                          "details": {"rewritten": t["rewritten"], "sites": t["sites"],
                                      "bfc_bytes_after": t["bytes_after"], "params_after": t["params_after"],
+                                     "flops_ratio": t["flops_after"] / max(t["flops_before"], 1),
                                      "structures": structures[:12],
                                      "output_check": [[o.name, o.rel_error] for o in report.outputs]}}
         budget = pt.p.get("budget")
