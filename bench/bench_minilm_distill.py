@@ -92,16 +92,16 @@ def build_one(args) -> dict:
     torch.set_num_threads(1)
     import bfc
     from bench_minilm import stsb
-    from bfc.study.baselines import linear_bytes
+    from bfc.study.baselines import linear_bytes, linear_sites
     p = parse_point(args.one)
     params = dict(BASE, **p)
-    if args.distill:
+    if args.distill and not args.flops_only:
         params.update(distill=args.distill, distill_steps=args.steps, distill_batch=args.batch, distill_lr=args.lr)
     cfg = bfc.OptimizeConfig(calibration=args.calibration, verify=False, **params)
     t0 = time.perf_counter()
     model, report = bfc.optimize(args.model, cfg)
     secs = time.perf_counter() - t0
-    out = Path(args.work) / f"{args.one}-{'distill' if args.distill else 'plain'}.onnx"
+    out = Path(args.work) / f"{args.one}-{f'distill{args.steps}' if args.distill else 'plain'}.onnx"
     onnx.save(model, str(out))
     t = report.totals()
     dnote = [n for n in report.notes if n.startswith("distill")]
@@ -113,11 +113,16 @@ def build_one(args) -> dict:
             except (IndexError, ValueError):
                 pass
     original = onnx.load(args.model)
+    weight_nodes = {site.node for site in linear_sites(original)}       # the 36 weight MatMuls, not attention
+    lin = [r for r in report.layers if r.layer in weight_nodes]
+    flops_linear = sum(r.flops_after for r in lin) / sum(r.flops_before for r in lin)
+    if args.flops_only:
+        return {"point": args.one, "flops_linear": flops_linear}
     rec = {"point": args.one, "distill": bool(args.distill), **p,
            "steps": args.steps if args.distill else 0, "batch": args.batch if args.distill else None,
            "lr": args.lr if args.distill else None,
            "rewritten": t["rewritten"], "sites": t["sites"],
-           "flops_ratio": t["flops_after"] / t["flops_before"], "linear_bytes": linear_bytes(original, model),
+           "flops_ratio": t["flops_after"] / t["flops_before"], "flops_linear": flops_linear, "linear_bytes": linear_bytes(original, model),
            "build_s": round(secs, 1), "distill_s": dsecs, "notes": dnote,
            "stsb": stsb(out, args.limit), "path": str(out)}
     if args.cross:
@@ -142,8 +147,46 @@ def table(recs, int8_bytes, ref) -> str:
         ds = f"{r['distill_s']:.0f}" if r.get("distill_s") else "-"
         lines.append(f"| Monarch r{r['rank']} {r['precision']} | {d} | {r['stsb']:.2f} | {r['stsb'] - ref['stsb']:+.2f} | "
                      f"{r['linear_bytes'] / 1e6:.2f} | {r['linear_bytes'] / int8_bytes:.3f} | "
-                     f"{r['flops_ratio']:.3f} | {r['build_s']:.0f} | {ds} | {r['peak_rss_gb']:.2f} |")
+                     f"{r['flops_linear']:.3f} | {r['build_s']:.0f} | {ds} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
+
+
+def plot(recs, int8_bytes, ref, path: Path) -> Path | None:
+    """STS-B against linear-weight bytes (x int8 dynamic): plain points hollow, distilled filled, arrows between."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    plain = {r["point"]: r for r in recs if not r["distill"]}
+    for r in recs:
+        x = r["linear_bytes"] / int8_bytes
+        ax.scatter([x], [r["stsb"]], s=40, facecolors="tab:blue" if r["distill"] else "none", edgecolors="tab:blue")
+        if r["distill"] and r["point"] in plain:
+            p = plain[r["point"]]
+            ax.annotate("", (x, r["stsb"]), (p["linear_bytes"] / int8_bytes, p["stsb"]),
+                        arrowprops=dict(arrowstyle="->", color="tab:blue", alpha=0.6))
+        if not r["distill"]:
+            ax.annotate(f"r{r['rank']} {r['precision']}", (x, r["stsb"]), textcoords="offset points", xytext=(5, -10),
+                        fontsize=7)
+    ax.scatter([1.0], [ref["int8_stsb"]], marker="s", color="tab:orange", label="onnxruntime int8 dynamic")
+    ax.axhline(ref["stsb"], color="black", lw=0.8, ls="--", label=f"fp32 {ref['stsb']:.2f}")
+    ax.axhline(TARGET_STSB, color="tab:red", lw=0.8, ls=":", label=f"target {TARGET_STSB}")
+    ax.axvline(TARGET_BYTES, color="tab:red", lw=0.8, ls=":")
+    ax.scatter([], [], facecolors="none", edgecolors="tab:blue", label="bfc Monarch, no distillation")
+    ax.scatter([], [], color="tab:blue", label="bfc Monarch, distilled")
+    ax.set_xlabel("linear-weight bytes / int8-dynamic")
+    ax.set_ylabel("STS-B dev Spearman x100")
+    ax.set_title("MiniLM-L6: distillation at fixed compression")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
@@ -165,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flops-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(build_one(args)), flush=True)
@@ -233,22 +277,24 @@ def main(argv=None) -> int:
                 f.write(json.dumps(rec) + "\n")
             print({k: rec[k] for k in ("point", "distill", "stsb", "linear_bytes", "distill_s", "peak_rss_gb")}, flush=True)
 
-    recs = [r for r in load(args.results) if not r["distill"] or r["steps"] == args.steps]
+    all_recs = load(args.results)
+    flops = {r["point"]: r["flops_linear"] for r in all_recs if "flops_linear" in r}
+    for r in all_recs:                    # same structure with or without distillation: same FLOPs
+        if "flops_linear" not in r:
+            if r["point"] not in flops:
+                proc = subprocess.run([sys.executable, __file__, "--one", r["point"], "--model", str(src),
+                                       "--calibration", str(calib), "--work", str(work), "--flops-only"],
+                                      capture_output=True, text=True)
+                flops[r["point"]] = json.loads(proc.stdout.split("RESULT ", 1)[1])["flops_linear"]
+            r["flops_linear"] = flops[r["point"]]
+    args.results.write_text("".join(json.dumps(r) + "\n" for r in all_recs))
+    recs = all_recs                       # every build recorded, whatever its step count (the table says it)
     # best point within the byte and FLOP budget, scored on WordSim353 / Lee too
-    ok = [r for r in recs if r["linear_bytes"] <= TARGET_BYTES * int8_bytes and r["flops_ratio"] <= TARGET_FLOPS]
+    ok = [r for r in recs if r["linear_bytes"] <= TARGET_BYTES * int8_bytes and r["flops_linear"] <= TARGET_FLOPS]
     best = max(ok, key=lambda r: r["stsb"]) if ok else None
-    if best is not None and "wordsim353" not in best:
-        proc = child(best["point"], best["distill"], cross=True)
-        out = proc.communicate()[0]
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        if lines:
-            cross = json.loads(lines[-1][7:])
-            best.update(wordsim353=cross["wordsim353"], lee=cross["lee"])
-            all_recs = load(args.results)
-            for r in all_recs:
-                if key(r) == key(best):
-                    r.update(wordsim353=cross["wordsim353"], lee=cross["lee"])
-            args.results.write_text("".join(json.dumps(r) + "\n" for r in all_recs))
+    if best is not None and "wordsim353" not in best:        # the saved model of that build
+        best.update(wordsim353=wordsim353(best["path"]), lee=lee(best["path"]))
+        args.results.write_text("".join(json.dumps(r) + "\n" for r in all_recs))
 
     body = [f"fp32 reference: STS-B dev {ref['stsb']:.2f}, WordSim353 {ref['wordsim353']:.2f}, Lee {ref['lee']:.2f}; "
             f"onnxruntime int8 dynamic: STS-B {ref['int8_stsb']:.2f} at {int8_bytes / 1e6:.2f} MB of linear weights.",
@@ -257,10 +303,12 @@ def main(argv=None) -> int:
                 f"48-sentence calibration, no layer-wise reconstruction; distillation data: {args.sentences} sentences "
                 f"of `python models/minilm.py distill-data` (max 128 tokens). STS-B pairs: {args.limit or 1500}. "
                 f"Builds ran {args.jobs} at a time, one process each, torch and onnxruntime on 1 thread; "
-                "peak RSS is the build process's maximum resident set (ru_maxrss), build and evaluation included.")
+                "peak RSS is the build process's maximum resident set (ru_maxrss), build and evaluation included. "
+                "Linear FLOPs: bfc's report, the 36 weight MatMuls per token (the 12 attention MatMuls stay dense "
+                "and are not counted).")
     if best is not None:
         hit = (best["stsb"] >= TARGET_STSB and best["linear_bytes"] <= TARGET_BYTES * int8_bytes
-               and best["flops_ratio"] <= TARGET_FLOPS)
+               and best["flops_linear"] <= TARGET_FLOPS)
         body += ["", f"Best point at <= {TARGET_BYTES}x int8-dynamic bytes and <= {TARGET_FLOPS}x dense FLOPs: "
                  f"Monarch r{best['rank']} {best['precision']}"
                  + (f" + distillation ({best['steps']} steps)" if best["distill"] else "")
@@ -269,15 +317,19 @@ def main(argv=None) -> int:
                     f"(fp32 {ref['lee']:.2f})" if "wordsim353" in best else "") + ".",
                  "", f"**Target {'HIT' if hit else 'MISSED'}**: STS-B >= {TARGET_STSB} at <= {TARGET_BYTES}x int8-dynamic "
                  f"bytes with linear FLOPs <= {TARGET_FLOPS}x dense: best {best['stsb']:.2f} "
-                 f"({best['linear_bytes'] / int8_bytes:.3f}x bytes, {best['flops_ratio']:.3f}x FLOPs)."]
+                 f"({best['linear_bytes'] / int8_bytes:.3f}x bytes, {best['flops_linear']:.3f}x FLOPs)."]
         dist = [r for r in recs if r["distill"]]
         if dist:
             worst_s = max(r.get("distill_s") or 0 for r in dist)
             worst_m = max(r["peak_rss_gb"] for r in dist)
             body.append(f"Distillation time <= {TARGET_SECONDS // 60} min: {'hit' if worst_s <= TARGET_SECONDS else 'MISSED'} "
-                        f"(longest {worst_s / 60:.1f} min, {args.steps} steps on 1 thread, shared 2-core machine); "
+                        f"(longest {worst_s / 60:.1f} min on 1 thread of a shared 2-core machine, load average 4-5 during the "
+                        "runs); "
                         f"peak RSS <= {TARGET_RSS_GB:g} GB: {'hit' if worst_m <= TARGET_RSS_GB else 'MISSED'} "
                         f"(largest {worst_m:.2f} GB).")
+    png = plot(recs, int8_bytes, ref, ROOT / "docs" / "study" / "minilm_distill.png")
+    if png is not None:
+        body.append(f"\nPlot: `{png.relative_to(ROOT)}` (STS-B against bytes; arrows: plain -> distilled).")
     cmd = "python bench/bench_minilm_distill.py" + (f" --points {args.points}" if args.points != ap.get_default("points") else "")
     cmd += "".join(f" --{k} {getattr(args, k)}" for k in ("steps", "batch", "lr", "sentences", "limit", "jobs")
                    if getattr(args, k) != ap.get_default(k))
