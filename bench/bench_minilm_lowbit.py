@@ -111,7 +111,13 @@ def main(argv=None) -> int:
             "correction (no error budget: correction_rank 0 only adds one when it is the cheapest way to meet "
             "max-error), all 36 weight MatMuls rewritten.  ort target: MatMulNBits (accuracy_level 0) for 2/4 bits, "
             "in-graph unpacking for 3 bits; portable: in-graph unpacking of the packed codes (opset 20).  "
-            "onnxruntime MatMulNBits: MatMulNBitsQuantizer RTN, symmetric, fp32 scales.")
+            "onnxruntime MatMulNBits: MatMulNBitsQuantizer RTN, symmetric, fp32 scales; HQQ: onnxruntime's "
+            "HQQWeightOnlyQuantConfig (asymmetric: fp32 scales + fp32 zero points per block, so b32 costs more "
+            "bytes than RTN b32); GPTQ: GPTQWeightOnlyQuantConfig (symmetric) on the same 48 calibration "
+            "sentences.  onnxruntime 1.32's GPTQ (bundled neural-compressor numpy code) propagates the rounding "
+            "error through the lower triangle of an upper-triangular Cholesky factor, i.e. not at all: its "
+            "weights equal RTN's on GPTQ's own grid, then re-rounded onto MatMulNBits' symmetric grid, hence "
+            "below RTN.")
     write_result("minilm_lowbit", "MiniLM-L6 below 8 bits (rotated low-bit vs MatMulNBits)",
                  "python bench/bench_minilm_lowbit.py && python bench/bench_minilm_lowbit.py --write",
                  "\n".join(lines) + "\n\n" + note)
