@@ -125,12 +125,22 @@ def main(argv=None) -> int:
                      f"{100 * r['overhead_l4']:+.1f}% | {r['info']['nodes']} ({ops}) |")
     note = (f"x [1, {ROWS}, K], 1 intra-op thread, `bfc.runtime.session`; {args.rounds} rounds x {args.repeats} "
             "calls per variant, interleaved (order rotated each round), median of round medians.  Rel. error: "
-            "||y - y_fp32|| / ||y_fp32|| on the timed input (random Gaussian W / sqrt(K), no calibration: "
-            "bfc's rotation is the randomized butterfly, weights RTN in the rotated basis).  MatMulNBits: "
+            "||y - y_fp32|| / ||y_fp32|| on the timed input (random Gaussian W / sqrt(K); no calibration given to "
+            "bfc.optimize, so the rotation is the randomized butterfly, not a learned one).  MatMulNBits: "
             "`bfc.study.baselines.nbits` (RTN, symmetric, block 64).  bfc rotated: `bfc.optimize(structure="
             "rotated, bits=4, group_size=64, target=ort, max_error=None, max_output_error=None, min_size=0, "
             "verify=False)`; L4* is that model with accuracy_level 4 set on its MatMulNBits after the fact "
-            "(not what the ort target emits).")
+            "(not what the ort target emits).  Why the rotation costs several MatMulNBits: it is emitted as "
+            "log2(K/3) Givens stages of ~10 standard ops each (Reshape, 2 Slice, 4 Mul, Add, Sub, Concat) plus "
+            "the 3x3 block stage (Mul over a [rows, 3, 3, K/3] broadcast + ReduceSum); each op is one full pass "
+            "over the [128, K] activations, i.e. ~70-90 memory passes per call, while MatMulNBits makes one.  "
+            "An onnxruntime profile of the 1536x384 model (same machine, contended) put Concat and the Slices "
+            "(fused to Split) at about half of the rotation's time, the Muls at a fifth.  What would fix it "
+            "(passes/, not this bench): one fused rotation kernel (a com.microsoft op does not exist for it; "
+            "the ai.bfc custom-op library could carry one, but the ort target is meant to need no bfc library), "
+            "or fewer, wider stages: fold groups of 3-4 Givens stages into block-diagonal 8x8/16x16 matrices "
+            "applied by one batched MatMul each (3 passes instead of ~90, ~2-3x the angle bytes as fp16 blocks), "
+            "or fold the rotation into the producer where it is linear (V -> attention output projection).")
     write_result("lowbit_latency", "Rotated int4 on the ort target: run time vs MatMulNBits",
                  "python bench/bench_lowbit_latency.py --write", "\n".join(lines) + "\n\n" + note)
     return 0
