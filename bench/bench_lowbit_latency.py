@@ -1,6 +1,6 @@
 """Run time of bfc's rotated int4 layer on the ort target vs onnxruntime MatMulNBits and dense fp32.
 
-    python bench/bench_lowbit_latency.py [--rounds 15] [--repeats 10]          # prints
+    python bench/bench_lowbit_latency.py [--rounds 40] [--repeats 10]          # prints
     python bench/bench_lowbit_latency.py --write                                # bench/results/lowbit_latency.md
 
 For each weight shape K x N (384x1536 and 1536x384, MiniLM's FFN), input x of shape [1, 128, K], 1 thread
@@ -83,7 +83,7 @@ def build(k: int, n: int, work: Path) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
