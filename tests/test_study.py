@@ -302,8 +302,9 @@ def test_nbits_algorithms_write_runnable_matmulnbits(tmp_path, algorithm, bits):
     """baselines.nbits(algorithm=...): every weight MatMul becomes com.microsoft.MatMulNBits at ``bits``, the model
     runs, and 4 bits stay close to fp32 (GPTQ from a calibration dict, HQQ with fp32 zero points)."""
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer imports onnx_ir (pip install 'bfc[study]')")
-    if algorithm == "hqq":
-        pytest.importorskip("torch", reason="onnxruntime's HQQ quantizer imports torch")
+    if algorithm in ("hqq", "gptq"):
+        pytest.importorskip("torch", reason=f"onnxruntime's {algorithm.upper()} quantizer imports torch "
+                                            "(pip install torch==2.13.0)")
     from bfc.study.baselines import nbits
     model = tiny_model(tmp_path / "tiny.onnx")
     x = np.random.default_rng(1).standard_normal((64, M)).astype(np.float32)
@@ -332,6 +333,7 @@ def test_nbits_algorithm_refusals(tmp_path):
 
 def test_distilled_points_compare_with_the_plain_ones(setup):
     """--distill: each bfc point runs as is and distilled; the report pairs them (tiny model, fast)."""
+    pytest.importorskip("torch", reason="distillation trains in torch (pip install torch==2.13.0)")
     tmp, model, ev = setup
     rng = np.random.default_rng(3)
     data = tmp / "distill.npz"
