@@ -96,12 +96,14 @@ def build_one(args) -> dict:
     p = parse_point(args.one)
     params = dict(BASE, **p)
     if args.distill and not args.flops_only:
-        params.update(distill=args.distill, distill_steps=args.steps, distill_batch=args.batch, distill_lr=args.lr)
+        params.update(distill=args.distill, distill_steps=args.steps, distill_batch=args.batch, distill_lr=args.lr,
+                      distill_layernorm=args.layernorm)
     cfg = bfc.OptimizeConfig(calibration=args.calibration, verify=False, **params)
     t0 = time.perf_counter()
     model, report = bfc.optimize(args.model, cfg)
     secs = time.perf_counter() - t0
-    out = Path(args.work) / f"{args.one}-{f'distill{args.steps}' if args.distill else 'plain'}.onnx"
+    tag = f"distill{args.steps}-lr{args.lr:g}" + ("-ln" if args.layernorm else "") if args.distill else "plain"
+    out = Path(args.work) / f"{args.one}-{tag}.onnx"
     onnx.save(model, str(out))
     t = report.totals()
     dnote = [n for n in report.notes if n.startswith("distill")]
@@ -120,7 +122,7 @@ def build_one(args) -> dict:
         return {"point": args.one, "flops_linear": flops_linear}
     rec = {"point": args.one, "distill": bool(args.distill), **p,
            "steps": args.steps if args.distill else 0, "batch": args.batch if args.distill else None,
-           "lr": args.lr if args.distill else None,
+           "lr": args.lr if args.distill else None, "layernorm": bool(args.distill and args.layernorm),
            "rewritten": t["rewritten"], "sites": t["sites"],
            "flops_ratio": t["flops_after"] / t["flops_before"], "flops_linear": flops_linear, "linear_bytes": linear_bytes(original, model),
            "build_s": round(secs, 1), "distill_s": dsecs, "notes": dnote,
@@ -143,7 +145,8 @@ def table(recs, int8_bytes, ref) -> str:
              "build s | distill s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|"]
     recs = sorted(recs, key=lambda r: (r["linear_bytes"], r["precision"], r["distill"]))
     for r in recs:
-        d = f"{r['steps']} steps, batch {r['batch']}, lr {r['lr']:g}" if r["distill"] else "none"
+        d = (f"{r['steps']} steps, batch {r['batch']}, lr {r['lr']:g}" + (", LayerNorm" if r.get("layernorm") else "")
+             if r["distill"] else "none")
         ds = f"{r['distill_s']:.0f}" if r.get("distill_s") else "-"
         lines.append(f"| Monarch r{r['rank']} {r['precision']} | {d} | {r['stsb']:.2f} | {r['stsb'] - ref['stsb']:+.2f} | "
                      f"{r['linear_bytes'] / 1e6:.2f} | {r['linear_bytes'] / int8_bytes:.3f} | "
@@ -209,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--flops-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--layernorm", action="store_true", help="also train the LayerNorm scales/biases (distill_layernorm)")
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(build_one(args)), flush=True)
