@@ -325,8 +325,9 @@ def main(argv=None) -> int:
             other = sorted({r["steps"] for r in dist} - {args.steps})
             if other:
                 body.append(f"Distilled builds with {', '.join(map(str, other))} steps ran as a separate child "
-                            "(`bench/bench_minilm_distill.py --one POINT --steps N --distill DATA ...`, its record appended "
-                            "to the results) alongside the sweep, 3 builds at a time: the 300-step run did not fit the hour.")
+                            "(`bench/bench_minilm_distill.py --one POINT --steps N --distill DATA ...`, records appended "
+                            "to the results), not by the command above: r8 at 150 steps because 300 did not fit the hour; r4 at lr 1e-3 "
+                            "+ LayerNorm as a light tuning try, run alone on a quieter machine (hence its shorter time).")
             body.append(f"Best point: distillation {best.get('distill_s') or 0:.0f} s, peak RSS {best['peak_rss_gb']:.2f} GB "
                         f"(<= {TARGET_RSS_GB:g} GB: {'hit' if best['peak_rss_gb'] <= TARGET_RSS_GB else 'MISSED'}).")
             body.append(f"Distillation time <= {TARGET_SECONDS // 60} min: {'hit' if worst_s <= TARGET_SECONDS else 'MISSED'} "
