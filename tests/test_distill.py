@@ -33,13 +33,7 @@ DISTILL_GAIN = 0.85     # distilled output error <= DISTILL_GAIN x planned outpu
 INTERPRETER_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs: one thread avoids OpenMP spinning on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _rel(got, ref):

@@ -28,6 +28,30 @@ MUTATIONS = ["none", "none", "none", "bad_chain", "values_shape", "values_dtype"
              "in_perm", "out_perm", "x_dim", "bias_shape", "patterns_len", "pattern_zero", "pattern_negative"]
 
 
+def _ks_node(values, scales, bias, flat, in_perm, out_perm, out: str, extra_inputs: int = 0):
+    """(KSMatMul node X -> out, its initializers), values/scales kept as given (mutations must survive);
+    extra_inputs > 0 appends an input, < 0 drops the last one."""
+    from onnx import helper, numpy_helper
+    inits, names = [], []
+    for i, (v, s) in enumerate(zip(values, scales)):
+        inits += [numpy_helper.from_array(np.asarray(v), f"v{i}"), numpy_helper.from_array(np.asarray(s), f"s{i}")]
+        names += [f"v{i}", f"s{i}"]
+    if extra_inputs > 0:
+        inits.append(numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "extra"))
+        names.append("extra")
+    elif extra_inputs < 0:
+        names = names[:-1]
+    bias_name = ""
+    if bias is not None:
+        bias_name = "bias"
+        inits.append(numpy_helper.from_array(bias, "bias"))
+    attrs = {"patterns": flat}
+    if in_perm is not None:
+        attrs["in_perm"] = [int(v) for v in in_perm]
+    if out_perm is not None:
+        attrs["out_perm"] = [int(v) for v in out_perm]
+    return helper.make_node("KSMatMul", ["X", bias_name, *names], [out], domain="ai.bfc", **attrs), inits
+
 def _divisors(n):
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -35,7 +59,7 @@ def _divisors(n):
 def _case(data):
     """Draws one model + input; returns (model, x, expect_ok, reference or None)."""
     from hypothesis import strategies as st
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     from bfc import ops
 
@@ -97,20 +121,7 @@ def _case(data):
     else:
         mut = "none"
     x = rng.standard_normal(lead + (x_last,)).astype(np.float32)
-    inits, names = [], []
-    for i, (v, s) in enumerate(zip(values, scales)):  # no dtype normalization: mutations must survive
-        inits += [numpy_helper.from_array(np.asarray(v), f"v{i}"), numpy_helper.from_array(np.asarray(s), f"s{i}")]
-        names += [f"v{i}", f"s{i}"]
-    bias_name = ""
-    if bias is not None:
-        bias_name = "bias"
-        inits.append(numpy_helper.from_array(bias, "bias"))
-    attrs = {"patterns": flat}
-    if in_perm is not None:
-        attrs["in_perm"] = [int(v) for v in in_perm]
-    if out_perm is not None:
-        attrs["out_perm"] = [int(v) for v in out_perm]
-    node = helper.make_node("KSMatMul", ["X", bias_name, *names], ["Y"], domain="ai.bfc", **attrs)
+    node, inits = _ks_node(values, scales, bias, flat, in_perm, out_perm, "Y")
     graph = helper.make_graph(
         [node], "fuzz", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None] * len(lead) + [None])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
@@ -236,25 +247,8 @@ def _graph_case(seed):
     if mut != "none":
         expect = "error"
     x = rng.standard_normal(x_shape).astype(np.float32)
-    inits, names = [], []
-    for i, (v, s) in enumerate(zip(values, scales)):  # no dtype normalization: mutations must survive
-        inits += [numpy_helper.from_array(np.asarray(v), f"v{i}"), numpy_helper.from_array(np.asarray(s), f"s{i}")]
-        names += [f"v{i}", f"s{i}"]
-    if extra_inputs > 0:
-        inits.append(numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "extra"))
-        names.append("extra")
-    elif extra_inputs < 0:
-        names = names[:-1]
-    bias_name = ""
-    if bias is not None:
-        bias_name = "bias"
-        inits.append(numpy_helper.from_array(bias, "bias"))
-    attrs = {"patterns": flat}
-    if in_perm is not None:
-        attrs["in_perm"] = [int(v) for v in in_perm]
-    if out_perm is not None:
-        attrs["out_perm"] = [int(v) for v in out_perm]
-    nodes = [helper.make_node("KSMatMul", ["X", bias_name, *names], ["H"], domain="ai.bfc", **attrs)]
+    node, inits = _ks_node(values, scales, bias, flat, in_perm, out_perm, "H", extra_inputs)
+    nodes = [node]
     consumer = str(rng.choice(["none", "slice", "reshape"])) if len(x_shape) >= 1 else "none"
     axis = int(rng.integers(0, len(x_shape))) if x_shape else 0
     const = lambda n, v: numpy_helper.from_array(np.array(v, np.int64), n)  # noqa: E731

@@ -12,13 +12,7 @@ from bfc.torch import (FakeQuant, KSLinear, compose_chains, kaleidoscope_chain, 
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs: one thread avoids OpenMP spinning on a loaded CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 CHAINS = {
