@@ -32,7 +32,8 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_sites
 from bfc.passes.guard import Guard
 from bfc.passes.normalize import Normalize
-from bfc.passes.load import as_model, check_output_path, default_opset, input_files, proto_size, save_model
+from bfc.passes.load import (PROTO_LIMIT, as_model, check_output_path, default_opset, input_files, proto_size,
+                              save_model)
 from bfc.passes.plan import LayerPlan, Plan
 from bfc.passes.rewrite import Rewrite
 from bfc.passes.session import load_feeds, random_feeds
@@ -138,8 +139,9 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         why = "; ".join(f"{p.site.name}: {p.reason}" for p in state.plans[:3]) or "no MatMul/Gemm node"
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     out = state.output
+    out_bytes = proto_size(out)
     report = Report(model=state.name, target=state.target.name, layers=[_row(p) for p in state.plans],
-                    model_bytes_before=state.model_bytes, model_bytes_after=proto_size(out), notes=state.notes)
+                    model_bytes_before=state.model_bytes, model_bytes_after=out_bytes, notes=state.notes)
     verify_against = out
     feeds, no_feeds = state.feeds, None
     if cfg.verify and feeds is None:
@@ -150,9 +152,9 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     if output is not None:
         emit(StageStarted("save"))
         save_model(out, output, protected)
-        state.output = out = verify_against = None     # verification reads the files: one copy in memory
+        state.output = out = None          # verification reads the files: one copy in memory
         check_file(output)
-        report.model_bytes_after = _file_bytes(output)
+        report.model_bytes_after = _file_bytes(output, external=out_bytes > PROTO_LIMIT)
         verify_against = output
     if cfg.verify:
         emit(StageStarted("verify"))
@@ -173,7 +175,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     return out, report
 
 
-def _file_bytes(path: Path) -> int:
-    """Bytes written: the model file and the external data file save_model may write beside it."""
-    data = Path(str(path) + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+def _file_bytes(path: Path, external: bool) -> int:
+    """Bytes written: the model file, plus the ``<name>.data`` file save_model writes beside it above
+    2 GB (``external``; a stale file of that name from another run is not counted)."""
+    return path.stat().st_size + (Path(str(path) + ".data").stat().st_size if external else 0)
