@@ -204,65 +204,206 @@ def calibration_path(cache: Path | None = None, n: int = 48, force: bool = False
 # ---- unlabeled sentences for distillation (never STS-B, never the calibration sentences) ----
 DISTILL_SOURCES = ("lee_background.cor", "para2para_text1.txt", "para2para_text2.txt", "pang_lee_polarity.cor",
                    "alldata-id-10.txt")     # gensim's bundled corpora: news, Wikipedia, movie reviews
+# Debian packages of English text (installed, or fetched as .debs without root): WordNet 3.0 glosses and
+# example sentences, the fortune cookie files.  {package: folder inside the package}
+TEXT_PACKAGES = {"wordnet-base": "usr/share/wordnet", "fortunes": "usr/share/games/fortunes",
+                 "fortunes-min": "usr/share/games/fortunes"}
+SYSTEM_TEXT = {"wordnet": Path("/usr/share/wordnet"), "fortunes": Path("/usr/share/games/fortunes")}
+FORTUNE_SKIP = ("art", "ascii-art")      # pictures, not text
+MIN_WORDS, MAX_WORDS = 5, 60
+
+
+class TextSourceError(RuntimeError):
+    """The Debian text packages are neither installed nor fetchable (one-line message)."""
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def _prose(s: str) -> bool:
+    """A sentence of 5-60 words that is mostly letters (no ASCII art, tables or markup)."""
+    n = len(s.split())
+    if not MIN_WORDS <= n <= MAX_WORDS or "<" in s or "\t" in s:
+        return False
+    letters = sum(c.isalpha() or c == " " for c in s)
+    return letters >= 0.8 * len(s)
+
+
+def wordnet_sentences(folder) -> list[str]:
+    """Glosses and example sentences of WordNet's ``data.{noun,verb,adj,adv}`` (in file order).
+
+    A synset line is ``offset lex_filenum ss_type w_cnt word ... | gloss``; the gloss is
+    ``definition; "example"; "example"`` (license lines start with two spaces).  Each definition
+    becomes a sentence with a capital letter and a full stop; each quoted example is kept as is.
+    """
+    out = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        path = Path(folder) / f"data.{pos}"
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith(" ") or " | " not in line:
+                continue
+            gloss = line.split(" | ", 1)[1].strip()
+            for part in re.split(r';\s*(?=")|"\s*;\s*', gloss):
+                part = part.strip().strip(";").strip()
+                if not part:
+                    continue
+                if part.startswith('"'):
+                    out.append(part.strip('"').strip())
+                else:
+                    for d in part.split("; "):
+                        d = d.strip()
+                        if d:
+                            out.append(d[0].upper() + d[1:] + ("" if d[-1] in ".!?" else "."))
+    return out
+
+
+def fortune_sentences(folder) -> list[str]:
+    """Sentences of the fortune files in ``folder`` (``%``-separated entries; the ``.dat`` indexes,
+    ``.u8`` copies and the picture files ``FORTUNE_SKIP`` are skipped; attribution lines starting
+    with ``--`` are dropped); each entry is split into sentences at . ! ? followed by a space."""
+    out = []
+    folder = Path(folder)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if not path.is_file() or path.suffix or path.name in FORTUNE_SKIP:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for entry in re.split(r"^%\s*$", text, flags=re.M):
+            lines = [ln.strip() for ln in entry.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+            body = " ".join(lines)
+            for s in re.split(r"(?<=[.!?])\s+", body):
+                if s:
+                    out.append(" ".join(s.split()))
+    return out
+
+
+def _fetch_debs(cache: Path) -> Path:
+    """``apt-get download`` the ``TEXT_PACKAGES`` into ``cache`` and unpack them with ``dpkg-deb -x``
+    (no root needed); returns the unpacked root.  TextSourceError when that is not possible."""
+    import shutil
+    import subprocess
+    root = cache / "root"
+    if all((root / d).is_dir() for d in TEXT_PACKAGES.values()):
+        return root
+    hint = "install the text packages (apt-get install wordnet-base fortunes) or allow apt-get download"
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        raise TextSourceError(f"distill-data needs WordNet and fortune text: {hint}")
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", *TEXT_PACKAGES], cwd=debs, check=True, capture_output=True,
+                       timeout=600)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix="root."))
+        for deb in sorted(debs.glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as e:
+        msg = getattr(e, "stderr", b"") or b""
+        last = (msg.decode(errors="replace").strip().splitlines() or [str(e)])[-1]
+        raise TextSourceError(f"distill-data could not fetch the text packages ({last[:160]}): {hint}") from None
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root
+
+
+def text_folders(cache: Path | None = None, system: dict | None = None) -> dict[str, Path]:
+    """{"wordnet": folder, "fortunes": folder}: the installed system files when present
+    (``SYSTEM_TEXT``), else the .debs unpacked into ``cache`` (default ``cache_dir()/text``)."""
+    system = SYSTEM_TEXT if system is None else system
+    if all((p / "data.noun").exists() if k == "wordnet" else p.is_dir() for k, p in system.items()):
+        return dict(system)
+    root = _fetch_debs(Path(cache or cache_dir() / "text"))
+    return {"wordnet": root / TEXT_PACKAGES["wordnet-base"], "fortunes": root / TEXT_PACKAGES["fortunes"]}
 
 
 def _stsb_sentences() -> set[str]:
-    """STS-B dev sentences when the split is at hand (excluded from the distillation data)."""
+    """Every STS-B sentence at hand (each ``sts-*.csv`` split in the STS-B folder), normalized;
+    excluded from the distillation data so the STS-B figures stay honest."""
     try:
-        from models.eval_sts import load_stsb
+        from models.eval_sts import stsb_dir
     except ImportError:
         try:
-            from eval_sts import load_stsb
+            from eval_sts import stsb_dir
         except ImportError:
             return set()
+    from bfc.study.evaluators import load_stsb as read_split
     try:
-        s1, s2, _ = load_stsb()
-    except (FileNotFoundError, OSError, ValueError):
+        folder = stsb_dir()
+    except (FileNotFoundError, OSError):
         return set()
-    return {" ".join(s.lower().split()) for s in s1 + s2}
+    out = set()
+    for split in sorted(folder.glob("sts-*.csv")):
+        try:
+            s1, s2, _ = read_split(split)
+        except (OSError, ValueError):
+            continue
+        out |= {_norm(s) for s in s1 + s2}
+    return out
 
 
-def distill_sentences(n: int = 2048, seed: int = 0) -> tuple[list[str], dict]:
-    """``n`` distinct English sentences of 5-60 words from gensim's bundled corpora (``DISTILL_SOURCES``),
-    without the calibration sentences and STS-B dev; a fixed-seed sample.  Returns (sentences, facts)."""
+def _gensim_sentences() -> list[str]:
     try:
         import gensim
-    except ImportError as e:
-        raise ImportError("the distillation sentences come from gensim's bundled corpora: pip install gensim") from e
+    except ImportError:
+        return []
     root = Path(gensim.__file__).parent / "test" / "test_data"
-    banned = {" ".join(s.lower().split()) for s in calibration_sentences(256)} | _stsb_sentences()
-    seen, pool, per_source = set(), [], {}
+    out = []
     for name in DISTILL_SOURCES:
         path = root / name
         if not path.exists():
             continue
-        count = 0
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             line = re.sub(r"^(__label__\w+|_\*\d+)\s+", "", line.strip())
-            for s in re.split(r"(?<=[.!?])\s+", line):
-                s = " ".join(s.split())
-                key = s.lower()
-                if not 5 <= len(s.split()) <= 60 or key in seen or key in banned or "<" in s:
-                    continue
-                seen.add(key)
-                pool.append(s)
-                count += 1
+            out += [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", line)]
+    return out
+
+
+def sentence_pool(sources: dict[str, list[str]], banned: set[str]) -> tuple[list[str], dict]:
+    """Distinct sentences (case- and space-insensitive) of 5-60 words of mostly letters from
+    ``sources`` in order, none of them in ``banned`` (normalized).  Returns (pool, per-source counts)."""
+    seen, pool, per_source = set(banned), [], {}
+    for name, sentences in sources.items():
+        count = 0
+        for s in sentences:
+            key = _norm(s)
+            if key in seen or not _prose(s):
+                continue
+            seen.add(key)
+            pool.append(s)
+            count += 1
         per_source[name] = count
+    return pool, per_source
+
+
+def distill_sentences(n: int = 50000, seed: int = 0, folders: dict | None = None,
+                      banned: set[str] | None = None) -> tuple[list[str], dict]:
+    """``n`` distinct English sentences of 5-60 words from gensim's bundled corpora, WordNet's glosses
+    and examples and the fortune files (``text_folders``), without the calibration sentences and
+    any STS-B sentence; a fixed-seed sample.  Returns (sentences, facts)."""
+    folders = text_folders() if folders is None else folders
+    if banned is None:
+        banned = {_norm(s) for s in calibration_sentences(256)} | _stsb_sentences()
+    sources = {"gensim": _gensim_sentences(), "wordnet": wordnet_sentences(folders["wordnet"]),
+               "fortunes": fortune_sentences(folders["fortunes"])}
+    pool, per_source = sentence_pool(sources, banned)
     if len(pool) < n:
-        raise ValueError(f"only {len(pool)} distinct sentences in gensim's corpora; ask for at most that many")
+        raise ValueError(f"only {len(pool)} distinct sentences in the text sources; ask for at most that many")
     idx = np.sort(np.random.default_rng(seed).choice(len(pool), n, replace=False))
-    return [pool[i] for i in idx], {"pool": len(pool), "per_source": per_source, "excluded": len(banned)}
+    return [pool[i] for i in idx], {"pool": len(pool), "per_source": per_source, "excluded": len(banned),
+                                    "folders": {k: str(v) for k, v in folders.items()}}
 
 
-def write_distill_data(path, n: int = 2048, max_length: int = 128, seed: int = 0) -> dict:
+def write_distill_data(path, n: int = 50000, max_length: int = 128, seed: int = 0, folders: dict | None = None) -> dict:
     """An ``.npz`` of model inputs for ``bfc optimize --distill`` (padded to the longest sentence)."""
     path = Path(path)
-    sentences, facts = distill_sentences(n, seed)
+    sentences, facts = distill_sentences(n, seed, folders)
     inputs = tokenize(sentences, max_length=max_length)
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, **inputs)
+            np.savez_compressed(f, **inputs)
     _atomic_write(path, write)
     return {"path": str(path), "sentences": n, **facts, "shape": list(inputs["input_ids"].shape),
             "tokens": int(inputs["attention_mask"].sum())}
@@ -270,14 +411,22 @@ def write_distill_data(path, n: int = 2048, max_length: int = 128, seed: int = 0
 
 def _distill_data_main(argv) -> int:
     import argparse
+    import sys
     ap = argparse.ArgumentParser(prog="minilm.py distill-data",
                                  description="tokenized unlabeled English sentences for bfc optimize --distill")
     ap.add_argument("out", type=Path, help="output .npz (keys input_ids, attention_mask)")
-    ap.add_argument("--sentences", type=int, default=2048, help="number of sentences (default 2048)")
+    ap.add_argument("--sentences", type=int, default=50000, help="number of sentences (default 50000)")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default 128)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print(json.dumps(write_distill_data(args.out, args.sentences, args.max_length, args.seed), indent=2))
+    if args.sentences < 1 or args.max_length < 2:
+        ap.error("--sentences must be >= 1 and --max-length >= 2")
+    try:
+        facts = write_distill_data(args.out, args.sentences, args.max_length, args.seed)
+    except (TextSourceError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(facts, indent=2))
     return 0
 
 

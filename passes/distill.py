@@ -14,6 +14,9 @@ Acceptance: the whole-model output error (max over float outputs, relative) is m
 before and after on the calibration inputs (or, without them, on a held-out batch of the
 distillation data); when training does not lower it, the planned layers are kept and a
 note says so.  Each kept layer's error is re-measured with the planner's scorer.
+Matched tensors (``distill_match``): tensor names, or ``op:TYPE`` for the first output of every
+main-graph node of that op type (e.g. ``op:LayerNormalization``: each transformer block's
+hidden states), so a config names them the same way on any export of the model.
 With ``work_dir`` the training state is saved every 100 steps to ``work_dir/distill-<key>.pt``
 (key: the data, the planned layers and the distill options) and a rerun resumes from it.
 """
@@ -39,6 +42,28 @@ def _torch_distill():
         raise ConfigError("--distill needs PyTorch: pip install 'bfc[torch]' (or pip install torch)") from None
     from bfc import distill
     return distill
+
+
+def match_tensors(model, match) -> tuple[str, ...]:
+    """``distill_match`` with each ``op:TYPE`` entry expanded to the first output of every main-graph
+    node of that op type (graph outputs left out: they are matched anyway); ConfigError for a name
+    that is no tensor of the graph or a type that has no node."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    known = ({t.name for t in g.input} | {t.name for t in g.initializer}
+             | {o for n in g.node for o in n.output if o})
+    out: list[str] = []
+    for m in match:
+        if m.startswith("op:"):
+            names = [n.output[0] for n in g.node if n.op_type == m[3:] and n.output and n.output[0]]
+            if not names:
+                raise ConfigError(f"distill_match {m!r}: the graph has no {m[3:]} node")
+            out += [n for n in names if n not in outputs]
+        elif m not in known:
+            raise ConfigError(f"distill_match {m!r} is no tensor of the graph (name a tensor or op:TYPE)")
+        else:
+            out.append(m)
+    return tuple(dict.fromkeys(out))
 
 
 def _checkpoint(cfg, taken, data, emulate):
@@ -97,7 +122,8 @@ class Distill(GraphPass):
             if step % every == 0 or step == cfg.distill_steps:
                 state.emit(StageStarted("distill", f"step {step}/{cfg.distill_steps}, loss {loss:.4g}"))
         res = d.distill(state.model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
-                        lr=cfg.distill_lr, match=cfg.distill_match, layernorm=cfg.distill_layernorm,
+                        lr=cfg.distill_lr, match=match_tensors(state.model, cfg.distill_match),
+                        layernorm=cfg.distill_layernorm,
                         seed=cfg.seed, eval_data=state.feeds, emulate_rows=emulate,
                         checkpoint=_checkpoint(cfg, taken, data, emulate), on_step=progress)
         where = "calibration inputs" if state.feeds is not None else "a held-out batch of the distillation data"
