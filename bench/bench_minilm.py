@@ -42,9 +42,23 @@ def stsb(path: Path, limit: int | None) -> float:
     return 100.0 * spearman(cos, np.asarray(gold))
 
 
+def feeds(batch: int, seq: int = 128) -> dict:
+    """The latency input: ``batch`` x ``seq`` tokens (one repeated word id, full attention mask)."""
+    return {"input_ids": np.full((batch, seq), 1037, np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
+
+
 def latency(path: Path, batch: int, seq: int = 128, repeat: int = 20) -> float:
-    feeds = {"input_ids": np.full((batch, seq), 1037, np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
-    return latency_ms(session(str(path), threads=1), feeds, repeats=repeat)
+    return latency_ms(session(str(path), threads=1), feeds(batch, seq), repeats=repeat)
+
+
+def bfc_model(src: Path, calib: Path, config: str, target: str, out: Path) -> Path:
+    """``bfc.optimize`` of ``src`` with the TOML ``config`` on ``target`` (no verification), saved to ``out``."""
+    cfg = bfc.OptimizeConfig.from_toml(config, calibration=str(calib), target=target, verify=False)
+    t = time.perf_counter()
+    model, _ = bfc.optimize(str(src), cfg)
+    onnx.save(model, str(out))
+    print(f"bfc optimize ({target}): {time.perf_counter() - t:.1f} s", flush=True)
+    return out
 
 
 def main(argv=None) -> int:
@@ -61,14 +75,7 @@ def main(argv=None) -> int:
                 "ort int8 dynamic": int8_dynamic(src, work / "int8.onnx"),
                 "ort MatMulNBits int4": int4_nbits(src, work / "int4.onnx")}
     for target in ("portable", "custom-op"):
-        cfg = bfc.OptimizeConfig.from_toml(args.config, calibration=str(calib), target=target, verify=False)
-        t = time.perf_counter()
-        model, _ = bfc.optimize(str(src), cfg)
-        secs = time.perf_counter() - t
-        out = work / f"bfc-{target}.onnx"
-        onnx.save(model, str(out))
-        variants[f"bfc {target}"] = out
-        print(f"bfc optimize ({target}): {secs:.1f} s", flush=True)
+        variants[f"bfc {target}"] = bfc_model(src, calib, args.config, target, work / f"bfc-{target}.onnx")
     original = onnx.load(str(src))
     int8_bytes = linear_bytes(original, onnx.load(str(variants["ort int8 dynamic"])))
     rows = []
