@@ -46,6 +46,29 @@ Numerics (what the native kernel computes, and :func:`ks_matmul_reference` emula
       -127, 127))`` in float32 (round half to even; ``q = 0`` when ``amax = 0``),
       ``acc = q @ values`` exactly in int32, and the factor output is
       ``(float(acc) * (amax/127)) * scale``.  Activations between factors are float32.
+
+``LowBitMatMul`` (domain ``ai.bfc``, version 1): a rotated low-bit layer in one op::
+
+    Y = quant_rows(X Q) @ (s * (u - 2^(b-1))) + bias
+
+Inputs
+    0 ``X``       float32 ``[..., K]``.
+    1 ``bias``    optional float32 ``[N]``.
+    2 ``codes``   uint8 1-D: the b-bit codes u (K x N, row-major, rows padded to whole
+        groups with the zero level 2^(b-1)) packed LSB first (``bfc.lowbit.packing``).
+    3 ``scales``  float16 or float32 ``(n_groups, N)``, n_groups = ceil(K / group_size).
+    4.. optional rotation Q: ``values_l``, ``scale_l`` per factor, as KSMatMul's factors
+        (float32/float16 values; a chain K -> K described by ``rot_patterns``).
+Attributes ``K``, ``N``, ``bits`` (2, 3, 4), ``group_size`` (1..K) int64;
+    ``rot_patterns`` int64 list (4 per rotation factor; absent = no rotation).
+Numerics (native kernel = :func:`lowbit_matmul_reference`)
+    ``xr = X Q`` in float32 (KSMatMul's float chain; float rounding may differ from the
+    reference in the last bits), then per row ``amax = max|xr|``, ``q = rint(clip(xr *
+    (127/amax), -127, 127))`` (KSMatMul's int8 scheme), per group ``isum = sum_k q (u - z)``
+    exactly in int32, ``acc = 0; acc = acc + float32(isum) * s[group]`` in float32 over
+    the groups in order (two roundings, no FMA), ``Y = acc * (amax/127) (+ bias)``.  Without
+    a rotation the whole op is integer math up to that float epilogue: the kernel (every ISA)
+    equals the reference bit for bit.
 """
 from __future__ import annotations
 
@@ -62,6 +85,8 @@ from bfc.quant.formats import FORMATS
 
 DOMAIN = "ai.bfc"
 OP_TYPE = "KSMatMul"
+LOWBIT_OP_TYPE = "LowBitMatMul"
+LOWBIT_BITS = (2, 3, 4)
 OPSET_VERSION = 1
 DEFAULT_ONNX_OPSET = 21
 DEFAULT_IR_VERSION = 10
@@ -267,6 +292,79 @@ def ks_matmul_reference(x, bias, factors: Sequence, patterns, in_perm=None, out_
     return h.astype(np.float32)
 
 
+# ---- LowBitMatMul ------------------------------------------------------------------------
+def lowbit_codes_stream(codes: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    """The ``codes`` input: u (K, N) padded to whole groups with 2^(b-1), packed (``pack_bits``)."""
+    from bfc.lowbit.packing import pack_bits
+    k, n = codes.shape
+    ng = -(-k // group_size)
+    full = np.full((ng * group_size, n), 1 << (bits - 1), np.uint8)
+    full[:k] = codes
+    return pack_bits(full, bits)
+
+
+def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int, group_size: int,
+                            rot_factors: Sequence = (), rot_patterns=None) -> np.ndarray:
+    """numpy LowBitMatMul (spec above).  ``codes``: the packed stream; ``scales`` (n_groups, N)."""
+    from bfc.lowbit.packing import unpack_bits
+    if bits not in LOWBIT_BITS or not 1 <= group_size <= K:
+        raise InvalidInputError(f"LowBitMatMul: bits={bits} (allowed {LOWBIT_BITS}), group_size={group_size} "
+                                f"must lie in [1, K={K}]")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 1 or x.shape[-1] != K:
+        raise InvalidInputError(f"LowBitMatMul input X has shape {x.shape}; its last dimension must be K = {K}")
+    ng = -(-K // group_size)
+    s = np.asarray(scales).astype(np.float32)
+    if s.shape != (ng, N):
+        raise InvalidInputError(f"LowBitMatMul scales have shape {s.shape}, expected ({ng}, {N})")
+    u = unpack_bits(codes, bits, ng * group_size * N).reshape(ng * group_size, N)[:K]
+    lead = x.shape[:-1]
+    h = x.reshape(-1, K)
+    if rot_patterns is not None and len(rot_patterns):
+        h = ks_matmul_reference(h, None, rot_factors, rot_patterns)
+    q, cs = _quantize_rows(h)
+    w = u.astype(np.int64) - (1 << (bits - 1))
+    acc = np.zeros((h.shape[0], N), np.float32)
+    for g in range(ng):
+        k0, k1 = g * group_size, min(K, (g + 1) * group_size)
+        isum = q[:, k0:k1] @ w[k0:k1]
+        acc = acc + isum.astype(np.float32) * s[g]
+    y = acc * cs
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32).reshape(N)
+    return y.astype(np.float32).reshape(lead + (N,))
+
+
+def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: int, group_size: int,
+                             rot_values: Sequence = (), rot_patterns=None, bias=None, x_shape=None,
+                             onnx_opset: int = DEFAULT_ONNX_OPSET, ir_version: int = DEFAULT_IR_VERSION
+                             ) -> onnx.ModelProto:
+    """A one-node model ``Y = LowBitMatMul(X)`` from unpacked codes u (K, N) and scales (n_groups, N);
+    ``rot_values`` the rotation chain's (a, d, b, c) values (float32/float16, scale 1)."""
+    k, n = codes_u.shape
+    x_shape = list(x_shape) if x_shape is not None else ["batch", k]
+    inits = [numpy_helper.from_array(lowbit_codes_stream(codes_u, group_size, bits), "lb_codes"),
+             numpy_helper.from_array(np.asarray(scales), "lb_scales")]
+    names = ["lb_codes", "lb_scales"]
+    if rot_patterns is not None and len(rot_patterns):
+        ri, rn = factor_initializers("lb_rot", list(rot_values), [np.ones((1, 1, 1, 1), np.float32)] * len(rot_values))
+        inits += ri
+        names += rn
+    bias_name = ""
+    if bias is not None:
+        bias_name = "lb_bias"
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), bias_name))
+    attrs = {"K": k, "N": n, "bits": bits, "group_size": group_size}
+    if rot_patterns is not None and len(rot_patterns):
+        attrs["rot_patterns"] = patterns_attribute(rot_patterns)
+    node = helper.make_node(LOWBIT_OP_TYPE, ["X", bias_name, *names], ["Y"], name="lowbit", domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], "lowbit_matmul",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, x_shape[:-1] + [n])], inits)
+    return helper.make_model(graph, opset_imports=opset_imports(onnx_opset), ir_version=ir_version,
+                             producer_name="bfc")
+
+
 def _make_op_run():
     from onnx.reference.op_run import OpRun
 
@@ -283,23 +381,40 @@ def _make_op_run():
                                     emulate_int8=self.emulate_int8)
             return (y,)
 
-    return KSMatMul
+    class LowBitMatMul(OpRun):
+        """``onnx.reference`` implementation of ai.bfc.LowBitMatMul (see :mod:`bfc.ops`)."""
+
+        op_domain = DOMAIN
+
+        def _run(self, X, bias=None, codes=None, scales=None, *rot, K=None, N=None, bits=None, group_size=None,
+                 rot_patterns=None):
+            if None in (K, N, bits, group_size):
+                raise InvalidInputError("LowBitMatMul attributes 'K', 'N', 'bits', 'group_size' are required")
+            return (lowbit_matmul_reference(X, bias, codes, scales, K=K, N=N, bits=bits, group_size=group_size,
+                                            rot_factors=rot, rot_patterns=rot_patterns),)
+
+    return KSMatMul, LowBitMatMul
 
 
 _OP_RUN = None
 
 
-def reference_op():
-    """The OpRun class for ``onnx.reference.ReferenceEvaluator(model, new_ops=[...])``."""
+def reference_ops():
+    """The OpRun classes (KSMatMul, LowBitMatMul) for ``ReferenceEvaluator(model, new_ops=[...])``."""
     global _OP_RUN
     if _OP_RUN is None:
         _OP_RUN = _make_op_run()
     return _OP_RUN
 
 
+def reference_op():
+    """The KSMatMul OpRun class (see :func:`reference_ops`)."""
+    return reference_ops()[0]
+
+
 def reference_evaluator(model, **kwargs):
     """``ReferenceEvaluator`` that runs ai.bfc ops with the numpy reference."""
     from onnx.reference import ReferenceEvaluator
 
-    new_ops = list(kwargs.pop("new_ops", [])) + [reference_op()]
+    new_ops = list(kwargs.pop("new_ops", [])) + list(reference_ops())
     return ReferenceEvaluator(model, new_ops=new_ops, **kwargs)

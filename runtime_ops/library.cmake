@@ -15,7 +15,8 @@ option(BFC_BUILD_TESTS "build the native kernel tests (bfc_ks_tests, run by ctes
 add_library(bfc_ks_kernels STATIC
   "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_validate.cc"
   "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_chain.cc"
-  "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_portable.cc")
+  "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_portable.cc"
+  "${CMAKE_CURRENT_LIST_DIR}/kernels/lowbit.cc")
 set_target_properties(bfc_ks_kernels PROPERTIES
   CXX_VISIBILITY_PRESET hidden
   VISIBILITY_INLINES_HIDDEN ON
@@ -24,16 +25,20 @@ set_target_properties(bfc_ks_kernels PROPERTIES
 # AVX2/FMA kernels: a separate translation unit with its own flags, chosen at run time.
 string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" _bfc_proc)
 if(_bfc_proc MATCHES "^(x86_64|amd64|x64|i[3-6]86)$" AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-  target_sources(bfc_ks_kernels PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx2.cc")
+  target_sources(bfc_ks_kernels PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx2.cc"
+    "${CMAKE_CURRENT_LIST_DIR}/kernels/lowbit_avx2.cc")
   set_source_files_properties("${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx2.cc"
+    "${CMAKE_CURRENT_LIST_DIR}/kernels/lowbit_avx2.cc"
     PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma")
   target_compile_definitions(bfc_ks_kernels PUBLIC BFC_HAVE_AVX2=1)
   # AVX-512 VNNI int8 kernels: only this file gets the AVX-512 flags; dispatched by cpuid.
   include(CheckCXXCompilerFlag)
   check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512vnni" BFC_CXX_HAS_AVX512VNNI)
   if(BFC_CXX_HAS_AVX512VNNI)
-    target_sources(bfc_ks_kernels PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512.cc")
+    target_sources(bfc_ks_kernels PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512.cc"
+      "${CMAKE_CURRENT_LIST_DIR}/kernels/lowbit_avx512.cc")
     set_source_files_properties("${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512.cc"
+      "${CMAKE_CURRENT_LIST_DIR}/kernels/lowbit_avx512.cc"
       PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni")
     target_compile_definitions(bfc_ks_kernels PUBLIC BFC_HAVE_AVX512=1)
   endif()
@@ -53,7 +58,8 @@ endif()
 
 foreach(_t bfc_ks_kernels bfc_ops)
   if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    target_compile_options(${_t} PRIVATE -O3 -Wall -Wextra -fno-math-errno)
+    # -ffp-contract=off: no FMA contraction, so float epilogues round as the numpy references
+    target_compile_options(${_t} PRIVATE -O3 -Wall -Wextra -fno-math-errno -ffp-contract=off)
   elseif(MSVC)
     target_compile_options(${_t} PRIVATE /O2 /W3)
   endif()

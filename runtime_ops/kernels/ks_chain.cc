@@ -11,7 +11,6 @@
 
 namespace bfc {
 namespace ks {
-namespace {
 
 float half_to_float(uint16_t h) {
   const uint32_t s = uint32_t(h & 0x8000u) << 16;
@@ -30,6 +29,8 @@ float half_to_float(uint16_t h) {
   std::memcpy(&v, &bits, 4);
   return v;
 }
+
+namespace {
 
 struct Luts {
   float e4m3[256];

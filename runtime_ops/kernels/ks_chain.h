@@ -127,6 +127,9 @@ using ParallelFor = bool (*)(void* ctx, void (*fn)(void* user, size_t i), size_t
 std::string run_chain(const Plan& plan, const float* x, const float* bias, float* y, int64_t rows,
                       ParallelFor pfor, void* pfor_ctx);
 
+// IEEE binary16 -> float32, exact (also used for the low-bit op's fp16 group scales)
+float half_to_float(uint16_t h);
+
 const char* isa_name(int isa);
 bool cpu_has_avx2();
 bool cpu_has_avx512vnni();  // AVX-512 F/BW/VL + VNNI (and AVX2/FMA for the shared kernels)

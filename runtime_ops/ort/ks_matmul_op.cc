@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../kernels/ks_chain.h"
+#include "../kernels/lowbit.h"
 #include "ort_abi.h"
 
 #if defined(_WIN32)
@@ -239,6 +240,28 @@ OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
 const OrtApi* g_api = nullptr;  // set once in RegisterCustomOps
 std::atomic<uint64_t> g_unknown_dims{0};
 
+// Y = X.shape[:-1] + (N,) as output 0 (see infer_shape for the naming of unknown dims).
+OrtStatus* set_output(const Api& api, OrtShapeInferContext* ctx, const std::vector<int64_t>& xd,
+                      const std::vector<std::string>& xsym, int64_t N) {
+  std::vector<int64_t> yd = xd;
+  std::vector<std::string> ysym = xsym;
+  ysym.resize(yd.size());
+  for (size_t i = 0; i + 1 < yd.size(); ++i)
+    if (yd[i] < 0 && ysym[i].empty()) ysym[i] = "bfc_unk_" + std::to_string(++g_unknown_dims);
+  yd.back() = N;
+  ysym.back().clear();
+  std::vector<const char*> names;
+  for (const std::string& s : ysym) names.push_back(s.c_str());
+  OrtTensorTypeAndShapeInfo* out = nullptr;
+  if (OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&out)) return st;
+  OrtStatus* st = api.SetTensorElementType(out, ks::kTypeFloat);
+  if (!st) st = api.SetDimensions(out, yd.data(), yd.size());
+  if (!st) st = api.SetSymbolicDimensions(out, names.data(), names.size());
+  if (!st) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+  api.ReleaseTensorTypeAndShapeInfo(out);
+  return st;
+}
+
 // Y = X.shape[:-1] + (N,).  A leading dim of X is copied as its value or its symbolic name.
 // An unknown, unnamed dim gets a fresh name: onnxruntime turns a dim without a name into
 // dim_value = the integer given (-1 would be a concrete, negative size to every following
@@ -271,26 +294,161 @@ OrtStatus* infer_shape(const CustomOp*, OrtShapeInferContext* ctx) {
     if (e.empty()) e = ks::validate_node(n, false, &dims);
     if (!e.empty()) return error(api, e);
     if (!n.x.rank_known) return nullptr;
-    std::vector<int64_t> yd = n.x.dims;
-    std::vector<std::string> ysym = xsym;
-    for (size_t i = 0; i + 1 < yd.size(); ++i)
-      if (yd[i] < 0 && ysym[i].empty()) ysym[i] = "bfc_unk_" + std::to_string(++g_unknown_dims);
-    yd.back() = dims.N;
-    ysym.back().clear();
-    std::vector<const char*> names;
-    for (const std::string& s : ysym) names.push_back(s.c_str());
-    OrtTensorTypeAndShapeInfo* out = nullptr;
-    if (OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&out)) return st;
-    OrtStatus* st = api.SetTensorElementType(out, ks::kTypeFloat);
-    if (!st) st = api.SetDimensions(out, yd.data(), yd.size());
-    if (!st) st = api.SetSymbolicDimensions(out, names.data(), names.size());
-    if (!st) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
-    api.ReleaseTensorTypeAndShapeInfo(out);
-    return st;
+    return set_output(api, ctx, n.x.dims, xsym, dims.N);
   } catch (...) {
     return error(api, "KSMatMul: shape inference failed (out of memory?)", kFail);
   }
 }
+
+
+// ---- ai.bfc::LowBitMatMul (kernels/lowbit.h; spec in bfc/ops.py) -----------------------
+const char* const kLowBitName = "LowBitMatMul";
+
+struct LowBitKernel {
+  Api api;
+  lowbit::Plan plan;
+};
+
+bool absent_attr(const std::string& m) {
+  return m.find("No attribute") != std::string::npos || m.find("not found") != std::string::npos ||
+         m.find("does not exist") != std::string::npos;
+}
+
+std::string kernel_int(const Api& api, const OrtKernelInfo* info, const char* name, int64_t* out, bool* present) {
+  *present = false;
+  if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, out)) {
+    const std::string m = consume(api, st);
+    return absent_attr(m) ? "" : std::string("LowBitMatMul: attribute '") + name + "' must be an int64: " + m;
+  }
+  *present = true;
+  return "";
+}
+
+std::string infer_int(const Api& api, const OrtShapeInferContext* ctx, const char* name, int64_t* out,
+                      bool* present) {
+  *present = false;
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* st = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    consume(api, st);
+    return "";
+  }
+  size_t bytes = 0;
+  if (OrtStatus* st = api.ReadOpAttr(attr, kOpAttrInt, out, sizeof(int64_t), &bytes))
+    return std::string("LowBitMatMul: attribute '") + name + "' must be an int64: " + consume(api, st);
+  *present = true;
+  return "";
+}
+
+template <class IntFn, class ListFn>
+std::string lowbit_attrs(lowbit::Desc* d, IntFn&& get_int, ListFn&& get_list) {
+  std::string e = get_int("K", &d->K, &d->has_k);
+  if (e.empty()) e = get_int("N", &d->N, &d->has_n);
+  if (e.empty()) e = get_int("bits", &d->bits, &d->has_bits);
+  if (e.empty()) e = get_int("group_size", &d->group, &d->has_group);
+  if (e.empty()) e = get_list("rot_patterns", &d->rot_patterns, &d->has_rot);
+  if (e.empty() && d->has_rot && d->rot_patterns.size() % 4 != 0)
+    e = "LowBitMatMul: attribute 'rot_patterns' must hold 4 integers (a, b, c, d) per rotation factor, got " +
+        std::to_string(d->rot_patterns.size());
+  return e;
+}
+
+OrtStatus* lowbit_create(const CustomOp*, const OrtApi* ort_api, const OrtKernelInfo* info, void** kernel) {
+  *kernel = nullptr;
+  const Api api = Api::load(ort_api);
+  try {
+    lowbit::Desc d;
+    std::string e = lowbit_attrs(
+        &d, [&](const char* n, int64_t* v, bool* p) { return kernel_int(api, info, n, v, p); },
+        [&](const char* n, std::vector<int64_t>* v, bool* p) { return kernel_int_list(api, info, n, v, p); });
+    const size_t L = d.rot_patterns.size() / 4;
+    if (e.empty()) e = constant_input(api, info, 2, &d.codes);
+    if (e.empty()) e = constant_input(api, info, 3, &d.scales);
+    d.rot.resize(2 * L);
+    for (size_t i = 0; e.empty() && i < 2 * L; ++i) e = constant_input(api, info, 4 + i, &d.rot[i]);
+    if (e.empty()) e = constant_input(api, info, 1, &d.bias);
+    if (d.bias.data == nullptr) d.bias = ks::TensorDesc();
+    std::unique_ptr<LowBitKernel> k(new LowBitKernel());
+    k->api = api;
+    if (e.empty()) e = lowbit::build_plan(d, std::getenv("BFC_KS_ISA"), &k->plan);
+    if (!e.empty()) return error(api, e);
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::bad_alloc&) {
+    return error(api, "LowBitMatMul: out of memory while prepacking the weights", kFail);
+  } catch (...) {
+    return error(api, "LowBitMatMul: kernel creation failed", kFail);
+  }
+}
+
+OrtStatus* lowbit_compute(void* kp, OrtKernelContext* ctx) {
+  LowBitKernel* k = static_cast<LowBitKernel*>(kp);
+  if (k == nullptr) return nullptr;
+  const Api& api = k->api;
+  try {
+    size_t nin = 0;
+    if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &nin)) return st;
+    ks::TensorDesc x, bias;
+    std::string e;
+    for (size_t i = 0; i < 2 && i < nin && e.empty(); ++i) {
+      const OrtValue* v = nullptr;
+      if (OrtStatus* st = api.KernelContext_GetInput(ctx, i, &v)) return st;
+      if (v != nullptr) e = describe_value(api, v, i == 0 ? &x : &bias);
+    }
+    int64_t rows = 0;
+    if (e.empty()) e = lowbit::validate_run(k->plan, nin, x, bias, &rows);
+    if (!e.empty()) return error(api, e);
+    std::vector<int64_t> yd = x.dims;
+    yd.back() = k->plan.N;
+    OrtValue* yv = nullptr;
+    if (OrtStatus* st = api.KernelContext_GetOutput(ctx, 0, yd.data(), yd.size(), &yv)) return st;
+    if (rows == 0) return nullptr;
+    void* y = nullptr;
+    if (yv == nullptr) return error(api, "LowBitMatMul: onnxruntime returned no output tensor", kFail);
+    if (OrtStatus* st = api.GetTensorMutableData(yv, &y)) return st;
+    if (x.data == nullptr || y == nullptr) return error(api, "LowBitMatMul: input or output has no data", kFail);
+    PforCtx pctx{&api, ctx};
+    e = lowbit::run(k->plan, static_cast<const float*>(x.data), static_cast<const float*>(bias.data),
+                    static_cast<float*>(y), rows, ort_parallel_for, &pctx);
+    return e.empty() ? nullptr : error(api, e, kFail);
+  } catch (const std::bad_alloc&) {
+    return error(api, "LowBitMatMul: out of memory", kFail);
+  } catch (...) {
+    return error(api, "LowBitMatMul: compute failed", kFail);
+  }
+}
+
+OrtStatus* lowbit_infer(const CustomOp*, OrtShapeInferContext* ctx) {
+  if (g_api == nullptr) return nullptr;
+  const Api api = Api::load(g_api);
+  try {
+    lowbit::Desc d;
+    std::string e = lowbit_attrs(
+        &d, [&](const char* n, int64_t* v, bool* p) { return infer_int(api, ctx, n, v, p); },
+        [&](const char* n, std::vector<int64_t>* v, bool* p) { return infer_int_list(api, ctx, n, v, p); });
+    size_t nin = 0;
+    if (OrtStatus* st = api.ShapeInferContext_GetInputCount(ctx, &nin)) return st;
+    std::vector<std::string> xsym;
+    d.rot.resize(nin > 4 ? nin - 4 : 0);
+    for (size_t i = 0; i < nin && e.empty(); ++i) {
+      OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
+      if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, i, &info)) return st;
+      ks::TensorDesc& t = i == 0 ? d.x : i == 1 ? d.bias : i == 2 ? d.codes : i == 3 ? d.scales : d.rot[i - 4];
+      e = describe(api, info, &t, i == 0 ? &xsym : nullptr);
+      t.rank_known = !t.dims.empty();
+      if (i == 1) t.present = t.dtype != ks::kTypeUnknown;
+    }
+    if (e.empty() && nin < 4) e = "LowBitMatMul: the node needs X, bias, codes and scales (4 inputs at least)";
+    if (e.empty()) e = lowbit::validate(d, false);
+    if (!e.empty()) return error(api, e);
+    if (!d.x.rank_known) return nullptr;
+    return set_output(api, ctx, d.x.dims, xsym, d.N);
+  } catch (...) {
+    return error(api, "LowBitMatMul: shape inference failed (out of memory?)", kFail);
+  }
+}
+
+void lowbit_destroy(void* k) { delete static_cast<LowBitKernel*>(k); }
+const char* lowbit_get_name(const CustomOp*) { return kLowBitName; }
 
 // ---- OrtCustomOp callbacks ------------------------------------------------------------
 void destroy(void* k) { delete static_cast<Kernel*>(k); }
@@ -341,6 +499,19 @@ CustomOp make_op() {
 
 CustomOp g_op = make_op();
 
+// LowBitMatMul: X, bias (optional), then variadic codes, scales, rotation values_l, scale_l
+CustomOp make_lowbit_op() {
+  CustomOp op = make_op();
+  op.GetName = lowbit_get_name;
+  op.KernelDestroy = lowbit_destroy;
+  op.CreateKernelV2 = lowbit_create;
+  op.KernelComputeV2 = lowbit_compute;
+  op.InferOutputShapeFn = lowbit_infer;
+  return op;
+}
+
+CustomOp g_lowbit_op = make_lowbit_op();
+
 }  // namespace
 }  // namespace ort
 }  // namespace bfc
@@ -365,10 +536,11 @@ extern "C" BFC_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, c
   std::lock_guard<std::mutex> lock(mu);
   if (domain == nullptr) {
     if (OrtStatus* st = api.CreateCustomOpDomain(kDomain, &domain)) return st;
-    if (OrtStatus* st = api.CustomOpDomain_Add(domain, &g_op)) {
-      domain = nullptr;  // leaked on this error path only; registration failed anyway
-      return st;
-    }
+    for (const CustomOp* o : {&g_op, &g_lowbit_op})
+      if (OrtStatus* st = api.CustomOpDomain_Add(domain, o)) {
+        domain = nullptr;  // leaked on this error path only; registration failed anyway
+        return st;
+      }
   }
   return api.AddCustomOpDomain(options, domain);
 }

@@ -34,7 +34,7 @@ constexpr uint32_t kApiVersion = 17;
 // Enums (C int): error codes, input/output characteristics, OrtOpAttrType.  Element types
 // are ONNX's TensorProto numbers (ks::kTypeFloat, ... in kernels/ks_validate.h).
 enum : int { kOk = 0, kFail = 1, kInvalidArgument = 2 };
-enum : int { kOpAttrInts = 2, kOpAttrFloats = 4 };
+enum : int { kOpAttrInt = 1, kOpAttrInts = 2, kOpAttrFloats = 4 };
 enum : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
 
 // X(slot, name, return type, (argument list))
@@ -54,6 +54,7 @@ enum : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
   X(63, GetSymbolicDimensions, OrtStatus*,                                                            \
     (const OrtTensorTypeAndShapeInfo* info, const char** dim_params, size_t n))                       \
   X(65, GetTensorTypeAndShape, OrtStatus*, (const OrtValue* value, OrtTensorTypeAndShapeInfo** out))  \
+  X(86, KernelInfoGetAttribute_int64, OrtStatus*, (const OrtKernelInfo* info, const char* name, int64_t* out)) \
   X(88, KernelContext_GetInputCount, OrtStatus*, (const OrtKernelContext* ctx, size_t* out))          \
   X(90, KernelContext_GetInput, OrtStatus*, (const OrtKernelContext* ctx, size_t i, const OrtValue** out)) \
   X(91, KernelContext_GetOutput, OrtStatus*,                                                          \

@@ -1,0 +1,339 @@
+// LowBitMatMul: validation, prepacking, the run (rotation, row quantization, GEMM) and the
+// portable GEMM.  See lowbit.h for the algebra and the packed layout.
+#include "lowbit.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+
+#include "ks_tile.h"
+
+namespace bfc {
+namespace lowbit {
+namespace {
+
+constexpr int kTypeUint8 = 2;
+
+std::string op(const std::string& m) { return "LowBitMatMul: " + m; }
+
+// bytes of the packed code stream of `count` codes (bfc.lowbit.packing.packed_nbytes)
+int64_t stream_bytes(int64_t count, int64_t bits) {
+  const int64_t per = bits == 3 ? 8 : 8 / bits, nb = bits == 3 ? 3 : 1;
+  return (count + per - 1) / per * nb;
+}
+
+// code i of the little-endian bit stream (bfc.lowbit.packing.pack_bits)
+inline int code_at(const uint8_t* s, int64_t i, int64_t bits) {
+  const int64_t bit = i * bits, byte = bit >> 3, sh = bit & 7;
+  uint32_t v = s[byte];
+  if (sh + bits > 8) v |= uint32_t(s[byte + 1]) << 8;
+  return int((v >> sh) & ((1u << bits) - 1));
+}
+
+ks::NodeDesc rotation_desc(const Desc& d) {
+  ks::NodeDesc n;
+  n.has_patterns = true;
+  n.patterns = d.rot_patterns;
+  n.factors = d.rot;
+  n.x = d.x;
+  return n;
+}
+
+}  // namespace
+
+const uint8_t* Plan::wp() const { return w.data() + w_off; }
+
+std::string validate(const Desc& d, bool need_constants) {
+  std::ostringstream e;
+  if (!d.has_k || !d.has_n || !d.has_bits || !d.has_group)
+    return op("attributes 'K', 'N', 'bits' and 'group_size' (int64) are required");
+  if (d.K < 1 || d.K >= ks::kMaxDim || d.N < 1 || d.N >= ks::kMaxDim || d.K > ks::kMaxElems / d.N) {
+    e << "K = " << d.K << " and N = " << d.N << " must be positive, below 2^31, with K*N below 2^40";
+    return op(e.str());
+  }
+  if (d.bits != 2 && d.bits != 3 && d.bits != 4) {
+    e << "bits = " << d.bits << "; supported: 2, 3, 4";
+    return op(e.str());
+  }
+  if (d.group < 1 || d.group > d.K || d.group > kMaxGroup) {
+    e << "group_size = " << d.group << " must lie in [1, min(K, 2^20)] with K = " << d.K;
+    return op(e.str());
+  }
+  const int64_t ng = (d.K + d.group - 1) / d.group;
+  const int64_t nbytes = stream_bytes(ng * d.group * d.N, d.bits);
+  const ks::TensorDesc& c = d.codes;
+  const ks::TensorDesc& s = d.scales;
+  if (c.dtype != ks::kTypeUnknown && c.dtype != kTypeUint8) {
+    e << "codes (input 2) must be uint8, got ONNX element type " << c.dtype;
+  } else if (c.rank_known && (c.dims.size() != 1 || (c.dims[0] != ks::kUnknownDim && c.dims[0] != nbytes))) {
+    e << "codes (input 2) has shape " << ks::shape_str(c.dims) << " but " << ng << " groups of " << d.group
+      << " rows x N = " << d.N << " codes of " << d.bits << " bits need (" << nbytes << ",)";
+  } else if (s.dtype != ks::kTypeUnknown && s.dtype != ks::kTypeFloat && s.dtype != ks::kTypeFloat16) {
+    e << "scales (input 3) must be float16 or float32, got ONNX element type " << s.dtype;
+  } else if (s.rank_known && (s.dims.size() != 2 || (s.dims[0] != ks::kUnknownDim && s.dims[0] != ng) ||
+                              (s.dims[1] != ks::kUnknownDim && s.dims[1] != d.N))) {
+    e << "scales (input 3) has shape " << ks::shape_str(s.dims) << " but needs (n_groups, N) = (" << ng << ", "
+      << d.N << ")";
+  } else if (need_constants && (c.data == nullptr || s.data == nullptr || !c.rank_known || !s.rank_known ||
+                                c.dtype == ks::kTypeUnknown || s.dtype == ks::kTypeUnknown)) {
+    e << (c.data == nullptr ? "codes (input 2)" : "scales (input 3)")
+      << " must be a constant initializer (prepacked at session creation)";
+  } else if (d.x.rank_known) {
+    if (d.x.dtype != ks::kTypeUnknown && d.x.dtype != ks::kTypeFloat)
+      e << "X (input 0) must be float32, got ONNX element type " << d.x.dtype;
+    else if (d.x.dims.empty() || (d.x.dims.back() != ks::kUnknownDim && d.x.dims.back() != d.K))
+      e << "X (input 0) has shape " << ks::shape_str(d.x.dims) << " but needs rank >= 1 and last dim K = " << d.K;
+  }
+  if (e.str().empty() && d.bias.present) {
+    const bool ok = (d.bias.dtype == ks::kTypeUnknown || d.bias.dtype == ks::kTypeFloat) &&
+                    (!d.bias.rank_known || (d.bias.dims.size() == 1 &&
+                                            (d.bias.dims[0] == ks::kUnknownDim || d.bias.dims[0] == d.N)));
+    if (!ok)
+      e << "bias (input 1) has shape " << (d.bias.rank_known ? ks::shape_str(d.bias.dims) : "?")
+        << " and ONNX element type " << d.bias.dtype << "; it must be float32 (" << d.N << ",)";
+  }
+  if (!e.str().empty()) return op(e.str());
+  if (!d.has_rot || d.rot_patterns.empty()) {
+    if (!d.rot.empty()) {
+      e << "without 'rot_patterns' the node takes 4 inputs (X, bias, codes, scales), got " << 4 + d.rot.size();
+      return op(e.str());
+    }
+    return "";
+  }
+  ks::ChainDims cd;
+  std::string r = ks::validate_node(rotation_desc(d), need_constants, &cd);
+  if (!r.empty())
+    return op("rotation (inputs 4.., values_l/scale_l numbered from input 2 in this message): " + r);
+  if (cd.M != d.K || cd.N != d.K) {
+    e << "rotation chain 'rot_patterns' maps " << cd.M << " -> " << cd.N << " features but must map K -> K = " << d.K;
+    return op(e.str());
+  }
+  return "";
+}
+
+std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
+  std::string e = validate(d, true);
+  if (!e.empty()) return e;
+  p->isa = ks::resolve_isa(isa_override, &e);
+  if (p->isa < 0) return e;
+  p->K = d.K, p->N = d.N, p->bits = d.bits, p->group = d.group;
+  p->ngroups = (d.K + d.group - 1) / d.group;
+  p->zero = 1 << (d.bits - 1);
+  p->gstart.assign(size_t(p->ngroups + 1), 0);
+  p->kmap.assign(size_t(d.K), 0);
+  for (int64_t gi = 0; gi < p->ngroups; ++gi) {
+    const int64_t k0 = gi * d.group, len = std::min(d.group, d.K - k0);
+    for (int64_t k = 0; k < len; ++k) p->kmap[size_t(k0 + k)] = int32_t(p->gstart[size_t(gi)] + k);
+    p->gstart[size_t(gi + 1)] = p->gstart[size_t(gi)] + (len + 7) / 8 * 8;
+  }
+  p->Kp = p->gstart.back();
+  p->P = p->Kp / 8;
+  p->nblk = (d.N + 15) / 16;
+  p->Np = p->nblk * 16;
+  // nibble layout (lowbit.h), 64-byte aligned inside w
+  const size_t wbytes = size_t(p->nblk) * size_t(p->P) * 64;
+  p->w.assign(wbytes + 64, 0);
+  p->w_off = (64 - (reinterpret_cast<uintptr_t>(p->w.data()) & 63)) & 63;
+  uint8_t* w = p->w.data() + p->w_off;
+  const uint8_t* s = static_cast<const uint8_t*>(d.codes.data);
+  for (int64_t k = 0; k < d.K; ++k) {
+    const int64_t kp = p->kmap[size_t(k)], pr = kp / 8, t = kp % 8;
+    for (int64_t n = 0; n < d.N; ++n) {
+      const int u = code_at(s, k * d.N + n, d.bits);
+      uint8_t& byte = w[size_t(((n / 16) * p->P + pr) * 64 + (n % 16) * 4 + (t & 3))];
+      byte = uint8_t(byte | (t < 4 ? u : u << 4));
+    }
+  }
+  p->sc.assign(size_t(p->ngroups * p->Np), 0.f);
+  for (int64_t gi = 0; gi < p->ngroups; ++gi)
+    for (int64_t n = 0; n < d.N; ++n) {
+      const int64_t i = gi * d.N + n;
+      p->sc[size_t(gi * p->Np + n)] = d.scales.dtype == ks::kTypeFloat
+                                          ? static_cast<const float*>(d.scales.data)[i]
+                                          : ks::half_to_float(static_cast<const uint16_t*>(d.scales.data)[i]);
+    }
+  p->rotate = d.has_rot && !d.rot_patterns.empty();
+  if (p->rotate) {
+    e = ks::build_plan(rotation_desc(d), isa_override, &p->rot);
+    if (!e.empty()) return op("rotation: " + e);
+  }
+  return "";
+}
+
+std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc& x, const ks::TensorDesc& bias,
+                         int64_t* rows) {
+  *rows = 0;
+  const size_t want = 4 + (p.rotate ? 2 * p.rot.factors.size() : 0);
+  if (num_inputs != want) return op("the node needs " + std::to_string(want) + " inputs, got " + std::to_string(num_inputs));
+  if (!x.present || !x.rank_known || x.dims.empty() || x.dims.back() != p.K || x.dtype != ks::kTypeFloat)
+    return op("X (input 0) has shape " + (x.rank_known ? ks::shape_str(x.dims) : std::string("?")) +
+              "; it must be float32 with last dim K = " + std::to_string(p.K));
+  if (bias.present && (bias.dtype != ks::kTypeFloat || bias.dims.size() != 1 || bias.dims[0] != p.N))
+    return op("bias (input 1) must be float32 (" + std::to_string(p.N) + ",), got shape " + ks::shape_str(bias.dims));
+  int64_t r = 1;
+  const int64_t width = std::max(p.K, p.N);
+  for (size_t i = 0; i + 1 < x.dims.size(); ++i) {
+    const int64_t v = x.dims[i];
+    if (v < 0 || (v != 0 && r > ks::kMaxElems / v) || (r * v != 0 && r * v > ks::kMaxElems / width))
+      return op("X (input 0) shape " + ks::shape_str(x.dims) + " is negative or too large");
+    r *= v;
+  }
+  *rows = r;
+  return "";
+}
+
+// q = rint(clip(h * inv, -127, 127)) (NaN -> 0) as KSMatMul's int8 (bfc/ops.py _quantize_rows);
+// rint by the 1.5 * 2^23 trick (exact round-half-even for |t| <= 127, vectorizable).
+void quantize_rows(const Plan& p, const float* xr, int64_t r0, int64_t r1, int8_t* q, int32_t* gsum, float* cs) {
+  const int64_t K = p.K;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* h = xr + r * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(h[k]));
+    float inv;
+    ks::int8_column_scale(amax, &cs[r], &inv);
+    int8_t* qr = q + r * p.Kp;
+    std::memset(qr, 0, size_t(p.Kp));
+    int32_t* gs = gsum + r * p.ngroups;
+    for (int64_t gi = 0; gi < p.ngroups; ++gi) {
+      const int64_t k0 = gi * p.group, len = std::min(p.group, K - k0);
+      int8_t* dst = qr + p.gstart[size_t(gi)];
+      int32_t sum = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        float t = h[k0 + k] * inv;
+        t = t == t ? t : 0.f;
+        t = std::min(127.f, std::max(-127.f, t));
+        const float rt = (t + 12582912.f) - 12582912.f;
+        const int v = int(rt);
+        dst[k] = int8_t(v);
+        sum += v;
+      }
+      gs[gi] = sum;
+    }
+  }
+}
+
+// Reference-order GEMM in plain C++ (one output at a time).
+void gemm_portable(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t r1, int64_t nb0,
+                   int64_t nb1) {
+  const uint8_t* w = p.wp();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* qr = a.q + r * p.Kp;
+    const int32_t* gs = a.gsum + r * p.ngroups;
+    for (int64_t nb = nb0; nb < nb1; ++nb)
+      for (int n = 0; n < 16 && nb * 16 + n < p.N; ++n) {
+        float acc = 0.f;
+        for (int64_t gi = 0; gi < p.ngroups; ++gi) {
+          int32_t isum = 0;
+          for (int64_t pr = p.gstart[size_t(gi)] / 8; pr < p.gstart[size_t(gi + 1)] / 8; ++pr) {
+            const uint8_t* line = w + size_t((nb * p.P + pr) * 64 + n * 4);
+            for (int t = 0; t < 4; ++t) {
+              isum += int32_t(line[t] & 15) * qr[8 * pr + t];
+              isum += int32_t(line[t] >> 4) * qr[8 * pr + 4 + t];
+            }
+          }
+          isum -= p.zero * gs[gi];
+          const float f = float(isum) * p.sc[size_t(gi * p.Np + nb * 16 + n)];
+          acc = acc + f;
+        }
+        float v = acc * a.cs[r];
+        if (bias != nullptr) v = v + bias[nb * 16 + n];
+        y[r * p.N + nb * 16 + n] = v;
+      }
+  }
+}
+
+namespace {
+
+struct Exec {
+  const Plan* p;
+  GemmFn gemm;
+  const float* xr;
+  Act act;
+  int8_t* q;
+  int32_t* gsum;
+  float* cs;
+  const float* bias;
+  float* y;
+  int64_t rows;
+  int64_t qrows;        // rows per quantization item
+  int64_t rchunk, nchunk, ritems;  // GEMM items: row chunks x output-block chunks
+};
+
+void quant_fn(void* u, size_t i) {
+  Exec& e = *static_cast<Exec*>(u);
+  const int64_t r0 = int64_t(i) * e.qrows, r1 = std::min(e.rows, r0 + e.qrows);
+  quantize_rows(*e.p, e.xr, r0, r1, e.q, e.gsum, e.cs);
+}
+
+void gemm_fn(void* u, size_t i) {
+  Exec& e = *static_cast<Exec*>(u);
+  const int64_t ri = int64_t(i) % e.ritems, ni = int64_t(i) / e.ritems;
+  const int64_t r0 = ri * e.rchunk, r1 = std::min(e.rows, r0 + e.rchunk);
+  const int64_t nb0 = ni * e.nchunk, nb1 = std::min(e.p->nblk, nb0 + e.nchunk);
+  e.gemm(*e.p, e.act, e.bias, e.y, r0, r1, nb0, nb1);
+}
+
+bool run_items(ks::ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_t n, Exec* e) {
+  if (n <= 1 || pfor == nullptr) {
+    for (size_t i = 0; i < n; ++i) fn(e, i);
+    return true;
+  }
+  return pfor(ctx, fn, n, e);
+}
+
+}  // namespace
+
+std::string run(const Plan& p, const float* x, const float* bias, float* y, int64_t rows, ks::ParallelFor pfor,
+                void* ctx) {
+  if (rows <= 0) return "";
+  Exec e{};
+  e.p = &p;
+  e.gemm =
+#if defined(BFC_HAVE_AVX512)
+      p.isa == 2 ? gemm_avx512 :
+#endif
+#if defined(BFC_HAVE_AVX2)
+      p.isa >= 1 ? gemm_avx2 :
+#endif
+                 gemm_portable;
+  // scratch: xr (rotation output), q, gsum, cs
+  const size_t xr_f = p.rotate ? size_t(rows) * size_t(p.K) : 0;
+  const size_t q_f = (size_t(rows) * size_t(p.Kp) + 3) / 4 + 16;
+  const size_t g_f = size_t(rows) * size_t(p.ngroups) + 16;
+  const size_t total = xr_f + 16 + q_f + g_f + size_t(rows) + 16;
+  // reused across calls when no other call holds it (no zeroing, no page faults)
+  std::unique_lock<std::mutex> lock(p.scratch_mu, std::try_to_lock);
+  ks::ScratchBuf local;
+  float* base = (lock.owns_lock() ? p.scratch : local).get(total);
+  float* xr = base;
+  e.q = reinterpret_cast<int8_t*>(base + xr_f + 16);
+  e.gsum = reinterpret_cast<int32_t*>(base + xr_f + 16 + q_f);
+  e.cs = base + xr_f + 16 + q_f + g_f;
+  if (p.rotate) {
+    std::string err = ks::run_chain(p.rot, x, nullptr, xr, rows, pfor, ctx);
+    if (!err.empty()) return op(err);
+    e.xr = xr;
+  } else {
+    e.xr = x;
+  }
+  e.rows = rows;
+  e.qrows = 16;
+  const char* fail = "LowBitMatMul: onnxruntime's parallel-for failed";
+  if (!run_items(pfor, ctx, quant_fn, size_t((rows + e.qrows - 1) / e.qrows), &e)) return fail;
+  e.act = Act{e.q, e.gsum, e.cs};
+  e.bias = bias, e.y = y;
+  // items: output-block chunks of 2 blocks (32 outputs) x row chunks of 64 rows; a small batch
+  // splits by output blocks only
+  e.rchunk = 64;
+  e.nchunk = 2;
+  e.ritems = (rows + e.rchunk - 1) / e.rchunk;
+  const int64_t nitems = (p.nblk + e.nchunk - 1) / e.nchunk;
+  if (!run_items(pfor, ctx, gemm_fn, size_t(e.ritems * nitems), &e)) return fail;
+  return "";
+}
+
+}  // namespace lowbit
+}  // namespace bfc
