@@ -200,6 +200,26 @@ def test_match_and_layernorm_options(tmp_path):
     assert ln and any(not np.array_equal(ln[k], orig[k]) for k in ln)
 
 
+def test_match_by_op_type(tmp_path):
+    """distill_match op:TYPE names the first output of every node of that type (graph outputs left out)."""
+    from bfc.passes.distill import match_tensors
+    model = dm.block()
+    assert match_tensors(model, ("op:LayerNormalization",)) == ("h",)         # "y" is a graph output
+    assert match_tensors(model, ("op:Gelu", "h", "op:LayerNormalization")) == ("f2", "h")
+    with pytest.raises(ConfigError, match="no Conv node"):
+        match_tensors(model, ("op:Conv",))
+    with pytest.raises(ConfigError, match="is no tensor of the graph"):
+        match_tensors(model, ("nope",))
+    cal, data = _files(tmp_path, model)
+    by_type, r1 = bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=20, distill_lr=3e-3,
+                                           distill_match=("op:LayerNormalization",)))
+    by_name, r2 = bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=20, distill_lr=3e-3,
+                                           distill_match=("h",)))
+    assert by_type.SerializeToString() == by_name.SerializeToString()        # the same run (seeded)
+    with pytest.raises(ConfigError, match="no Conv node"):
+        bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=2, distill_match=("op:Conv",)))
+
+
 def test_config_and_missing_data(tmp_path):
     with pytest.raises(ConfigError, match="distill_steps"):
         OptimizeConfig(distill_steps=0)

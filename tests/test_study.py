@@ -356,6 +356,8 @@ def test_distilled_points_compare_with_the_plain_ones(setup):
     assert dist["metric"] > plain["metric"]
     md = (tmp / "d" / "study.md").read_text()
     assert "## Distillation" in md and "+distill 40 steps" in md
+    if plots_available():                    # metric vs bytes and vs FLOPs, plain -> distilled
+        assert (tmp / "d" / "distill.png").stat().st_size > 1000 and "distill.png" in md
 
 
 def test_distill_point_validation(tmp_path):

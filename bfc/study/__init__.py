@@ -11,7 +11,7 @@ results file (JSON lines); a rerun skips the points already there.  With ``--dis
 every bfc point is measured once per ``--distill-steps`` entry (0 = as is), so the report
 compares the same compression with and without end-to-end distillation (or give
 ``--bfc ...,distill=DATA.npz,distill_steps=300`` for one point).  The report
-(``study.md``) and the plots (``pareto.png``, ``error_vs_drop.png``, ``generalization.png``
+(``study.md``) and the plots (``pareto.png``, ``error_vs_drop.png``, ``distill.png``, ``generalization.png``
 when the evaluator reports train accuracy) are rewritten from the whole results file.
 """
 from __future__ import annotations
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma list of distillation steps per bfc point; 0 = the point without distillation")
     ap.add_argument("--distill-batch", type=int, default=None, help="distillation samples per step (bfc default 32)")
     ap.add_argument("--distill-lr", type=float, default=None, help="distillation peak step size (bfc default 5e-4)")
+    ap.add_argument("--distill-match", default=None, metavar="TENSOR",
+                    help="intermediate tensor (or op:TYPE, e.g. op:LayerNormalization) matched too when distilling")
     ap.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {', '.join(BASELINES)} or none")
     ap.add_argument("--budgets", default="0.0625,0.125,0.25",
                     help="byte budgets of svd/svd-int8/prune as fractions of the fp32 linear-weight bytes")
@@ -145,7 +147,8 @@ def points_from_args(args, fp32_bytes: int) -> list[Point]:
         steps = [s for s in _list(args.distill_steps, int) if s is not None]
         if not steps or any(s < 0 for s in steps):
             raise ConfigError(f"--distill-steps {args.distill_steps!r}: give steps >= 0 (0 = without distillation)")
-        pts = with_distill(pts, args.distill, steps, distill_batch=args.distill_batch, distill_lr=args.distill_lr)
+        pts = with_distill(pts, args.distill, steps, distill_batch=args.distill_batch, distill_lr=args.distill_lr,
+                           distill_match=args.distill_match)
     return pts
 
 

@@ -6,6 +6,9 @@
                       and against the model-output error (every point)
   generalization.png  train and test metric and their gap against the mean layer error,
                       colour = precision, marker = rank (only when records carry ``train``)
+  distill.png         metric vs linear-weight bytes and vs linear FLOPs (x dense) of the bfc points
+                      measured without and with distillation: plain hollow, distilled filled, an
+                      arrow from each plain point to its distilled one (only with distilled points)
 """
 from __future__ import annotations
 
@@ -142,6 +145,70 @@ def plot_generalization(records, path, test_key="test", train_key="train") -> Pa
     return _save(fig, Path(path))
 
 
+DISTILL_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:cyan", "tab:olive")
+
+
+def plot_distill(points, path, *, reference=None, baselines=(), target=None, metric_name="metric",
+                 bytes_label="linear-weight bytes", title=None) -> Path:
+    """Two panels, ``metric_name`` against bytes (left) and against linear FLOPs x dense (right).
+
+    ``points``: dicts with ``family`` (colour; e.g. "Monarch int8"), ``label`` (the plain point's
+    annotation), ``pair`` (plain and distilled points of one compression share it), ``distilled``
+    (bool), ``bytes``, ``flops`` (x dense), ``metric``.  ``reference``: the fp32 metric (dashed line);
+    ``baselines``: (name, bytes, flops, metric) squares; ``target``: (metric, bytes, flops) dotted
+    guide lines (a None entry draws no line).
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    fams = sorted({p["family"] for p in points})
+    col = {f: DISTILL_COLORS[i % len(DISTILL_COLORS)] for i, f in enumerate(fams)}
+    plain = {p["pair"]: p for p in points if not p["distilled"]}
+    for ax, key, xl in ((axes[0], "bytes", bytes_label), (axes[1], "flops", "linear FLOPs x dense")):
+        for p in points:
+            c = col[p["family"]]
+            ax.scatter([p[key]], [p["metric"]], s=40, facecolors=c if p["distilled"] else "none", edgecolors=c)
+            q = plain.get(p["pair"])
+            if p["distilled"] and q is not None:
+                ax.annotate("", (p[key], p["metric"]), (q[key], q["metric"]),
+                            arrowprops=dict(arrowstyle="->", color=c, alpha=0.6))
+            if not p["distilled"] and p.get("label"):
+                ax.annotate(p["label"], (p[key], p["metric"]), textcoords="offset points", xytext=(5, -10), fontsize=7)
+        for name, b, f, m in baselines:
+            ax.scatter([b if key == "bytes" else f], [m], marker="s", color="tab:orange", s=36,
+                       label=name if key == "bytes" else None)
+        if reference is not None:
+            ax.axhline(reference, color="black", lw=0.8, ls="--", label=f"fp32 {reference:.2f}" if key == "bytes" else None)
+        if target is not None:
+            if target[0] is not None:
+                ax.axhline(target[0], color="tab:red", lw=0.8, ls=":", label=f"target {target[0]:g}" if key == "bytes" else None)
+            x = target[1] if key == "bytes" else target[2]
+            if x is not None:
+                ax.axvline(x, color="tab:red", lw=0.8, ls=":")
+        ax.set_xlabel(xl)
+        ax.grid(alpha=0.3)
+    for f in fams:
+        axes[0].scatter([], [], facecolors="none", edgecolors=col[f], label=f"{f}, no distillation")
+        axes[0].scatter([], [], color=col[f], label=f"{f}, distilled")
+    axes[0].set_ylabel(metric_name)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or f"{metric_name}: distillation at fixed compression", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def study_distill_points(records) -> list[dict]:
+    """``plot_distill`` points of a study's (plain, distilled) bfc pairs (bytes in MB)."""
+    from bfc.study.report import distill_pairs, label
+    out = []
+    for i, (plain, d) in enumerate(distill_pairs(records)):
+        for r, dist in ((plain, False), (d, True)):
+            pp = r["params"]
+            out.append({"family": f"{pp.get('structure', 'auto')} {pp.get('precision', 'int8')}",
+                        "label": label(plain)[4:], "pair": i, "distilled": dist,
+                        "bytes": r["linear_bytes"] / 1e6, "metric": r["metric"],
+                        "flops": r.get("details", {}).get("flops_ratio", float("nan"))})
+    return out
+
+
 def available() -> bool:
     """True when matplotlib is installed (the optional ``study`` extra)."""
     return importlib.util.find_spec("matplotlib") is not None
@@ -156,4 +223,11 @@ def write_plots(records, out_dir, metric_name="metric", title=None) -> list[Path
              plot_error_vs_drop(records, out_dir / "error_vs_drop.png", metric_name)]
     if has_train(records):
         paths.append(plot_generalization(records, out_dir / "generalization.png"))
+    dpts = study_distill_points(records)
+    if dpts:
+        ref = [r["metric"] for r in ok(records) if r["kind"] == "reference"]
+        i8 = [r for r in ok(records) if r["kind"] == "int8-dynamic"]
+        base = [("int8-dynamic", i8[0]["linear_bytes"] / 1e6, 1.0, i8[0]["metric"])] if i8 else []
+        paths.append(plot_distill(dpts, out_dir / "distill.png", reference=ref[0] if ref else None, baselines=base,
+                                  metric_name=metric_name, bytes_label="linear-weight bytes (MB)", title=title))
     return paths

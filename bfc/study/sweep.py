@@ -32,8 +32,9 @@ from bfc.study.evaluators import Evaluator, session
 
 BFC_KEYS = ("structure", "rank", "residual_rank", "precision", "quant_method", "max_error", "max_output_error",
             "target_size", "min_size", "include", "exclude", "calibration_rows", "seed", "reconstruct",
-            "reconstruct_steps", "distill", "distill_steps", "distill_batch", "distill_lr", "distill_layernorm")
-DISTILL_KEYS = ("distill_steps", "distill_batch", "distill_lr", "distill_layernorm")
+            "reconstruct_steps", "distill", "distill_steps", "distill_batch", "distill_lr", "distill_layernorm",
+            "distill_match")
+DISTILL_KEYS = ("distill_steps", "distill_batch", "distill_lr", "distill_layernorm", "distill_match")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def bfc_point(**params) -> Point:
 def with_distill(points, data, steps=(0, 500), **opts) -> list[Point]:
     """Each bfc point of ``points`` (without its own ``distill``) once per entry of ``steps``: 0 = the
     point as is, n > 0 = the same compression distilled for n steps on ``data`` (``opts``: distill_batch,
-    distill_lr, distill_layernorm); other points unchanged.  The sweep then compares the same
+    distill_lr, distill_layernorm, distill_match); other points unchanged.  The sweep then compares the same
     configuration with and without distillation."""
     out = []
     for pt in points:
