@@ -15,6 +15,9 @@ rows, pad = the zero level), flattened row-major and packed LSB first (``bfc.low
 are one uint8 initializer; in the graph, code t of a word is ``(word >> t*bits) & mask``
 (BitShift, BitwiseAnd) with word = one byte (2/4 bits) or three bytes as a uint32 (3 bits);
 then ``(code - 2^(b-1))`` in float, times the group scales broadcast over (n_groups, g, N).
+The custom-op target emits the same packed stream (``bfc.ops.lowbit_codes_stream``) as the
+``codes`` input of one ``ai.bfc.LowBitMatMul`` node (rotation fused, unpacked in its kernel) and
+uses ``finish`` and ``correction_tensors`` below.
 Every input of the unpacking is constant, so runtimes fold it once at load; the file holds
 b bits per weight (plus scales), which is what the report counts.
 """
@@ -25,7 +28,7 @@ from math import lcm
 import numpy as np
 
 from bfc.factorize.result import KSFactorization
-from bfc.lowbit.packing import pack_bits
+from bfc.ops import lowbit_codes_stream
 from bfc.quant import cast
 from bfc.quant.formats import format_of_dtype
 
@@ -94,10 +97,8 @@ def unpacked_weight(b, gq):
     k, n = gq.shape
     g, ng, bits = gq.group_size, gq.n_groups, gq.bits
     kp = ng * g
-    codes = np.full((kp, n), 1 << (bits - 1), np.uint8)
-    codes[:k] = gq.codes()
     count = kp * n
-    stream = pack_bits(codes, bits)
+    stream = lowbit_codes_stream(gq.codes(), g, bits)
     per = lcm(bits, 8) // bits
     if bits == 3:
         bytes3 = b.op("Reshape", [b.const("codes", stream), b.const("shape", np.array([-1, 3], np.int64))],

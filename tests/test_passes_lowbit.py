@@ -135,11 +135,14 @@ def test_report_bytes_are_the_initializers_written(tmp_path, target):
     assert lay.bytes_after < 0.3 * lay.bytes_before
 
 
-def test_custom_op_refuses_the_family_with_a_reason(tmp_path):
+def test_custom_op_emits_the_family_as_one_node(tmp_path):
+    """custom-op: one ai.bfc.LowBitMatMul per layer (rotation fused; tests/test_custom_op_lowbit.py runs it)."""
     path, cal, _ = _model(tmp_path, names=("q",))
     st = run_passes(str(path), _cfg(cal, target="custom-op"))
     (plan,) = st.plans
-    assert not plan.rewritten and "custom-op target cannot emit rotated" in plan.reason
+    assert plan.rewritten and plan.structure == "rotated"
+    ops = [n.op_type for n in st.output.graph.node]
+    assert ops.count("LowBitMatMul") == 1 and "Cos" not in ops and "MatMul" not in ops
 
 
 def test_auto_chooses_rotated_int4_when_it_is_smallest(tmp_path):
@@ -151,9 +154,9 @@ def test_auto_chooses_rotated_int4_when_it_is_smallest(tmp_path):
     (plan,) = st.plans
     assert plan.structure == "rotated" and plan.precision.startswith("int"), (plan.structure, plan.precision, plan.reason)
     assert plan.error <= 0.12
-    cfg_ks = cfg.replace(target="custom-op")                   # the family is skipped: KS or dense
-    (plan_ks,) = run_passes(str(path), cfg_ks).plans
-    assert plan_ks.structure != "rotated"
+    cfg_op = cfg.replace(target="custom-op")                   # scored with its kernel's int8 activations
+    (plan_op,) = run_passes(str(path), cfg_op).plans
+    assert plan_op.structure == "rotated" and plan_op.error <= 0.12
 
 
 def test_config_validates_the_family_keys():

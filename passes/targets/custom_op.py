@@ -8,13 +8,33 @@ activation per row (symmetric, 127/amax) and accumulates exactly in int32, so th
 planner scores int8 layers with ``bfc.ops.ks_matmul_reference`` (bit-faithful
 emulation), not with the float product; fp8/fp16/fp32 factors are decoded exactly and
 multiplied in float32 (the float product).
+
+Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, 2/3/4 bits): ONE ``ai.bfc.LowBitMatMul``
+node per layer computes ``quant_rows(x Q) deq(W_r)`` (the rotation chain, per-row int8
+activations, the packed codes unpacked in registers, exact int32 group sums, float32 group
+scales; spec in :mod:`bfc.ops`), then the int8 correction and the bias as the portable target
+(``bfc.passes.lowbit_emit.finish``).  Each node applies Q itself (fused; the rotation's values
+are graph constants shared by the layers reading the same x).  The planner scores the layer with
+``bfc.ops.lowbit_matmul_reference`` (+ the correction in float64): the activation quantization
+is part of the score.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from bfc.errors import ConfigError
 from bfc.factorize import inverse_perm
-from bfc.ops import DOMAIN, OP_TYPE, VALUE_TYPES, ks_matmul_reference, patterns_attribute
+from bfc.ops import (
+    DOMAIN,
+    LOWBIT_BITS,
+    LOWBIT_OP_TYPE,
+    OP_TYPE,
+    VALUE_TYPES,
+    ks_matmul_reference,
+    lowbit_codes_stream,
+    lowbit_matmul_reference,
+    patterns_attribute,
+)
 from bfc.passes.targets import Target, register
 
 
@@ -40,10 +60,40 @@ class CustomOp(Target):
         return None
 
     def lowbit_support(self, bits, opset):
-        return ("the custom-op target cannot emit rotated low-bit layers yet (no ai.bfc kernel for them); "
-                "use --target ort or portable")
+        if bits in LOWBIT_BITS:
+            return None
+        return (f"the custom-op target's LowBitMatMul takes {'/'.join(map(str, LOWBIT_BITS))}-bit weights, "
+                f"not {bits}; use --target ort or portable")
+
+    @staticmethod
+    def _lowbit_parts(layer):
+        """(codes stream, scales, attributes, rotation factors [values, scale, ...], rotation chain or None)."""
+        gq = layer.weight
+        if not gq.symmetric:
+            raise ConfigError("the custom-op target's LowBitMatMul takes symmetric group formats only")
+        k, n = gq.shape
+        attrs = {"K": int(k), "N": int(n), "bits": int(gq.bits), "group_size": int(gq.group_size)}
+        rot, chain = [], None
+        if layer.rotation is not None:
+            chain = layer.rotation.chain
+            one = np.ones((1, 1, 1, 1), np.float32)
+            rot = [t for v in layer.rotation.values for t in (np.asarray(v, np.float32), one)]
+            attrs["rot_patterns"] = patterns_attribute(chain)
+        return lowbit_codes_stream(gq.codes(), gq.group_size, gq.bits), gq.scales, attrs, rot, chain
+
+    def _simulate_rotated(self, layer):
+        codes, scales, attrs, rot, chain = self._lowbit_parts(layer)
+
+        def run(x):
+            y = lowbit_matmul_reference(np.asarray(x, np.float32), None, codes, scales, K=attrs["K"], N=attrs["N"],
+                                        bits=attrs["bits"], group_size=attrs["group_size"], rot_factors=rot,
+                                        rot_patterns=chain).astype(np.float64)
+            return y if layer.correction is None else y + layer.correction.apply(np.asarray(x, np.float64))
+        return run
 
     def simulate(self, q):
+        if getattr(q, "family", "ks") == "rotated":
+            return self._simulate_rotated(q)
         if getattr(q, "fmt", None) != "int8":
             return None
         factors = [t for f in q.factors for t in (f.values, f.scale)]
@@ -55,6 +105,8 @@ class CustomOp(Target):
         return run
 
     def tensors(self, b, q):
+        if getattr(q, "family", "ks") == "rotated":
+            return self._lowbit_tensors(b, q)
         factors = []
         for l, f in enumerate(q.factors):
             factors += [b.const(f"values{l}", f.values),
@@ -73,3 +125,29 @@ class CustomOp(Target):
         factors, attrs = tensors
         return b.op(OP_TYPE, [x, bias if bias is not None else gs.Variable.empty(), *factors], dict(attrs),
                     domain=DOMAIN)
+
+    def _lowbit_tensors(self, b, layer):
+        from bfc.passes.lowbit_emit import correction_tensors
+        codes, scales, attrs, rot, _ = self._lowbit_parts(layer)
+        inputs = [b.const("codes", codes), b.const("scales", np.ascontiguousarray(scales))]
+        if layer.rotation is not None:
+            # one set of rotation constants per graph and Q (shared by the layers reading the same x)
+            # (the rewrite makes one builder per layer: the cache lives on the graph)
+            cache = b.graph.__dict__.setdefault("_bfc_lowbit_rotations", {})
+            key = id(layer.rotation)
+            if key not in cache:
+                cache[key] = [b.const(f"rot{l // 2}" if l % 2 == 0 else f"rot_scale{l // 2}", t)
+                              for l, t in enumerate(rot)]
+            inputs += cache[key]
+        return ("lowbit", inputs, attrs), correction_tensors(b, layer.correction)
+
+    def rotate(self, b, x, rank, rotation):
+        raise NotImplementedError("the custom-op target fuses the rotation into LowBitMatMul")
+
+    def emit_rotated(self, b, x, rank, tensors, layer, bias, rotated):
+        import onnx_graphsurgeon as gs
+        from bfc.passes.lowbit_emit import finish
+        (_, inputs, attrs), corr = tensors
+        x2 = b.reshape(x, [-1, attrs["K"]]) if rank != 2 else x
+        y2 = b.op(LOWBIT_OP_TYPE, [x2, gs.Variable.empty(), *inputs], dict(attrs), domain=DOMAIN)
+        return finish(b, x, rank, layer, y2, corr, bias)
