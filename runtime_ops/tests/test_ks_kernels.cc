@@ -7,6 +7,9 @@
 //      int8 chains bit-exact (the spec fixes every float32 operation of the int8 path);
 //      float32 / fp8 chains within kFloatRelTol of a float64 reference.
 // 2. validate_node / validate_run / build_plan reject bad attributes, shapes and types.
+// 3. LowBitMatMul (no rotation: integer math up to the float epilogue) on every ISA this CPU
+//    runs, against a plain loop of the spec, bit-exact; with a butterfly rotation within
+//    kFloatRelTol of the portable path; its validation rejects bad attributes and shapes.
 // Fixed seeds; exit code 0 = all passed.
 #include <algorithm>
 #include <cmath>
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "../kernels/ks_chain.h"
+#include "../kernels/lowbit.h"
 
 using namespace bfc::ks;
 
@@ -349,10 +353,177 @@ void test_validation() {
   check(shape_str({2, kUnknownDim, 8}) == "(2, ?, 8)" && shape_str({5}) == "(5,)", "shape_str");
 }
 
+
+// ---- LowBitMatMul ------------------------------------------------------------------------
+struct LbCase {
+  int64_t K, N, bits, group;
+  std::vector<uint8_t> stream;  // pack_bits of the (n_groups * group, N) codes
+  std::vector<uint8_t> u;       // codes (K, N)
+  std::vector<float> scales;    // (n_groups, N)
+  std::vector<float> bias;
+};
+
+LbCase make_lb(int64_t K, int64_t N, int64_t bits, int64_t g, uint32_t seed) {
+  LbCase c{K, N, bits, g, {}, {}, {}, {}};
+  std::mt19937 rng(seed);
+  const int64_t ng = (K + g - 1) / g, rows = ng * g;
+  c.u.resize(size_t(K * N));
+  std::vector<uint8_t> full(size_t(rows * N), uint8_t(1 << (bits - 1)));
+  for (int64_t i = 0; i < K * N; ++i) full[size_t(i)] = c.u[size_t(i)] = uint8_t(rng() % (1u << bits));
+  const int64_t nbits = rows * N * bits;
+  c.stream.assign(size_t(bits == 3 ? (rows * N + 7) / 8 * 3 : (nbits + 7) / 8), 0);
+  for (int64_t i = 0; i < rows * N; ++i)
+    for (int64_t t = 0; t < bits; ++t)
+      if ((full[size_t(i)] >> t) & 1) c.stream[size_t((i * bits + t) / 8)] |= uint8_t(1 << ((i * bits + t) % 8));
+  std::normal_distribution<float> nd(0.f, 0.02f);
+  c.scales.resize(size_t(ng * N));
+  for (float& v : c.scales) v = nd(rng);
+  c.bias.resize(size_t(N));
+  for (float& v : c.bias) v = nd(rng);
+  return c;
+}
+
+bfc::lowbit::Desc lb_desc(const LbCase& c) {
+  bfc::lowbit::Desc d;
+  d.has_k = d.has_n = d.has_bits = d.has_group = true;
+  d.K = c.K, d.N = c.N, d.bits = c.bits, d.group = c.group;
+  d.codes = TensorDesc{true, 2, true, {int64_t(c.stream.size())}, c.stream.data()};
+  d.scales = TensorDesc{true, kTypeFloat, true, {(c.K + c.group - 1) / c.group, c.N}, c.scales.data()};
+  return d;
+}
+
+// the spec (bfc/ops.py lowbit_matmul_reference) written as plain loops
+std::vector<float> lb_reference(const LbCase& c, const std::vector<float>& x, int64_t rows) {
+  std::vector<float> y(size_t(rows * c.N));
+  const int64_t ng = (c.K + c.group - 1) / c.group, z = 1 << (c.bits - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < c.K; ++k) amax = std::max(amax, std::fabs(x[size_t(r * c.K + k)]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f, cs = amax / 127.f;
+    std::vector<int64_t> q(size_t(c.K));
+    for (int64_t k = 0; k < c.K; ++k) {
+      float t = x[size_t(r * c.K + k)] * inv;
+      t = std::min(127.f, std::max(-127.f, t));
+      q[size_t(k)] = int64_t(std::nearbyint(t));
+    }
+    for (int64_t n = 0; n < c.N; ++n) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        int64_t isum = 0;
+        for (int64_t k = g * c.group; k < std::min(c.K, (g + 1) * c.group); ++k)
+          isum += q[size_t(k)] * (int64_t(c.u[size_t(k * c.N + n)]) - z);
+        const float f = float(isum) * c.scales[size_t(g * c.N + n)];
+        acc = acc + f;
+      }
+      y[size_t(r * c.N + n)] = acc * cs + c.bias[size_t(n)];
+    }
+  }
+  return y;
+}
+
+void test_lowbit() {
+  const char* isas[] = {"portable", "avx2", "avx512"};
+  struct Shape {
+    int64_t K, N, bits, g, rows;
+  } shapes[] = {{64, 48, 4, 32, 5}, {96, 33, 3, 20, 17}, {40, 17, 2, 40, 3}, {384, 100, 4, 64, 37}, {24, 16, 4, 7, 1}};
+  uint32_t seed = 100;
+  for (const Shape& sh : shapes) {
+    const LbCase c = make_lb(sh.K, sh.N, sh.bits, sh.g, ++seed);
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd;
+    std::vector<float> x(size_t(sh.rows * sh.K));
+    for (float& v : x) v = nd(rng);
+    const std::vector<float> want = lb_reference(c, x, sh.rows);
+    for (const char* isa : isas) {
+      std::string err;
+      if (resolve_isa(isa, &err) < 0) continue;
+      bfc::lowbit::Plan plan;
+      const std::string e = bfc::lowbit::build_plan(lb_desc(c), isa, &plan);
+      check(e.empty(), std::string("lowbit build_plan ") + isa + ": " + e);
+      if (!e.empty()) continue;
+      for (int par = 0; par < 2; ++par) {
+        std::vector<float> y(size_t(sh.rows * sh.N), -1.f);
+        check(bfc::lowbit::run(plan, x.data(), c.bias.data(), y.data(), sh.rows, par ? reverse_pfor : nullptr,
+                               nullptr).empty(), "lowbit run");
+        check(std::memcmp(y.data(), want.data(), y.size() * 4) == 0,
+              std::string("lowbit bit-exact ") + isa + " K=" + std::to_string(sh.K) + " N=" + std::to_string(sh.N) +
+                  " bits=" + std::to_string(sh.bits) + " g=" + std::to_string(sh.g) + (par ? " (pfor)" : ""));
+      }
+    }
+  }
+  // rotation: a butterfly chain K = 64 (6 stages of 2x2 Givens blocks at pi/4), float path per ISA
+  {
+    const LbCase c = make_lb(64, 40, 4, 32, 7);
+    bfc::lowbit::Desc d = lb_desc(c);
+    const float h = float(std::sqrt(0.5));
+    std::vector<std::vector<float>> vals;
+    const float one = 1.f;
+    for (int64_t l = 0; l < 6; ++l) {
+      const int64_t a = int64_t(1) << l, dd = 32 >> l;
+      d.rot_patterns.insert(d.rot_patterns.end(), {a, 2, 2, dd});
+      std::vector<float> v(size_t(a * dd * 4));
+      for (int64_t i = 0; i < a * dd; ++i) v[size_t(4 * i)] = h, v[size_t(4 * i + 1)] = h, v[size_t(4 * i + 2)] = h, v[size_t(4 * i + 3)] = -h;
+      vals.push_back(v);
+    }
+    d.has_rot = true;
+    for (int64_t l = 0; l < 6; ++l) {
+      const int64_t a = int64_t(1) << l, dd = 32 >> l;
+      d.rot.push_back(TensorDesc{true, kTypeFloat, true, {a, dd, 2, 2}, vals[size_t(l)].data()});
+      d.rot.push_back(TensorDesc{true, kTypeFloat, true, {1, 1, 1, 1}, &one});
+    }
+    std::mt19937 rng(9);
+    std::normal_distribution<float> nd;
+    const int64_t rows = 21;
+    std::vector<float> x(size_t(rows * 64));
+    for (float& v : x) v = nd(rng);
+    std::vector<float> base;
+    for (const char* isa : isas) {
+      std::string err;
+      if (resolve_isa(isa, &err) < 0) continue;
+      bfc::lowbit::Plan plan;
+      const std::string e = bfc::lowbit::build_plan(d, isa, &plan);
+      check(e.empty(), "lowbit rotation build_plan: " + e);
+      if (!e.empty()) continue;
+      std::vector<float> y(size_t(rows * 40));
+      check(bfc::lowbit::run(plan, x.data(), nullptr, y.data(), rows, nullptr, nullptr).empty(), "lowbit rot run");
+      if (base.empty()) {
+        base = y;
+        continue;
+      }
+      double num = 0, den = 0;
+      for (size_t i = 0; i < y.size(); ++i) num += double(y[i] - base[i]) * (y[i] - base[i]), den += double(base[i]) * base[i];
+      check(std::sqrt(num / den) < kFloatRelTol, std::string("lowbit rotation ") + isa + " vs portable");
+    }
+  }
+  // validation
+  const LbCase c = make_lb(64, 48, 4, 32, 1);
+  bfc::lowbit::Desc d = lb_desc(c);
+  check(bfc::lowbit::validate(d, true).empty(), "lowbit valid desc");
+  bfc::lowbit::Desc bad = d;
+  bad.bits = 5;
+  expect_error(bfc::lowbit::validate(bad, true), "bits = 5", "lowbit bits");
+  bad = d, bad.group = 0;
+  expect_error(bfc::lowbit::validate(bad, true), "group_size = 0", "lowbit group 0");
+  bad = d, bad.group = 65;
+  expect_error(bfc::lowbit::validate(bad, true), "group_size = 65", "lowbit group > K");
+  bad = d, bad.codes.dims = {7};
+  expect_error(bfc::lowbit::validate(bad, true), "codes (input 2) has shape (7,)", "lowbit codes length");
+  bad = d, bad.scales.dims = {2, 47};
+  expect_error(bfc::lowbit::validate(bad, true), "scales (input 3)", "lowbit scales shape");
+  bad = d, bad.K = int64_t(1) << 40;
+  expect_error(bfc::lowbit::validate(bad, true), "below 2^31", "lowbit huge K");
+  bad = d, bad.has_rot = true, bad.rot_patterns = {1, 2, 2, 16};
+  bad.rot = {TensorDesc{true, kTypeFloat, true, {1, 16, 2, 2}, nullptr}, TensorDesc{true, kTypeFloat, true, {1, 1, 1, 1}, nullptr}};
+  expect_error(bfc::lowbit::validate(bad, false), "must map K -> K", "lowbit rotation size");
+  bad = d, bad.x = TensorDesc{true, kTypeFloat, true, {3, 63}, nullptr};
+  expect_error(bfc::lowbit::validate(bad, false), "last dim K = 64", "lowbit X dim");
+}
+
 }  // namespace
 
 int main() {
   test_validation();
+  test_lowbit();
   test_chain("butterfly64", {{1, 2, 2, 32}, {2, 2, 2, 16}, {4, 2, 2, 8}, {8, 2, 2, 4}, {16, 2, 2, 2}, {32, 2, 2, 1}}, 10);
   test_chain("monarch256", {{1, 16, 16, 16}, {16, 16, 16, 1}}, 20);
   test_chain("single7x5", {{1, 7, 5, 1}}, 30);
