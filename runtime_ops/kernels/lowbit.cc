@@ -265,6 +265,9 @@ struct Exec {
 void quant_fn(void* u, size_t i) {
   Exec& e = *static_cast<Exec*>(u);
   const int64_t r0 = int64_t(i) * e.qrows, r1 = std::min(e.rows, r0 + e.qrows);
+#if defined(BFC_HAVE_AVX512)
+  if (e.p->isa == 2) return quantize_avx512(*e.p, e.xr, r0, r1, e.q, e.gsum, e.cs);
+#endif
   quantize_rows(*e.p, e.xr, r0, r1, e.q, e.gsum, e.cs);
 }
 

@@ -91,6 +91,7 @@ void gemm_avx2(const Plan& p, const Act& a, const float* bias, float* y, int64_t
 #if defined(BFC_HAVE_AVX512)
 void gemm_avx512(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t r1, int64_t nb0,
                  int64_t nb1);
+void quantize_avx512(const Plan& p, const float* xr, int64_t r0, int64_t r1, int8_t* q, int32_t* gsum, float* cs);
 #endif
 // per-row quantization of xr rows [r0, r1) (K floats each) into q (Kp), gsum, cs (portable; exact)
 void quantize_rows(const Plan& p, const float* xr, int64_t r0, int64_t r1, int8_t* q, int32_t* gsum, float* cs);

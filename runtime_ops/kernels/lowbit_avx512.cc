@@ -94,6 +94,46 @@ void rows_tile(const Plan& p, const Act& a, const float* bias, float* y, int64_t
   }
 }
 
+
+// quantize_rows (lowbit.cc) with 16 lanes: the same float ops (mul, NaN -> 0, clamp, round half
+// to even by vcvtps2dq under the default MXCSR), so the same int8 values and group sums.
+void quantize_avx512_impl(const Plan& p, const float* xr, int64_t r0, int64_t r1, int8_t* q, int32_t* gsum, float* cs) {
+  const int64_t K = p.K;
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* h = xr + r * K;
+    __m512 m0 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(h + k)));
+    if (k < K) m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_maskz_loadu_ps(__mmask16((1u << (K - k)) - 1), h + k)));
+    const float amax = _mm512_reduce_max_ps(m0);
+    float inv;
+    cs[r] = amax / 127.f;
+    inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 iv = _mm512_set1_ps(inv);
+    int8_t* qr = q + r * p.Kp;
+    int32_t* gs = gsum + r * p.ngroups;
+    for (int64_t gi = 0; gi < p.ngroups; ++gi) {
+      const int64_t k0 = gi * p.group, len = std::min(p.group, K - k0);
+      const int64_t padded = p.gstart[size_t(gi + 1)] - p.gstart[size_t(gi)];
+      int8_t* dst = qr + p.gstart[size_t(gi)];
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t j = 0; j < padded; j += 16) {
+        const int64_t n = std::min<int64_t>(16, len - j);
+        const __mmask16 mk = n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+        __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, h + k0 + j), iv);
+        t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, t, _CMP_ORD_Q), t);
+        t = _mm512_min_ps(hi, _mm512_max_ps(lo, t));
+        const __m512i v = _mm512_cvtps_epi32(t);
+        sum = _mm512_add_epi32(sum, v);
+        const int64_t w = std::min<int64_t>(16, padded - j);
+        _mm_mask_storeu_epi8(dst + j, __mmask16(w >= 16 ? 0xffff : (1u << w) - 1), _mm512_cvtepi32_epi8(v));
+      }
+      gs[gi] = _mm512_reduce_add_epi32(sum);
+    }
+  }
+}
+
 }  // namespace
 
 void gemm_avx512(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t r1, int64_t nb0,
@@ -106,6 +146,10 @@ void gemm_avx512(const Plan& p, const Act& a, const float* bias, float* y, int64
       else rows_tile<1>(p, a, bias, y, r, nr, nb);
     }
   }
+}
+
+void quantize_avx512(const Plan& p, const float* xr, int64_t r0, int64_t r1, int8_t* q, int32_t* gsum, float* cs) {
+  quantize_avx512_impl(p, xr, r0, r1, q, gsum, cs);
 }
 
 }  // namespace lowbit
