@@ -127,19 +127,23 @@ def session_options(threads: int = 1, *, arena: bool = True, optimization_level=
     return so
 
 
-def session(model, threads: int = 1, *, arena: bool = True, providers=None, optimization_level=None):
+def session(model, threads: int = 1, *, arena: bool = True, providers=None, optimization_level=None,
+            external_folder=None):
     """The one onnxruntime session factory of bfc, for ``model`` (ModelProto, bytes or path).
 
     ``threads`` is the intra-op thread count (the ai.bfc kernels parallelize only through
     onnxruntime's intra-op pool; 0 lets onnxruntime decide); ``arena=False`` returns
-    activation memory after each run.  A model onnxruntime refuses raises ModelError, one
-    that needs the missing bfc library NativeLibraryError.
+    activation memory after each run.  ``external_folder``: where the external data of an
+    in-memory model lies (a weightless skeleton, ``bfc.passes.stream``).  A model onnxruntime
+    refuses raises ModelError, one that needs the missing bfc library NativeLibraryError.
     """
     import onnxruntime as ort
 
     from bfc.errors import ModelError
 
     so = session_options(threads, arena=arena, optimization_level=optimization_level)
+    if external_folder is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(external_folder))
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):

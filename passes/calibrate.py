@@ -6,17 +6,32 @@ Matches: eligible sites (their first input tensor ``x``; for Gemm with transA, x
 graph nodes only: onnxruntime cannot return the activations of an If/Loop/Scan body, so
 sites inside one are planned with the weight error (their note says so).
 Ensures: ``stats[weight_name]`` is a ``LayerStats`` over every node sharing the weight:
-  * ``gram``: the (K, K) Gram matrix X^T X (float32 storage, accumulated in float64) of
-    the rows x (at most ``rows``, a seeded subsample) that the layer ``y = x @ W`` sees;
-    the float output error of a candidate is ||X (W - W_hat)||^2 = tr(E^T X^T X E);
+  * ``gram``: the Gram matrix G = X^T X (float32 storage, accumulated in float64) of the
+    rows x (at most ``rows``, a seeded subsample) that the layer ``y = x @ W`` sees; the
+    float output error of a candidate is ||X (W - W_hat)||^2 = tr(E^T G E).
+    Bounded memory: G is the exact (K, K) matrix when K <= GRAM_EXACT_MAX and the
+    float64 accumulators of all sites with an exact G fit in GRAM_BUDGET bytes (sites in
+    graph order); otherwise the diagonal form, a 1-D array g_i = sum_n x_ni^2 (K values),
+    which every planner accepts (``bfc.factorize.calibrated``): the error becomes
+    sum_i g_i ||e_i||^2, i.e. G ~ diag(G), exact when the input features are
+    uncorrelated and an approximation of the cross terms 2 sum_{i<j} G_ij <e_i, e_j>
+    otherwise (``tests/test_calibrate_bounded.py`` measures it on correlated inputs).  The
+    report notes how many sites got the diagonal form.  (The reconstruction and the rotated
+    low-bit family need the dense G: a layer wider than GRAM_EXACT_MAX cannot use them.)
   * ``sample``: up to SAMPLE_ROWS of those rows (seeded), on which the planner measures
     targets whose numerics are not a float product (the custom op's per-row int8
     activation quantization).
-The inputs run CHUNK samples at a time, so memory stays bounded for long calibration sets.
+The inputs run CHUNK samples at a time, so memory stays bounded for long calibration sets:
+one chunk's activations are held at a time, never the whole set.  Row subsamples are drawn
+from one generator per input tensor (``default_rng([seed, i])``, i its position), so they
+do not depend on which other sites are collected.
+For a model read as a skeleton (``bfc.passes.stream``), ``base`` is its file: onnxruntime
+reads the weights from there.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,12 +42,33 @@ from bfc.passes.session import run, session
 
 CHUNK = 4           # samples per onnxruntime run while collecting activations
 SAMPLE_ROWS = 512   # activation rows kept per site for target-exact error measurements
+GRAM_EXACT_MAX = 8192       # widest input K with an exact (K, K) Gram (512 MB of float64)
+GRAM_BUDGET = 1 << 30       # bytes of float64 accumulators of exact Grams, all sites together
 
 
 @dataclass(frozen=True)
 class LayerStats:
-    gram: np.ndarray       # (K, K) X^T X
+    gram: np.ndarray       # (K, K) X^T X, or its diagonal (K,) for wide inputs (module doc)
     sample: np.ndarray     # (n <= SAMPLE_ROWS, K) float32 rows of X
+
+
+def gram_forms(widths, exact_max: int = GRAM_EXACT_MAX, budget: int = GRAM_BUDGET) -> list[bool]:
+    """For sites with input widths ``widths`` (in order): True where the exact (K, K) Gram is kept."""
+    out, used = [], 0
+    for k in widths:
+        need = 8 * k * k
+        ok = k <= exact_max and used + need <= budget
+        used += need if ok else 0
+        out.append(ok)
+    return out
+
+
+def diagonal_error(gram: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
+    """(relative layer error from the exact ``gram``, the same from its diagonal): what the bounded
+    form changes in the planner's error estimate ||X E|| / ||X W||."""
+    from bfc.factorize.calibrated import weighted_error
+    g = np.asarray(gram, np.float64)
+    return weighted_error(w, w_hat, g), weighted_error(w, w_hat, np.diag(g).copy())
 
 
 class Calibrate(GraphPass):
@@ -41,7 +77,13 @@ class Calibrate(GraphPass):
     def run(self, state) -> PassResult:
         cfg = state.config
         if state.feeds is not None and any(s.eligible for s in state.sites):
-            state.stats = collect(state.model, state.sites, state.feeds, cfg.calibration_rows, cfg.seed)
+            state.stats = collect(state.model, state.sites, state.feeds, cfg.calibration_rows, cfg.seed,
+                                  getattr(state, "base", None))
+            diag = sorted(k for k, v in state.stats.items() if np.ndim(v.gram) == 1)
+            if diag:
+                state.notes.append(f"calibration: {len(diag)} layers keep the diagonal of X^T X only (input wider "
+                                   f"than {GRAM_EXACT_MAX} or over the {GRAM_BUDGET >> 20} MB Gram budget), e.g. "
+                                   f"{diag[0]}")
         return PassResult(changed=False)
 
 
@@ -65,8 +107,10 @@ def _chunks(feeds: dict, fixed=frozenset()) -> list[dict]:
     return [{k: v[i:i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
 
 
-def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 8192, seed: int = 0) -> dict:
-    """``{weight_name: LayerStats}`` for the eligible sites."""
+def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 8192, seed: int = 0,
+            base=None) -> dict:
+    """``{weight_name: LayerStats}`` for the eligible sites (module doc); ``base``: the model file a
+    skeleton's weight references are relative to."""
     wanted = {}
     for s in sites:
         if s.eligible:
@@ -83,7 +127,8 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     for n in added:                # the outputs are removed again below: no copy of the weights
         outputs.append(onnx.ValueInfoProto(name=n))
     try:
-        sess = session(model, threads=0, arena=False)
+        sess = session(model, threads=0, arena=False,
+                       external_folder=None if base is None else Path(base).resolve().parent)
     finally:
         for _ in added:
             del outputs[len(outputs) - 1]
@@ -92,12 +137,19 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     chunks = _chunks(feeds, _fixed_first_dims(model))
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     sample_per_chunk = max(1, -(-SAMPLE_ROWS // len(chunks)))
-    rng = np.random.default_rng(seed)
+    rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}
+    order = [s for n in names for s, _sn in wanted[n]]
+    widths = {}
+    for s in order:
+        widths.setdefault(s.weight_name, s.weight.shape[0])
+    exact = dict(zip(widths, gram_forms(list(widths.values()))))
     for part in chunks:                      # bounded memory: one chunk's activations at a time
         for n, act in zip(names, run(sess, part, names)):
             cache = {}
+            rng = rngs[n]
             for s, sn in wanted[n]:
-                if sn.trans_a not in cache:
+                key = (sn.trans_a, exact[s.weight_name])
+                if key not in cache:
                     v = np.asarray(act)
                     v = (v.T if sn.trans_a else v).reshape(-1, v.shape[-1] if not sn.trans_a else v.shape[0])
                     if v.shape[0] > per_chunk:
@@ -105,8 +157,9 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
                     v = v.astype(np.float64)
                     keep = v if v.shape[0] <= sample_per_chunk else v[np.sort(
                         rng.choice(v.shape[0], sample_per_chunk, replace=False))]
-                    cache[sn.trans_a] = (v.T @ v, keep.astype(np.float32))
-                g, keep = cache[sn.trans_a]
+                    g = v.T @ v if key[1] else np.einsum("ij,ij->j", v, v)
+                    cache[key] = (g, keep.astype(np.float32))
+                g, keep = cache[key]
                 if s.weight_name in grams:
                     grams[s.weight_name] += g
                 else:

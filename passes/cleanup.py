@@ -18,7 +18,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from bfc.passes.contract import Contract, GraphPass, PassResult
-from bfc.passes.load import output_ir_version, proto_size
+from bfc.passes import stream
+from bfc.passes.load import output_ir_version
 
 
 class Export(GraphPass):
@@ -28,9 +29,10 @@ class Export(GraphPass):
         if not any(p.rewritten for p in state.plans) and state.config.fix_batch is None:
             state.output = state.model          # nothing rewritten: the input as it is (a plain re-save)
             return PassResult(changed=False)
-        out = export(state.graph, state.model, [p.site.name for p in state.plans if p.rewritten])
+        base = getattr(state, "base", None)
+        out = export(state.graph, state.model, [p.site.name for p in state.plans if p.rewritten], base)
         if state.config.fix_batch is not None:
-            out = fix_batch(out, state.config.fix_batch)
+            out = fix_batch(out, state.config.fix_batch, base)
         state.output = out
         return PassResult(changed=any(p.rewritten for p in state.plans))
 
@@ -58,7 +60,9 @@ def _export_light(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
+def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str], base=None) -> onnx.ModelProto:
+    """The rewritten graph as a model with ``template``'s metadata; weights still in their files stay
+    references relative to ``base`` (``bfc.passes.stream``)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = _export_light(graph)
     model.ir_version = output_ir_version(template)
@@ -77,38 +81,44 @@ def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str]) -> onn
         model.metadata_props.add(key=k, value=meta[k])
     for f in template.functions:
         model.functions.add().CopyFrom(f)
-    return check(model)
+    return check(model, base)
 
 
 INFER_LIMIT = 64 << 20    # shape inference copies the model twice: only below 64 MB
 
 
-def check(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference and the ONNX checker in memory below INFER_LIMIT (they copy the model);
+def check(model: onnx.ModelProto, base=None) -> onnx.ModelProto:
+    """Shape inference and the ONNX checker in memory when the model with its weights is below
+    INFER_LIMIT (they copy the model; on a skeleton they see the references, not the weights);
     larger models are checked from the saved file (``check_file``) and by loading them in
     onnxruntime (verification)."""
-    if proto_size(model) < INFER_LIMIT:
+    if stream.model_size(model, base) < INFER_LIMIT:
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001 - inference is best effort; the checker below decides
             pass
-        _checked(lambda: onnx.checker.check_model(model))
+        _checked(lambda: stream.check_skeleton(model))
     return model
 
 
 def check_file(path) -> None:
-    _checked(lambda: onnx.checker.check_model(str(path)))
+    """The written model parses and passes the checker (read as a skeleton: its weights are not loaded)."""
+    def run():
+        model = stream.read_skeleton(path)
+        stream.check_refs(model, path)
+        stream.check_skeleton(model)
+    _checked(run)
 
 
 def _checked(run) -> None:
     try:
         run()
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, ValueError) as e:
         raise RuntimeError(f"bfc's output fails the ONNX checker ({str(e).splitlines()[0]}); this is a bug in "
                            "bfc, not in the input model: please report it with the model and command") from None
 
 
-def fix_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
+def fix_batch(model: onnx.ModelProto, n: int, base=None) -> onnx.ModelProto:
     """Pin the first (batch) dimension of every graph input and output to ``n`` when it is dynamic."""
     for vi in list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type
@@ -118,4 +128,4 @@ def fix_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
                 d.Clear()
                 d.dim_value = n
     del model.graph.value_info[:]
-    return check(model)
+    return check(model, base)

@@ -121,7 +121,8 @@ class Distill(GraphPass):
         def progress(step, loss):
             if step % every == 0 or step == cfg.distill_steps:
                 state.emit(StageStarted("distill", f"step {step}/{cfg.distill_steps}, loss {loss:.4g}"))
-        res = d.distill(state.model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
+        model = state.model_in_memory() if hasattr(state, "model_in_memory") else state.model   # weights read in
+        res = d.distill(model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
                         lr=cfg.distill_lr, match=match_tensors(state.model, cfg.distill_match),
                         layernorm=cfg.distill_layernorm,
                         seed=cfg.seed, eval_data=state.feeds, emulate_rows=emulate,

@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from bfc.errors import ModelError
 from bfc.passes.normalize import Folded, fold_weight
+from bfc.passes.stream import LazyArray
 
 BFC_PREFIX = "bfc/"      # names of nodes and tensors bfc creates; such layers are never re-factorized
 FLOAT_TYPES = (np.float32, np.float16)
@@ -65,7 +66,7 @@ def node_key(node: gs.Node) -> str:
 class Site:
     """A group of nodes sharing one constant weight W (y = x @ W, W of shape (K, N))."""
     weight_name: str
-    weight: np.ndarray | None
+    weight: np.ndarray | None    # or a LazyArray (bfc.passes.stream): read from its file when planned
     nodes: list[SiteNode] = field(default_factory=list)
     reason: str | None = None     # why it cannot be rewritten (None: eligible)
     subgraph: str | None = None   # label of the subgraph of the first node (None: main graph)
@@ -157,7 +158,7 @@ def _candidate(node, graph, label, in_main):
     w = None if fw is None else fw.value
     reason = reason or _why_not(node, name, x, wt, w)
     if w is not None and w.ndim == 2 and reason is None:
-        if not np.isfinite(w).all():
+        if not (w.all_finite() if isinstance(w, LazyArray) else np.isfinite(w).all()):
             raise ModelError(f"weight {wt.name} of node {name} contains NaN or Inf values; "
                              "fix the model (e.g. re-export from a finite checkpoint)")
         w = w.T if trans else w

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from bfc.errors import BfcError
 from bfc.passes.cleanup import export
@@ -26,6 +27,7 @@ from bfc.passes.events import StageStarted
 from bfc.passes.find_sites import find_sites
 from bfc.passes.rewrite import rewrite
 from bfc.passes.session import random_feeds, run, session
+from bfc.passes.stream import import_graph
 
 
 def output_error(ref: list, got: list) -> float:
@@ -35,13 +37,14 @@ def output_error(ref: list, got: list) -> float:
     return max(errs, default=0.0)
 
 
-def _trial(model, plans, target):
-    """The input model with ``plans`` rewritten by ``target`` (a fresh import; ``model`` is untouched)."""
-    graph = gs.import_onnx(model)
+def _trial(model, plans, target, base=None):
+    """The input model with ``plans`` rewritten by ``target`` (a fresh import; ``model`` is untouched;
+    a skeleton's untouched weights stay references relative to ``base``)."""
+    graph = import_graph(model, base)
     fresh = {s.weight_name: s for s in find_sites(graph)}
     moved = [dataclasses.replace(p, site=fresh[p.site.weight_name]) for p in plans]
     rewrite(graph, moved, target)
-    return export(graph, model, [p.site.name for p in moved])
+    return export(graph, model, [p.site.name for p in moved], base)
 
 
 class Guard(GraphPass):
@@ -61,14 +64,16 @@ class Guard(GraphPass):
 
     def _back_off(self, state, taken, budget) -> PassResult:
         feeds = state.feeds if state.feeds is not None else random_feeds(state.model, state.config.seed)
-        sess = session(state.model, threads=0)
+        base = getattr(state, "base", None)
+        folder = None if base is None else Path(base).resolve().parent
+        sess = session(state.model, threads=0, external_folder=folder)
         names = [o.name for o in sess.get_outputs()]
         ref = [np.asarray(r, np.float64) for r in run(sess, feeds, names)]
         del sess
 
         def error(k: int) -> float:
-            trial = _trial(state.model, order[:k], state.target)
-            return output_error(ref, run(session(trial, threads=0), feeds, names))
+            trial = _trial(state.model, order[:k], state.target, base)
+            return output_error(ref, run(session(trial, threads=0, external_folder=folder), feeds, names))
 
         order = sorted(taken, key=lambda p: (p.error or 0.0) / max(p.bytes_before - p.bytes_after, 1))
         measured = {len(order): error(len(order))}

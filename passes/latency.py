@@ -130,7 +130,7 @@ def check_plan(plan, cfg, target, opset: int = 21) -> None:
     if cfg.objective != "latency" or not plan.rewritten:
         return
     rows = cfg.latency_batch * cfg.latency_seq
-    dense_ms, cand_ms = measure(plan.site.weight, plan.weights, plan.structure, plan.precision, target, rows, opset)
+    dense_ms, cand_ms = measure(np.asarray(plan.site.weight), plan.weights, plan.structure, plan.precision, target, rows, opset)
     what = f"{plan.structure} {plan.precision}"
     if cand_ms > dense_ms:
         plan.weights = None

@@ -21,12 +21,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bfc.errors import ModelError, UnsupportedError
+from bfc.passes import stream
+from bfc.passes.stream import PROTO_LIMIT, model_size, proto_size  # noqa: F401 - re-exported
 
 MIN_OPSET = 13      # per-axis DequantizeLinear, Reshape with -1, Gemm-13
 MIN_UPGRADE_OPSET = 7   # opsets 7..12 are read and upgraded to MIN_OPSET (bfc.passes.normalize)
 MAX_OPSET = 26      # newest default-domain opset onnxruntime 1.31 loads
 MAX_IR = 13         # onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects
-PROTO_LIMIT = 2**31 - 1
 
 
 def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
@@ -47,15 +48,6 @@ def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
         if not target.is_file():
             raise ModelError(f"tensor {t.name!r} needs external data file {target}, which is missing; "
                              "copy it next to the model")
-
-
-def proto_size(model: onnx.ModelProto) -> int:
-    """Serialized size of ``model``, part by part (upb's ``ByteSize`` on a whole model serializes it
-    into a transient buffer as large as the model; one tensor at a time keeps that small)."""
-    g = model.graph
-    parts = [g.initializer, g.sparse_initializer, g.node, g.input, g.output, g.value_info, model.functions,
-             model.metadata_props, model.opset_import]
-    return sum(x.ByteSize() + 8 for part in parts for x in part) + 64
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
@@ -80,49 +72,42 @@ def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
                                "re-export it with a current exporter")
 
 
-def load_model(path) -> onnx.ModelProto:
-    """Load and check a model file; raises ModelError/UnsupportedError with the fix."""
+def open_model(path) -> onnx.ModelProto:
+    """Read and check a model file without its weights: the skeleton of ``bfc.passes.stream`` (every
+    initializer of at least ``stream.STREAM_MIN`` bytes a reference relative to ``path``); raises
+    ModelError/UnsupportedError with the fix."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file {path} does not exist; check the path")
     if not path.is_file():
         raise ModelError(f"{path} is not a file; give the path of an .onnx model")
     try:
-        with path.open("rb") as fh:
-            data = fh.read()
-    except OSError as e:
+        model = stream.read_skeleton(path)
+    except PermissionError as e:
         raise ModelError(f"cannot read {path} ({e.strerror}); check its permissions") from None
-    checker_error = None
-    try:
-        onnx.checker.check_model(data)   # before parsing: its copy of the weights is freed by then
-    except onnx.checker.ValidationError as e:
-        checker_error = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
-    except Exception:  # noqa: BLE001 - not a protobuf at all: the parse below says so
-        checker_error = "unreadable"
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError):
+    except (DecodeError, RuntimeError, ValueError, IndexError, OSError):
         raise ModelError(f"{path} is not an ONNX model (protobuf parse failed: truncated or another "
                          "format); re-export or re-download it") from None
-    del data
     if not model.HasField("graph") or not model.opset_import or len(model.graph.node) == 0:
         raise ModelError(f"{path} is not an ONNX model (no graph, nodes or opset); re-export it")
     check_versions(model, str(path))
     _check_external_inside(model, path.parent)
-    if checker_error is not None and _has_external(model):   # the bytes checker cannot see the data files
-        try:
-            onnx.checker.check_model(str(path))
-            checker_error = None
-        except onnx.checker.ValidationError as e:
-            checker_error = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
     try:
-        onnx.load_external_data_for_model(model, str(path.parent))
+        stream.inline_small_refs(model, path)
+        stream.check_refs(model, path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read external data of {path} ({e}); keep the data files next to the model") from None
-    if checker_error is not None:
-        raise ModelError(f"{path} fails the ONNX checker ({checker_error}); fix or re-export the model")
+    try:
+        stream.check_skeleton(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise ModelError(f"{path} fails the ONNX checker ({first}); fix or re-export the model") from None
     return model
+
+
+def load_model(path) -> onnx.ModelProto:
+    """Load and check a model file with its weights (``open_model``, every reference read in)."""
+    return stream.materialize(open_model(path), path)
 
 
 def as_model(model_or_path) -> onnx.ModelProto:
@@ -145,19 +130,21 @@ def output_ir_version(model: onnx.ModelProto) -> int:
     return min(MAX_IR, max(need, min(model.ir_version, MAX_IR)))
 
 
-def input_files(path) -> list[Path]:
+def input_files(path, model: onnx.ModelProto | None = None) -> list[Path]:
     """The files a model path reads: the model and every external-data file it references
-    (resolved; unreadable models give just the path, and loading then reports the problem)."""
+    (resolved; unreadable models give just the path, and loading then reports the problem).
+    ``model``: the skeleton already read from ``path`` (``open_model``), so the file is parsed once."""
     path = Path(path)
     files = [path]
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - load_model reports the exact problem
-        return files
+    if model is None:
+        try:
+            model = stream.read_skeleton(path)
+        except Exception:  # noqa: BLE001 - open_model reports the exact problem
+            return files
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = {e.key: e.value for e in t.external_data}.get("location", "")
-            if loc:
+            if loc and path.parent / loc not in files:
                 files.append(path.parent / loc)
     return files
 
@@ -194,28 +181,28 @@ def check_output_path(out, protected=()) -> Path:
     return out
 
 
-def save_model(model: onnx.ModelProto, out, protected=()) -> Path:
-    """Atomic write; external data (``<name>.data``) when the model exceeds 2 GB.  ``protected``:
-    the files the output may not replace (the input model and its data, see ``input_files``)."""
+def save_model(model: onnx.ModelProto, out, protected=(), base=None) -> Path:
+    """Atomic write, tensor by tensor (``stream.write_model``); external data (``<name>.data``) when
+    the model exceeds 2 GB.  ``protected``: the files the output may not replace (the input model and
+    its data, see ``input_files``).  ``base``: the model file ``model``'s references are relative to
+    (a skeleton from ``open_model``; it is consumed: its initializers may point to the output's data
+    afterwards); None: an in-memory model, left unchanged."""
     out = check_output_path(out, protected)
-    model.ir_version = output_ir_version(model)
     folder = out.parent if str(out.parent) else Path(".")
-    big = proto_size(model) > PROTO_LIMIT
+    if base is None and proto_size(model) > PROTO_LIMIT:
+        copy = onnx.ModelProto()          # the external layout moves the data out of the proto it writes
+        copy.CopyFrom(model)
+        model = copy
+    model.ir_version = output_ir_version(model)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".bfc-", dir=folder))
     except OSError as e:
         raise ModelError(f"cannot write in {folder} ({e.strerror}); choose another -o path") from None
     try:
-        if big:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            data_name = out.name + ".data"
-            onnx.save_model(copy, str(tmpdir / out.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        data_name = stream.write_model(model, tmpdir / out.name, base if base is not None else tmpdir / out.name,
+                                       out.name + ".data", PROTO_LIMIT)
+        if data_name is not None:
             os.replace(tmpdir / data_name, folder / data_name)
-        else:
-            with open(tmpdir / out.name, "wb") as fh:
-                fh.write(model.SerializeToString())
         os.replace(tmpdir / out.name, out)
     except OSError as e:
         raise ModelError(f"cannot write {out} ({e.strerror}); check free space and permissions") from None

@@ -18,6 +18,9 @@ changed: the rewrite replaces the MatMul node and its input edge, after which gr
 cleanup removes the chain unless another node still reads it.  (Not rewiring also
 means a site that stays dense leaves the model byte-identical: no float copy of an
 int8 DequantizeLinear weight is ever added.)
+Weights read as references (``bfc.passes.stream``) stay on disk: a plain initializer's
+value is a ``FileArray``; a chain over one is evaluated once (for its shape and type) and
+kept as a ``ComputedArray`` that re-reads its sources and re-evaluates the chain when used.
 A folded weight's group key is the chain itself (op types, attributes, source tensor
 names; small constants such as Reshape shapes by value), so several copies of one
 chain over one source weight (e.g. one Transpose per consumer) are factorized once.
@@ -33,6 +36,7 @@ import onnx_graphsurgeon as gs
 from bfc.errors import UnsupportedError
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.load import MIN_OPSET, default_opset
+from bfc.passes.stream import ComputedArray, LazyArray, lazy_value
 
 FOLDABLE = ("Identity", "Transpose", "Cast", "Reshape", "Flatten", "Unsqueeze", "Squeeze",
             "DequantizeLinear", "Mul", "Div")
@@ -42,15 +46,19 @@ SMALL = 64            # constants of at most this many values are keyed by value
 
 @dataclass(frozen=True)
 class Folded:
-    value: np.ndarray
+    value: np.ndarray          # or a LazyArray (bfc.passes.stream) when a source weight is still on disk
     key: tuple                 # hashable description of the chain (group key)
     ops: tuple[str, ...]       # op types of the chain, source first ("" for a plain constant)
     sources: tuple[str, ...]   # names of the large source constants
     dequantized: bool          # a DequantizeLinear is on the chain
 
 
-def _leaf(t) -> np.ndarray | None:
+def _leaf(t):
+    """A constant's value: an ndarray, or a LazyArray while the weight is still in its file."""
     if isinstance(t, gs.Constant):
+        lazy = lazy_value(t)
+        if lazy is not None:
+            return lazy if lazy.size > SMALL else lazy.read()
         return np.asarray(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         v = t.inputs[0].attrs.get("value")
@@ -84,16 +92,21 @@ def fold_weight(t, depth: int = 0) -> Folded | None:
         if f is None:
             return None
         ins.append(f)
+    vals = [None if f is None else f.value for f in ins]
     try:
-        value = _evaluate(node, [None if f is None else f.value for f in ins])
+        value = _evaluate(node, [v.read() if isinstance(v, LazyArray) else v for v in vals])
     except (ValueError, TypeError, IndexError, KeyError):
         return None                          # not valid ONNX for these values: leave it to the runtime
     if value is None:
         return None
+    if any(isinstance(v, LazyArray) for v in vals):   # a weight still on disk: recomputed when used
+        value = np.asarray(value)
+        value = ComputedArray(lambda: _evaluate(node, [v.read() if isinstance(v, LazyArray) else v for v in vals]),
+                              value.shape, value.dtype)
     key = (node.op, _attr_key(node.attrs), tuple(None if f is None else f.key for f in ins))
     srcs = tuple(s for f in ins if f is not None for s in f.sources)
     ops = max((f.ops for f in ins if f is not None), key=len) + (node.op,)
-    return Folded(np.asarray(value), key, ops, srcs,
+    return Folded(value if isinstance(value, LazyArray) else np.asarray(value), key, ops, srcs,
                   node.op == "DequantizeLinear" or any(f is not None and f.dequantized for f in ins))
 
 

@@ -32,8 +32,9 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_sites
 from bfc.passes.guard import Guard
 from bfc.passes.normalize import Normalize
-from bfc.passes.load import (PROTO_LIMIT, as_model, check_output_path, default_opset, input_files, proto_size,
-                              save_model)
+from bfc.passes.load import (PROTO_LIMIT, as_model, check_output_path, default_opset, input_files, model_size,
+                              open_model, save_model)
+from bfc.passes.stream import import_graph, materialize
 from bfc.passes.plan import LayerPlan, Plan
 from bfc.passes.rewrite import Rewrite
 from bfc.passes.session import load_feeds, random_feeds
@@ -49,7 +50,10 @@ class State:
     target: Target
     source: object                             # path or ModelProto, as given
     emit: Callable[[Event], None]
-    model: onnx.ModelProto | None = None       # the input (never modified)
+    model: onnx.ModelProto | None = None       # the input (never modified): for a path, its skeleton
+    base: Path | None = None                   # the model file the skeleton's weight references are relative to
+    files: list = field(default_factory=list)  # the files the input reads (model and external data)
+    output_path: Path | None = None            # where the result goes (checked against ``files`` on load)
     name: str = "model"
     model_bytes: int = 0
     precisions: tuple[Precision, ...] = ()
@@ -64,6 +68,10 @@ class State:
     results: dict[str, PassResult] = field(default_factory=dict)
     facts: set[str] = field(default_factory=set)
 
+    def model_in_memory(self) -> onnx.ModelProto:
+        """The input with its weights read in (for passes that need every value, e.g. distillation)."""
+        return self.model if self.base is None else materialize(self.model, self.base)
+
 
 class Load(GraphPass):
     """Load and check the model, read the calibration inputs, check the target's requirements."""
@@ -71,10 +79,18 @@ class Load(GraphPass):
 
     def run(self, state: State) -> PassResult:
         cfg = state.config
-        state.model = as_model(state.source)
-        state.name = (state.model.graph.name or "model") if isinstance(state.source, onnx.ModelProto) \
-            else str(state.source)
-        state.model_bytes = proto_size(state.model)
+        if isinstance(state.source, onnx.ModelProto):
+            state.model = as_model(state.source)
+            state.name = state.model.graph.name or "model"
+        else:                                # weights stay in their files (bfc.passes.stream)
+            as_model(state.source)           # the type check
+            state.base = Path(state.source)
+            state.model = open_model(state.base)
+            state.name = str(state.source)
+            state.files = input_files(state.base, state.model)
+            if state.output_path is not None:
+                check_output_path(state.output_path, state.files)
+        state.model_bytes = model_size(state.model, state.base)
         opset = default_opset(state.model)
         wanted = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
         why = {p: state.target.check(p.format, opset) for p in wanted}
@@ -92,7 +108,7 @@ class FindSites(GraphPass):
     contract = Contract.of(requires={"model"}, ensures={"graph", "sites"})
 
     def run(self, state: State) -> PassResult:
-        state.graph = gs.import_onnx(state.model)
+        state.graph = import_graph(state.model, state.base)
         state.sites = find_sites(state.graph)
         state.emit(SitesFound(sum(s.eligible for s in state.sites), len(state.sites)))
         return PassResult(changed=False, skipped={s.name: s.reason for s in state.sites if not s.eligible})
@@ -114,9 +130,10 @@ def _row(p: LayerPlan) -> LayerRow:
                     note=p.note, plan_seconds=p.seconds, worker=p.worker, resumed=p.resumed)
 
 
-def run_passes(source, cfg: OptimizeConfig, emit=None) -> State:
-    """Load -> ... -> export in memory (no save, no verification); the state holds every pass's output."""
-    state = State(cfg, get_target(cfg.target), source, emit or (lambda event: None))
+def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> State:
+    """Load -> ... -> export (no save, no verification); the state holds every pass's output.  For a
+    path, ``state.output`` is a skeleton whose references are relative to ``state.base``."""
+    state = State(cfg, get_target(cfg.target), source, emit or (lambda event: None), output_path=output)
     for stage, p in PASSES:
         state.emit(StageStarted(stage))
         state.results[stage] = p(state)
@@ -131,28 +148,29 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         raise ConfigError(f"config must be a bfc.OptimizeConfig, got {type(cfg).__name__}")
     emit = on_event or (lambda event: None)
     t0 = time.perf_counter()
-    protected = input_files(source) if not isinstance(source, onnx.ModelProto) else []
-    if output is not None:
-        output = check_output_path(output, protected)
-    state = run_passes(source, cfg, emit)
+    if output is not None:                # the input's data files are checked once it is read (Load)
+        output = check_output_path(output, [source] if not isinstance(source, onnx.ModelProto) else [])
+    state = run_passes(source, cfg, emit, output)
     if cfg.strict and not any(p.rewritten for p in state.plans):
         why = "; ".join(f"{p.site.name}: {p.reason}" for p in state.plans[:3]) or "no MatMul/Gemm node"
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     out = state.output
-    out_bytes = proto_size(out)
+    out_bytes = model_size(out, state.base)
     report = Report(model=state.name, target=state.target.name, layers=[_row(p) for p in state.plans],
                     model_bytes_before=state.model_bytes, model_bytes_after=out_bytes, notes=state.notes)
-    verify_against = out
     feeds, no_feeds = state.feeds, None
     if cfg.verify and feeds is None:
         try:                             # shaped by the output: --fix-batch pins its batch dimension
             feeds = random_feeds(out, cfg.seed)
         except BfcError as e:
             no_feeds = str(e)
+    if output is None and state.base is not None:
+        out = state.output = materialize(out, state.base)   # asked for in memory: the weights read in
+    verify_against = out
     if output is not None:
         emit(StageStarted("save"))
-        save_model(out, output, protected)
-        state.output = out = None          # verification reads the files: one copy in memory
+        save_model(out, output, state.files, base=state.base)    # tensor by tensor
+        state.output = out = None          # verification reads the files: onnxruntime's copy only
         check_file(output)
         report.model_bytes_after = _file_bytes(output, external=out_bytes > PROTO_LIMIT)
         verify_against = output
