@@ -7,8 +7,8 @@ the fp32 export, onnxruntime's int8 dynamic quantization of its 36 weight MatMul
 (bfc.study.baselines.int8_dynamic), and bfc with ``--config`` on the custom-op target (built
 without distillation: distillation changes the values, not the graph or the kernels).
 
-End to end: plain sessions from bfc.runtime.session, the three models run in turn
-(interleaved) ``--repeat`` times after warm-up; the median of each.
+End to end: plain sessions from bfc.runtime.session (2 per model), all run in turn (interleaved)
+``--repeat`` times after warm-up; the median of each model's runs.
 
 Split: a second session per model with onnxruntime's profiler on (SessionOptions.enable_profiling,
 from bfc.runtime.session_options); each node of the optimized graph onnxruntime runs
@@ -23,7 +23,8 @@ from bfc.runtime.session_options); each node of the optimized graph onnxruntime 
           the mask's Where, reshapes and transposes;
 
 plus the per-run overhead between nodes (profiled model_run time - the sum of the node times).
-Each figure is the median over the profiled runs (the first runs are warm-up and not counted).
+The models run in turn (interleaved), in the profiled sessions as in the plain ones; each figure is
+the median over the profiled runs (the first runs are warm-up and not counted).
 """
 from __future__ import annotations
 
@@ -93,18 +94,30 @@ def classify(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, str]]:
     return cls, owner
 
 
-def profile(path: Path, feed: dict, runs: int, warmup: int, work: Path, tag: str) -> dict:
-    """Median per-run ms of each class, of the profiled run, and of the overhead between nodes;
-    per-node-name median ms for the report on the emitted graph."""
+def profiled_session(path: Path, work: Path, tag: str):
+    """An onnxruntime session (bfc.runtime.session_options, 1 thread) with the profiler on; it also
+    writes the optimized graph it runs (the node names of the profile) to WORK/optimized-TAG.onnx."""
     import onnxruntime as ort
 
     so = session_options(1)
     so.enable_profiling = True
     so.profile_file_prefix = str(work / f"profile-{tag}")
     so.optimized_model_filepath = str(work / f"optimized-{tag}.onnx")
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def profile(paths: dict, feed: dict, runs: int, warmup: int, work: Path, tag: str) -> dict:
+    """Profile the models in turn (interleaved: run i of every model, then run i + 1, ...)."""
+    sessions = {k: profiled_session(p, work, f"{k.split()[0]}-{tag}") for k, p in paths.items()}
     for _ in range(warmup + runs):
-        sess.run(None, feed)
+        for sess in sessions.values():
+            sess.run(None, feed)
+    return {k: split(sess, warmup, work, f"{k.split()[0]}-{tag}") for k, sess in sessions.items()}
+
+
+def split(sess, warmup: int, work: Path, tag: str) -> dict:
+    """Median per-run ms of each class, of the profiled run, and of the overhead between nodes;
+    per-node-name median ms for the report on the emitted graph."""
     events = json.loads(Path(sess.end_profiling()).read_text())
     cls, owner = classify(onnx.load(str(work / f"optimized-{tag}.onnx"), load_external_data=False))
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
@@ -152,15 +165,17 @@ def by_shape(prof: dict, sites) -> dict[str, float]:
     return out
 
 
-def end_to_end(paths: dict, feed: dict, repeat: int) -> dict:
-    """Median ms per model, the models run in turn (interleaved) so that load changes hit all alike."""
-    sessions = {k: session(str(p), threads=1) for k, p in paths.items()}
-    for s in sessions.values():
+def end_to_end(paths: dict, feed: dict, repeat: int, copies: int = 2) -> dict:
+    """Median ms per model: ``copies`` plain sessions per model (now and then one session instance runs
+    slower for its whole life on this shared box), all run in turn (interleaved, so that load changes
+    hit every model alike) ``repeat`` times; the median over a model's runs."""
+    sessions = [(k, session(str(p), threads=1)) for _ in range(copies) for k, p in paths.items()]
+    for _, s in sessions:
         s.run(None, feed)
         s.run(None, feed)
-    times: dict[str, list] = {k: [] for k in sessions}
+    times: dict[str, list] = {k: [] for k in paths}
     for _ in range(repeat):
-        for k, s in sessions.items():
+        for k, s in sessions:
             t = time.perf_counter()
             s.run(None, feed)
             times[k].append(1e3 * (time.perf_counter() - t))
@@ -194,7 +209,7 @@ def main(argv=None) -> int:
         reps = args.repeat if batch * args.seq <= 4096 else max(5, args.repeat // 3)
         e2e = end_to_end(paths, feed, reps)
         pruns = args.profile_runs if batch * args.seq <= 4096 else max(3, args.profile_runs // 2)
-        prof = {k: profile(p, feed, pruns, 2, work, f"{k.split()[0]}-{batch}") for k, p in paths.items()}
+        prof = profile(paths, feed, pruns, 2, work, str(batch))
         shape = f"{batch}x{args.seq}"
         i8, bf = prof["int8 dynamic"], prof["bfc custom-op"]
         for k in MODELS:
@@ -244,8 +259,8 @@ def main(argv=None) -> int:
          f"sentences. Linear-weight bytes: fp32 {nbytes['fp32'] / 1e6:.2f} MB, int8 dynamic "
          f"{nbytes['int8 dynamic'] / 1e6:.2f} MB, bfc {nbytes['bfc custom-op'] / 1e6:.2f} MB = {rel:.3f}x int8 dynamic. "
          f"onnxruntime 1 intra-op thread; native library `{lib}`; load average {load0[0]:.2f} at the start, "
-         f"{load1[0]:.2f} at the end (2 cores, shared). End to end: {args.repeat} interleaved runs per model up to 4096 tokens, "
-         f"{max(5, args.repeat // 3)} above, median. Profile: {args.profile_runs} profiled runs per model up to 4096 "
+         f"{load1[0]:.2f} at the end (2 cores, shared). End to end: 2 sessions per model, {args.repeat} interleaved runs per session up to 4096 "
+         f"tokens, {max(5, args.repeat // 3)} above, median. Profile: {args.profile_runs} profiled runs per model up to 4096 "
          f"tokens, {max(3, args.profile_runs // 2)} above, after 2 warm-up runs; median.",
          "", *head, *rows, "",
          "Linear layers by weight shape (ms per run, the layers of that shape summed, their bias nodes included; "
