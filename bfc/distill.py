@@ -200,10 +200,16 @@ def batches(data: dict, size: int, seed: int) -> list[dict]:
     return out
 
 
-class Teacher:
-    """onnxruntime on the original model: outputs + ``match`` tensors per batch, cached."""
+TEACHER_CACHE_BYTES = 1 << 30     # teacher outputs kept for batches seen again (1 GiB)
 
-    def __init__(self, model: onnx.ModelProto, match=()):
+
+class Teacher:
+    """onnxruntime on the original model: outputs + ``match`` tensors per batch, cached while the
+    cache holds at most ``cache_bytes`` (a batch past the budget is recomputed when seen again: with
+    more batches than steps, e.g. 50k sentences, each batch is seen once and caching would only
+    grow memory)."""
+
+    def __init__(self, model: onnx.ModelProto, match=(), cache_bytes: int = TEACHER_CACHE_BYTES):
         from bfc.runtime import session
         self.outputs = [o.name for o in model.graph.output]
         self.names = self.outputs + [m for m in match if m not in self.outputs]
@@ -217,16 +223,21 @@ class Teacher:
             for _ in added:
                 del outs[len(outs) - 1]
         self.cache: dict[int, dict] = {}
+        self.cache_bytes, self.cached_bytes = int(cache_bytes), 0
 
     def __call__(self, key: int, feeds: dict) -> dict[str, np.ndarray]:
-        if key not in self.cache:
-            try:
-                vals = self.sess.run(self.names, feeds)
-            except Exception as e:  # noqa: BLE001
-                raise BfcError(f"onnxruntime failed on the distillation data ({str(e).splitlines()[0][:200]}); "
-                               "check that the .npz holds the model's inputs") from None
-            self.cache[key] = dict(zip(self.names, vals))
-        return self.cache[key]
+        if key in self.cache:
+            return self.cache[key]
+        try:
+            vals = dict(zip(self.names, self.sess.run(self.names, feeds)))
+        except Exception as e:  # noqa: BLE001
+            raise BfcError(f"onnxruntime failed on the distillation data ({str(e).splitlines()[0][:200]}); "
+                           "check that the .npz holds the model's inputs") from None
+        size = sum(np.asarray(v).nbytes for v in vals.values())
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[key] = vals
+            self.cached_bytes += size
+        return vals
 
 
 def _rel(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

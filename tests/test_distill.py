@@ -220,6 +220,20 @@ def test_match_by_op_type(tmp_path):
         bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=2, distill_match=("op:Conv",)))
 
 
+def test_teacher_cache_is_bounded():
+    """Teacher outputs are cached only within the byte budget; past it they are recomputed (same values)."""
+    from bfc.distill import Teacher
+    model = dm.block()
+    feeds = dm.inputs(model, 16, seed=4)
+    one = sum(v.nbytes for v in session(model).run(None, feeds)) + 16 * 8 * 64 * 4     # outputs + "h"
+    unbounded, bounded = Teacher(dm.block(), ("h",)), Teacher(dm.block(), ("h",), cache_bytes=one)
+    for k in range(3):
+        a, b = unbounded(k, feeds), bounded(k, feeds)
+        assert all(np.array_equal(a[n], b[n]) for n in a)
+    assert len(unbounded.cache) == 3 and len(bounded.cache) == 1 and bounded.cached_bytes <= one
+    assert Teacher(dm.block(), cache_bytes=0)(0, feeds) and not Teacher(dm.block(), cache_bytes=0).cache
+
+
 def test_config_and_missing_data(tmp_path):
     with pytest.raises(ConfigError, match="distill_steps"):
         OptimizeConfig(distill_steps=0)
