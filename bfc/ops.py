@@ -40,7 +40,12 @@ Numerics (what the native kernel computes, and :func:`ks_matmul_reference` emula
     * float32 / float16 factors: float32 products with float32 accumulation.
     * float8 factors: each byte is decoded exactly to float32 (e4m3fn: bias 7, no
       infinities, ``S.1111.111`` is NaN; e5m2: IEEE-like, bias 15), float32
-      accumulation, then the scale is applied to the block's output column.
+      accumulation, then the scale is applied to the block's output column.  On CPUs
+      with AVX512_BF16 (``BFC_KS_ISA`` auto or ``avx512bf16``) factors with b > 4 or
+      c > 4 run as bf16 dot products: the decoded weights are exact in bf16 and the
+      factor's input activation is rounded to bf16 (round to nearest even, subnormals
+      to zero) -- ``fp8_bf16=True`` of :func:`ks_matmul_reference`; ``BFC_KS_ISA=avx512``
+      (or a CPU without BF16) keeps the float32 activations.
     * int8 factors: the factor's input activation ``h`` (one row = one batch row) is
       quantized per row, symmetric: ``amax = max|h|``, ``q = rint(clip(h * (127/amax),
       -127, 127))`` in float32 (round half to even; ``q = 0`` when ``amax = 0``),
@@ -239,7 +244,25 @@ def _quantize_rows(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int64), (amax / np.float32(127)).astype(np.float32)
 
 
-def _apply_factor(p: KSPattern, values, scale, h: np.ndarray, emulate_int8: bool) -> np.ndarray:
+def round_bf16(h) -> np.ndarray:
+    """float32 -> bfloat16 -> float32 as vcvtneps2bf16: round to nearest even, subnormal inputs to
+    (signed) zero, NaN stays NaN, overflow to infinity."""
+    h = np.asarray(h, np.float32)
+    u = h.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    out = r.view(np.float32)
+    out = np.where(np.isnan(h), h, out)
+    tiny = np.abs(h) < np.float32(2.0 ** -126)
+    return np.where(tiny, np.copysign(np.float32(0), h), out).astype(np.float32)
+
+
+def fp8_uses_bf16(p: KSPattern) -> bool:
+    """fp8 factors the AVX512_BF16 path runs (the others are small-block kernels in float32)."""
+    return not (p.b <= 4 and p.c <= 4)
+
+
+def _apply_factor(p: KSPattern, values, scale, h: np.ndarray, emulate_int8: bool,
+                  fp8_bf16: bool = False) -> np.ndarray:
     a, b, c, d = p.a, p.b, p.c, p.d
     lead = h.shape[:-1]
     values = np.asarray(values)
@@ -257,14 +280,19 @@ def _apply_factor(p: KSPattern, values, scale, h: np.ndarray, emulate_int8: bool
         acc = np.einsum("...ijl,iljk->...ikl", q.reshape(lead + (a, b, d)), values.astype(np.int64))
         y = (acc.astype(np.float32) * cs[..., None, None]) * s_acd
     else:
+        if fp8_bf16 and values.dtype.itemsize == 1 and values.dtype != np.int8 and fp8_uses_bf16(p):
+            h = round_bf16(h)
         w = values.astype(np.float64) * scale.astype(np.float64)
         y = np.einsum("...ijl,iljk->...ikl", h.astype(np.float64).reshape(lead + (a, b, d)), w)
     return y.reshape(lead + (a * c * d,)).astype(np.float32)
 
 
 def ks_matmul_reference(x, bias, factors: Sequence, patterns, in_perm=None, out_perm=None, *,
-                        emulate_int8: bool = True) -> np.ndarray:
+                        emulate_int8: bool = True, fp8_bf16: bool = False) -> np.ndarray:
     """numpy KSMatMul.  ``factors`` = [values_0, scale_0, values_1, scale_1, ...].
+
+    ``fp8_bf16``: fp8 factors round their input activation to bf16 as the AVX512_BF16 kernels do
+    (see Numerics; :func:`fp8_bf16_active` says whether the installed library does).
 
     With ``emulate_int8`` (default) int8 factors quantize their input activation per
     row exactly as the native kernel does; without it every factor is applied in
@@ -281,7 +309,7 @@ def ks_matmul_reference(x, bias, factors: Sequence, patterns, in_perm=None, out_
     ip, op = _check_perm("in_perm", in_perm, M), _check_perm("out_perm", out_perm, N)
     h = x[..., ip] if ip is not None else x
     for l, p in enumerate(chain):
-        h = _apply_factor(p, factors[2 * l], factors[2 * l + 1], h, emulate_int8)
+        h = _apply_factor(p, factors[2 * l], factors[2 * l + 1], h, emulate_int8, fp8_bf16)
     if op is not None:
         h = h[..., op]
     if bias is not None:
@@ -363,6 +391,20 @@ def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: i
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, x_shape[:-1] + [n])], inits)
     return helper.make_model(graph, opset_imports=opset_imports(onnx_opset), ir_version=ir_version,
                              producer_name="bfc")
+
+
+def fp8_bf16_active() -> bool:
+    """Whether KSMatMul nodes created now run fp8 factors as bf16 dot products (the library's ISA for
+    the current ``BFC_KS_ISA`` is avx512bf16); False without the library."""
+    import ctypes
+
+    from bfc import runtime
+    try:
+        fn = ctypes.CDLL(str(runtime.library_path())).BfcKsIsa
+    except Exception:       # noqa: BLE001 -- no library, or one without the symbol: the float32 numerics
+        return False
+    fn.restype = ctypes.c_char_p
+    return fn() == b"avx512bf16"
 
 
 def _make_op_run():

@@ -41,6 +41,14 @@ if(_bfc_proc MATCHES "^(x86_64|amd64|x64|i[3-6]86)$" AND CMAKE_CXX_COMPILER_ID M
       "${CMAKE_CURRENT_LIST_DIR}/kernels/lowbit_avx512.cc"
       PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni")
     target_compile_definitions(bfc_ks_kernels PUBLIC BFC_HAVE_AVX512=1)
+    # fp8 factors by AVX512_BF16 dot products (BFC_KS_ISA=avx512bf16, the default where the CPU has it)
+    check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512bf16" BFC_CXX_HAS_AVX512BF16)
+    if(BFC_CXX_HAS_AVX512BF16)
+      target_sources(bfc_ks_kernels PRIVATE "${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512bf16.cc")
+      set_source_files_properties("${CMAKE_CURRENT_LIST_DIR}/kernels/ks_layers_avx512bf16.cc"
+        PROPERTIES COMPILE_OPTIONS "-mavx512f;-mavx512bw;-mavx512vl;-mavx512bf16")
+      target_compile_definitions(bfc_ks_kernels PUBLIC BFC_HAVE_AVX512BF16=1)
+    endif()
   endif()
 endif()
 

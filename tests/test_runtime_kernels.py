@@ -34,6 +34,10 @@ pytestmark = pytest.mark.skipif(not runtime.is_available(),
 
 # Named thresholds --------------------------------------------------------------------
 FLOAT_REL_TOL = 2e-5        # fp32/fp16/fp8 paths vs float64 reference of the same dequantized factors
+# fp8 on avx512bf16 vs the reference that rounds the activations to bf16 the same way: float32 vs
+# float64 activations before the rounding move an occasional element to the neighbouring bf16 value
+BF16_EMULATED_REL_TOL = 3e-4
+BF16_VS_FP32_SQNR_DB = 40   # bf16 activations (8-bit mantissa) vs the fp32-decode path
 INT8_EMULATED_SQNR_DB = 50  # int8 path vs reference emulating its per-row activation quantization
 INT8_VS_FLOAT_SQNR_DB = 25  # int8 path vs the unquantized-activation reference (quantization noise)
 
@@ -68,20 +72,46 @@ def check(model, factors, chain, kw, x, fmts, threads=1, isa="auto"):
     os.environ["BFC_KS_ISA"] = isa
     try:
         sess = runtime.session(model, threads=threads)
+        bf16 = any(f.startswith("fp8") for f in fmts) and ops.fp8_bf16_active()
     finally:
         os.environ.pop("BFC_KS_ISA", None)
     y = sess.run(None, {"X": x})[0]
     assert y.shape == x.shape[:-1] + (chain.shape[1],) and y.dtype == np.float32
     if x.size == 0 or y.size == 0:
         return
-    ref = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"])
+    ref = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"], fp8_bf16=bf16)
     if "int8" in fmts:
         assert sqnr_db(y, ref) > INT8_EMULATED_SQNR_DB, (chain, fmts, sqnr_db(y, ref))
         exact = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"],
                                         emulate_int8=False)
         assert sqnr_db(y, exact) > INT8_VS_FLOAT_SQNR_DB
     else:
-        assert rel(y, ref) < FLOAT_REL_TOL, (chain, fmts, rel(y, ref))
+        assert rel(y, ref) < (BF16_EMULATED_REL_TOL if bf16 else FLOAT_REL_TOL), (chain, fmts, rel(y, ref))
+
+
+def _bf16_isa():
+    os.environ["BFC_KS_ISA"] = "avx512bf16"
+    try:
+        return ops.fp8_bf16_active()
+    finally:
+        os.environ.pop("BFC_KS_ISA", None)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-e4m3", "fp8-e5m2"])
+def test_fp8_bf16_path(fmt):
+    """BFC_KS_ISA=avx512bf16 (vdpbf16ps, weights decoded exactly to bf16, activations rounded to bf16)
+    against the reference with that rounding, and against the fp32-decode path (BFC_KS_ISA=avx512)."""
+    if not _bf16_isa():
+        pytest.skip("no AVX512_BF16 on this CPU/build")
+    rng = np.random.default_rng(21)
+    for chain in (monarch_chain(256), chainable_chain(384, 1536), butterfly_chain(64)):
+        model, factors, kw = build(chain, fmt, rng)
+        for rows in (5, 37):          # 8- and 16-wide tiles
+            x = rng.standard_normal((rows, chain.shape[0])).astype(np.float32)
+            check(model, factors, chain, kw, x, [fmt], isa="avx512bf16")
+            y_bf = _run_isa(model, x, "avx512bf16")
+            y_fp = _run_isa(model, x, "avx512")
+            assert sqnr_db(y_bf, y_fp) > BF16_VS_FP32_SQNR_DB, sqnr_db(y_bf, y_fp)
 
 
 CHAINS = {

@@ -7,7 +7,9 @@ the node).  Numerics: for int8 factors the kernel quantizes each factor's input
 activation per row (symmetric, 127/amax) and accumulates exactly in int32, so the
 planner scores int8 layers with ``bfc.ops.ks_matmul_reference`` (bit-faithful
 emulation), not with the float product; fp8/fp16/fp32 factors are decoded exactly and
-multiplied in float32 (the float product).
+multiplied in float32 (the float product), except fp8 factors on CPUs with AVX512_BF16: their
+input activations are rounded to bf16 (``bfc.ops``); ``simulate`` scores fp8 layers with that
+rounding on every machine (the float32 path elsewhere is the more accurate one).
 
 Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, 2/3/4 bits): ONE ``ai.bfc.LowBitMatMul``
 node per layer computes ``quant_rows(x Q) deq(W_r)`` (the rotation chain, per-row int8
@@ -94,14 +96,17 @@ class CustomOp(Target):
     def simulate(self, q):
         if getattr(q, "family", "ks") == "rotated":
             return self._simulate_rotated(q)
-        if getattr(q, "fmt", None) != "int8":
+        fmt = getattr(q, "fmt", None)
+        if fmt not in ("int8", "fp8-e4m3", "fp8-e5m2"):
             return None
+        bf16 = fmt != "int8"        # the AVX512_BF16 path (the less accurate one; float32 elsewhere)
         factors = [t for f in q.factors for t in (f.values, f.scale)]
         in_perm, out_perm = _perms(q)
         pats = patterns_attribute(q.chain)
 
         def run(x):
-            return ks_matmul_reference(np.asarray(x, np.float32), None, factors, pats, in_perm, out_perm)
+            return ks_matmul_reference(np.asarray(x, np.float32), None, factors, pats, in_perm, out_perm,
+                                       fp8_bf16=bf16)
         return run
 
     def tensors(self, b, q):

@@ -168,9 +168,48 @@ void pack_vnni(const TensorDesc& values, Factor* f) {
   f->wq.shrink_to_fit();
 }
 
+
+// float32 -> bfloat16 bits, exact for every fp8 value (checked by the caller's decode)
+uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return uint16_t(u >> 16);
+}
+
+// AVX512_BF16 layout of a big-block fp8 factor (see Factor::wb) from the decoded values in wf
+// (pack_factor: wf[(tile_mr*b + j)*mr + r], scale not folded) and the scales in sc.
+void pack_bf16(Factor* f) {
+  const int64_t a = f->a, b = f->b, c = f->c, d = f->d;
+  int mrv = 16;
+  int64_t best = (c + 15) / 16 * 16 - c;
+  for (int m : {12, 8, 4}) {
+    const int64_t waste = (c + m - 1) / m * m - c;
+    if (waste < best) best = waste, mrv = m;
+  }
+  f->mrv = mrv;
+  f->nktv = (c + mrv - 1) / mrv;
+  const int64_t ntile = a * d * f->nktv, bp = f->bp;
+  f->wb.assign(size_t(ntile * bp * mrv), 0);
+  f->scv.assign(size_t(ntile * mrv), 0.f);
+  for (int64_t blk = 0; blk < a * d; ++blk)
+    for (int64_t k = 0; k < c; ++k) {
+      const int64_t tile = blk * f->nktv + k / mrv, r = k % mrv;
+      const int64_t t_mr = blk * f->nkt + k / f->mr, r_mr = k % f->mr;
+      f->scv[size_t(tile * mrv + r)] = f->sc[size_t(t_mr * f->mr + r_mr)];
+      for (int64_t j = 0; j < b; ++j) {
+        const uint32_t h = bf16_bits(f->wf[size_t((t_mr * b + j) * f->mr + r_mr)]);
+        f->wb[size_t((tile * bp + j / 2) * mrv + r)] |= j % 2 ? h << 16 : h;
+      }
+    }
+  f->wf.clear();
+  f->wf.shrink_to_fit();
+}
+
 }  // namespace
 
-const char* isa_name(int isa) { return isa == 2 ? "avx512" : isa == 1 ? "avx2" : "portable"; }
+const char* isa_name(int isa) {
+  return isa == 3 ? "avx512bf16" : isa == 2 ? "avx512" : isa == 1 ? "avx2" : "portable";
+}
 
 bool cpu_has_avx2() {
 #if defined(BFC_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -192,9 +231,24 @@ bool cpu_has_avx512vnni() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if defined(BFC_HAVE_AVX512BF16) && (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return cpu_has_avx512vnni() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 int resolve_isa(const char* isa_override, std::string* err) {
   const std::string isa = isa_override ? isa_override : "";
-  if (isa.empty() || isa == "auto") return cpu_has_avx512vnni() ? 2 : cpu_has_avx2() ? 1 : 0;
+  if (isa.empty() || isa == "auto")
+    return cpu_has_avx512bf16() ? 3 : cpu_has_avx512vnni() ? 2 : cpu_has_avx2() ? 1 : 0;
+  if (isa == "avx512bf16") {
+    if (cpu_has_avx512bf16()) return 3;
+    *err = "KSMatMul: BFC_KS_ISA=avx512bf16 was requested but this build or CPU has no AVX-512 VNNI + BF16";
+    return -1;
+  }
   if (isa == "portable") return 0;
   if (isa == "avx2") {
     if (cpu_has_avx2()) return 1;
@@ -206,7 +260,7 @@ int resolve_isa(const char* isa_override, std::string* err) {
     *err = "KSMatMul: BFC_KS_ISA=avx512 was requested but this build or CPU has no AVX-512 F/BW/VL + VNNI";
     return -1;
   }
-  *err = "KSMatMul: BFC_KS_ISA must be auto, portable, avx2 or avx512, got '" + isa + "'";
+  *err = "KSMatMul: BFC_KS_ISA must be auto, portable, avx2, avx512 or avx512bf16, got '" + isa + "'";
   return -1;
 }
 
@@ -222,7 +276,8 @@ std::string build_plan(const NodeDesc& n, const char* isa_override, Plan* plan) 
   for (size_t l = 0; l < L; ++l) {
     Factor& f = plan->factors[l];
     pack_factor(&n.patterns[4 * l], n.factors[2 * l], n.factors[2 * l + 1], &f);
-    if (plan->isa == 2 && f.path == Path::I8 && !f.small) pack_vnni(n.factors[2 * l], &f);
+    if (plan->isa >= 2 && f.path == Path::I8 && !f.small) pack_vnni(n.factors[2 * l], &f);
+    if (plan->isa == 3 && f.path == Path::FP8 && !f.small) pack_bf16(&f);
   }
   // block-major storage order of every factor input (see ks_chain.h): feature
   // i*b*d + j*d + l of factor f lives in row (i*d + l)*b + j
@@ -246,7 +301,7 @@ std::string build_plan(const NodeDesc& n, const char* isa_override, Plan* plan) 
   plan->gather_q = 0;
   plan->gq_lines.clear();
   plan->gq_src.clear();
-  if (plan->isa == 2 && L > 0) {
+  if (plan->isa >= 2 && L > 0) {
     const Factor& f0 = plan->factors[0];
     const int64_t M = plan->M;
     const std::vector<int32_t>& gr = plan->gather_row;
@@ -557,8 +612,11 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   Exec e{};
   e.plan = &plan;
   e.T =
+#if defined(BFC_HAVE_AVX512BF16)
+      plan.isa == 3 ? &avx512bf16_table() :
+#endif
 #if defined(BFC_HAVE_AVX512)
-      plan.isa == 2 ? &avx512_table() :
+      plan.isa >= 2 ? &avx512_table() :
 #endif
 #if defined(BFC_HAVE_AVX2)
       plan.isa == 1 ? &avx2_table() :

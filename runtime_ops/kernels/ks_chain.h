@@ -66,6 +66,10 @@ struct Factor {
   std::vector<int8_t> wv;
   std::vector<int32_t> corr;
   std::vector<float> scv;
+  // FP8 on AVX512_BF16 (Plan::isa == 3, big blocks only; ks_layers_avx512bf16.cc): the same
+  // mrv / nktv tiles, pairs of bf16 weights (exact decode) per output:
+  // wb[(tile*bp + jp)*mrv + r] = bf16(V[i,l,2jp,k]) | bf16(V[i,l,2jp+1,k]) << 16; scale in scv
+  std::vector<uint32_t> wb;
   // Storage row of output feature o = i*c*d + k*d + l in the next buffer: the next
   // factor's block-major row ((i'*d' + l')*b' + j'), or o itself after the last factor.
   std::vector<int32_t> out_row;
@@ -96,7 +100,8 @@ struct Plan {
   std::vector<int32_t> scatter_row;  // final-buffer row of Y column o (out_perm folded in)
   size_t df_start = 0;            // first factor of the depth-first small-block tail (L = none)
   int64_t df_group_rows = 0;      // largest per-group activation (features) inside that tail
-  int isa = 0;                    // 0 portable, 1 avx2, 2 avx512 (VNNI int8 + AVX2 for the rest)
+  int isa = 0;                    // 0 portable, 1 avx2, 2 avx512 (VNNI int8 + AVX2 for the rest),
+                                  // 3 avx512bf16 (2 + fp8 factors by AVX512_BF16 dot products)
   // the first factor is a VNNI int8 factor whose storage rows come in aligned quads of
   // consecutive X columns (b % 4 == 0, M % 16 == 0): LayerTable::gather_q writes its u8
   // quads straight from x (no float buffer, no separate quantization pass)
@@ -133,6 +138,7 @@ float half_to_float(uint16_t h);
 const char* isa_name(int isa);
 bool cpu_has_avx2();
 bool cpu_has_avx512vnni();  // AVX-512 F/BW/VL + VNNI (and AVX2/FMA for the shared kernels)
+bool cpu_has_avx512bf16();  // the above + AVX512_BF16
 // the ISA build_plan picks for BFC_KS_ISA = isa_override (null/"auto": the best this CPU runs)
 int resolve_isa(const char* isa_override, std::string* err);
 
@@ -183,6 +189,9 @@ const LayerTable& avx2_table();
 #endif
 #if defined(BFC_HAVE_AVX512)
 const LayerTable& avx512_table();
+#endif
+#if defined(BFC_HAVE_AVX512BF16)
+const LayerTable& avx512bf16_table();
 #endif
 
 }  // namespace ks

@@ -266,7 +266,7 @@ void quant_fn(void* u, size_t i) {
   Exec& e = *static_cast<Exec*>(u);
   const int64_t r0 = int64_t(i) * e.qrows, r1 = std::min(e.rows, r0 + e.qrows);
 #if defined(BFC_HAVE_AVX512)
-  if (e.p->isa == 2) return quantize_avx512(*e.p, e.xr, r0, r1, e.q, e.gsum, e.cs);
+  if (e.p->isa >= 2) return quantize_avx512(*e.p, e.xr, r0, r1, e.q, e.gsum, e.cs);
 #endif
   quantize_rows(*e.p, e.xr, r0, r1, e.q, e.gsum, e.cs);
 }
@@ -296,7 +296,7 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
   e.p = &p;
   e.gemm =
 #if defined(BFC_HAVE_AVX512)
-      p.isa == 2 ? gemm_avx512 :
+      p.isa >= 2 ? gemm_avx512 :
 #endif
 #if defined(BFC_HAVE_AVX2)
       p.isa >= 1 ? gemm_avx2 :

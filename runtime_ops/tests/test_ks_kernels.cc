@@ -28,6 +28,20 @@ using namespace bfc::ks;
 namespace {
 
 constexpr double kFloatRelTol = 1e-5;  // float32 accumulation vs float64 reference, ||y - ref|| / ||ref||
+// fp8 on avx512bf16 vs a reference that rounds the same activations to bf16: float32 vs float64
+// activations before the rounding move an occasional element to the neighbouring bf16 value
+constexpr double kBf16EmulatedRelTol = 2e-4;
+constexpr double kBf16VsFloatRelTol = 2e-2;   // bf16 activations (8-bit mantissa) vs the float64 product
+
+// float -> bfloat16 -> float, round to nearest even (vcvtneps2bf16 on finite, normal values)
+double bf16_round(double v) {
+  float f = float(v);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 int g_failures = 0, g_checks = 0;
 
@@ -131,7 +145,8 @@ NodeDesc node_of(const Case& c) {
 
 // The spec as plain loops over h (rows x features, row-major).  int8 factors follow the
 // float32 operations of the spec exactly; other factors accumulate in float64.
-std::vector<double> reference(const Case& c, const std::vector<float>& x, int64_t rows) {
+// bf16: fp8 big-block factors (not b, c <= 4) see their activations rounded to bf16 (isa avx512bf16).
+std::vector<double> reference(const Case& c, const std::vector<float>& x, int64_t rows, bool bf16 = false) {
   std::vector<double> h(size_t(rows * c.M));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t f = 0; f < c.M; ++f)
@@ -165,7 +180,8 @@ std::vector<double> reference(const Case& c, const std::vector<float>& x, int64_
                 std::memcpy(&w, &c.values[l][size_t(vi) * 4], 4);
                 acc += hr[f] * double(w) * s;
               } else {
-                acc += hr[f] * e4m3_value(c.values[l][size_t(vi)]) * s;
+                const bool round = bf16 && !(p.b <= 4 && p.c <= 4);
+                acc += (round ? bf16_round(hr[f]) : hr[f]) * e4m3_value(c.values[l][size_t(vi)]) * s;
               }
             }
             o[size_t(r * out + i * p.c * p.d + k * p.d + ll)] =
@@ -194,6 +210,7 @@ void test_chain(const char* name, const std::vector<Pattern>& pats, uint32_t see
   std::vector<const char*> isas = {"portable"};
   if (cpu_has_avx2()) isas.push_back("avx2");
   if (cpu_has_avx512vnni()) isas.push_back("avx512");
+  if (cpu_has_avx512bf16()) isas.push_back("avx512bf16");
   for (int dtype : dtypes) {
     for (bool perms : {false, true}) {
       const Case c = make_case(pats, dtype, seed + uint32_t(dtype) * 7 + perms, perms);
@@ -207,7 +224,9 @@ void test_chain(const char* name, const std::vector<Pattern>& pats, uint32_t see
           std::normal_distribution<float> normal(0.f, 1.f);
           std::vector<float> x(size_t(rows * c.M));
           for (auto& v : x) v = normal(rng);
-          const std::vector<double> ref = reference(c, x, rows);
+          const bool bf = dtype == kTypeF8E4M3FN && std::string(isa) == "avx512bf16";
+          const std::vector<double> ref = reference(c, x, rows, bf);
+          const std::vector<double> ref_f = bf ? reference(c, x, rows) : ref;
           for (ParallelFor pfor : {ParallelFor(nullptr), ParallelFor(reverse_pfor)}) {
             std::vector<float> y(size_t(rows * c.N) + 1, -7.f);  // +1: a guard element
             const std::string re = run_chain(plan, x.data(), c.bias.data(), y.data(), rows, pfor, nullptr);
@@ -223,7 +242,13 @@ void test_chain(const char* name, const std::vector<Pattern>& pats, uint32_t see
               double num = 0, den = 0;
               for (size_t i = 0; i < ref.size(); ++i) num += (y[i] - ref[i]) * (y[i] - ref[i]), den += ref[i] * ref[i];
               const double rel = std::sqrt(num / std::max(den, 1e-30));
-              check(rel < kFloatRelTol, what + ": relative error " + std::to_string(rel));
+              check(rel < (bf ? kBf16EmulatedRelTol : kFloatRelTol), what + ": relative error " + std::to_string(rel));
+              if (bf) {
+                num = den = 0;
+                for (size_t i = 0; i < ref.size(); ++i)
+                  num += (y[i] - ref_f[i]) * (y[i] - ref_f[i]), den += ref_f[i] * ref_f[i];
+                check(std::sqrt(num / std::max(den, 1e-30)) < kBf16VsFloatRelTol, what + ": bf16 vs float too far");
+              }
             }
           }
         }
