@@ -27,6 +27,7 @@ class LayerPlanned:
     elapsed: float | None = None   # seconds since planning started
     eta: float | None = None       # seconds left, from the weight elements planned so far
     resumed: bool = False          # loaded from the work folder
+    cpu_seconds: float | None = None   # CPU time of the planning thread (wall time minus waiting for a core)
 
 
 Event = StageStarted | SitesFound | LayerPlanned

@@ -15,13 +15,19 @@ rotation is re-attached to the parent's object after a round trip (the rewrite s
 engine, or the completion order.
 Engines (``Runner``):
   * ``workers == 1``: in process, one task at a time (no pool);
-  * ``workers > 1`` (default ``None``: the usable cores, in process when there is less than
-    ``POOL_MIN_ELEMENTS`` weight elements to plan or a single task): a
-    ``concurrent.futures.ProcessPoolExecutor`` with a forkserver context (spawn where there
-    is none), the planner modules preloaded in the server;
-  * ``cluster`` (an address, or ``local`` for a ``LocalCluster`` of ``workers`` processes):
-    the same task function on Dask distributed (``pip install 'bfc[cluster]'``); each
-    task's payload is scattered to the cluster and released after its result.
+  * ``workers = N > 1`` (default ``None``: the usable cores, in process when there is less than
+    ``POOL_MIN_ELEMENTS`` weight elements to plan or a single task): N planners, this process and
+    a ``concurrent.futures.ProcessPoolExecutor`` of N - 1 processes on a forkserver (spawn where
+    there is none), the planner modules preloaded in the server.  This process plans too: on N
+    cores no core idles while the pool starts, and the layers it plans are never pickled;
+  * ``cluster="local"``: the same with a Dask ``LocalCluster`` of N - 1 single-threaded worker
+    processes in place of the pool (started in a feeder thread while this process plans; N = 1: one
+    Dask worker); ``cluster=ADDRESS``: the scheduler's workers plan every layer
+    (``pip install 'bfc[cluster]'``).  Each Dask task's payload is scattered to the cluster and
+    released after its result.
+Tasks are handed out largest first (``plan_sites`` orders them) to the next free planner (a
+helper also holds up to ``INFLIGHT_PER_WORKER`` queued), so the last layers to finish are small.
+Every result carries the planning thread's CPU time (``cpu_seconds``) beside its wall time.
 At most ``INFLIGHT_PER_WORKER`` tasks per worker are in flight: the parent never ships
 every weight at once.  Every task runs on one BLAS thread whatever the engine
 (``one_blas_thread``): multi-threaded BLAS reductions round differently in the last bit,
@@ -88,6 +94,7 @@ class LayerResult:
     seconds: float = 0.0         # wall time of the planning (the original run's, for a loaded record)
     worker: str = "main"
     resumed: bool = False        # loaded from the work folder
+    cpu_seconds: float = 0.0     # CPU time of the planning thread (one BLAS thread: the whole computation)
 
 
 def cpu_count() -> int:
@@ -121,11 +128,11 @@ def run_task(task: LayerTask) -> LayerResult:
     if task.origin_pid and os.getpid() != task.origin_pid and _IN_MAIN:
         _limit_threads(1)            # a Dask worker process (pool workers are limited by their initializer)
     cfg = task.config if task.config.seed == task.seed else task.config.replace(seed=task.seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     p = plan_mod.plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
                            task.rotation, task.bits)
     return LayerResult(p.weights, p.structure, p.precision, p.error, p.error_kind, p.reason, p.note,
-                       time.perf_counter() - t0, _worker_id())
+                       time.perf_counter() - t0, _worker_id(), cpu_seconds=time.thread_time() - c0)
 
 
 def _limit_threads(n: int) -> None:
@@ -339,62 +346,120 @@ class Runner:
     def _engine(self, tasks):
         if not tasks:
             return
-        if self.cluster:
-            yield from self._dask(tasks)
+        if self.cluster and self.cluster != "local":
+            yield from self._remote(tasks)
             return
         n = self.workers if self.workers is not None else cpu_count()
         work = sum(int(t.weight.size) for t in tasks)
+        if self.cluster == "local":
+            _require_distributed()
+            if n <= 1:                       # one planner: a single Dask worker (main stays the client)
+                yield from self._shared(tasks, _DaskLocal(1), main_plans=False)
+            else:
+                yield from self._shared(tasks, _DaskLocal(n - 1), main_plans=True)
+            return
         if n <= 1 or len(tasks) == 1 or (self.workers is None and work < POOL_MIN_ELEMENTS):
             for t in tasks:
                 with one_blas_thread():
                     res = run_task(t)
                 yield t, res
             return
-        yield from self._pool(tasks, min(n, len(tasks)))
+        yield from self._shared(tasks, _Pool(min(n, len(tasks)) - 1), main_plans=True)
 
-    def _pool(self, tasks, n):
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        self.engine = f"process pool ({n} workers)"
-        ex = ProcessPoolExecutor(max_workers=n, mp_context=_pool_context(), initializer=_init_worker)
-        queue = iter(tasks)
-        running = {}
-        try:
-            with _without_main():              # the workers start here (one per submit, up to n)
-                for t in queue:
-                    running[ex.submit(run_task, _shipped(t))] = t
-                    if len(running) >= INFLIGHT_PER_WORKER * n:
-                        break
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    t = running.pop(fut)
-                    res = fut.result()
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        running[ex.submit(run_task, _shipped(nxt))] = nxt
-                    yield t, res
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)
+    def _shared(self, tasks, backend, main_plans: bool):
+        """Plan ``tasks`` (largest first) with ``backend``'s helpers and, when ``main_plans``, this
+        process as one more planner: N planners are this process and N - 1 helpers, so on N cores
+        no core waits while the helpers start (a pool's forkserver, a LocalCluster's scheduler and
+        workers start in a feeder thread while this process plans the first layer), and half of
+        the layers (on 2 cores) never travel.  The feeder thread keeps ``INFLIGHT_PER_WORKER``
+        tasks per helper in flight and hands their results over a queue; this thread takes the
+        next task itself whenever it is free.  Yields (task, LayerResult) in completion order."""
+        import queue as _queue
+        import threading
+        from collections import deque
 
-    def _dask(self, tasks):
-        try:
-            from distributed import Client, LocalCluster, wait
-        except ImportError:
-            from bfc.errors import ConfigError
-            raise ConfigError("cluster needs Dask distributed: pip install 'bfc[cluster]' (or "
-                              "pip install 'dask[distributed]') on this machine and on the cluster's workers") from None
-        local = None
-        if self.cluster == "local":
-            n = self.workers if self.workers is not None else cpu_count()
-            local = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-            client = Client(local)
-        else:
+        todo = deque(tasks)
+        lock = threading.Lock()
+        results = _queue.Queue()
+        stop = threading.Event()
+        done_marker = object()
+        self.engine = backend.label(main_plans)
+
+        def take():
+            with lock:
+                return todo.popleft() if todo and not stop.is_set() else None
+
+        def feeder():
+            running = {}
             try:
-                client = Client(self.cluster, timeout=CONNECT_TIMEOUT)
-            except OSError as e:
-                from bfc.errors import ConfigError
-                raise ConfigError(f"cannot reach the Dask scheduler at {self.cluster} ({e}); start one "
-                                  "(dask scheduler) or check --cluster") from None
+                backend.start()
+                self.engine = backend.label(main_plans)
+                cap = INFLIGHT_PER_WORKER * backend.slots()
+                while not stop.is_set():
+                    while len(running) < cap:
+                        t = take()
+                        if t is None:
+                            break
+                        running[backend.submit(t)] = t
+                    if not running:
+                        break
+                    for fut in backend.wait_any(list(running)):
+                        t = running.pop(fut)
+                        results.put((t, backend.result(fut), None))
+            except BaseException as e:          # noqa: BLE001 - handed to the planning thread
+                results.put((None, None, e))
+            finally:
+                try:
+                    backend.close(running)
+                finally:
+                    results.put(done_marker)
+
+        th = threading.Thread(target=feeder, name="bfc-layer-feeder", daemon=True)
+        if backend.start_here:
+            backend.start()
+        th.start()
+        left = len(tasks)
+        feeder_done = False
+        try:
+            while left:
+                item = None
+                try:                          # finished helper tasks first; block only with nothing to plan here
+                    item = results.get_nowait()
+                except _queue.Empty:
+                    t = take() if main_plans or feeder_done else None
+                    if t is not None:
+                        with one_blas_thread():
+                            res = run_task(t)
+                        left -= 1
+                        yield t, res
+                        continue
+                    item = results.get()
+                if item is done_marker:
+                    feeder_done = True
+                    if left and not todo:
+                        raise RuntimeError("layer runner: the helpers stopped with layers unplanned")
+                    continue
+                t, res, err = item
+                if err is not None:
+                    raise err
+                left -= 1
+                yield t, res
+        finally:
+            stop.set()
+            with lock:
+                todo.clear()
+            th.join()
+
+    def _remote(self, tasks):
+        """A Dask scheduler at ``self.cluster``: every task runs on the cluster's workers."""
+        from distributed import Client, wait
+        _require_distributed()
+        try:
+            client = Client(self.cluster, timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            from bfc.errors import ConfigError
+            raise ConfigError(f"cannot reach the Dask scheduler at {self.cluster} ({e}); start one "
+                              "(dask scheduler) or check --cluster") from None
         running = {}
         try:
             slots = max(1, sum(client.nthreads().values()))
@@ -402,8 +467,8 @@ class Runner:
             queue = iter(tasks)
 
             def submit(t):
-                data = client.scatter(dataclasses.replace(_shipped(t), origin_pid=os.getpid()), hash=False)
-                running[client.submit(run_task, data, pure=False)] = (t, data)
+                fut, data = _dask_submit(client, t)
+                running[fut] = (t, data)
 
             for t in queue:
                 submit(t)
@@ -426,5 +491,110 @@ class Runner:
                 fut.cancel()
                 data.release()
             client.close()
-            if local is not None:
-                local.close()
+
+
+def _require_distributed():
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        from bfc.errors import ConfigError
+        raise ConfigError("cluster needs Dask distributed: pip install 'bfc[cluster]' (or "
+                          "pip install 'dask[distributed]') on this machine and on the cluster's workers") from None
+
+
+def _dask_submit(client, t):
+    """Scatter the task's payload (weight, statistics) to the cluster, then run ``run_task`` on it."""
+    data = client.scatter(dataclasses.replace(_shipped(t), origin_pid=os.getpid()), hash=False)
+    return client.submit(run_task, data, pure=False), data
+
+
+class _Pool:
+    """``k`` helper processes: a ``ProcessPoolExecutor`` on a forkserver (spawn where there is none)
+    with the planner preloaded; started in the planning thread (the forkserver is forked from it)."""
+    start_here = True
+
+    def __init__(self, k: int):
+        self.k, self.ex = k, None
+
+    def label(self, main_plans: bool) -> str:
+        return f"process pool ({self.k + 1} workers: this process and {self.k} pool processes)"
+
+    def start(self):
+        if self.ex is not None:
+            return
+        from concurrent.futures import ProcessPoolExecutor
+        with _without_main():
+            self.ex = ProcessPoolExecutor(max_workers=self.k, mp_context=_pool_context(), initializer=_init_worker)
+            for f in [self.ex.submit(_warm) for _ in range(self.k)]:     # the helpers start now, not at the first task
+                f.add_done_callback(lambda _f: None)
+
+    def slots(self) -> int:
+        return self.k
+
+    def submit(self, t):
+        return self.ex.submit(run_task, _shipped(t))
+
+    @staticmethod
+    def wait_any(futs):
+        from concurrent.futures import FIRST_COMPLETED, wait
+        return wait(futs, return_when=FIRST_COMPLETED).done
+
+    @staticmethod
+    def result(fut):
+        return fut.result()
+
+    def close(self, running):
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm() -> int:
+    return os.getpid()
+
+
+class _DaskLocal:
+    """A Dask ``LocalCluster`` of ``k`` single-threaded worker processes (started in the feeder
+    thread, so its start-up overlaps this process's planning)."""
+    start_here = False
+
+    def __init__(self, k: int):
+        self.k, self.cluster, self.client, self.data = k, None, None, {}
+
+    def label(self, main_plans: bool) -> str:
+        if main_plans:
+            return f"dask (local, {self.k + 1} planners: this process and {self.k} worker processes)"
+        return f"dask (local, {self.k} worker process{'es' if self.k > 1 else ''})"
+
+    def start(self):
+        from distributed import Client, LocalCluster
+        self.cluster = LocalCluster(n_workers=self.k, threads_per_worker=1, processes=True, dashboard_address=None)
+        self.client = Client(self.cluster)
+
+    def slots(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+    def submit(self, t):
+        fut, data = _dask_submit(self.client, t)
+        self.data[fut.key] = data
+        return fut
+
+    @staticmethod
+    def wait_any(futs):
+        from distributed import wait
+        return wait(futs, return_when="FIRST_COMPLETED").done
+
+    def result(self, fut):
+        res = fut.result()
+        fut.release()
+        self.data.pop(fut.key).release()
+        return res
+
+    def close(self, running):
+        for fut in list(running):
+            fut.cancel()
+        for d in self.data.values():
+            d.release()
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()

@@ -332,7 +332,7 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
         elapsed = time.perf_counter() - count[1]
         eta = elapsed * (count[3] - count[2]) / count[2] if count[2] else None
         on_event(LayerPlanned(sites[i].name, plans[i].rewritten, count[0], len(sites), res.seconds, res.worker,
-                              elapsed, eta, res.resumed))
+                              elapsed, eta, res.resumed, res.cpu_seconds))
 
     for i in order:
         site = sites[i]
