@@ -165,6 +165,25 @@ def by_shape(prof: dict, sites) -> dict[str, float]:
     return out
 
 
+def ks_macs(model: onnx.ModelProto, sites) -> dict[str, tuple[int, int]]:
+    """Weight shape -> (multiply-adds per row of the KS factors, of the dense weights) summed over the
+    sites of that shape that are ai.bfc nodes (a factor (a, b, c, d) has a*b*c*d nonzeros)."""
+    pats = [(re.compile(re.escape(s.node) + r"(?![0-9A-Za-z])"), s) for s in sites]
+    out: dict[str, tuple[int, int]] = {}
+    for n in model.graph.node:
+        if n.domain != "ai.bfc":
+            continue
+        site = next((s for pat, s in pats if pat.search(n.name)), None)
+        pat = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "patterns"), None)
+        if site is None or pat is None:
+            continue
+        nnz = sum(int(np.prod(pat[i:i + 4])) for i in range(0, len(pat), 4))
+        key = f"{site.shape[0]}x{site.shape[1]}"
+        ks, dense = out.get(key, (0, 0))
+        out[key] = (ks + nnz, dense + site.shape[0] * site.shape[1])
+    return out
+
+
 def end_to_end(paths: dict, feed: dict, repeat: int, copies: int = 2) -> dict:
     """Median ms per model: ``copies`` plain sessions per model (now and then one session instance runs
     slower for its whole life on this shared box), all run in turn (interleaved, so that load changes
@@ -200,6 +219,7 @@ def main(argv=None) -> int:
              "bfc custom-op": bfc_model(src, calib, args.config, "custom-op", work / "bfc.onnx")}
     original = onnx.load(str(src))
     sites = linear_sites(original)
+    macs = ks_macs(onnx.load(str(paths["bfc custom-op"]), load_external_data=False), sites)
     nbytes = {k: linear_bytes(original, onnx.load(str(p))) for k, p in paths.items()}
     lib = library_path()
     load0 = os.getloadavg()
@@ -224,9 +244,13 @@ def main(argv=None) -> int:
             count[f"{site.shape[0]}x{site.shape[1]}"] = count.get(f"{site.shape[0]}x{site.shape[1]}", 0) + 1
         for key in list(count) + (["shared"] if any("shared" in g for g in groups.values()) else []):
             ms = {k: groups[k].get(key, 0.0) for k in MODELS}
-            r = f"{ms['int8 dynamic'] / ms['bfc custom-op']:.2f}x" if ms["bfc custom-op"] > 0 else "-"
+            fast = ms["int8 dynamic"] / ms["bfc custom-op"] if ms["bfc custom-op"] > 0 else None
+            ks, dense = macs.get(key, (0, 0))
+            frac = ks / dense if dense else None
             shapes.append(f"| {shape} | {key} ({count.get(key, '-')}) | {ms['fp32']:.2f} | {ms['int8 dynamic']:.2f} | "
-                          f"{ms['bfc custom-op']:.2f} | {r} |")
+                          f"{ms['bfc custom-op']:.2f} | {'-' if fast is None else f'{fast:.2f}x'} | "
+                          f"{'-' if frac is None else f'{frac:.3f}'} | "
+                          f"{'-' if frac is None or fast is None else f'{frac * fast:.2f}'} |")
         lin_i8 = i8["linear"] + i8["bias"]
         lin_bf = bf["linear"] + bf["bias"]
         rest_i8 = i8["run"] - lin_i8
@@ -265,8 +289,12 @@ def main(argv=None) -> int:
          "", *head, *rows, "",
          "Linear layers by weight shape (ms per run, the layers of that shape summed, their bias nodes included; "
          "'shared': int8's activation quantizer read by Q, K and V):", "",
-         "| tokens | weight shape (layers) | fp32 ms | int8 dynamic ms | bfc custom-op ms | int8 / bfc |",
-         "|---|---|---|---|---|---|", *shapes,
+         "| tokens | weight shape (layers) | fp32 ms | int8 dynamic ms | bfc custom-op ms | int8 / bfc | "
+         "KS multiply-adds / dense | bfc multiply-add rate / int8's |",
+         "|---|---|---|---|---|---|---|---|", *shapes, "",
+         "The last column is the KS kernels' effective speed against int8 dynamic's dense one (KS multiply-adds per "
+         "second over int8's dense multiply-adds per second): the linear time ratio int8 / bfc equals it divided by "
+         "the multiply-add fraction, so 2.5x less linear time needs a rate of 2.5 x the fraction.",
          "", "Ratios (same run):", "", *rhead, *ratios, "",
          "Ceilings: if the linear layers took no time, the model could at best run at int8's run time over the rest "
          "of the graph (int8's rest, or bfc's own rest including the time between nodes). The last column is the "
