@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             "The custom-op target does the first: its LowBitMatMul applies Q inside the kernel (float32 KS chain "
             "over 16-row tiles in L1), quantizes the rotated rows to int8 and runs the int4 x int8 dot products "
             "with vpdpbusd; its rel. error includes the per-row int8 activations (the planner scores that).")
-    write_result("lowbit_latency", "Rotated int4 on the ort target: run time vs MatMulNBits",
+    write_result("lowbit_latency", "Rotated int4 (ort target, custom-op LowBitMatMul): run time vs MatMulNBits",
                  "python bench/bench_lowbit_latency.py --write", "\n".join(lines) + "\n\n" + note)
     return 0
 

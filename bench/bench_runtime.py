@@ -7,12 +7,18 @@
 Columns (one onnxruntime session each, same input, same thread count):
   dense-fp32   MatMul with a dense fp32 weight (the unfactorized layer)
   dyn-int8     onnxruntime.quantization.quantize_dynamic(weight_type=QInt8) of that MatMul
-  nbits4       com.microsoft MatMulNBits, 4-bit RTN, block 32 (MatMulNBitsQuantizer)
+  nbits4       com.microsoft MatMulNBits, 4-bit RTN, block 32 (MatMulNBitsQuantizer), accuracy_level 0
+               (float activations)
+  nbits4-L4    the same with accuracy_level 4 (int8 activations, int8 dot products)
   ks-<fmt>-<structure>  one KSMatMul node (fp32 / int8 / fp8-e4m3 values, absmax per-column
                scales) for a Monarch chain and a butterfly(-like) chain of the same shape, kernels
                chosen by BFC_KS_ISA (auto: avx512 where the CPU has AVX-512 VNNI)
   ks-int8-monarch@avx2  the same int8 Monarch node forced onto the AVX2 kernels (BFC_KS_ISA=avx2),
                so the VNNI gain is measured side by side
+  ks-fp8-monarch@fp32  the fp8 Monarch node with BFC_KS_ISA=avx512: weights decoded to float32, float32
+               activations (ks-fp8-* under auto run AVX512_BF16 dot products where the CPU has them)
+  lowbit-rot-int4  one ai.bfc.LowBitMatMul: butterfly rotation (fused) + int4 weights, group 32, per-row
+               int8 activations (VNNI); effective GFLOP/s count the dense 2·B·M·N (its rotation is extra)
 Random weights: this measures speed, not accuracy.  Effective GFLOP/s of the KS columns
 count the structured FLOPs (2 * batch * nnz); dense columns count 2 * batch * M * N.
 
@@ -89,14 +95,29 @@ def build_dyn_int8(ctx):
         return onnx.load(dst)
 
 
-def build_nbits4(ctx):
+def build_nbits4(ctx, level=0):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if ctx.M % 32:
         return None
-    q = MatMulNBitsQuantizer(_matmul_model(ctx.weight), bits=4, block_size=32, is_symmetric=True)
+    q = MatMulNBitsQuantizer(_matmul_model(ctx.weight), bits=4, block_size=32, is_symmetric=True,
+                             accuracy_level=level)
     q.process()
     return q.model.model
+
+
+def build_nbits4_l4(ctx):
+    return build_nbits4(ctx, 4)
+
+
+def build_lowbit(ctx):
+    """Rotated int4 (RTN of Q^T W per group of 32 rows, fp16 scales) as one LowBitMatMul node."""
+    from bfc.lowbit import ButterflyRotation, LowBitFormat, quantize_groups
+    rot = ButterflyRotation.hadamard_like(ctx.M, 0)
+    gq = quantize_groups(rot.rotate_weight(ctx.weight), LowBitFormat(4, 32, True, "float16"), method="rtn")
+    return ops.make_lowbit_matmul_model(gq.codes(), gq.scales, bits=4, group_size=gq.group_size,
+                                        rot_values=[np.asarray(v, np.float32) for v in rot.values],
+                                        rot_patterns=rot.chain)
 
 
 def build_ks(fmt, structure):
@@ -110,11 +131,13 @@ def build_ks(fmt, structure):
 
 
 def backends():
-    out = [Backend("dense-fp32", build_dense), Backend("dyn-int8", build_dyn_int8), Backend("nbits4", build_nbits4)]
+    out = [Backend("dense-fp32", build_dense), Backend("dyn-int8", build_dyn_int8), Backend("nbits4", build_nbits4),
+           Backend("nbits4-L4", build_nbits4_l4), Backend("lowbit-rot-int4", build_lowbit)]
     for structure in ("monarch", "butterfly"):
         for fmt, tag in (("fp32", "fp32"), ("int8", "int8"), ("fp8-e4m3", "fp8")):
             out.append(Backend(f"ks-{tag}-{structure}", build_ks(fmt, structure), flops=structure))
     out.append(Backend("ks-int8-monarch@avx2", build_ks("int8", "monarch"), flops="monarch", isa="avx2"))
+    out.append(Backend("ks-fp8-monarch@fp32", build_ks("fp8-e4m3", "monarch"), flops="monarch", isa="avx512"))
     return out + EXTRA_BACKENDS
 
 
@@ -190,7 +213,7 @@ def machine_line():
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in flags]
     if simd:
         cpu += f" ({', '.join(simd)}; KS kernels: BFC_KS_ISA={os.environ.get('BFC_KS_ISA', 'auto')})"
     import onnxruntime as ort
@@ -216,10 +239,13 @@ def main(argv=None):
         args.batches = [1, 32, 256] if args.quick else BATCHES
     rng = np.random.default_rng(0)
     bks = backends()
-    if ks_isa("avx2") == "?":  # no AVX2 build or CPU: the forced column cannot run
+    if ks_isa("avx2") == "?":  # no AVX2 build or CPU: the forced columns cannot run
         bks = [bk for bk in bks if bk.isa is None]
+    elif ks_isa("avx512") == "?":
+        bks = [bk for bk in bks if bk.isa != "avx512"]
     results = {}   # (M, N, batch, threads) -> {backend: ms}
     flops = {}
+    fp8_acc = {}   # (M, N) -> {path: relative error}
     for M, N in shapes:
         ctx = make_ctx(M, N, rng)
         models = {}
@@ -231,6 +257,8 @@ def main(argv=None):
                 models[bk.name] = None
         flops[(M, N)] = {bk.name: (2 * M * N if bk.flops == "dense" else 2 * ctx.chains[bk.flops][0].nnz)
                          for bk in bks}
+        if models.get("ks-fp8-monarch") is not None and models.get("ks-fp8-monarch@fp32") is not None:
+            fp8_acc[(M, N)] = fp8_accuracy(ctx, models["ks-fp8-monarch"], rng)
         for th in args.threads:
             isas = {bk.name: bk.isa for bk in bks}
             sessions = {name: make_session(m, th, isas[name]) for name, m in models.items() if m is not None}
@@ -240,10 +268,27 @@ def main(argv=None):
                 results[(M, N, B, th)] = row
                 print(f"[bench] {M}x{N} B={B} threads={th}: " +
                       ", ".join(f"{k} {v:.3f}" for k, v in row.items()), file=sys.stderr)
-    write_report(args, shapes, bks, results, flops)
+    write_report(args, shapes, bks, results, flops, fp8_acc)
 
 
-def write_report(args, shapes, bks, results, flops):
+def fp8_accuracy(ctx, model, rng, rows=64):
+    """Relative error of the fp8 Monarch node's two paths (auto: AVX512_BF16 where present; avx512: fp32
+    decode) against the float64 product of the same dequantized factors, and bf16 vs fp32 decode."""
+    chain, vals = ctx.chains["monarch"]
+    qs = [ops.quantize_factor(v, "fp8-e4m3", "column") for v in vals]
+    factors = [t for q, s in qs for t in (q, s)]
+    x = rng.standard_normal((rows, ctx.M)).astype(np.float32)
+    ref = ops.ks_matmul_reference(x, None, factors, chain, emulate_int8=False).astype(np.float64)
+    ys = {isa: make_session(model, 1, isa).run(None, {"X": x})[0].astype(np.float64)
+          for isa in ("auto", "avx512")}
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return {"isa": ks_isa(), "bf16": rel(ys["auto"], ref), "fp32": rel(ys["avx512"], ref),
+            "bf16_vs_fp32": rel(ys["auto"], ys["avx512"])}
+
+
+def write_report(args, shapes, bks, results, flops, fp8_acc=None):
     names = [bk.name for bk in bks]
     cmd = ("python bench/bench_runtime.py " + " ".join(sys.argv[1:])).strip()
     auto = ks_isa()
@@ -269,6 +314,15 @@ def write_report(args, shapes, bks, results, flops):
                         gf = flops[(M, N)][n] * B / (row[n] * 1e6)
                         cells.append(f"{row[n]:.3f} ({gf:.1f})")
                 lines.append(f"| {B} | {th} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if fp8_acc:
+        lines += ["## fp8 (e4m3) Monarch: accuracy of the two kernel paths", "",
+                  "Relative error ||y - y_ref|| / ||y_ref|| against the float64 product of the same dequantized "
+                  "factors, 64 random rows (the same model as the ks-fp8-monarch columns).", "",
+                  "| shape | auto path | bf16 activations (vdpbf16ps) | fp32 decode (BFC_KS_ISA=avx512) | "
+                  "bf16 vs fp32 decode |", "|---|---|---|---|---|"]
+        for (M, N), a in fp8_acc.items():
+            lines.append(f"| {M}x{N} | {a['isa']} | {a['bf16']:.2e} | {a['fp32']:.2e} | {a['bf16_vs_fp32']:.2e} |")
         lines.append("")
     lines += targets(results, flops)
     if Path(args.out).resolve() == (ROOT / "bench" / "results" / "runtime.md").resolve():
@@ -310,6 +364,20 @@ def targets(results, flops):
         if parts:
             out.append(f"- {M}x{N} B={B} T={th}: onnxruntime int8 dynamic {dyn:.0f} GFLOP/s; " + "; ".join(parts) +
                        " (target: int8 Monarch >= 0.60x)")
+    for (M, N, B, th), r in sorted(results.items()):
+        if "lowbit-rot-int4" in r and "nbits4-L4" in r:
+            out.append(f"- {M}x{N} B={B} T={th}: rotated int4 LowBitMatMul (rotation included) "
+                       f"{r['lowbit-rot-int4']:.3f} ms = {r['nbits4-L4'] / r['lowbit-rot-int4']:.2f}x the speed of "
+                       f"MatMulNBits acc-4 ({r['nbits4-L4']:.3f} ms; target >= 1.0x), "
+                       f"{r['nbits4'] / r['lowbit-rot-int4']:.2f}x acc-0")
+        if "ks-fp8-monarch" in r and "ks-fp8-monarch@fp32" in r:
+            out.append(f"- {M}x{N} B={B} T={th}: fp8 Monarch bf16 path {r['ks-fp8-monarch']:.3f} ms vs fp32 decode "
+                       f"{r['ks-fp8-monarch@fp32']:.3f} ms = {r['ks-fp8-monarch@fp32'] / r['ks-fp8-monarch']:.2f}x")
+    out.append(f"- 2 threads vs 1 below: the machine has {os.cpu_count()} logical CPUs shared with other jobs "
+               f"(load average {os.getloadavg()[0]:.2f} at the end of the run); with both cores busy a second "
+               "intra-op thread only waits for a core, so these ratios measure the load, not the work split "
+               "(KS: chunks of output blocks per factor, tiles for gather/scatter; LowBitMatMul: 32-output "
+               "blocks x 64-row chunks)")
     for (M, N, B, th), r in sorted(results.items()):
         if B >= 32 and th == 2 and (M, N, B, 1) in results:
             r1 = results[(M, N, B, 1)]
