@@ -44,77 +44,72 @@ inline void with_mrv(int mrv, F&& f) {
   }
 }
 
-// NB = 16: zmm (16 int32 lanes = 16 batch columns); NB = 8: ymm (AVX512VL)
-// TRACK: colmax[0..16) = max |output| per batch column over blocks [blk0, blk1) (the next
-// int8 factor's amax without a pass over the buffer; max is exact, so the same number)
-template <int MRV, bool TRACK = false>
-void i8_16(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1,
-           float* colmax = nullptr) {
-  constexpr int NB = 16;
-  const int64_t b4 = f.b4, c = f.c, d = f.d, nkt = f.nktv;
-  const __m512 cs = _mm512_loadu_ps(colscale);
-  __m512 mx = _mm512_setzero_ps();
-  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
-    const int64_t i = blk_il / d, l = blk_il % d;
-    const uint8_t* xb = q + blk_il * b4 * NB * 4;
-    const int32_t* orow = f.out_row.data() + i * c * d + l;
-    const int64_t blk = blk_il * nkt;
-    for (int64_t kt = 0; kt < nkt; ++kt) {
-      __m512i acc[MRV];
-#pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) acc[r] = _mm512_setzero_si512();
-      const int8_t* w = f.wv.data() + (blk + kt) * b4 * MRV * 4;
-      const uint8_t* xr = xb;
-      for (int64_t j4 = 0; j4 < b4; ++j4, xr += 4 * NB, w += 4 * MRV) {
-        const __m512i xv = _mm512_load_si512(reinterpret_cast<const void*>(xr));
-#pragma GCC unroll 16
-        for (int r = 0; r < MRV; ++r) {
-          int32_t quad;
-          std::memcpy(&quad, w + 4 * r, 4);
-          acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_set1_epi32(quad));
-        }
-      }
-      const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
-      const float* sc = f.scv.data() + (blk + kt) * MRV;
-      const int32_t* corr = f.corr.data() + (blk + kt) * MRV;
-#pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) {
-        if (r < valid) {
-          float* yr = out + int64_t(orow[(kt * MRV + r) * d]) * NB;
-          const __m512i a = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(corr[r]));
-          const __m512 o = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), cs), _mm512_set1_ps(sc[r]));
-          if (TRACK) mx = _mm512_max_ps(mx, _mm512_abs_ps(o));
-          _mm512_store_ps(yr, o);
-        }
-      }
-    }
-  }
-  if (TRACK) _mm512_storeu_ps(colmax, mx);
-}
+// One register tile kernel at two widths: Zmm (NB = 16 batch columns = 16 int32 lanes) and
+// Ymm (NB = 8, AVX512VL).  The traits hold the few intrinsics that differ.
+struct Zmm {
+  static constexpr int NB = 16;
+  using I = __m512i;
+  using F = __m512;
+  static I zero() { return _mm512_setzero_si512(); }
+  static I load(const uint8_t* p) { return _mm512_load_si512(reinterpret_cast<const void*>(p)); }
+  static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static I dpbusd(I acc, I x, I w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static F loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static F set1f(float v) { return _mm512_set1_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F zerof() { return _mm512_setzero_ps(); }
+  static F absmax(F m, F o) { return _mm512_max_ps(m, _mm512_abs_ps(o)); }
+  static void store(float* p, F v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+struct Ymm {
+  static constexpr int NB = 8;
+  using I = __m256i;
+  using F = __m256;
+  static I zero() { return _mm256_setzero_si256(); }
+  static I load(const uint8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I dpbusd(I acc, I x, I w) { return _mm256_dpbusd_epi32(acc, x, w); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static F loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static F set1f(float v) { return _mm256_set1_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F zerof() { return _mm256_setzero_ps(); }
+  static F absmax(F m, F o) { return _mm256_max_ps(m, _mm256_and_ps(o, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))); }
+  static void store(float* p, F v) { _mm256_store_ps(p, v); }
+  static void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
+};
 
-template <int MRV>
-void i8_8(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1) {
-  constexpr int NB = 8;
+// TRACK: colmax[0..NB) = max |output| per batch column over blocks [blk0, blk1) (the next
+// int8 factor's amax without a pass over the buffer; max is exact, so the same number)
+template <class V, int MRV, bool TRACK = false>
+void i8_t(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1,
+          float* colmax = nullptr) {
+  constexpr int NB = V::NB;
   const int64_t b4 = f.b4, c = f.c, d = f.d, nkt = f.nktv;
-  const __m256 cs = _mm256_loadu_ps(colscale);
+  const typename V::F cs = V::loadu(colscale);
+  typename V::F mx = V::zerof();
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
     const int64_t i = blk_il / d, l = blk_il % d;
     const uint8_t* xb = q + blk_il * b4 * NB * 4;
     const int32_t* orow = f.out_row.data() + i * c * d + l;
     const int64_t blk = blk_il * nkt;
     for (int64_t kt = 0; kt < nkt; ++kt) {
-      __m256i acc[MRV];
+      typename V::I acc[MRV];
 #pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) acc[r] = _mm256_setzero_si256();
+      for (int r = 0; r < MRV; ++r) acc[r] = V::zero();
       const int8_t* w = f.wv.data() + (blk + kt) * b4 * MRV * 4;
       const uint8_t* xr = xb;
       for (int64_t j4 = 0; j4 < b4; ++j4, xr += 4 * NB, w += 4 * MRV) {
-        const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(xr));
+        const typename V::I xv = V::load(xr);
 #pragma GCC unroll 16
         for (int r = 0; r < MRV; ++r) {
           int32_t quad;
           std::memcpy(&quad, w + 4 * r, 4);
-          acc[r] = _mm256_dpbusd_epi32(acc[r], xv, _mm256_set1_epi32(quad));
+          acc[r] = V::dpbusd(acc[r], xv, V::set1(quad));
         }
       }
       const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
@@ -124,12 +119,14 @@ void i8_8(const Factor& f, const uint8_t* q, const float* colscale, float* out, 
       for (int r = 0; r < MRV; ++r) {
         if (r < valid) {
           float* yr = out + int64_t(orow[(kt * MRV + r) * d]) * NB;
-          const __m256i a = _mm256_sub_epi32(acc[r], _mm256_set1_epi32(corr[r]));
-          _mm256_store_ps(yr, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), cs), _mm256_set1_ps(sc[r])));
+          const typename V::F o = V::mul(V::mul(V::cvt(V::sub(acc[r], V::set1(corr[r]))), cs), V::set1f(sc[r]));
+          if (TRACK) mx = V::absmax(mx, o);
+          V::store(yr, o);
         }
       }
     }
   }
+  if (TRACK) V::storeu(colmax, mx);
 }
 
 // Per-column amax of the tile (or the max handed over by the previous factor's epilogue,
@@ -228,19 +225,19 @@ void quant_am_layer(const Factor& f, const float* in, const float* amax, int16_t
 void i8m_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1,
                float* colmax) {
   const uint8_t* q8 = reinterpret_cast<const uint8_t*>(q);
-  if (nb != 16) {  // the executor tracks only 16-wide tiles
-    with_mrv(f.mrv, [&](auto MRV) { i8_8<decltype(MRV)::value>(f, q8, cs, out, blk0, blk1); });
-    return;
-  }
-  with_mrv(f.mrv, [&](auto MRV) { i8_16<decltype(MRV)::value, true>(f, q8, cs, out, blk0, blk1, colmax); });
+  with_mrv(f.mrv, [&](auto MRV) {
+    constexpr int R = decltype(MRV)::value;
+    if (nb == 8) i8_t<Ymm, R, true>(f, q8, cs, out, blk0, blk1, colmax);
+    else i8_t<Zmm, R, true>(f, q8, cs, out, blk0, blk1, colmax);
+  });
 }
 
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
   const uint8_t* q8 = reinterpret_cast<const uint8_t*>(q);
   with_mrv(f.mrv, [&](auto MRV) {
     constexpr int R = decltype(MRV)::value;
-    if (nb == 8) i8_8<R>(f, q8, cs, out, blk0, blk1);
-    else i8_16<R>(f, q8, cs, out, blk0, blk1);
+    if (nb == 8) i8_t<Ymm, R>(f, q8, cs, out, blk0, blk1);
+    else i8_t<Zmm, R>(f, q8, cs, out, blk0, blk1);
   });
 }
 
