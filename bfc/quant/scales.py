@@ -249,25 +249,24 @@ def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
         k_hi = np.clip(np.floor(np.minimum(rho_hi[:, None] * a, 2.0 * K) - 0.5), -1, K - 1).astype(np.int64)
     k_lo = np.where(a > 0, k_lo, 0)
     cnt = np.where(a > 0, np.maximum(k_hi - k_lo + 1, 0), 0)
-    width = max(1, int(cnt.sum(axis=1).max()))
+    per_group = cnt.sum(axis=1)
+    width = max(1, int(per_group.max()))
     flat_cnt = cnt.ravel()
     total = int(flat_cnt.sum())
     ent = np.repeat(np.arange(G * m), flat_cnt)
     first = np.cumsum(flat_cnt) - flat_cnt
-    k = k_lo.ravel()[ent] + (np.arange(total) - first[ent])
-    g = ent // m
-    gstart = np.cumsum(cnt.sum(axis=1)) - cnt.sum(axis=1)
-    pos = np.arange(total) - gstart[g]
+    idx = np.arange(total)
+    k = k_lo.ravel()[ent] + (idx - first[ent])
+    gstart = np.cumsum(per_group) - per_group
     af = a.ravel()[ent]
-    # one scatter of the breakpoints and of their ids; the sorted ids give the increments
-    flat = g * width + pos
+    # one scatter of the breakpoints (group g's are contiguous: ids gstart[g] + column); the
+    # sorted columns give the ids, hence the increments
+    flat = idx + np.repeat(np.arange(G) * width - gstart, per_group)
     lam = np.full(G * width, np.inf)
     lam[flat] = (k + 0.5) / af
     lam = lam.reshape(G, width)
-    ids = np.full(G * width, total, np.int64)
-    ids[flat] = np.arange(total)
     order, lam_s = argsort_rows(lam)
-    ids = np.take_along_axis(ids.reshape(G, width), order, 1)
+    ids = np.where(order < per_group[:, None], order + gstart[:, None], total)
     ddot = np.append(af, 0.0)[ids]
     dnx = np.append(2.0 * k + 1.0, 0.0)[ids]
     q0 = k_lo.astype(np.float64)
