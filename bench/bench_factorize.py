@@ -1,9 +1,21 @@
-"""Factorization benchmark: bfc vs pyfaust and lazylinop, time / error / peak memory, one run.
+"""Factorization benchmark: bfc vs pyfaust and lazylinop, time / error / peak memory, one run;
+and the throughput of one big layer (factorize + quantize), this tree beside an older one.
 
-    python bench/bench_factorize.py            # writes bench/results/factorize.md
+    python bench/bench_factorize.py [--ref DIR]   # writes bench/results/factorize.md
+
+Throughput: a seeded 2048 x 5632 Gaussian weight (scaled 1/sqrt(2048)), ``factorize`` onto
+``chain_for("monarch", 2048, 5632, 4)`` then ``quantize(f, "int8", method="auto")``, in a child
+process with one BLAS thread (OMP/OPENBLAS/MKL_NUM_THREADS=1), wall and CPU time
+(``time.process_time``) of each step; ``--ref DIR`` runs the same child importing ``bfc`` from
+DIR (an older checkout's ``bfc/``: ``git archive COMMIT bfc | tar -x -C DIR``) and checks
+that both give the same quantized bytes.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -64,7 +76,75 @@ def anchors():
     return out
 
 
-def main():
+THROUGHPUT_CHILD = r'''
+import hashlib, json, os, sys, time
+sys.meta_path[:] = [f for f in sys.meta_path if "Redirecting" not in type(f).__name__]
+sys.path.insert(0, os.environ["BFC_BENCH_TREE"])
+import numpy as np
+from bfc.factorize import chain_for, factorize
+from bfc.quant import quantize
+w = np.random.default_rng(0).standard_normal((2048, 5632)) / np.sqrt(2048)
+out = {}
+t0, c0 = time.perf_counter(), time.process_time()
+f = factorize(w, chain_for("monarch", 2048, 5632, 4))
+t1, c1 = time.perf_counter(), time.process_time()
+q = quantize(f, "int8", method="auto")
+t2, c2 = time.perf_counter(), time.process_time()
+h = hashlib.sha256()
+for fac in q.factors:
+    h.update(np.ascontiguousarray(fac.values).tobytes() + np.ascontiguousarray(fac.scale).tobytes())
+print(json.dumps({"factorize_s": t1 - t0, "factorize_cpu_s": c1 - c0, "quantize_s": t2 - t1,
+                  "quantize_cpu_s": c2 - c1, "total_s": t2 - t0, "total_cpu_s": c2 - c0,
+                  "rel_error": q.rel_error, "method": q.method, "sha256": h.hexdigest(),
+                  "bfc": __import__("bfc").__file__}))
+'''
+
+
+def throughput(tree: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", BFC_BENCH_TREE=tree)
+    proc = subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD], capture_output=True, text=True, env=env, cwd=tree)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not res.pop("bfc").startswith(str(tree)):
+        raise RuntimeError(f"the child imported bfc from outside {tree}")
+    return res
+
+
+def throughput_section(ref) -> str:
+    load0 = os.getloadavg()
+    runs = [("this tree", throughput(str(ROOT)))]
+    if ref is not None:
+        runs.append((f"--ref {ref}", throughput(str(Path(ref).resolve()))))
+    lines = ["## Throughput: 2048 x 5632 Monarch r4, int8 (auto), one core", "",
+             f"Load average before (1/5/15 min): {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} on "
+             f"{os.cpu_count()} shared cores; CPU time is the child's ``process_time`` (one BLAS thread), "
+             "wall time includes waiting for a core.", "",
+             "| code | factorize wall / CPU (s) | quantize wall / CPU (s) | total wall / CPU (s) | rel. error | method | quantized bytes sha256 |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in runs:
+        lines.append(f"| {label} | {r['factorize_s']:.2f} / {r['factorize_cpu_s']:.2f} | {r['quantize_s']:.2f} / "
+                     f"{r['quantize_cpu_s']:.2f} | {r['total_s']:.2f} / {r['total_cpu_s']:.2f} | {r['rel_error']:.6g} | "
+                     f"{r['method']} | `{r['sha256'][:16]}` |")
+    cpu = runs[0][1]["total_cpu_s"]
+    lines += ["", f"- Target: <= 5 s on one core: **{'met' if cpu <= 5 else 'MISSED'}** ({cpu:.2f} s CPU, "
+              f"{runs[0][1]['total_s']:.2f} s wall)."]
+    if len(runs) > 1:
+        same = runs[0][1]["sha256"] == runs[1][1]["sha256"]
+        lines.append(f"- Same quantized bytes as the reference tree: **{'yes' if same else 'NO'}**; CPU time "
+                     f"{runs[1][1]['total_cpu_s'] / cpu:.2f}x the reference's speed.")
+    return "\n".join(lines) + "\n"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ref", default=None, help="a folder holding an older checkout's bfc/ (throughput beside it)")
+    args = ap.parse_args(argv)
+    tp = throughput_section(args.ref)
+    print(tp, flush=True)
     rows = []
     cases = [("Hadamard", n, "butterfly", hadamard(n).astype(np.float64)) for n in (256, 1024, 4096)]
     cases.append(("Gaussian->Monarch", 1024, "monarch", np.random.default_rng(0).standard_normal((1024, 1024))))
@@ -102,8 +182,9 @@ def main():
              "numpy allocations during one bfc call, over the input's bytes. Targets: Hadamard N=1024 "
              "<= 1/20 of the faster anchor at error <= 1e-12; N=4096 < 0.3 s; Monarch N=1024 <= 1/10 of "
              "lazylinop; peak memory < 3x the input.")
-    write_result("factorize", "Factorization (bfc.factorize vs pyfaust / lazylinop)",
-                 "python bench/bench_factorize.py", "\n".join(lines) + "\n\n" + notes)
+    cmd = "python bench/bench_factorize.py" + (f" --ref {args.ref}" if args.ref else "")
+    write_result("factorize", "Factorization (bfc.factorize vs pyfaust / lazylinop)", cmd,
+                 "\n".join(lines) + "\n\n" + notes + "\n\n" + tp)
 
 
 if __name__ == "__main__":

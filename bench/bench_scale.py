@@ -41,7 +41,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 CHILD = r'''
-import hashlib, json, sys, time
+import hashlib, json, resource, sys, time
 from pathlib import Path
 
 def main():
@@ -68,6 +68,8 @@ def main():
                       "resumed": sum(r.resumed for r in planned),
                       "layer_s": sum(r.plan_seconds for r in planned if not r.resumed),
                       "layer_cpu_s": sum(c for _, c, _ in layers), "per_worker": per_worker,
+                      "self_cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
+                      "children_cpu_s": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]),
                       "workers": sorted({r.worker for r in planned if not r.resumed})}))
 
 if __name__ == "__main__":
@@ -294,6 +296,26 @@ def part_c(args, tmp: Path, lines: list[str]) -> None:
               "layer; each pool worker adds its own interpreter, numpy and planner (the tree's summed peak) plus the layer it plans.", ""]
 
 
+def _previous_sections(keep: list[str]) -> list[str]:
+    """The sections of parts not run this time, from the results file as it was (marked as such)."""
+    path = HERE / "results" / "scale.md"
+    if not keep or not path.exists():
+        return []
+    text = path.read_text()
+    out = []
+    for part in keep:
+        start = text.find(f"## ({part})")
+        if start < 0:
+            continue
+        end = text.find("\n## ", start + 1)
+        load = text.find("\nLoad average after the runs", start)
+        stops = [x for x in (end, load) if x > 0]
+        section = text[start:min(stops) if stops else len(text)].rstrip()
+        head, _, rest = section.partition("\n")
+        out += [head + " (not rerun: from the previous run of this benchmark)", "", rest.strip("\n"), ""]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="a,b,c")
@@ -317,7 +339,8 @@ def main(argv=None) -> int:
             part_b(args, tmp, lines, a)
         if "c" in parts:
             part_c(args, tmp, lines)
-    lines += [f"Load average after the runs: {_load()}."]
+    lines += [f"Load average after the runs: {_load()}.", ""]
+    lines += _previous_sections([x for x in ("a", "b", "c") if x not in parts and not (x == "a" and "b" in parts)])
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
