@@ -62,10 +62,17 @@ Inputs
     2 ``codes``   uint8 1-D: the b-bit codes u (K x N, row-major, rows padded to whole
         groups with the zero level 2^(b-1)) packed LSB first (``bfc.lowbit.packing``).
     3 ``scales``  float16 or float32 ``(n_groups, N)``, n_groups = ceil(K / group_size).
-    4.. optional rotation Q: ``values_l``, ``scale_l`` per factor, as KSMatMul's factors
-        (float32/float16 values; a chain K -> K described by ``rot_patterns``).
+    4.. optional rotation Q, one of two forms:
+        ``rot_patterns``: ``values_l``, ``scale_l`` per factor, as KSMatMul's factors
+        (float32/float16 values; a chain K -> K);
+        ``rot_angles = 1`` (the butterfly rotation of ``bfc.lowbit.rotation`` as stored,
+        K = m 2^k, m odd): ``block`` (1, 2^k, m, m) = factor 0's values, then ``angles_l``
+        (m 2^(l-1), 2^(k-l)) for l = 1..k, float16/float32; stage l is the factor
+        (m 2^(l-1), 2, 2, 2^(k-l)) with blocks [[cos t, sin t], [sin t, -cos t]], cos and
+        sin evaluated in float64 and rounded to float32 once.
 Attributes ``K``, ``N``, ``bits`` (2, 3, 4), ``group_size`` (1..K) int64;
-    ``rot_patterns`` int64 list (4 per rotation factor; absent = no rotation).
+    ``rot_patterns`` int64 list (4 per rotation factor) or ``rot_angles`` int (0/1);
+    neither = no rotation.
 Numerics (native kernel = :func:`lowbit_matmul_reference`)
     ``xr = X Q`` in float32 (KSMatMul's float chain; float rounding may differ from the
     reference in the last bits), then per row ``amax = max|xr|``, ``q = rint(clip(xr *
@@ -331,9 +338,32 @@ def lowbit_codes_stream(codes: np.ndarray, group_size: int, bits: int) -> np.nda
     return pack_bits(full, bits)
 
 
+def angle_rotation_factors(k_dim: int, block, angles: Sequence) -> tuple[list, list]:
+    """(KSMatMul factor inputs [values, scale, ...], patterns) of the ``rot_angles`` form (spec above)."""
+    from bfc.lowbit.rotation import split_size
+    m, k = split_size(int(k_dim))
+    pats = [(1, m, m, 2 ** k)] + [(m * 2 ** (l - 1), 2, 2, 2 ** (k - l)) for l in range(1, k + 1)]
+    if len(angles) != k or np.shape(block) != (1, 2 ** k, m, m):
+        raise InvalidInputError(f"LowBitMatMul rot_angles: K={k_dim} needs a (1, {2 ** k}, {m}, {m}) block and {k} "
+                                f"angle tensors, got {np.shape(block)} and {len(angles)}")
+    one = np.ones((1, 1, 1, 1), np.float32)
+    vals = [np.asarray(block).astype(np.float32)]
+    for (a, _, _, d), t in zip(pats[1:], angles):
+        t = np.asarray(t).astype(np.float64)
+        if t.shape != (a, d):
+            raise InvalidInputError(f"LowBitMatMul rot_angles: angles of shape {t.shape}, expected {(a, d)}")
+        c, s = np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
+        vals.append(np.stack([np.stack([c, s], -1), np.stack([s, -c], -1)], -2))
+    return [t for v in vals for t in (v, one)], pats
+
+
 def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int, group_size: int,
-                            rot_factors: Sequence = (), rot_patterns=None) -> np.ndarray:
-    """numpy LowBitMatMul (spec above).  ``codes``: the packed stream; ``scales`` (n_groups, N)."""
+                            rot_factors: Sequence = (), rot_patterns=None, rot_angles: bool = False) -> np.ndarray:
+    """numpy LowBitMatMul (spec above).  ``codes``: the packed stream; ``scales`` (n_groups, N);
+    ``rot_factors``: the rotation inputs (values/scale pairs with ``rot_patterns``, or block + angles
+    with ``rot_angles``)."""
+    if rot_angles:
+        rot_factors, rot_patterns = angle_rotation_factors(K, rot_factors[0], list(rot_factors[1:]))
     from bfc.lowbit.packing import unpack_bits
     if bits not in LOWBIT_BITS or not 1 <= group_size <= K:
         raise InvalidInputError(f"LowBitMatMul: bits={bits} (allowed {LOWBIT_BITS}), group_size={group_size} "
@@ -364,17 +394,23 @@ def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int
 
 
 def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: int, group_size: int,
-                             rot_values: Sequence = (), rot_patterns=None, bias=None, x_shape=None,
-                             onnx_opset: int = DEFAULT_ONNX_OPSET, ir_version: int = DEFAULT_IR_VERSION
-                             ) -> onnx.ModelProto:
+                             rot_values: Sequence = (), rot_patterns=None, rot_angles=None, bias=None,
+                             x_shape=None, onnx_opset: int = DEFAULT_ONNX_OPSET,
+                             ir_version: int = DEFAULT_IR_VERSION) -> onnx.ModelProto:
     """A one-node model ``Y = LowBitMatMul(X)`` from unpacked codes u (K, N) and scales (n_groups, N);
-    ``rot_values`` the rotation chain's (a, d, b, c) values (float32/float16, scale 1)."""
+    ``rot_values`` the rotation chain's (a, d, b, c) values (float32/float16, scale 1) with
+    ``rot_patterns``, or ``rot_angles = (block, [angles_1, ...])``."""
     k, n = codes_u.shape
     x_shape = list(x_shape) if x_shape is not None else ["batch", k]
     inits = [numpy_helper.from_array(lowbit_codes_stream(codes_u, group_size, bits), "lb_codes"),
              numpy_helper.from_array(np.asarray(scales), "lb_scales")]
     names = ["lb_codes", "lb_scales"]
-    if rot_patterns is not None and len(rot_patterns):
+    if rot_angles is not None:
+        block, angles = rot_angles
+        for i, t in enumerate([block, *angles]):
+            inits.append(numpy_helper.from_array(np.asarray(t), f"lb_rot_{i}"))
+            names.append(f"lb_rot_{i}")
+    elif rot_patterns is not None and len(rot_patterns):
         ri, rn = factor_initializers("lb_rot", list(rot_values), [np.ones((1, 1, 1, 1), np.float32)] * len(rot_values))
         inits += ri
         names += rn
@@ -383,7 +419,9 @@ def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: i
         bias_name = "lb_bias"
         inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), bias_name))
     attrs = {"K": k, "N": n, "bits": bits, "group_size": group_size}
-    if rot_patterns is not None and len(rot_patterns):
+    if rot_angles is not None:
+        attrs["rot_angles"] = 1
+    elif rot_patterns is not None and len(rot_patterns):
         attrs["rot_patterns"] = patterns_attribute(rot_patterns)
     node = helper.make_node(LOWBIT_OP_TYPE, ["X", bias_name, *names], ["Y"], name="lowbit", domain=DOMAIN, **attrs)
     graph = helper.make_graph([node], "lowbit_matmul",
@@ -429,11 +467,12 @@ def _make_op_run():
         op_domain = DOMAIN
 
         def _run(self, X, bias=None, codes=None, scales=None, *rot, K=None, N=None, bits=None, group_size=None,
-                 rot_patterns=None):
+                 rot_patterns=None, rot_angles=None):
             if None in (K, N, bits, group_size):
                 raise InvalidInputError("LowBitMatMul attributes 'K', 'N', 'bits', 'group_size' are required")
             return (lowbit_matmul_reference(X, bias, codes, scales, K=K, N=N, bits=bits, group_size=group_size,
-                                            rot_factors=rot, rot_patterns=rot_patterns),)
+                                            rot_factors=rot, rot_patterns=rot_patterns,
+                                            rot_angles=bool(rot_angles)),)
 
     return KSMatMul, LowBitMatMul
 

@@ -89,6 +89,30 @@ def test_rotated_layer_matches_reference(isa, monkeypatch):
         assert np.linalg.norm(y - want) / np.linalg.norm(want) < ROT_REL_TOL
 
 
+@pytest.mark.parametrize("k", [384, 64, 24, 7])
+def test_angle_form_matches_reference(k, monkeypatch):
+    """rot_angles = 1: the rotation as stored (fp16 block of factor 0 + one fp16 angle per 2 x 2 block)."""
+    monkeypatch.delenv("BFC_KS_ISA", raising=False)
+    rng = np.random.default_rng(15)
+    n, g = 40, min(32, k)
+    rot = ButterflyRotation.hadamard_like(k, 1).stored_as("float16")
+    block = np.asarray(rot.values[0]).astype(np.float16)
+    angles = [np.asarray(a).astype(np.float16) for a in rot.params.angles]
+    u = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    s = (rng.standard_normal((-(-k // g), n)) * 0.02).astype(np.float16)
+    model = ops.make_lowbit_matmul_model(u, s, bits=4, group_size=g, rot_angles=(block, angles), x_shape=["b", k])
+    x = rng.standard_normal((19, k)).astype(np.float32)
+    y = _session(model).run(None, {"X": x})[0]
+    want = ops.lowbit_matmul_reference(x, None, ops.lowbit_codes_stream(u, g, 4), s, K=k, N=n, bits=4,
+                                       group_size=g, rot_factors=[block, *angles], rot_angles=True)
+    assert np.linalg.norm(y - want) / np.linalg.norm(want) < ROT_REL_TOL
+    # the angle form computes the same Q as the planner's rotation (values in float64 from the same angles)
+    xq = ops.angle_rotation_factors(k, block, angles)
+    dense = ops.ks_matmul_reference(np.eye(k, dtype=np.float32), None, *xq)
+    assert np.abs(dense - rot.to_dense()).max() < 1e-6
+    np.testing.assert_array_equal(ops.reference_evaluator(model).run(None, {"X": x})[0], want)
+
+
 def test_zero_rows_and_two_threads(monkeypatch):
     monkeypatch.delenv("BFC_KS_ISA", raising=False)
     rng = np.random.default_rng(13)
@@ -120,13 +144,18 @@ for case in range(CASES):
     u = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
     s = rng.standard_normal((-(-k // g), n)).astype(np.float32)
     r = ButterflyRotation.hadamard_like(k, 0) if rot else None
-    m = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, rot_values=[] if r is None else
-                                     [np.asarray(v, np.float32) for v in r.values],
-                                     rot_patterns=None if r is None else r.chain, x_shape=["b", k])
+    if r is not None and rng.integers(0, 2):
+        m = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, x_shape=["b", k], rot_angles=(
+            np.asarray(r.values[0], np.float16), [np.asarray(a, np.float16) for a in r.params.angles]))
+    else:
+        m = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, rot_values=[] if r is None else
+                                         [np.asarray(v, np.float32) for v in r.values],
+                                         rot_patterns=None if r is None else r.chain, x_shape=["b", k])
     node = m.graph.node[0]
     attrs = {a.name: a for a in node.attribute}
     mut = rng.choice(["none"] * 6 + ["bits", "group", "K", "N", "codes_len", "codes_dtype", "scales_shape", "scales_dtype",
-                      "rot_chain", "drop_input", "extra_input", "x_rank", "x_dim", "no_attr", "attr_type"])
+                      "rot_chain", "drop_input", "extra_input", "x_rank", "x_dim", "no_attr", "attr_type",
+                      "rot_angles_flag", "angle_shape"])
     inits = {t.name: t for t in m.graph.initializer}
     if mut == "bits": attrs["bits"].i = int(rng.choice([0, 1, 5, 8, -3, 2**40]))
     elif mut == "group": attrs["group_size"].i = int(rng.choice([0, -1, k + 1, 2**62]))
@@ -143,6 +172,13 @@ for case in range(CASES):
     elif mut == "rot_chain":
         node.attribute.append(helper.make_attribute("rot_patterns", [1, 2, 2, k // 2, 1, 3, 3, 1][: int(rng.integers(1, 9))]))
         if "rot_patterns" in attrs: node.attribute.remove(attrs["rot_patterns"])
+    elif mut == "rot_angles_flag":
+        node.attribute.append(helper.make_attribute("rot_angles", int(rng.choice([1, 2, -1]))))
+        if "rot_angles" in attrs: node.attribute.remove(attrs["rot_angles"])
+    elif mut == "angle_shape":
+        name = node.input[-1]
+        if name in inits and name != "lb_scales":
+            a = numpy_helper.to_array(inits[name]); inits[name].CopyFrom(numpy_helper.from_array(a.reshape(-1)[: max(1, a.size - 1)], name))
     elif mut == "drop_input": del node.input[-1]
     elif mut == "extra_input": node.input.append("lb_codes")
     elif mut == "x_rank": m.graph.input[0].type.tensor_type.shape.ClearField("dim")

@@ -113,7 +113,7 @@ def test_one_rotation_per_input_tensor(tmp_path, target):
     assert np.linalg.norm(got - want.reshape(got.shape)) / np.linalg.norm(want) < 1e-5
 
 
-@pytest.mark.parametrize("target", ["portable", "ort"])
+@pytest.mark.parametrize("target", ["portable", "ort", "custom-op"])
 def test_report_bytes_are_the_initializers_written(tmp_path, target):
     path, cal, _x = _model(tmp_path, names=("q", "k"))
     out = tmp_path / "out.onnx"

@@ -76,10 +76,17 @@ class CustomOp(Target):
         k, n = gq.shape
         attrs = {"K": int(k), "N": int(n), "bits": int(gq.bits), "group_size": int(gq.group_size)}
         rot, chain = [], None
-        if layer.rotation is not None:
-            chain = layer.rotation.chain
+        r = layer.rotation
+        if r is not None and r.params is not None:
+            # the stored numbers (rotation.nbytes): factor 0's block and one angle per 2 x 2 block, in the
+            # rotation's storage type (stored_as rounded them to it, so the cast is exact)
+            st = np.dtype(r.storage)
+            rot = [np.asarray(r.values[0]).astype(st)] + [np.asarray(a).astype(st) for a in r.params.angles]
+            attrs["rot_angles"] = 1
+        elif r is not None:
+            chain = r.chain
             one = np.ones((1, 1, 1, 1), np.float32)
-            rot = [t for v in layer.rotation.values for t in (np.asarray(v, np.float32), one)]
+            rot = [t for v in r.values for t in (np.asarray(v).astype(np.dtype(r.storage)), one)]
             attrs["rot_patterns"] = patterns_attribute(chain)
         return lowbit_codes_stream(gq.codes(), gq.group_size, gq.bits), gq.scales, attrs, rot, chain
 
@@ -89,7 +96,7 @@ class CustomOp(Target):
         def run(x):
             y = lowbit_matmul_reference(np.asarray(x, np.float32), None, codes, scales, K=attrs["K"], N=attrs["N"],
                                         bits=attrs["bits"], group_size=attrs["group_size"], rot_factors=rot,
-                                        rot_patterns=chain).astype(np.float64)
+                                        rot_patterns=chain, rot_angles="rot_angles" in attrs).astype(np.float64)
             return y if layer.correction is None else y + layer.correction.apply(np.asarray(x, np.float64))
         return run
 
@@ -141,8 +148,7 @@ class CustomOp(Target):
             cache = b.graph.__dict__.setdefault("_bfc_lowbit_rotations", {})
             key = id(layer.rotation)
             if key not in cache:
-                cache[key] = [b.const(f"rot{l // 2}" if l % 2 == 0 else f"rot_scale{l // 2}", t)
-                              for l, t in enumerate(rot)]
+                cache[key] = [b.const(f"rot{l}", t) for l, t in enumerate(rot)]
             inputs += cache[key]
         return ("lowbit", inputs, attrs), correction_tensors(b, layer.correction)
 

@@ -41,6 +41,60 @@ ks::NodeDesc rotation_desc(const Desc& d) {
   return n;
 }
 
+// K = m * 2^k with m odd
+void split_size(int64_t K, int64_t* m, int64_t* k) {
+  *k = 0;
+  while (K % 2 == 0) K /= 2, ++*k;
+  *m = K;
+}
+
+// (a, b, c, d) of the butterfly rotation's factors and the expected shapes of its inputs
+void angle_chain(int64_t K, std::vector<int64_t>* pats, std::vector<std::vector<int64_t>>* shapes) {
+  int64_t m, k;
+  split_size(K, &m, &k);
+  const int64_t d0 = int64_t(1) << k;
+  *pats = {1, m, m, d0};
+  *shapes = {{1, d0, m, m}};
+  for (int64_t l = 1; l <= k; ++l) {
+    const int64_t a = m << (l - 1), dl = int64_t(1) << (k - l);
+    pats->insert(pats->end(), {a, 2, 2, dl});
+    shapes->push_back({a, dl});
+  }
+}
+
+float float_at(const ks::TensorDesc& t, int64_t i) {
+  return t.dtype == ks::kTypeFloat ? static_cast<const float*>(t.data)[i]
+                                   : ks::half_to_float(static_cast<const uint16_t*>(t.data)[i]);
+}
+
+std::string check_angles(const Desc& d, bool need_constants) {
+  std::vector<int64_t> pats;
+  std::vector<std::vector<int64_t>> shapes;
+  angle_chain(d.K, &pats, &shapes);
+  std::ostringstream e;
+  if (!d.rot_patterns.empty()) {
+    e << "give either 'rot_patterns' or 'rot_angles', not both";
+  } else if (d.rot.size() != shapes.size()) {
+    e << "rot_angles: K = " << d.K << " needs " << shapes.size() << " rotation inputs (the (1, " << pats[3] << ", "
+      << pats[1] << ", " << pats[2] << ") block, then one angle tensor per butterfly stage), got " << d.rot.size();
+  } else {
+    for (size_t i = 0; i < shapes.size() && e.str().empty(); ++i) {
+      const ks::TensorDesc& t = d.rot[i];
+      if (t.dtype != ks::kTypeUnknown && t.dtype != ks::kTypeFloat && t.dtype != ks::kTypeFloat16)
+        e << "rotation input " << 4 + i << " must be float16 or float32, got ONNX element type " << t.dtype;
+      else if (t.rank_known && t.dims != shapes[i]) {
+        bool ok = t.dims.size() == shapes[i].size();
+        for (size_t j = 0; ok && j < t.dims.size(); ++j) ok = t.dims[j] == ks::kUnknownDim || t.dims[j] == shapes[i][j];
+        if (!ok) e << "rotation input " << 4 + i << " has shape " << ks::shape_str(t.dims) << ", expected "
+                   << ks::shape_str(shapes[i]);
+      }
+      if (e.str().empty() && need_constants && (t.data == nullptr || !t.rank_known || t.dtype == ks::kTypeUnknown))
+        e << "rotation input " << 4 + i << " must be a constant initializer";
+    }
+  }
+  return e.str().empty() ? "" : op(e.str());
+}
+
 }  // namespace
 
 const uint8_t* Plan::wp() const { return w.data() + w_off; }
@@ -95,6 +149,11 @@ std::string validate(const Desc& d, bool need_constants) {
         << " and ONNX element type " << d.bias.dtype << "; it must be float32 (" << d.N << ",)";
   }
   if (!e.str().empty()) return op(e.str());
+  if (d.has_angles && d.rot_angles != 0 && d.rot_angles != 1) {
+    e << "attribute 'rot_angles' must be 0 or 1, got " << d.rot_angles;
+    return op(e.str());
+  }
+  if (d.rot_angles == 1) return check_angles(d, need_constants);
   if (!d.has_rot || d.rot_patterns.empty()) {
     if (!d.rot.empty()) {
       e << "without 'rot_patterns' the node takes 4 inputs (X, bias, codes, scales), got " << 4 + d.rot.size();
@@ -154,8 +213,36 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
                                           ? static_cast<const float*>(d.scales.data)[i]
                                           : ks::half_to_float(static_cast<const uint16_t*>(d.scales.data)[i]);
     }
-  p->rotate = d.has_rot && !d.rot_patterns.empty();
-  if (p->rotate) {
+  p->rotate = d.rot_angles == 1 || (d.has_rot && !d.rot_patterns.empty());
+  p->rot_inputs = d.rot.size();
+  if (d.rot_angles == 1) {  // the chain's values from the block and the angles
+    Desc c = d;
+    std::vector<std::vector<int64_t>> shapes;
+    angle_chain(d.K, &c.rot_patterns, &shapes);
+    std::vector<std::vector<float>> vals(shapes.size());
+    static const float one = 1.f;
+    c.rot.clear();
+    for (size_t l = 0; l < shapes.size(); ++l) {
+      const ks::TensorDesc& t = d.rot[l];
+      const int64_t* pt = &c.rot_patterns[4 * l];
+      if (l == 0) {
+        vals[0].resize(size_t(pt[3] * pt[1] * pt[2]));
+        for (size_t i = 0; i < vals[0].size(); ++i) vals[0][i] = float_at(t, int64_t(i));
+      } else {
+        vals[l].resize(size_t(pt[0] * pt[3] * 4));
+        for (int64_t i = 0; i < pt[0] * pt[3]; ++i) {
+          const double ang = double(float_at(t, i));
+          const float cs = float(std::cos(ang)), sn = float(std::sin(ang));
+          vals[l][size_t(4 * i)] = cs, vals[l][size_t(4 * i + 1)] = sn;
+          vals[l][size_t(4 * i + 2)] = sn, vals[l][size_t(4 * i + 3)] = -cs;
+        }
+      }
+      c.rot.push_back(ks::TensorDesc{true, ks::kTypeFloat, true, {pt[0], pt[3], pt[1], pt[2]}, vals[l].data()});
+      c.rot.push_back(ks::TensorDesc{true, ks::kTypeFloat, true, {1, 1, 1, 1}, &one});
+    }
+    e = ks::build_plan(rotation_desc(c), isa_override, &p->rot);
+    if (!e.empty()) return op("rotation: " + e);
+  } else if (p->rotate) {
     e = ks::build_plan(rotation_desc(d), isa_override, &p->rot);
     if (!e.empty()) return op("rotation: " + e);
   }
@@ -165,7 +252,7 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
 std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc& x, const ks::TensorDesc& bias,
                          int64_t* rows) {
   *rows = 0;
-  const size_t want = 4 + (p.rotate ? 2 * p.rot.factors.size() : 0);
+  const size_t want = 4 + p.rot_inputs;
   if (num_inputs != want) return op("the node needs " + std::to_string(want) + " inputs, got " + std::to_string(num_inputs));
   if (!x.present || !x.rank_known || x.dims.empty() || x.dims.back() != p.K || x.dtype != ks::kTypeFloat)
     return op("X (input 0) has shape " + (x.rank_known ? ks::shape_str(x.dims) : std::string("?")) +

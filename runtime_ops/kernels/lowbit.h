@@ -38,9 +38,15 @@ struct Desc {                 // what the adapter knows about a LowBitMatMul nod
   bool has_k = false, has_n = false, has_bits = false, has_group = false;
   int64_t K = 0, N = 0, bits = 0, group = 0;
   bool has_rot = false;
-  std::vector<int64_t> rot_patterns;   // empty / absent: no rotation
+  std::vector<int64_t> rot_patterns;   // empty / absent: no rotation (unless rot_angles)
+  bool has_angles = false;
+  int64_t rot_angles = 0;              // 1: the butterfly rotation as its stored parameters (below)
   ks::TensorDesc x, bias, codes, scales;
-  std::vector<ks::TensorDesc> rot;     // values_l, scale_l per rotation factor
+  // rot_patterns: values_l, scale_l per rotation factor.  rot_angles = 1 (K = m 2^k, m odd; see
+  // bfc/lowbit/rotation.py): block (1, 2^k, m, m) = factor 0's values, then angles_l of shape
+  // (m 2^(l-1), 2^(k-l)) for l = 1..k; stage l is the KS factor (m 2^(l-1), 2, 2, 2^(k-l)) with
+  // blocks [[cos t, sin t], [sin t, -cos t]] (cos, sin in double, rounded to float32 once).
+  std::vector<ks::TensorDesc> rot;
 };
 
 constexpr int64_t kMaxGroup = int64_t(1) << 20;   // |isum| <= group * 127 * 15 < 2^31
@@ -55,6 +61,7 @@ struct Plan {
   int zero = 0;                     // z = 2^(b-1)
   bool rotate = false;
   ks::Plan rot;                     // the rotation chain (rotate only)
+  size_t rot_inputs = 0;            // node inputs after scales
   int isa = 0;                      // 0 portable, 1 avx2, 2 avx512 (VNNI)
   const uint8_t* wp() const;        // 64-byte aligned start of w
   size_t w_off = 0;

@@ -346,6 +346,7 @@ std::string lowbit_attrs(lowbit::Desc* d, IntFn&& get_int, ListFn&& get_list) {
   if (e.empty()) e = get_int("bits", &d->bits, &d->has_bits);
   if (e.empty()) e = get_int("group_size", &d->group, &d->has_group);
   if (e.empty()) e = get_list("rot_patterns", &d->rot_patterns, &d->has_rot);
+  if (e.empty()) e = get_int("rot_angles", &d->rot_angles, &d->has_angles);
   if (e.empty() && d->has_rot && d->rot_patterns.size() % 4 != 0)
     e = "LowBitMatMul: attribute 'rot_patterns' must hold 4 integers (a, b, c, d) per rotation factor, got " +
         std::to_string(d->rot_patterns.size());
@@ -360,11 +361,15 @@ OrtStatus* lowbit_create(const CustomOp*, const OrtApi* ort_api, const OrtKernel
     std::string e = lowbit_attrs(
         &d, [&](const char* n, int64_t* v, bool* p) { return kernel_int(api, info, n, v, p); },
         [&](const char* n, std::vector<int64_t>* v, bool* p) { return kernel_int_list(api, info, n, v, p); });
-    const size_t L = d.rot_patterns.size() / 4;
+    size_t nrot = 2 * (d.rot_patterns.size() / 4);
+    if (d.rot_angles == 1) {  // block + one angle tensor per butterfly stage (K = m 2^k)
+      nrot = 1;
+      for (int64_t K = d.K; K > 0 && K % 2 == 0; K /= 2) ++nrot;
+    }
     if (e.empty()) e = constant_input(api, info, 2, &d.codes);
     if (e.empty()) e = constant_input(api, info, 3, &d.scales);
-    d.rot.resize(2 * L);
-    for (size_t i = 0; e.empty() && i < 2 * L; ++i) e = constant_input(api, info, 4 + i, &d.rot[i]);
+    d.rot.resize(nrot);
+    for (size_t i = 0; e.empty() && i < nrot; ++i) e = constant_input(api, info, 4 + i, &d.rot[i]);
     if (e.empty()) e = constant_input(api, info, 1, &d.bias);
     if (d.bias.data == nullptr) d.bias = ks::TensorDesc();
     std::unique_ptr<LowBitKernel> k(new LowBitKernel());
