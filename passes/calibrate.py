@@ -9,22 +9,29 @@ Ensures: ``stats[weight_name]`` is a ``LayerStats`` over every node sharing the 
   * ``gram``: the Gram matrix G = X^T X (float32 storage, accumulated in float64) of the
     rows x (at most ``rows``, a seeded subsample) that the layer ``y = x @ W`` sees; the
     float output error of a candidate is ||X (W - W_hat)||^2 = tr(E^T G E).
-    Bounded memory: G is the exact (K, K) matrix when K <= GRAM_EXACT_MAX and the
-    float64 accumulators of all sites with an exact G fit in GRAM_BUDGET bytes (sites in
-    graph order); otherwise the diagonal form, a 1-D array g_i = sum_n x_ni^2 (K values),
-    which every planner accepts (``bfc.factorize.calibrated``): the error becomes
-    sum_i g_i ||e_i||^2, i.e. G ~ diag(G), exact when the input features are
-    uncorrelated and an approximation of the cross terms 2 sum_{i<j} G_ij <e_i, e_j>
-    otherwise (``tests/test_calibrate_bounded.py`` measures it on correlated inputs).  The
-    report notes how many sites got the diagonal form.  (The reconstruction and the rotated
-    low-bit family need the dense G: a layer wider than GRAM_EXACT_MAX cannot use them.)
+    Bounded form: G is the exact (K, K) matrix when K <= GRAM_EXACT_MAX, else its
+    diagonal, a 1-D array g_i = sum_n x_ni^2 (K values), which the planner accepts
+    (``bfc.factorize.calibrated``): the error becomes sum_i g_i ||e_i||^2, i.e.
+    G ~ diag(G), exact when the input features are uncorrelated and dropping the cross
+    terms 2 sum_{i<j} G_ij <e_i, e_j> otherwise (``tests/test_calibrate_bounded.py``
+    measures the change of the error estimate on correlated inputs).  The report notes
+    which sites got the diagonal form.  (The reconstruction and the rotated low-bit family
+    need the dense G: a layer wider than GRAM_EXACT_MAX cannot use them.)
   * ``sample``: up to SAMPLE_ROWS of those rows (seeded), on which the planner measures
     targets whose numerics are not a float product (the custom op's per-row int8
     activation quantization).
-The inputs run CHUNK samples at a time, so memory stays bounded for long calibration sets:
-one chunk's activations are held at a time, never the whole set.  Row subsamples are drawn
-from one generator per input tensor (``default_rng([seed, i])``, i its position), so they
-do not depend on which other sites are collected.
+Bounded memory:
+  * the inputs run CHUNK samples at a time: one chunk's activations are held, never the set;
+  * the sites are collected group by group: sites that share an input tensor (or a weight
+    read by several inputs) form one unit, and units are packed in graph order into groups
+    whose float64 accumulators (K^2 or K per site, plus its sample rows) fit GROUP_BYTES
+    (a larger unit is a group of its own); each group is one pass of onnxruntime over the
+    calibration inputs, asking for that group's tensors only;
+  * each finished statistic is written (float32) to a spill folder and kept as a
+    ``FileArray`` (``bfc.passes.stream``), read again only while its layer is planned; the
+    folder is removed once no statistic refers to it.
+Row subsamples are drawn from one generator per input tensor (``default_rng([seed, i])``, i
+its position among the collected tensors), so they do not depend on the grouping.
 For a model read as a skeleton (``bfc.passes.stream``), ``base`` is its file: onnxruntime
 reads the weights from there.
 """
@@ -39,31 +46,21 @@ import onnx
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.find_sites import Site
 from bfc.passes.session import run, session
+from bfc.passes.stream import trim
 
 CHUNK = 4           # samples per onnxruntime run while collecting activations
 SAMPLE_ROWS = 512   # activation rows kept per site for target-exact error measurements
-GRAM_EXACT_MAX = 8192       # widest input K with an exact (K, K) Gram (512 MB of float64)
-GRAM_BUDGET = 1 << 30       # bytes of float64 accumulators of exact Grams, all sites together
+GRAM_EXACT_MAX = 4096       # widest input K with an exact (K, K) Gram (128 MB of float64)
+GROUP_BYTES = 64 << 20      # float64 accumulator bytes of one calibration pass (one group of sites)
 
 
 @dataclass(frozen=True)
 class LayerStats:
-    gram: np.ndarray       # (K, K) X^T X, or its diagonal (K,) for wide inputs (module doc)
-    sample: np.ndarray     # (n <= SAMPLE_ROWS, K) float32 rows of X
+    gram: np.ndarray       # (K, K) X^T X, or its diagonal (K,) for wide inputs; a FileArray once spilled
+    sample: np.ndarray     # (n <= SAMPLE_ROWS, K) float32 rows of X; a FileArray once spilled
 
 
-def gram_forms(widths, exact_max: int = GRAM_EXACT_MAX, budget: int = GRAM_BUDGET) -> list[bool]:
-    """For sites with input widths ``widths`` (in order): True where the exact (K, K) Gram is kept."""
-    out, used = [], 0
-    for k in widths:
-        need = 8 * k * k
-        ok = k <= exact_max and used + need <= budget
-        used += need if ok else 0
-        out.append(ok)
-    return out
-
-
-def diagonal_error(gram: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
+def diagonal_error(gram, w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
     """(relative layer error from the exact ``gram``, the same from its diagonal): what the bounded
     form changes in the planner's error estimate ||X E|| / ||X W||."""
     from bfc.factorize.calibrated import weighted_error
@@ -81,9 +78,8 @@ class Calibrate(GraphPass):
                                   getattr(state, "base", None))
             diag = sorted(k for k, v in state.stats.items() if np.ndim(v.gram) == 1)
             if diag:
-                state.notes.append(f"calibration: {len(diag)} layers keep the diagonal of X^T X only (input wider "
-                                   f"than {GRAM_EXACT_MAX} or over the {GRAM_BUDGET >> 20} MB Gram budget), e.g. "
-                                   f"{diag[0]}")
+                state.notes.append(f"calibration: {len(diag)} layers with inputs wider than {GRAM_EXACT_MAX} keep "
+                                   f"the diagonal of X^T X only, e.g. {diag[0]}")
         return PassResult(changed=False)
 
 
@@ -107,10 +103,64 @@ def _chunks(feeds: dict, fixed=frozenset()) -> list[dict]:
     return [{k: v[i:i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
 
 
+def _groups(names: list[str], wanted: dict, exact: dict, budget: int) -> list[list[str]]:
+    """Input tensors packed into calibration passes (module doc): a unit is a connected set of
+    tensors and sites (a site read through several tensors keeps them together)."""
+    parent = {n: n for n in names}
+
+    def find(n):
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+    first = {}
+    for n in names:
+        for s, _sn in wanted[n]:
+            if s.weight_name in first:
+                parent[find(n)] = find(first[s.weight_name])
+            else:
+                first[s.weight_name] = n
+    units: dict = {}
+    for n in names:
+        units.setdefault(find(n), []).append(n)
+    groups, cur, used = [], [], 0
+    for unit in units.values():         # in graph order of their first tensor
+        sites = {s.weight_name: s for n in unit for s, _sn in wanted[n]}
+        cost = sum(8 * (k * k if exact[w] else k) + 4 * SAMPLE_ROWS * k
+                   for w, k in ((w, s.weight.shape[0]) for w, s in sites.items()))
+        if cur and used + cost > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.extend(unit)
+        used += cost
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class _Spill:
+    """A temporary folder of float32 statistics, removed when the last FileArray into it is freed."""
+
+    def __init__(self):
+        import tempfile
+        self.dir = tempfile.TemporaryDirectory(prefix="bfc-calib-")
+        self.count = 0
+
+    def put(self, a: np.ndarray):
+        from bfc.passes.stream import FileArray
+        a = np.ascontiguousarray(a, np.float32)
+        self.count += 1
+        path = Path(self.dir.name) / f"{self.count}.f32"
+        a.tofile(path)
+        f = FileArray(path, 0, a.shape, np.float32)
+        f.owner = self                  # keeps the folder while the statistic lives
+        return f
+
+
 def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 8192, seed: int = 0,
-            base=None) -> dict:
+            base=None, group_bytes: int = GROUP_BYTES, spill: bool = True) -> dict:
     """``{weight_name: LayerStats}`` for the eligible sites (module doc); ``base``: the model file a
-    skeleton's weight references are relative to."""
+    skeleton's weight references are relative to; ``spill=False`` keeps the statistics in memory."""
     wanted = {}
     for s in sites:
         if s.eligible:
@@ -121,49 +171,59 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     names = list(wanted)
     if not names:
         return {}
-    existing = {o.name for o in model.graph.output}
-    added = [n for n in names if n not in existing]
-    outputs = model.graph.output
-    for n in added:                # the outputs are removed again below: no copy of the weights
-        outputs.append(onnx.ValueInfoProto(name=n))
-    try:
-        sess = session(model, threads=0, arena=False,
-                       external_folder=None if base is None else Path(base).resolve().parent)
-    finally:
-        for _ in added:
-            del outputs[len(outputs) - 1]
-    grams: dict = {}
-    samples: dict = {}
+    exact = {}
+    for n in names:
+        for s, _sn in wanted[n]:
+            exact.setdefault(s.weight_name, s.weight.shape[0] <= GRAM_EXACT_MAX)
     chunks = _chunks(feeds, _fixed_first_dims(model))
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     sample_per_chunk = max(1, -(-SAMPLE_ROWS // len(chunks)))
     rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}
-    order = [s for n in names for s, _sn in wanted[n]]
-    widths = {}
-    for s in order:
-        widths.setdefault(s.weight_name, s.weight.shape[0])
-    exact = dict(zip(widths, gram_forms(list(widths.values()))))
-    for part in chunks:                      # bounded memory: one chunk's activations at a time
-        for n, act in zip(names, run(sess, part, names)):
-            cache = {}
-            rng = rngs[n]
-            for s, sn in wanted[n]:
-                key = (sn.trans_a, exact[s.weight_name])
-                if key not in cache:
-                    v = np.asarray(act)
-                    v = (v.T if sn.trans_a else v).reshape(-1, v.shape[-1] if not sn.trans_a else v.shape[0])
-                    if v.shape[0] > per_chunk:
-                        v = v[np.sort(rng.choice(v.shape[0], per_chunk, replace=False))]
-                    v = v.astype(np.float64)
-                    keep = v if v.shape[0] <= sample_per_chunk else v[np.sort(
-                        rng.choice(v.shape[0], sample_per_chunk, replace=False))]
-                    g = v.T @ v if key[1] else np.einsum("ij,ij->j", v, v)
-                    cache[key] = (g, keep.astype(np.float32))
-                g, keep = cache[key]
-                if s.weight_name in grams:
-                    grams[s.weight_name] += g
-                else:
-                    grams[s.weight_name] = g.copy()
-                samples.setdefault(s.weight_name, []).append(keep)
-    # float32 storage; plan works in float64
-    return {k: LayerStats(g.astype(np.float32), np.concatenate(samples[k])[:SAMPLE_ROWS]) for k, g in grams.items()}
+    folder = None if base is None else Path(base).resolve().parent
+    store = _Spill() if spill else None
+    out = {}
+    for group in _groups(names, wanted, exact, group_bytes):
+        grams: dict = {}
+        samples: dict = {}
+        existing = {o.name for o in model.graph.output}
+        added = [n for n in group if n not in existing]
+        outputs = model.graph.output
+        for n in added:                # the outputs are removed again below: no copy of the weights
+            outputs.append(onnx.ValueInfoProto(name=n))
+        try:
+            sess = session(model, threads=0, arena=False, external_folder=folder)
+        finally:
+            for _ in added:
+                del outputs[len(outputs) - 1]
+        for part in chunks:                  # one chunk's activations at a time
+            for n, act in zip(group, run(sess, part, group)):
+                cache = {}
+                rng = rngs[n]
+                for s, sn in wanted[n]:
+                    key = (sn.trans_a, exact[s.weight_name])
+                    if key not in cache:
+                        v = np.asarray(act)
+                        v = (v.T if sn.trans_a else v).reshape(-1, v.shape[-1] if not sn.trans_a else v.shape[0])
+                        if v.shape[0] > per_chunk:
+                            v = v[np.sort(rng.choice(v.shape[0], per_chunk, replace=False))]
+                        v = v.astype(np.float64)
+                        keep = v if v.shape[0] <= sample_per_chunk else v[np.sort(
+                            rng.choice(v.shape[0], sample_per_chunk, replace=False))]
+                        g = v.T @ v if key[1] else np.einsum("ij,ij->j", v, v)
+                        cache[key] = (g, keep.astype(np.float32))
+                    g, keep = cache[key]
+                    if s.weight_name in grams:
+                        grams[s.weight_name] += g
+                    else:
+                        grams[s.weight_name] = g.copy()
+                    samples.setdefault(s.weight_name, []).append(keep)
+                del cache, act
+        del sess
+        trim()
+        for k in list(grams):                # float32 storage; plan works in float64
+            g = grams.pop(k).astype(np.float32)
+            x = np.concatenate(samples.pop(k))[:SAMPLE_ROWS]
+            out[k] = LayerStats(store.put(g), store.put(x)) if store is not None else LayerStats(g, x)
+            del g, x
+        trim()
+    return out

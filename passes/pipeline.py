@@ -14,6 +14,7 @@ the report says "not verified: <reason>".
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +33,10 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_sites
 from bfc.passes.guard import Guard
 from bfc.passes.normalize import Normalize
-from bfc.passes.load import (PROTO_LIMIT, as_model, check_output_path, default_opset, input_files, model_size,
+from bfc.passes import load as load_mod
+from bfc.passes.load import (as_model, check_output_path, default_opset, input_files, model_size,
                               open_model, save_model)
-from bfc.passes.stream import import_graph, materialize
+from bfc.passes.stream import import_graph, materialize, trim
 from bfc.passes.plan import LayerPlan, Plan
 from bfc.passes.rewrite import Rewrite
 from bfc.passes.session import load_feeds, random_feeds
@@ -54,6 +56,7 @@ class State:
     base: Path | None = None                   # the model file the skeleton's weight references are relative to
     files: list = field(default_factory=list)  # the files the input reads (model and external data)
     output_path: Path | None = None            # where the result goes (checked against ``files`` on load)
+    source_model: onnx.ModelProto | None = None   # the skeleton as read (before an opset upgrade)
     name: str = "model"
     model_bytes: int = 0
     precisions: tuple[Precision, ...] = ()
@@ -79,15 +82,15 @@ class Load(GraphPass):
 
     def run(self, state: State) -> PassResult:
         cfg = state.config
-        if isinstance(state.source, onnx.ModelProto):
-            state.model = as_model(state.source)
+        if not isinstance(state.source, (str, os.PathLike)):
+            state.model = as_model(state.source)     # a ModelProto (anything else: a typed error)
             state.name = state.model.graph.name or "model"
         else:                                # weights stay in their files (bfc.passes.stream)
-            as_model(state.source)           # the type check
             state.base = Path(state.source)
             state.model = open_model(state.base)
             state.name = str(state.source)
             state.files = input_files(state.base, state.model)
+            state.source_model = state.model
             if state.output_path is not None:
                 check_output_path(state.output_path, state.files)
         state.model_bytes = model_size(state.model, state.base)
@@ -137,6 +140,7 @@ def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> State:
     for stage, p in PASSES:
         state.emit(StageStarted(stage))
         state.results[stage] = p(state)
+        trim()                       # each pass's temporaries leave the resident size
     return state
 
 
@@ -158,6 +162,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     out_bytes = model_size(out, state.base)
     report = Report(model=state.name, target=state.target.name, layers=[_row(p) for p in state.plans],
                     model_bytes_before=state.model_bytes, model_bytes_after=out_bytes, notes=state.notes)
+    _release(state)                  # the report has what it needs: only the output proto stays
     feeds, no_feeds = state.feeds, None
     if cfg.verify and feeds is None:
         try:                             # shaped by the output: --fix-batch pins its batch dimension
@@ -167,20 +172,25 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     if output is None and state.base is not None:
         out = state.output = materialize(out, state.base)   # asked for in memory: the weights read in
     verify_against = out
+    verify_base = None
     if output is not None:
         emit(StageStarted("save"))
+        if out is state.model or out is state.source_model:
+            out = _copy(out)               # saving may move a skeleton's references to the output's data
         save_model(out, output, state.files, base=state.base)    # tensor by tensor
-        state.output = out = None          # verification reads the files: onnxruntime's copy only
+        state.output = out = None
         check_file(output)
-        report.model_bytes_after = _file_bytes(output, external=out_bytes > PROTO_LIMIT)
-        verify_against = output
+        report.model_bytes_after = _file_bytes(output, external=out_bytes > load_mod.PROTO_LIMIT)
+        verify_against, verify_base = open_model(output), output   # the written files, read by onnxruntime
     if cfg.verify:
         emit(StageStarted("verify"))
-        original = source if not isinstance(source, onnx.ModelProto) else state.model
+        original, original_base = (state.model, None) if isinstance(source, onnx.ModelProto) else (
+            (state.source_model, state.base) if state.source_model is state.model else (source, None))
         try:
             if feeds is None:
                 raise BfcError(no_feeds)
-            report.outputs = [OutputRow(c.name, c.rel_error, c.cosine) for c in verify(original, verify_against, feeds)]
+            checks = verify(original, verify_against, feeds, original_base=original_base, optimized_base=verify_base)
+            report.outputs = [OutputRow(c.name, c.rel_error, c.cosine) for c in checks]
             report.verified_on = "calibration" if state.feeds is not None else "random"
         except BfcError as e:
             report.not_verified = str(e)
@@ -191,6 +201,19 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
             raise
     report.seconds = time.perf_counter() - t0
     return out, report
+
+
+def _release(state: State) -> None:
+    """Drop the graph, the sites, the plans and the statistics (each holds the new layers' values or
+    the graph that does), so that saving and verification hold one copy of the output at most."""
+    state.graph, state.sites, state.plans, state.stats = None, [], [], None
+    trim()
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _file_bytes(path: Path, external: bool) -> int:

@@ -391,6 +391,27 @@ def file_array(t: TensorProto, base) -> FileArray | None:
     return FileArray(ref.path, ref.offset, tuple(t.dims), _NUMPY[t.data_type])
 
 
+def trim() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``; elsewhere a
+    no-op): after a large temporary (an onnxruntime session, a layer's weight) the process's
+    resident size falls back instead of staying at its high-water mark."""
+    import gc
+    gc.collect()
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 # ---- graphsurgeon -------------------------------------------------------------------------------
 
 def _values_class():

@@ -2,16 +2,19 @@
 
 Matches: two models with the same graph inputs and outputs.
 Ensures: per graph output, the relative error ||y_opt - y_ref|| / ||y_ref|| and the mean
-cosine similarity of the rows (last axis); non-finite optimized outputs are an error.
+cosine similarity of the rows (last axis) over all inputs (run in chunks, accumulated);
+non-finite optimized outputs are an error.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from bfc.errors import ModelError, NativeLibraryError
 from bfc.passes.session import run, session
+from bfc.passes.stream import trim
 
 
 @dataclass(frozen=True)
@@ -21,36 +24,69 @@ class OutputCheck:
     cosine: float
 
 
-def _cosine(a, b) -> float:
+def _cosine_sum(a, b) -> tuple[float, int]:
+    """(sum of the row cosines over rows with nonzero norms, number of such rows)."""
     a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
     b = b.reshape(a.shape)
     num = np.sum(a * b, axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     ok = den > 0
-    return float(np.mean(num[ok] / den[ok])) if ok.any() else 1.0
+    return float(np.sum(num[ok] / den[ok])), int(ok.sum())
 
 
-def verify(original, optimized, feeds: dict) -> list[OutputCheck]:
-    """original/optimized: ModelProtos or model paths (paths keep only onnxruntime's copy in memory)."""
-    sess = session(original, threads=0)
+def _folder(base):
+    return None if base is None else Path(base).resolve().parent
+
+
+CHUNK = 8     # samples per onnxruntime run (activation memory stays bounded for long input sets)
+
+
+def verify(original, optimized, feeds: dict, *, original_base=None, optimized_base=None) -> list[OutputCheck]:
+    """original/optimized: ModelProtos or model paths.  A skeleton (``bfc.passes.stream``) comes with
+    its ``*_base``, the model file its weight references are relative to: onnxruntime then reads the
+    weights from the files once (a path makes it parse the whole file and copy the weights out of it).
+    The inputs run CHUNK samples at a time when they share a batch axis; the errors are accumulated
+    over the chunks (sums of squares, of row cosines and row counts), so they equal one run's."""
+    from bfc.passes.calibrate import _chunks
+    parts = _chunks(feeds) if all(np.ndim(v) for v in feeds.values()) else [feeds]
+    if len(parts) > 1:
+        parts = [{k: v[i:i + CHUNK] for k, v in feeds.items()}
+                 for i in range(0, next(iter(feeds.values())).shape[0], CHUNK)]
+    sess = session(original, threads=0, arena=False, external_folder=_folder(original_base))
     names = [o.name for o in sess.get_outputs()]
-    ref = run(sess, feeds, names)
+    refs = [run(sess, part, names) for part in parts]
     del sess                                         # one session at a time: peak memory
+    trim()
     try:
-        got = run(session(optimized, threads=0), feeds, names)
+        sess = session(optimized, threads=0, arena=False, external_folder=_folder(optimized_base))
+        gots = [run(sess, part, names) for part in parts]
+        del sess
     except NativeLibraryError:
         raise
     except ModelError as e:
         raise RuntimeError(f"bfc's output does not run in onnxruntime ({e}); this is a bug in bfc, not in the "
                            "input model: please report it with the model and command") from None
     out = []
-    for n, r, g in zip(names, ref, got):
-        r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
-        if not np.isfinite(g).all():
-            raise RuntimeError(f"internal error: optimized output {n!r} is not finite; please report this")
-        if r.dtype.kind not in "fc":
-            out.append(OutputCheck(n, float(np.mean(r != g)), 1.0))
+    for i, n in enumerate(names):
+        num = den = cos = rows = 0.0
+        is_float = True
+        for ref, got in zip(refs, gots):
+            r, g = np.asarray(ref[i], np.float64), np.asarray(got[i], np.float64)
+            if not np.isfinite(g).all():
+                raise RuntimeError(f"internal error: optimized output {n!r} is not finite; please report this")
+            if np.asarray(ref[i]).dtype.kind not in "fc":
+                is_float = False
+                num += float(np.sum(r != g))
+                den += r.size
+                continue
+            num += float(np.sum((g - r) ** 2))
+            den += float(np.sum(r * r))
+            c, k = _cosine_sum(r, g)
+            cos += c
+            rows += k
+        if not is_float:
+            out.append(OutputCheck(n, num / max(den, 1), 1.0))
             continue
-        err = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30))
-        out.append(OutputCheck(n, err, _cosine(r, g)))
+        err = float(np.sqrt(num) / max(np.sqrt(den), 1e-30))
+        out.append(OutputCheck(n, err, cos / rows if rows else 1.0))
     return out
