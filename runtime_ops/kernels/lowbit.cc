@@ -95,6 +95,76 @@ std::string check_angles(const Desc& d, bool need_constants) {
   return e.str().empty() ? "" : op(e.str());
 }
 
+
+// Plan::rt from the (validated) rotation factors: float32 / float16 values times their scale
+void row_wise_values(const Desc& d, Plan* p) {
+  p->rt.clear();
+  const size_t L = d.rot_patterns.size() / 4;
+  std::vector<std::vector<float>> rt(L);
+  for (size_t f = 0; f < L; ++f) {
+    const int64_t* pt = &d.rot_patterns[4 * f];
+    const int64_t a = pt[0], b = pt[1], c = pt[2], dd = pt[3];
+    const ks::TensorDesc& v = d.rot[2 * f];
+    const ks::TensorDesc& sc = d.rot[2 * f + 1];
+    if (v.dtype != ks::kTypeFloat && v.dtype != ks::kTypeFloat16) return;
+    const std::vector<int64_t>& ss = sc.dims;
+    const float* sv = static_cast<const float*>(sc.data);
+    rt[f].resize(size_t(a * b * c * dd));
+    for (int64_t i = 0; i < a; ++i)
+      for (int64_t l = 0; l < dd; ++l)
+        for (int64_t j = 0; j < b; ++j)
+          for (int64_t k = 0; k < c; ++k) {
+            const float s = sv[((ss[0] == 1 ? 0 : i) * ss[1] + (ss[1] == 1 ? 0 : l)) * ss[3] + (ss[3] == 1 ? 0 : k)];
+            rt[f][size_t(((i * b + j) * c + k) * dd + l)] = float_at(v, ((i * dd + l) * b + j) * c + k) * s;
+          }
+  }
+  p->rt.swap(rt);
+}
+
+// x Q for rows [r0, r1) one row at a time: per factor o[i, k, :] = sum_j h[i, j, :] * rt[i, j, k, :]
+// over the d contiguous features (vectorizable), two row-sized buffers ping-ponging.
+void rotate_rows(const Plan& p, const float* x, int64_t r0, int64_t r1, float* xr, float* tmp) {
+  const int64_t K = p.K;
+  const size_t L = p.rt.size();
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* h = x + r * K;
+    for (size_t f = 0; f < L; ++f) {
+      const ks::Factor& fa = p.rot.factors[f];
+      const int64_t a = fa.a, b = fa.b, c = fa.c, d = fa.d;
+      float* o = f + 1 == L ? xr + r * K : (f % 2 ? tmp + K : tmp);
+      const float* w = p.rt[f].data();
+      if (b == 2 && c == 2) {  // butterfly stage: both outputs of a 2 x 2 block in one pass
+        for (int64_t i = 0; i < a; ++i) {
+          const float* h0 = h + 2 * i * d;
+          const float* h1 = h0 + d;
+          const float* w00 = w + 4 * i * d;
+          const float *w01 = w00 + d, *w10 = w00 + 2 * d, *w11 = w00 + 3 * d;
+          float* o0 = o + 2 * i * d;
+          float* o1 = o0 + d;
+          for (int64_t l = 0; l < d; ++l) {
+            const float x0 = h0[l], x1 = h1[l];
+            o0[l] = x0 * w00[l] + x1 * w10[l];
+            o1[l] = x0 * w01[l] + x1 * w11[l];
+          }
+        }
+        h = o;
+        continue;
+      }
+      for (int64_t i = 0; i < a; ++i)
+        for (int64_t k = 0; k < c; ++k) {
+          float* ok = o + (i * c + k) * d;
+          for (int64_t l = 0; l < d; ++l) ok[l] = 0.f;
+          for (int64_t j = 0; j < b; ++j) {
+            const float* hj = h + (i * b + j) * d;
+            const float* wk = w + ((i * b + j) * c + k) * d;
+            for (int64_t l = 0; l < d; ++l) ok[l] = ok[l] + hj[l] * wk[l];
+          }
+        }
+      h = o;
+    }
+  }
+}
+
 }  // namespace
 
 const uint8_t* Plan::wp() const { return w.data() + w_off; }
@@ -242,9 +312,11 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
     }
     e = ks::build_plan(rotation_desc(c), isa_override, &p->rot);
     if (!e.empty()) return op("rotation: " + e);
+    row_wise_values(c, p);
   } else if (p->rotate) {
     e = ks::build_plan(rotation_desc(d), isa_override, &p->rot);
     if (!e.empty()) return op("rotation: " + e);
+    row_wise_values(d, p);
   }
   return "";
 }
@@ -393,7 +465,9 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
   const size_t xr_f = p.rotate ? size_t(rows) * size_t(p.K) : 0;
   const size_t q_f = (size_t(rows) * size_t(p.Kp) + 3) / 4 + 16;
   const size_t g_f = size_t(rows) * size_t(p.ngroups) + 16;
-  const size_t total = xr_f + 16 + q_f + g_f + size_t(rows) + 16;
+  const bool row_wise = p.rotate && !p.rt.empty() && rows <= kRowWiseRows;
+  const size_t tmp_f = row_wise ? 2 * size_t(p.K) + 16 : 0;
+  const size_t total = xr_f + 16 + q_f + g_f + size_t(rows) + 16 + tmp_f;
   // reused across calls when no other call holds it (no zeroing, no page faults)
   std::unique_lock<std::mutex> lock(p.scratch_mu, std::try_to_lock);
   ks::ScratchBuf local;
@@ -402,7 +476,10 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
   e.q = reinterpret_cast<int8_t*>(base + xr_f + 16);
   e.gsum = reinterpret_cast<int32_t*>(base + xr_f + 16 + q_f);
   e.cs = base + xr_f + 16 + q_f + g_f;
-  if (p.rotate) {
+  if (row_wise) {
+    rotate_rows(p, x, 0, rows, xr, e.cs + rows + 16);
+    e.xr = xr;
+  } else if (p.rotate) {
     std::string err = ks::run_chain(p.rot, x, nullptr, xr, rows, pfor, ctx);
     if (!err.empty()) return op(err);
     e.xr = xr;

@@ -50,6 +50,7 @@ struct Desc {                 // what the adapter knows about a LowBitMatMul nod
 };
 
 constexpr int64_t kMaxGroup = int64_t(1) << 20;   // |isum| <= group * 127 * 15 < 2^31
+constexpr int64_t kRowWiseRows = 2;                 // rotation row by row up to this many rows
 
 struct Plan {
   int64_t K = 0, N = 0, bits = 0, group = 0, ngroups = 0;
@@ -62,6 +63,10 @@ struct Plan {
   bool rotate = false;
   ks::Plan rot;                     // the rotation chain (rotate only)
   size_t rot_inputs = 0;            // node inputs after scales
+  // small batches (rows <= kRowWiseRows): the rotation applied row by row from transposed float
+  // values rt[l][((i*b + j)*c + k)*d + l'] = V[i, l', j, k] * scale (a tile of 8 batch columns
+  // would compute 8x the work for one row); empty when a factor is not float
+  std::vector<std::vector<float>> rt;
   int isa = 0;                      // 0 portable, 1 avx2, 2 avx512 (VNNI)
   const uint8_t* wp() const;        // 64-byte aligned start of w
   size_t w_off = 0;

@@ -511,6 +511,12 @@ void test_lowbit() {
       if (!e.empty()) continue;
       std::vector<float> y(size_t(rows * 40));
       check(bfc::lowbit::run(plan, x.data(), nullptr, y.data(), rows, nullptr, nullptr).empty(), "lowbit rot run");
+      // small batches rotate row by row (Plan::rt): the same rows within kFloatRelTol of the tile path
+      std::vector<float> y3(size_t(2 * 40));
+      check(bfc::lowbit::run(plan, x.data(), nullptr, y3.data(), 2, nullptr, nullptr).empty(), "lowbit rot 2 rows");
+      double n3 = 0, d3 = 0;
+      for (size_t i = 0; i < y3.size(); ++i) n3 += double(y3[i] - y[i]) * (y3[i] - y[i]), d3 += double(y[i]) * y[i];
+      check(!plan.rt.empty() && std::sqrt(n3 / d3) < kFloatRelTol, std::string("lowbit row-wise rotation ") + isa);
       if (base.empty()) {
         base = y;
         continue;
