@@ -225,7 +225,8 @@ class Teacher:
         self.cache: dict[int, dict] = {}
         self.cache_bytes, self.cached_bytes = int(cache_bytes), 0
 
-    def __call__(self, key: int, feeds: dict) -> dict[str, np.ndarray]:
+    def __call__(self, key: int, feeds: dict, cache: bool = True) -> dict[str, np.ndarray]:
+        """The teacher's tensors for batch ``key``; ``cache=False``: not kept (a batch seen once)."""
         if key in self.cache:
             return self.cache[key]
         try:
@@ -234,7 +235,7 @@ class Teacher:
             raise BfcError(f"onnxruntime failed on the distillation data ({str(e).splitlines()[0][:200]}); "
                            "check that the .npz holds the model's inputs") from None
         size = sum(np.asarray(v).nbytes for v in vals.values())
-        if self.cached_bytes + size <= self.cache_bytes:
+        if cache and self.cached_bytes + size <= self.cache_bytes:
             self.cache[key] = vals
             self.cached_bytes += size
         return vals
@@ -335,13 +336,14 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
         sched.load_state_dict(ck["sched"])
         start, losses = ck["step"], ck["losses"]
     rng = np.random.default_rng(seed + 1)
+    revisit = steps > len(train)          # fewer steps than batches: each batch is seen once, nothing to cache
     order: list[int] = []
     for step in range(start, steps):
         if not order:
             order = list(rng.permutation(len(train)))
         k = int(order.pop())
         feeds = train[k]
-        ref = teacher(k, feeds)
+        ref = teacher(k, feeds, cache=revisit)
         got = student(feeds, capture=tuple(match))
         loss = torch.zeros(())
         for n in teacher.outputs:
