@@ -16,6 +16,12 @@ that ``bfc optimize`` targets.  Artifacts live outside git in ``cache_dir()``
     python models/minilm.py            # builds minilm/model.onnx + calibration.npz, prints paths
     python models/minilm.py --force    # rebuild
     python models/minilm.py distill-data OUT.npz [--sentences N]   # unlabeled inputs for --distill
+
+``distill-data`` samples N (default 50000) distinct sentences of 5-60 words, never an STS-B sentence,
+from WordNet 3.0's glosses and examples (Debian ``wordnet-base``), the fortune files (``fortunes``,
+``fortunes-min``) and gensim's bundled corpora.  The Debian text is read from /usr/share when
+installed, else fetched once with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into
+``cache_dir()/text`` (no root needed).
 """
 from __future__ import annotations
 
