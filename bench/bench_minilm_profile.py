@@ -22,7 +22,9 @@ from bfc.runtime.session_options); each node of the optimized graph onnxruntime 
   rest    everything else: LayerNorm (SkipLayerNormalization), softmax, GELU, attention MatMuls,
           the mask's Where, reshapes and transposes;
 
-plus the per-run overhead between nodes (profiled model_run time - the sum of the node times).
+plus the rest of the profiled run ("between nodes": the median profiled model_run time - the sum of
+the classes; onnxruntime's per-node overhead and, on a loaded box, preemptions). A class's time is
+the sum of its nodes' median times over the profiled runs.
 The models run in turn (interleaved), in the profiled sessions as in the plain ones; each figure is
 the median over the profiled runs (the first runs are warm-up and not counted).
 """
@@ -121,7 +123,6 @@ def split(sess, warmup: int, work: Path, tag: str) -> dict:
     events = json.loads(Path(sess.end_profiling()).read_text())
     cls, owner = classify(onnx.load(str(work / f"optimized-{tag}.onnx"), load_external_data=False))
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
-    per_run = [{"linear": 0.0, "bias": 0.0, "rest": 0.0, "nodes": 0.0} for _ in windows]
     per_node: dict[str, list] = {}
     unknown = set()
     starts = np.array([w[0] for w in windows])
@@ -137,16 +138,18 @@ def split(sess, warmup: int, work: Path, tag: str) -> dict:
             unknown.add(name)
             c = "rest"
         ms = e["dur"] / 1e3
-        per_run[k][c] += ms
-        per_run[k]["nodes"] += ms
         per_node.setdefault(name, []).append((e["args"].get("op_name", "?"), c, ms, owner.get(name, name)))
     if unknown:
         print(f"  {tag}: {len(unknown)} profiled nodes not in the optimized graph (counted as rest): "
               f"{sorted(unknown)[:5]}", flush=True)
-    med = {k: float(np.median([r[k] for r in per_run])) for k in ("linear", "bias", "rest", "nodes")}
+    # a class's time is the sum of its nodes' median times: on a loaded box a preemption lands in a random
+    # node of a run, so per-node medians drop it where the median of per-run class totals would not
+    med: dict = {"node_ms": {n: (v[0][0], v[0][1], float(np.median([x[2] for x in v])), v[0][3])
+                             for n, v in per_node.items()}}
+    for k in ("linear", "bias", "rest"):
+        med[k] = sum(ms for _, c, ms, _ in med["node_ms"].values() if c == k)
     med["run"] = float(np.median([(b - a) / 1e3 for a, b in windows]))
-    med["overhead"] = float(np.median([(b - a) / 1e3 - r["nodes"] for (a, b), r in zip(windows, per_run)]))
-    med["node_ms"] = {n: (v[0][0], v[0][1], float(np.median([x[2] for x in v])), v[0][3]) for n, v in per_node.items()}
+    med["overhead"] = med["run"] - med["linear"] - med["bias"] - med["rest"]
     med["n_linear"] = sum(1 for c in cls.values() if c == "linear")
     med["n_bias"] = sum(1 for c in cls.values() if c == "bias")
     return med
@@ -272,7 +275,7 @@ def main(argv=None) -> int:
     cfg = Path(args.config)
     cfg_s = cfg.relative_to(ROOT) if cfg.is_absolute() and cfg.is_relative_to(ROOT) else cfg
     head = ["| tokens | model | end to end ms (median, plain session) | speed-up vs int8 dynamic | profiled run ms | "
-            "linear ms (nodes) | separate bias ms (nodes) | rest ms | between nodes ms | linear + bias share |",
+            "linear ms (nodes) | separate bias ms (nodes) | rest ms | between nodes (and preemption) ms | linear + bias share |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     rhead = ["| tokens | end to end: int8 / bfc (target >= 1.3x) | profiled run: int8 / bfc | linear: int8 / bfc "
              "(KS nodes only) | linear + bias: int8 / bfc (target >= 2.5x) | rest ms: int8 / bfc | ceiling: int8 run / "
