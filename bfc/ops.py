@@ -453,12 +453,13 @@ def _make_op_run():
 
         op_domain = DOMAIN
         emulate_int8 = True
+        fp8_bf16 = False        # the AVX512_BF16 fp8 numerics (reference_evaluator(..., fp8_bf16=True))
 
         def _run(self, X, bias=None, *factors, patterns=None, in_perm=None, out_perm=None):
             if patterns is None:
                 raise InvalidInputError("KSMatMul attribute 'patterns' is required")
             y = ks_matmul_reference(X, bias, factors, patterns, in_perm, out_perm,
-                                    emulate_int8=self.emulate_int8)
+                                    emulate_int8=self.emulate_int8, fp8_bf16=self.fp8_bf16)
             return (y,)
 
     class LowBitMatMul(OpRun):
@@ -493,9 +494,13 @@ def reference_op():
     return reference_ops()[0]
 
 
-def reference_evaluator(model, **kwargs):
-    """``ReferenceEvaluator`` that runs ai.bfc ops with the numpy reference."""
+def reference_evaluator(model, fp8_bf16: bool = False, **kwargs):
+    """``ReferenceEvaluator`` that runs ai.bfc ops with the numpy reference; ``fp8_bf16``: fp8 factors
+    with the AVX512_BF16 kernels' bf16 activations (``fp8_bf16_active()`` says whether the library does)."""
     from onnx.reference import ReferenceEvaluator
 
-    new_ops = list(kwargs.pop("new_ops", [])) + list(reference_ops())
+    ks_op, lb_op = reference_ops()
+    if fp8_bf16:
+        ks_op = type("KSMatMul", (ks_op,), {"fp8_bf16": True})
+    new_ops = list(kwargs.pop("new_ops", [])) + [ks_op, lb_op]
     return ReferenceEvaluator(model, new_ops=new_ops, **kwargs)

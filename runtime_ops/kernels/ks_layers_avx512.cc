@@ -1,7 +1,8 @@
 // AVX-512 VNNI int8 kernels.  This translation unit alone is compiled with
 // -mavx512f -mavx512bw -mavx512vl -mavx512vnni; it is only called after a run-time CPU
 // check (cpu_has_avx512vnni()).  Float32 / fp8 factors and the small-block kernels reuse
-// the AVX2 table (16-wide float FMAs would give the same bits, they are not the bottleneck).
+// the AVX2 table (16-wide float FMAs would give the same bits, they are not the bottleneck);
+// with AVX512_BF16 (Plan::isa 3) big-block fp8 factors run ks_layers_avx512bf16.cc instead.
 //
 // int8 big-block factors (vpdpbusd, u8 x s8 -> s32):
 //   activations: q = rint(clip(h * 127/amax, -127, 127)) exactly as the other paths, stored

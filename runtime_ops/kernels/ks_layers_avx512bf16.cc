@@ -38,24 +38,36 @@ inline void with_mrv(int mrv, F&& f) {
   }
 }
 
-// block inputs (b rows of 16 floats) -> bp rows of 16 bf16 pairs
-inline void pairs16(const float* x, int64_t b, uint32_t* out) {
-  for (int64_t jp = 0; 2 * jp < b; ++jp) {
-    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(x + 2 * jp * 16)));
-    const __m512 x1 = 2 * jp + 1 < b ? _mm512_load_ps(x + (2 * jp + 1) * 16) : _mm512_setzero_ps();
-    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x1));
-    _mm512_store_si512(reinterpret_cast<void*>(out + jp * 16), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-  }
-}
-
-inline void pairs8(const float* x, int64_t b, uint32_t* out) {
-  for (int64_t jp = 0; 2 * jp < b; ++jp) {
-    const __m256i lo = _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(_mm256_load_ps(x + 2 * jp * 8)));
-    const __m256 x1 = 2 * jp + 1 < b ? _mm256_load_ps(x + (2 * jp + 1) * 8) : _mm256_setzero_ps();
-    const __m256i hi = _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(x1));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + jp * 8), _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16)));
-  }
-}
+// The kernel at two widths: Zmm (NB = 16 batch columns) and Ymm (NB = 8, AVX512VL).
+struct Zmm {
+  static constexpr int NB = 16;
+  using F = __m512;
+  using I = __m512i;
+  using BH = __m512bh;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_load_ps(p); }
+  // bf16 of 16 floats, zero-extended into the low half of 16 int32 lanes
+  static I bf16_lanes(F v) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)); }
+  static I pair(I lo, I hi) { return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)); }
+  static void store_i(uint32_t* p, I v) { _mm512_store_si512(reinterpret_cast<void*>(p), v); }
+  static BH load_bh(const uint32_t* p) { return (BH)_mm512_load_si512(reinterpret_cast<const void*>(p)); }
+  static F dot(F acc, BH x, uint32_t w) { return _mm512_dpbf16_ps(acc, x, (BH)_mm512_set1_epi32(int32_t(w))); }
+  static void store_scaled(float* p, F v, float s) { _mm512_store_ps(p, _mm512_mul_ps(v, _mm512_set1_ps(s))); }
+};
+struct Ymm {
+  static constexpr int NB = 8;
+  using F = __m256;
+  using I = __m256i;
+  using BH = __m256bh;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_load_ps(p); }
+  static I bf16_lanes(F v) { return _mm256_cvtepu16_epi32((__m128i)_mm256_cvtneps_pbh(v)); }
+  static I pair(I lo, I hi) { return _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16)); }
+  static void store_i(uint32_t* p, I v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+  static BH load_bh(const uint32_t* p) { return (BH)_mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F dot(F acc, BH x, uint32_t w) { return _mm256_dpbf16_ps(acc, x, (BH)_mm256_set1_epi32(int32_t(w))); }
+  static void store_scaled(float* p, F v, float s) { _mm256_store_ps(p, _mm256_mul_ps(v, _mm256_set1_ps(s))); }
+};
 
 uint32_t* pair_buffer(size_t n) {
   thread_local std::vector<uint32_t> buf;
@@ -63,64 +75,36 @@ uint32_t* pair_buffer(size_t n) {
   return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
 }
 
-template <int MRV>
-void fp8_16(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
-  constexpr int NB = 16;
+template <class V, int MRV>
+void fp8_t(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
+  constexpr int NB = V::NB;
   const int64_t b = f.b, bp = f.bp, c = f.c, d = f.d, nkt = f.nktv;
   uint32_t* xp = pair_buffer(size_t(bp * NB));
   for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
     const int64_t i = blk_il / d, l = blk_il % d;
-    pairs16(in + blk_il * b * NB, b, xp);
-    const int32_t* orow = f.out_row.data() + i * c * d + l;
-    for (int64_t kt = 0; kt < nkt; ++kt) {
-      const int64_t tile = blk_il * nkt + kt;
-      __m512 acc[MRV];
-#pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) acc[r] = _mm512_setzero_ps();
-      const uint32_t* w = f.wb.data() + tile * bp * MRV;
-      for (int64_t jp = 0; jp < bp; ++jp, w += MRV) {
-        const __m512bh xv = (__m512bh)_mm512_load_si512(reinterpret_cast<const void*>(xp + jp * NB));
-#pragma GCC unroll 16
-        for (int r = 0; r < MRV; ++r)
-          acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_set1_epi32(int32_t(w[r])));
-      }
-      const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
-      const float* sc = f.scv.data() + tile * MRV;
-#pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r)
-        if (r < valid)
-          _mm512_store_ps(out + int64_t(orow[(kt * MRV + r) * d]) * NB, _mm512_mul_ps(acc[r], _mm512_set1_ps(sc[r])));
+    // the block's b input rows -> bp rows of bf16 pairs (inputs 2jp, 2jp+1 of one column per lane)
+    const float* x = in + blk_il * b * NB;
+    for (int64_t jp = 0; 2 * jp < b; ++jp) {
+      const typename V::F x1 = 2 * jp + 1 < b ? V::load(x + (2 * jp + 1) * NB) : V::zero();
+      V::store_i(xp + jp * NB, V::pair(V::bf16_lanes(V::load(x + 2 * jp * NB)), V::bf16_lanes(x1)));
     }
-  }
-}
-
-template <int MRV>
-void fp8_8(const Factor& f, const float* in, float* out, int64_t blk0, int64_t blk1) {
-  constexpr int NB = 8;
-  const int64_t b = f.b, bp = f.bp, c = f.c, d = f.d, nkt = f.nktv;
-  uint32_t* xp = pair_buffer(size_t(bp * NB));
-  for (int64_t blk_il = blk0; blk_il < blk1; ++blk_il) {
-    const int64_t i = blk_il / d, l = blk_il % d;
-    pairs8(in + blk_il * b * NB, b, xp);
     const int32_t* orow = f.out_row.data() + i * c * d + l;
     for (int64_t kt = 0; kt < nkt; ++kt) {
       const int64_t tile = blk_il * nkt + kt;
-      __m256 acc[MRV];
+      typename V::F acc[MRV];
 #pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) acc[r] = _mm256_setzero_ps();
+      for (int r = 0; r < MRV; ++r) acc[r] = V::zero();
       const uint32_t* w = f.wb.data() + tile * bp * MRV;
       for (int64_t jp = 0; jp < bp; ++jp, w += MRV) {
-        const __m256bh xv = (__m256bh)_mm256_load_si256(reinterpret_cast<const __m256i*>(xp + jp * NB));
+        const typename V::BH xv = V::load_bh(xp + jp * NB);
 #pragma GCC unroll 16
-        for (int r = 0; r < MRV; ++r)
-          acc[r] = _mm256_dpbf16_ps(acc[r], xv, (__m256bh)_mm256_set1_epi32(int32_t(w[r])));
+        for (int r = 0; r < MRV; ++r) acc[r] = V::dot(acc[r], xv, w[r]);
       }
       const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
       const float* sc = f.scv.data() + tile * MRV;
 #pragma GCC unroll 16
       for (int r = 0; r < MRV; ++r)
-        if (r < valid)
-          _mm256_store_ps(out + int64_t(orow[(kt * MRV + r) * d]) * NB, _mm256_mul_ps(acc[r], _mm256_set1_ps(sc[r])));
+        if (r < valid) V::store_scaled(out + int64_t(orow[(kt * MRV + r) * d]) * NB, acc[r], sc[r]);
     }
   }
 }
@@ -129,8 +113,8 @@ void fp8_layer(const Factor& f, const float* in, float* out, int nb, int64_t blk
   if (f.wb.empty()) return avx512_table().fp8(f, in, out, nb, blk0, blk1);  // small factors: fp32 decode
   with_mrv(f.mrv, [&](auto MRV) {
     constexpr int R = decltype(MRV)::value;
-    if (nb == 8) fp8_8<R>(f, in, out, blk0, blk1);
-    else fp8_16<R>(f, in, out, blk0, blk1);
+    if (nb == 8) fp8_t<Ymm, R>(f, in, out, blk0, blk1);
+    else fp8_t<Zmm, R>(f, in, out, blk0, blk1);
   });
 }
 
