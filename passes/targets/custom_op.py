@@ -15,8 +15,10 @@ Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, 2/3/4 bits): ONE ``ai.bfc.L
 node per layer computes ``quant_rows(x Q) deq(W_r)`` (the rotation chain, per-row int8
 activations, the packed codes unpacked in registers, exact int32 group sums, float32 group
 scales; spec in :mod:`bfc.ops`), then the int8 correction and the bias as the portable target
-(``bfc.passes.lowbit_emit.finish``).  Each node applies Q itself (fused; the rotation's values
-are graph constants shared by the layers reading the same x).  The planner scores the layer with
+(``bfc.passes.lowbit_emit.finish``).  Each node applies Q itself (fused); Q is stored as the
+rotation's own numbers (``rot_angles``: the fp16 m x m blocks of factor 0 and one fp16 angle per
+2 x 2 block, i.e. ``rotation.nbytes``), graph constants shared by the layers reading the same x;
+the kernel rebuilds the chain's values at session creation.  The planner scores the layer with
 ``bfc.ops.lowbit_matmul_reference`` (+ the correction in float64): the activation quantization
 is part of the score.
 """
