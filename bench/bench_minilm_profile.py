@@ -46,9 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 from bench_minilm import bfc_model, feeds  # noqa: E402
+from bench_optimize import code_line  # noqa: E402
 from common import write_result  # noqa: E402
 
-from bfc.runtime import library_path, session, session_options  # noqa: E402
+from bfc.runtime import session, session_options  # noqa: E402
 from bfc.study.baselines import int8_dynamic, linear_bytes, linear_sites  # noqa: E402
 
 QUANT_MATMULS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QGemm"}
@@ -224,9 +225,9 @@ def main(argv=None) -> int:
     sites = linear_sites(original)
     macs = ks_macs(onnx.load(str(paths["bfc custom-op"]), load_external_data=False), sites)
     nbytes = {k: linear_bytes(original, onnx.load(str(p))) for k, p in paths.items()}
-    lib = library_path()
+    code = code_line()
     load0 = os.getloadavg()
-    rows, shapes, ratios, emit = [], [], [], []
+    rows, shapes, ratios, emit, verdict = [], [], [], [], []
     for batch in args.batches:
         feed = feeds(batch, args.seq)
         reps = args.repeat if batch * args.seq <= 4096 else max(5, args.repeat // 3)
@@ -263,6 +264,12 @@ def main(argv=None) -> int:
             f"{i8['linear'] / bf['linear']:.2f}x | {lin_i8 / lin_bf:.2f}x | {rest_i8:.2f} / {rest_bf:.2f} | "
             f"{i8['run'] / rest_i8:.2f}x | {i8['run'] / rest_bf:.2f}x | {i8['run'] / (rest_bf + lin_i8 / 2.5):.2f}x |")
         print(ratios[-1], flush=True)
+        e2e_r, lin_r = e2e["int8 dynamic"] / e2e["bfc custom-op"], lin_i8 / lin_bf
+        verdict.append(f"- {shape}: end to end {e2e_r:.2f}x int8 dynamic (target >= 1.3x: "
+                       f"{'met' if e2e_r >= 1.3 else 'not met'}); rewritten layers {lin_r:.2f}x less time than int8 "
+                       f"dynamic's quantized MatMuls (target >= 2.5x: {'met' if lin_r >= 2.5 else 'not met'}); "
+                       f"ceiling set by the rest of int8 dynamic's graph {i8['run'] / rest_i8:.2f}x, by bfc's own "
+                       f"rest {i8['run'] / rest_bf:.2f}x (the issue estimates ~1.75x)")
         # the custom-op graph's non-KS nodes that touch KS outputs: what the emission adds per layer
         ks_names = {n for n, (op, c, *_) in bf["node_ms"].items() if c == "linear"}
         bias = sorted((n, op, ms) for n, (op, c, ms, _) in bf["node_ms"].items() if c == "bias")
@@ -285,7 +292,7 @@ def main(argv=None) -> int:
         [f"Config `{cfg_s}` on the custom-op target, without distillation; calibration: models/minilm.py's 48 "
          f"sentences. Linear-weight bytes: fp32 {nbytes['fp32'] / 1e6:.2f} MB, int8 dynamic "
          f"{nbytes['int8 dynamic'] / 1e6:.2f} MB, bfc {nbytes['bfc custom-op'] / 1e6:.2f} MB = {rel:.3f}x int8 dynamic. "
-         f"onnxruntime 1 intra-op thread; native library `{lib}`; load average {load0[0]:.2f} at the start, "
+         f"onnxruntime 1 intra-op thread; measured with {code}; load average {load0[0]:.2f} at the start, "
          f"{load1[0]:.2f} at the end (2 cores, shared). End to end: 2 sessions per model, {args.repeat} interleaved runs per session up to 4096 "
          f"tokens, {max(5, args.repeat // 3)} above, median. Profile: {args.profile_runs} profiled runs per model up to 4096 "
          f"tokens, {max(3, args.profile_runs // 2)} above, after 2 warm-up runs; median.",
@@ -302,6 +309,7 @@ def main(argv=None) -> int:
          "Ceilings: if the linear layers took no time, the model could at best run at int8's run time over the rest "
          "of the graph (int8's rest, or bfc's own rest including the time between nodes). The last column is the "
          "end-to-end speed-up bfc would reach with its own rest and linear layers 2.5x faster than int8 dynamic's.",
+         "", "Targets (issue 12):", "", *verdict,
          "", "Custom-op graph emission (from the profile):", "", *emit])
     argv = sys.argv[1:] if argv is None else list(argv)
     write_result(args.name, "MiniLM-L6 profile: linear layers vs the rest (onnxruntime profiler)",

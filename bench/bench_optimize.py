@@ -169,6 +169,30 @@ def interleaved_ms(models: list, feed: dict, samples: int, copies: int = 3, samp
     return [float(np.median(v)) for v in out]
 
 
+def code_version() -> str:
+    """The benchmarked checkout's commit (and whether its tracked files differ from it)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "(not a git checkout)"
+    return f"{head}{' + uncommitted changes' if dirty else ''}"
+
+
+def code_line() -> str:
+    """'code <commit>; native library `<path>` (built <time>)': what a latency figure was measured with."""
+    import time
+
+    from bfc.runtime import is_available, library_path
+    lib = "not built"
+    if is_available():
+        path = library_path()
+        lib = f"`{path}` (built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(path.stat().st_mtime))})"
+    return f"code {code_version()}; native library {lib}"
+
+
 def demo_table(samples: int) -> list[str]:
     """``bfc demo``'s optimization (int8, max-error 0.2, max-output-error 0.15, 512 calibration images)
     with objective size and latency, portable and custom-op targets, against the original model."""
@@ -227,7 +251,7 @@ def demo_table(samples: int) -> list[str]:
             f"every layer kept dense, so any difference is noise). "
             f"Accuracy on the {len(x_test)} bundled test images (original {acc0:.4f}, file "
             f"{original.ByteSize() / 1000:.1f} kB). Load average {load0:.2f} at the start, "
-            f"{os.getloadavg()[0]:.2f} at the end (2 cores, shared).", ""] + rows + [
+            f"{os.getloadavg()[0]:.2f} at the end (2 cores, shared). Measured with {code_line()}.", ""] + rows + [
             "", "The planner's own per-layer measurements (bfc.passes.latency, one-MatMul models, 1 thread, "
             "at the latency batch):", ""] + notes
 
