@@ -296,7 +296,8 @@ def write_report(args, shapes, bks, results, flops, fp8_acc=None):
     lines = [f"KS machine: {machine_line()}", "",
              "ISA of each bfc column: " + ", ".join(f"{n} {isa_of[n]}" for n in names if n in isa_of) +
              ". With avx512 the int8 big-block factors run the VNNI kernels (vpdpbusd) and gather/scatter use "
-             "16x16 zmm transposes; float32 / fp8 factors and small blocks (b, c <= 4) run the AVX2 kernels "
+             "16x16 zmm transposes; float32 factors, small blocks (b, c <= 4) and (with avx512) fp8 factors run the AVX2 kernels; with "
+             "avx512bf16 (the default where the CPU has AVX512_BF16) big-block fp8 factors run vdpbf16ps on bf16 activations "
              "(int8 results are bit-identical on every ISA).", "",
              "Median latency in ms per `session.run` (lower is better); in parentheses, effective GFLOP/s "
              "(dense columns: 2·B·M·N; KS columns: 2·B·nnz of their chain). `-`: not applicable.", ""]
