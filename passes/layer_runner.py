@@ -566,8 +566,12 @@ class _DaskLocal:
         return f"dask (local, {self.k} worker process{'es' if self.k > 1 else ''})"
 
     def start(self):
+        import dask
         from distributed import Client, LocalCluster
-        self.cluster = LocalCluster(n_workers=self.k, threads_per_worker=1, processes=True, dashboard_address=None)
+        # the workers' statistical profiler samples the planning thread every 10 ms: nobody reads it here
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            self.cluster = LocalCluster(n_workers=self.k, threads_per_worker=1, processes=True,
+                                        dashboard_address=None)
         self.client = Client(self.cluster)
 
     def slots(self) -> int:

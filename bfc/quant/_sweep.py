@@ -67,8 +67,18 @@ def first_min(err, scale, rel=1e-9):
     Ties: within ``rel`` of the minimum, or within the fp64 noise of a directly
     computed squared error (~1e-15 * sqrt(err * scale), scale = ||x||^2 ||y||^2),
     which matters for (near) exact pieces such as Hadamard factors."""
-    best = np.min(err, axis=1)
+    thr = _tie_threshold(np.min(err, axis=1), scale, rel)
+    return np.argmax(err <= thr[:, None], axis=1)
+
+
+def _tie_threshold(best, scale, rel):
     scale = np.asarray(scale, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        thr = best * (1 + rel) + 1e-15 * np.sqrt(np.abs(best) * scale) + 1e-30 * scale
-    return np.argmax(err <= thr[:, None], axis=1)
+        return best * (1 + rel) + 1e-15 * np.sqrt(np.abs(best) * scale) + 1e-30 * scale
+
+
+def first_min_after(head, err, scale, rel=1e-9):
+    """``first_min`` of the rows ``[head_i, err_i...]`` without forming them (no (G, C + 1) copy)."""
+    thr = _tie_threshold(np.minimum(head, np.min(err, axis=1)), scale, rel)
+    hit = err <= thr[:, None]
+    return np.where(head <= thr, 0, np.where(hit.any(axis=1), np.argmax(hit, axis=1) + 1, 0))

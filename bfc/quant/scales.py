@@ -25,7 +25,7 @@ from enum import Enum
 import numpy as np
 
 from bfc.errors import ConfigError
-from bfc.quant._sweep import argsort_rows, first_min
+from bfc.quant._sweep import argsort_rows, first_min_after
 from bfc.quant.formats import INT8, Format
 
 _CHUNK = 1 << 18          # candidates per vectorized batch (arrays of ~2 MB stay in cache)
@@ -280,12 +280,18 @@ def _int_scale_chunk(v: np.ndarray, fmt: Format, K: int) -> np.ndarray:
     dot += dot0[:, None]
     nx = np.cumsum(dnx, axis=1)
     nx += nx0[:, None]
-    nxt = np.minimum(np.concatenate([lam_s[:, 1:], hi[:, None]], axis=1), hi[:, None])
+    nxt = np.empty_like(lam_s)
+    nxt[:, :-1] = lam_s[:, 1:]
+    nxt[:, -1] = hi
+    np.minimum(nxt, hi[:, None], out=nxt)
     start = np.minimum(lam_s[:, 0], hi)
     with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.where((lam_s < nxt) & (nx > 0), vv[:, None] - dot * dot / nx, np.inf)
+        err = dot * dot                      # vv - dot^2 / nx where the piece is real, inf elsewhere (in place)
+        err /= nx
+        np.subtract(vv[:, None], err, out=err)
+        err[~((lam_s < nxt) & (nx > 0))] = np.inf
         err0 = np.where((rho_lo < start) & (nx0 > 0), vv - dot0 * dot0 / nx0, np.inf)
-    pick = first_min(np.concatenate([err0[:, None], err], axis=1), vv)
+    pick = first_min_after(err0, err, vv)
     rows = np.arange(G)
     j = np.maximum(pick - 1, 0)
     ls, nt = lam_s[rows, j], nxt[rows, j]
