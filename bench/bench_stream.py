@@ -53,6 +53,14 @@ sys.exit(rc)
 '''
 
 
+AS_LIMIT = 12 << 30     # address-space cap of an older checkout's run: a blow-up fails instead of swapping
+
+
+def _limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+
 def run_child(args, tree: str | None, threads: int = 1) -> dict:
     import psutil
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
@@ -62,7 +70,8 @@ def run_child(args, tree: str | None, threads: int = 1) -> dict:
         env["BFC_BENCH_TREE"] = tree
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=fo, stderr=fe, env=env, cwd="/")
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=fo, stderr=fe, env=env, cwd="/",
+                                preexec_fn=_limit if tree else None)
         reaped = {}
         waiter = threading.Thread(target=lambda: reaped.update(w=os.wait4(proc.pid, 0)))
         waiter.start()
@@ -132,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--ref", default=None)
     ap.add_argument("--decoder-layers", type=int, default=14)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--decoder-include", default="layers.0/*,lm_head",
+                    help="layers planned in the decoder (--include patterns; empty: all)")
     ap.add_argument("--ref-skip", default="decoder", help="cases not run with --ref (e.g. known to exhaust memory)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bfc-bench-stream"))
     ap.add_argument("--no-write", action="store_true")
@@ -156,14 +167,17 @@ def main(argv=None):
             src = decoder(args.work, args.decoder_layers)
             size = src.stat().st_size + Path(str(src) + ".data").stat().st_size
             for w in args.workers.split(","):
-                runs.append((f"decoder w{w}", src, FORCED + ["--no-verify", "--workers", w], size))
+                inc = [a for p in args.decoder_include.split(",") if p for a in ("--include", p)]
+                runs.append((f"decoder w{w}", src, FORCED + inc + ["--no-verify", "--workers", w], size))
     lines = ["| case | tree | wall (s) | peak RSS, largest process (MB) | peak RSS, process tree (MB) | "
              "tree / input bytes | output MB | output sha256 |", "|---|---|---|---|---|---|---|---|"]
     for case, src, opts, size in runs:
         for tname, tree in trees:
             if tree and case.split()[0] in args.ref_skip.split(","):
                 continue
-            out = args.work / f"out_{case.replace(' ', '_')}_{tname}.onnx"
+            run_dir = args.work / f"out_{case.replace(' ', '_')}_{tname}"    # one output name: the bytes compare
+            run_dir.mkdir(exist_ok=True)
+            out = run_dir / "out.onnx"
             for p in (out, Path(str(out) + ".data")):
                 p.unlink(missing_ok=True)
             r = run_child(["optimize", str(src), "-o", str(out), "-q", *opts], tree)

@@ -51,7 +51,7 @@ from bfc.passes.stream import trim
 CHUNK = 4           # samples per onnxruntime run while collecting activations
 SAMPLE_ROWS = 512   # activation rows kept per site for target-exact error measurements
 GRAM_EXACT_MAX = 4096       # widest input K with an exact (K, K) Gram (128 MB of float64)
-GROUP_BYTES = 64 << 20      # float64 accumulator bytes of one calibration pass (one group of sites)
+GROUP_BYTES = 128 << 20     # float64 accumulator bytes of one calibration pass (one group of sites)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """Safe load and atomic save of ONNX models.
 
 Matches: a path to an ``.onnx`` file (with or without external data) or a ModelProto.
-Ensures on load: the file parses, every external-data location resolves inside the
-model's own folder (absolute paths, ``..`` escapes and symlinks leaving the folder
-are rejected), the default-domain opset is in ``[MIN_OPSET, MAX_OPSET]``, the IR
-version is one onnx knows, and the graph passes ``onnx.checker``.
+Ensures on load (``open_model``): the file parses, every external-data location resolves
+inside the model's own folder (absolute paths, ``..`` escapes and symlinks leaving the
+folder are rejected) and holds the bytes its tensor needs, the default-domain opset is in
+``[MIN_OPSET, MAX_OPSET]``, the IR version is one onnx knows, and the graph passes
+``onnx.checker``.  The model is read without its weights (``bfc.passes.stream``: a
+skeleton whose big initializers are references into the model or its data files); the
+checker sees each reference as a scalar of its type (it checks the graph; the references
+are checked against their files).  ``load_model`` reads the weights in as well.
 Ensures on save: the input file is never touched (the output must be another
 path), the output is written to a temporary name in the target folder and renamed
-into place, models over 2 GB are written with external data (``<name>.data`` next
-to the model), and the IR version is one onnxruntime accepts (``<= MAX_IR``).
+into place, tensor by tensor (one chunk of a weight in memory at a time), models over
+2 GB are written with external data (``<name>.data`` next to the model, offsets aligned
+to ``stream.ALIGN``), and the IR version is one onnxruntime accepts (``<= MAX_IR``).
 No algebra: the graph is not changed except for ``ir_version``.
 """
 from __future__ import annotations

@@ -6,9 +6,13 @@ checks); ``bfc.optimize`` and ``bfc optimize`` both call it, so the same config 
 the same model bytes.  Each step is a ``GraphPass`` with a declared contract
 (``bfc.passes.contract``); the pipeline checks the contracts as it runs them and
 reports progress as typed events (``bfc.passes.events``).
-With ``output`` the result is written atomically (``load.save_model``), the written
-file is checked, and verification runs from the files (only onnxruntime's copies in
-memory); the returned model is then None.  When verification cannot run (no
+A model path is read without its weights (``bfc.passes.stream``): every pass works on a
+skeleton whose weights are references into the input's files, a layer's weight is read
+while that layer is planned, untouched weights are copied from file to file.
+With ``output`` the result is written atomically, tensor by tensor (``load.save_model``),
+the written file is checked, and verification runs from the files (only onnxruntime's
+copies in memory); the returned model is then None.  Without ``output`` the returned
+model holds its weights (read in at the end).  When verification cannot run (no
 onnxruntime library for the target, inputs bfc cannot generate), the result stands and
 the report says "not verified: <reason>".
 """
