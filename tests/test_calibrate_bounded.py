@@ -1,7 +1,6 @@
 """Bounded calibration statistics: exact Gram up to GRAM_EXACT_MAX, the diagonal beyond (its effect
 on the planner's error estimate measured), and grouped passes that give the same statistics."""
 import numpy as np
-import onnx
 from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
 from bfc.factorize import chain_for, factorize

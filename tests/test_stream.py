@@ -20,7 +20,7 @@ def fixture_model(with_chain=True) -> onnx.ModelProto:
     """MatMul, Gemm (transB, bias), a Transpose-folded weight, an untouched table read by Gather,
     small constants: every kind of initializer the streaming path handles."""
     rng = np.random.default_rng(7)
-    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
     inits = [nh.from_array(f(300, 64), "table"), nh.from_array(f(64, 128), "W1"), nh.from_array(f(64, 64), "B2"),
              nh.from_array(f(64).reshape(64), "c2"), nh.from_array(f(64, 128), "W3t"),
              nh.from_array(np.array([-1, 64], np.int64), "shape")]
