@@ -39,12 +39,23 @@ BASE = dict(structure="monarch", max_error=10.0, max_output_error=None, min_size
             workers=1)
 
 
+STRUCTURES = {"r": "monarch", "bf": "butterfly", "c3r": "chain3"}
+LABELS = {"monarch": "Monarch", "butterfly": "butterfly chain", "chain3": "3-factor chain"}
+
+
 def parse_point(name: str) -> dict:
-    """``r4-int8`` -> {rank: 4, precision: int8}; ``r4-fp8`` -> fp8-e4m3."""
+    """``r4-int8`` -> Monarch rank 4 int8; ``bf2-int8`` -> butterfly chain rank 2; ``c3r4-int8`` -> 3-factor
+    chain rank 4; precision ``fp8`` -> fp8-e4m3."""
     r, _, p = name.partition("-")
-    if not r.startswith("r") or not p:
-        raise SystemExit(f"bad point {name!r}: expected rN-PRECISION, e.g. r4-int8")
-    return {"rank": int(r[1:]), "precision": {"fp8": "fp8-e4m3"}.get(p, p)}
+    import re
+    m = re.fullmatch(r"(c3r|bf|r)(\d+)", r)
+    if not m or not p:
+        raise SystemExit(f"bad point {name!r}: expected rN-PRECISION, bfN-PRECISION or c3rN-PRECISION, e.g. r4-int8")
+    return {"structure": STRUCTURES[m.group(1)], "rank": int(m.group(2)), "precision": {"fp8": "fp8-e4m3"}.get(p, p)}
+
+
+def label(r: dict) -> str:
+    return f"{LABELS[r.get('structure', 'monarch')]} r{r['rank']} {r['precision']}"
 
 
 # ---- scores --------------------------------------------------------------------------------
@@ -89,7 +100,7 @@ def lee(path) -> float:
 def build_one(args) -> dict:
     import onnx
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     import bfc
     from bench_minilm import stsb
     from bfc.study.baselines import linear_bytes, linear_sites
@@ -97,12 +108,13 @@ def build_one(args) -> dict:
     params = dict(BASE, **p)
     if args.distill and not args.flops_only:
         params.update(distill=args.distill, distill_steps=args.steps, distill_batch=args.batch, distill_lr=args.lr,
-                      distill_layernorm=args.layernorm)
+                      distill_layernorm=args.layernorm, distill_match=tuple(args.match.split(",")) if args.match else ())
     cfg = bfc.OptimizeConfig(calibration=args.calibration, verify=False, **params)
     t0 = time.perf_counter()
     model, report = bfc.optimize(args.model, cfg)
     secs = time.perf_counter() - t0
-    tag = f"distill{args.steps}-lr{args.lr:g}" + ("-ln" if args.layernorm else "") if args.distill else "plain"
+    tag = (f"distill{args.steps}-b{args.batch}-lr{args.lr:g}" + ("-ln" if args.layernorm else "")
+           + ("-match" if args.match else "") + f"-n{args.n_data}" if args.distill else "plain")
     out = Path(args.work) / f"{args.one}-{tag}.onnx"
     onnx.save(model, str(out))
     t = report.totals()
@@ -123,6 +135,7 @@ def build_one(args) -> dict:
     rec = {"point": args.one, "distill": bool(args.distill), **p,
            "steps": args.steps if args.distill else 0, "batch": args.batch if args.distill else None,
            "lr": args.lr if args.distill else None, "layernorm": bool(args.distill and args.layernorm),
+           "match": args.match if args.distill else None, "sentences": args.n_data if args.distill else None,
            "rewritten": t["rewritten"], "sites": t["sites"],
            "flops_ratio": t["flops_after"] / t["flops_before"], "flops_linear": flops_linear, "linear_bytes": linear_bytes(original, model),
            "build_s": round(secs, 1), "distill_s": dsecs, "notes": dnote,
@@ -140,56 +153,45 @@ def load(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def describe(r: dict) -> str:
+    """The distillation column: steps, batch, lr, options, data size."""
+    if not r["distill"]:
+        return "none"
+    return (f"{r['steps']} steps, batch {r['batch']}, lr {r['lr']:g}" + (", LayerNorm" if r.get("layernorm") else "")
+            + (", + LayerNorm outputs" if r.get("match") == "op:LayerNormalization" else
+               f", + {r['match']}" if r.get("match") else "")
+            + f", {r.get('sentences') or 2048} sentences")
+
+
 def table(recs, int8_bytes, ref) -> str:
     lines = ["| point | distillation | STS-B dev | vs fp32 | linear MB | x int8-dynamic | linear FLOPs x dense | "
              "build s | distill s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    recs = sorted(recs, key=lambda r: (r["linear_bytes"], r["precision"], r["distill"]))
+    recs = sorted(recs, key=lambda r: (r.get("structure", "monarch"), r["linear_bytes"], r["precision"], r["distill"],
+                                       r.get("sentences") or 0, r["steps"]))
     for r in recs:
-        d = (f"{r['steps']} steps, batch {r['batch']}, lr {r['lr']:g}" + (", LayerNorm" if r.get("layernorm") else "")
-             if r["distill"] else "none")
         ds = f"{r['distill_s']:.0f}" if r.get("distill_s") else "-"
-        lines.append(f"| Monarch r{r['rank']} {r['precision']} | {d} | {r['stsb']:.2f} | {r['stsb'] - ref['stsb']:+.2f} | "
+        lines.append(f"| {label(r)} | {describe(r)} | {r['stsb']:.2f} | {r['stsb'] - ref['stsb']:+.2f} | "
                      f"{r['linear_bytes'] / 1e6:.2f} | {r['linear_bytes'] / int8_bytes:.3f} | "
                      f"{r['flops_linear']:.3f} | {r['build_s']:.0f} | {ds} | {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
 
 
 def plot(recs, int8_bytes, ref, path: Path) -> Path | None:
-    """STS-B against linear-weight bytes (x int8 dynamic): plain points hollow, distilled filled, arrows between."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """STS-B against linear-weight bytes (x int8 dynamic) and against linear FLOPs (x dense):
+    ``bfc.study.plots.plot_distill`` (plain hollow, distilled filled, arrows plain -> distilled)."""
+    from bfc.study.plots import available, plot_distill
+    if not available():
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.4))
-    plain = {r["point"]: r for r in recs if not r["distill"]}
+    pts = []
     for r in recs:
-        x = r["linear_bytes"] / int8_bytes
-        ax.scatter([x], [r["stsb"]], s=40, facecolors="tab:blue" if r["distill"] else "none", edgecolors="tab:blue")
-        if r["distill"] and r["point"] in plain:
-            p = plain[r["point"]]
-            ax.annotate("", (x, r["stsb"]), (p["linear_bytes"] / int8_bytes, p["stsb"]),
-                        arrowprops=dict(arrowstyle="->", color="tab:blue", alpha=0.6))
-        if not r["distill"]:
-            ax.annotate(f"r{r['rank']} {r['precision']}", (x, r["stsb"]), textcoords="offset points", xytext=(5, -10),
-                        fontsize=7)
-    ax.scatter([1.0], [ref["int8_stsb"]], marker="s", color="tab:orange", label="onnxruntime int8 dynamic")
-    ax.axhline(ref["stsb"], color="black", lw=0.8, ls="--", label=f"fp32 {ref['stsb']:.2f}")
-    ax.axhline(TARGET_STSB, color="tab:red", lw=0.8, ls=":", label=f"target {TARGET_STSB}")
-    ax.axvline(TARGET_BYTES, color="tab:red", lw=0.8, ls=":")
-    ax.scatter([], [], facecolors="none", edgecolors="tab:blue", label="bfc Monarch, no distillation")
-    ax.scatter([], [], color="tab:blue", label="bfc Monarch, distilled")
-    ax.set_xlabel("linear-weight bytes / int8-dynamic")
-    ax.set_ylabel("STS-B dev Spearman x100")
-    ax.set_title("MiniLM-L6: distillation at fixed compression")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        fam = f"{LABELS[r.get('structure', 'monarch')]} {r['precision']}"
+        pts.append({"family": fam, "label": f"r{r['rank']}", "pair": r["point"], "distilled": r["distill"],
+                    "bytes": r["linear_bytes"] / int8_bytes, "flops": r["flops_linear"], "metric": r["stsb"]})
+    return plot_distill(pts, path, reference=ref["stsb"], baselines=[("onnxruntime int8 dynamic", 1.0, 1.0,
+                                                                      ref["int8_stsb"])],
+                        target=(TARGET_STSB, TARGET_BYTES, TARGET_FLOPS), metric_name="STS-B dev Spearman x100",
+                        bytes_label="linear-weight bytes / int8-dynamic",
+                        title="MiniLM-L6: distillation at fixed compression (arrows: plain -> distilled)")
 
 
 def main(argv=None) -> int:
@@ -213,6 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--flops-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layernorm", action="store_true", help="also train the LayerNorm scales/biases (distill_layernorm)")
+    ap.add_argument("--match", default=None, help="distill_match, comma-separated (e.g. op:LayerNormalization)")
+    ap.add_argument("--n-data", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(build_one(args)), flush=True)
@@ -243,7 +248,8 @@ def main(argv=None) -> int:
     def child(name, distill, cross=False):
         cmd = [sys.executable, __file__, "--one", name, "--model", str(src), "--calibration", str(calib),
                "--work", str(work), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr)]
-        cmd += ["--distill", str(data)] if distill else []
+        cmd += ["--distill", str(data), "--n-data", str(args.sentences)] if distill else []
+        cmd += ["--match", args.match] if distill and args.match else []
         cmd += ["--cross"] if cross else []
         cmd += ["--limit", str(args.limit)] if args.limit else []
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -310,8 +316,7 @@ def main(argv=None) -> int:
         hit = (best["stsb"] >= TARGET_STSB and best["linear_bytes"] <= TARGET_BYTES * int8_bytes
                and best["flops_linear"] <= TARGET_FLOPS)
         body += ["", f"Best point at <= {TARGET_BYTES}x int8-dynamic bytes and <= {TARGET_FLOPS}x dense FLOPs: "
-                 f"Monarch r{best['rank']} {best['precision']}"
-                 + (f" + distillation ({best['steps']} steps)" if best["distill"] else "")
+                 f"{label(best)}" + (f" + distillation ({describe(best)})" if best["distill"] else "")
                  + f": STS-B {best['stsb']:.2f}"
                  + (f", WordSim353 {best['wordsim353']:.2f} (fp32 {ref['wordsim353']:.2f}), Lee {best['lee']:.2f} "
                     f"(fp32 {ref['lee']:.2f})" if "wordsim353" in best else "") + ".",
@@ -322,12 +327,11 @@ def main(argv=None) -> int:
         if dist:
             worst_s = max(r.get("distill_s") or 0 for r in dist)
             worst_m = max(r["peak_rss_gb"] for r in dist)
-            other = sorted({r["steps"] for r in dist} - {args.steps})
-            if other:
-                body.append(f"Distilled builds with {', '.join(map(str, other))} steps ran as a separate child "
-                            "(`bench/bench_minilm_distill.py --one POINT --steps N --distill DATA ...`, records appended "
-                            "to the results), not by the command above: r8 at 150 steps because 300 did not fit the hour; r4 at lr 1e-3 "
-                            "+ LayerNorm as a light tuning try, run alone on a quieter machine (hence its shorter time).")
+            body.append("Rows whose settings differ from the command above (other steps, batch, data, matched tensors, "
+                        "structure) ran as single children, one or two at a time, and their records were appended to the "
+                        "results: `python bench/bench_minilm_distill.py --one POINT --model MODEL --calibration CALIB "
+                        "--work DIR [--distill DATA --steps N --batch B --lr LR --match op:LayerNormalization --n-data N "
+                        "--cross]` (POINT rN-int8 = Monarch rank N, bfN-int8 = butterfly chain of block rank N).")
             body.append(f"Best point: distillation {best.get('distill_s') or 0:.0f} s, peak RSS {best['peak_rss_gb']:.2f} GB "
                         f"(<= {TARGET_RSS_GB:g} GB: {'hit' if best['peak_rss_gb'] <= TARGET_RSS_GB else 'MISSED'}).")
             body.append(f"Distillation time <= {TARGET_SECONDS // 60} min: {'hit' if worst_s <= TARGET_SECONDS else 'MISSED'} "
@@ -337,7 +341,8 @@ def main(argv=None) -> int:
                         f"(largest {worst_m:.2f} GB, GB = 2^30 bytes).")
     png = plot(recs, int8_bytes, ref, ROOT / "docs" / "study" / "minilm_distill.png")
     if png is not None:
-        body.append(f"\nPlot: `{png.relative_to(ROOT)}` (STS-B against bytes; arrows: plain -> distilled).")
+        body.append(f"\nPlot: `{png.relative_to(ROOT)}` (STS-B against bytes and against linear FLOPs; arrows: plain -> "
+                    "distilled).")
     cmd = "python bench/bench_minilm_distill.py" + (f" --points {args.points}" if args.points != ap.get_default("points") else "")
     cmd += "".join(f" --{k} {getattr(args, k)}" for k in ("steps", "batch", "lr", "sentences", "limit", "jobs")
                    if getattr(args, k) != ap.get_default(k))
