@@ -179,7 +179,7 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     sample_per_chunk = max(1, -(-SAMPLE_ROWS // len(chunks)))
     rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}
-    folder = None if base is None else Path(base).resolve().parent
+    folder = None if base is None else Path(base).absolute().parent
     store = _Spill() if spill else None
     out = {}
     for group in _groups(names, wanted, exact, group_bytes):

@@ -65,7 +65,7 @@ class Guard(GraphPass):
     def _back_off(self, state, taken, budget) -> PassResult:
         feeds = state.feeds if state.feeds is not None else random_feeds(state.model, state.config.seed)
         base = getattr(state, "base", None)
-        folder = None if base is None else Path(base).resolve().parent
+        folder = None if base is None else Path(base).absolute().parent
         sess = session(state.model, threads=0, external_folder=folder)
         names = [o.name for o in sess.get_outputs()]
         ref = [np.asarray(r, np.float64) for r in run(sess, feeds, names)]

@@ -35,7 +35,9 @@ MAX_OPSET = 26      # newest default-domain opset onnxruntime 1.31 loads
 MAX_IR = 13         # onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects
 
 
-def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
+def _check_external_inside(model: onnx.ModelProto, folder: Path, own: str | None = None) -> None:
+    """Every external-data location resolves inside ``folder``; ``own``: the model file's name (a
+    reference to it is one of its own raw_data fields, ``bfc.passes.stream``)."""
     root = folder.resolve()
     tensors = list(onnx.external_data_helper._get_all_tensors(model))
     for t in tensors:
@@ -43,6 +45,8 @@ def _check_external_inside(model: onnx.ModelProto, folder: Path) -> None:
             continue
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
+        if own is not None and loc == own:
+            continue
         if not loc or os.path.isabs(loc):
             raise ModelError(f"tensor {t.name!r} points to external data {loc!r} outside the model's "
                              "folder; bfc only reads external data from the model's own folder")
@@ -78,9 +82,16 @@ def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
 
 
 def open_model(path) -> onnx.ModelProto:
+    """``open_with_base(path)``'s skeleton (its references are relative to ``model_base(path)``)."""
+    return open_with_base(path)[0]
+
+
+def open_with_base(path) -> tuple[onnx.ModelProto, Path]:
     """Read and check a model file without its weights: the skeleton of ``bfc.passes.stream`` (every
-    initializer of at least ``stream.STREAM_MIN`` bytes a reference relative to ``path``); raises
-    ModelError/UnsupportedError with the fix."""
+    initializer of at least ``stream.STREAM_MIN`` bytes a reference), and the model file its
+    references are relative to (``path``, or the file a symbolic link ``path`` points to: onnxruntime
+    reads a reference to the model's own bytes through the real file); raises ModelError or
+    UnsupportedError with the fix."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file {path} does not exist; check the path")
@@ -96,10 +107,19 @@ def open_model(path) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.opset_import or len(model.graph.node) == 0:
         raise ModelError(f"{path} is not an ONNX model (no graph, nodes or opset); re-export it")
     check_versions(model, str(path))
-    _check_external_inside(model, path.parent)
+    real = path.resolve()
+    _check_external_inside(model, path.parent, real.name)
+    base = path
     try:
-        stream.inline_small_refs(model, path)
-        stream.check_refs(model, path)
+        if real.parent != path.absolute().parent:           # a link into another folder
+            own = [t for t in stream.refs(model) if stream.ref_of(t, real).virtual]
+            if len(own) < len(stream.refs(model)):
+                for t in own:                 # external data beside the link, raw data in the real file:
+                    stream.resolve(t, real)   # the skeleton keeps the latter in memory
+            else:
+                base = real
+        stream.inline_small_refs(model, base)
+        stream.check_refs(model, base)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read external data of {path} ({e}); keep the data files next to the model") from None
     try:
@@ -107,12 +127,12 @@ def open_model(path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise ModelError(f"{path} fails the ONNX checker ({first}); fix or re-export the model") from None
-    return model
+    return model, base
 
 
 def load_model(path) -> onnx.ModelProto:
     """Load and check a model file with its weights (``open_model``, every reference read in)."""
-    return stream.materialize(open_model(path), path)
+    return stream.materialize(*open_with_base(path))
 
 
 def as_model(model_or_path) -> onnx.ModelProto:
@@ -146,10 +166,11 @@ def input_files(path, model: onnx.ModelProto | None = None) -> list[Path]:
             model = stream.read_skeleton(path)
         except Exception:  # noqa: BLE001 - open_model reports the exact problem
             return files
+    own = path.resolve().name
     for t in onnx.external_data_helper._get_all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = {e.key: e.value for e in t.external_data}.get("location", "")
-            if loc and path.parent / loc not in files:
+            if loc and loc != own and path.parent / loc not in files:
                 files.append(path.parent / loc)
     return files
 

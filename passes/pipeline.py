@@ -39,7 +39,7 @@ from bfc.passes.guard import Guard
 from bfc.passes.normalize import Normalize
 from bfc.passes import load as load_mod
 from bfc.passes.load import (as_model, check_output_path, default_opset, input_files, model_size,
-                              open_model, save_model)
+                              open_with_base, save_model)
 from bfc.passes.stream import import_graph, materialize, trim
 from bfc.passes.plan import LayerPlan, Plan
 from bfc.passes.rewrite import Rewrite
@@ -90,10 +90,9 @@ class Load(GraphPass):
             state.model = as_model(state.source)     # a ModelProto (anything else: a typed error)
             state.name = state.model.graph.name or "model"
         else:                                # weights stay in their files (bfc.passes.stream)
-            state.base = Path(state.source)
-            state.model = open_model(state.base)
+            state.model, state.base = open_with_base(state.source)
             state.name = str(state.source)
-            state.files = input_files(state.base, state.model)
+            state.files = input_files(state.source, state.model)
             state.source_model = state.model
             if state.output_path is not None:
                 check_output_path(state.output_path, state.files)
@@ -185,7 +184,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         state.output = out = None
         check_file(output)
         report.model_bytes_after = _file_bytes(output, external=out_bytes > load_mod.PROTO_LIMIT)
-        verify_against, verify_base = open_model(output), output   # the written files, read by onnxruntime
+        verify_against, verify_base = open_with_base(output)   # the written files, read by onnxruntime
     if cfg.verify:
         emit(StageStarted("verify"))
         original, original_base = (state.model, None) if isinstance(source, onnx.ModelProto) else (

@@ -146,7 +146,7 @@ def ref_of(t: TensorProto, base) -> DataRef:
     path = base.parent / loc
     offset = int(info.get("offset", 0) or 0)
     length = int(info["length"]) if info.get("length") else os.path.getsize(path) - offset
-    return DataRef(path, offset, length, loc == base.name)
+    return DataRef(path, offset, length, loc == base.name or loc == base.resolve().name)
 
 
 def read_ref(ref: DataRef) -> bytes:
@@ -245,7 +245,7 @@ def read_skeleton(path) -> onnx.ModelProto:
     """The model at ``path`` with its big initializers as references (module doc); raises ValueError
     (malformed protobuf) or DecodeError."""
     path = Path(path)
-    name = path.name
+    name = path.resolve().name               # a reference to the model's own bytes names the real file
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:

@@ -35,7 +35,7 @@ def _cosine_sum(a, b) -> tuple[float, int]:
 
 
 def _folder(base):
-    return None if base is None else Path(base).resolve().parent
+    return None if base is None else Path(base).absolute().parent
 
 
 CHUNK = 8     # samples per onnxruntime run (activation memory stays bounded for long input sets)

@@ -147,3 +147,19 @@ def test_streamed_peak_memory_is_below_the_weights(tmp_path):
     table = S.file_array(next(t for t in L.open_model(out).graph.initializer if t.name == "table"), out)
     np.testing.assert_array_equal(table.read()[-3:], np.fromfile(data, np.float32, 3 * k,
                                                                  offset=(TABLE_ROWS - 3) * k * 4).reshape(3, k))
+
+
+def test_symlinked_model_file(tmp_path):
+    """A model file that is a link into another folder (a download cache): its own bytes are read
+    through the real file, and the result equals the in-memory run."""
+    real = tmp_path / "blobs" / "abc123"
+    real.parent.mkdir()
+    onnx.save_model(fixture_model(), str(real))
+    link = tmp_path / "snapshot" / "model.onnx"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    cfg = bfc.OptimizeConfig(**CFG)
+    out = tmp_path / "out.onnx"
+    _, report = bfc.optimize(str(link), cfg, output=out)
+    assert report.not_verified is None
+    assert out.read_bytes() == bfc.optimize(onnx.load(str(real)), cfg)[0].SerializeToString()
