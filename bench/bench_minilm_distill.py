@@ -142,7 +142,9 @@ def build_one(args) -> dict:
            "stsb": stsb(out, args.limit), "path": str(out)}
     if args.cross:
         rec["wordsim353"], rec["lee"] = wordsim353(out), lee(out)
-    rec["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    rec["peak_rss_gb"] = use.ru_maxrss / 2**20
+    rec["cpu_s"] = round(use.ru_utime + use.ru_stime, 1)       # the whole child: build + scoring
     return rec
 
 
