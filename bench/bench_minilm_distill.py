@@ -308,9 +308,11 @@ def main(argv=None) -> int:
             f"onnxruntime int8 dynamic: STS-B {ref['int8_stsb']:.2f} at {int8_bytes / 1e6:.2f} MB of linear weights.",
             "", table(recs, int8_bytes, ref), ""]
     body.append(f"All 36 weight MatMuls of all-MiniLM-L6-v2 (models/minilm.py), portable target, "
-                f"48-sentence calibration, no layer-wise reconstruction; distillation data: {args.sentences} sentences "
-                f"of `python models/minilm.py distill-data` (max 128 tokens). STS-B pairs: {args.limit or 1500}. "
-                f"Builds ran {args.jobs} at a time, one process each, torch and onnxruntime on 1 thread; "
+                "48-sentence calibration, no layer-wise reconstruction; distillation data: `python models/minilm.py "
+                "distill-data` with the row's sentence count (2048: gensim's corpora only, the first runs; 50000: "
+                "WordNet glosses/examples + fortunes + gensim, the current default; max 128 tokens). "
+                f"STS-B pairs: {args.limit or 1500}. "
+                "Builds ran one to three at a time, one process each, torch on 1 thread; "
                 "peak RSS is the build process's maximum resident set (ru_maxrss), build and evaluation included. "
                 "Linear FLOPs: bfc's report, the 36 weight MatMuls per token (the 12 attention MatMuls stay dense "
                 "and are not counted).")
