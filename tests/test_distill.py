@@ -257,12 +257,15 @@ def test_batches_cut_padding():
         assert b["attention_mask"][:, -1].any() and b["input_ids"].shape == b["attention_mask"].shape
 
 
-def test_minilm_distill_sentences_are_disjoint_from_evaluation():
+def test_minilm_distill_sentences_are_disjoint_from_evaluation(tmp_path):
     pytest.importorskip("gensim", reason="the sentences come from gensim's bundled corpora")
     sys.path.insert(0, str(Path(__file__).parent.parent / "models"))
     import minilm
-    a, facts = minilm.distill_sentences(200, seed=0)
-    b, _ = minilm.distill_sentences(200, seed=0)
+    none = {"wordnet": tmp_path / "wordnet", "fortunes": tmp_path / "fortunes"}   # gensim only: no network
+    a, facts = minilm.distill_sentences(200, seed=0, folders=none)
+    b, _ = minilm.distill_sentences(200, seed=0, folders=none)
+    stsb = minilm._stsb_sentences()
+    assert not stsb & {minilm._norm(s) for s in a}
     assert a == b and len(set(a)) == 200
     assert all(5 <= len(s.split()) <= 60 for s in a)
     cal = set(minilm.calibration_sentences(48))
