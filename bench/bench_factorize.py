@@ -139,12 +139,39 @@ def throughput_section(ref) -> str:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _previous() -> tuple[str, str]:
+    """(anchor table + notes, throughput section) of the results file as it is (for parts not rerun)."""
+    path = Path(__file__).resolve().parent / "results" / "factorize.md"
+    if not path.exists():
+        return "", ""
+    text = path.read_text()
+    start = text.find("| matrix |")
+    cut = text.find("## Throughput")
+    anchors = text[start:cut if cut >= 0 else len(text)].strip() if start >= 0 else ""
+    if anchors and "(not rerun" not in anchors:
+        first = text[:start]
+        when = next((ln for ln in first.splitlines() if ln.startswith("Machine:")), "")
+        anchors = f"Anchor table not rerun (from the previous run; {when.strip()}):\n\n" + anchors
+    return anchors, text[cut:].strip() + "\n" if cut >= 0 else ""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default=None, help="a folder holding an older checkout's bfc/ (throughput beside it)")
+    ap.add_argument("--parts", default="anchors,throughput",
+                    help="anchors (the table against pyfaust/lazylinop), throughput; a part not run keeps its "
+                         "section of the results file")
     args = ap.parse_args(argv)
-    tp = throughput_section(args.ref)
+    parts = args.parts.split(",")
+    cmd = "python bench/bench_factorize.py" + (f" --parts {args.parts}" if args.parts != ap.get_default("parts") else "") \
+        + (f" --ref {args.ref}" if args.ref else "")
+    old = _previous()
+    tp = throughput_section(args.ref) if "throughput" in parts else old[1]
     print(tp, flush=True)
+    if "anchors" not in parts:
+        write_result("factorize", "Factorization (bfc.factorize vs pyfaust / lazylinop)", cmd,
+                     old[0] + "\n\n" + tp)
+        return
     rows = []
     cases = [("Hadamard", n, "butterfly", hadamard(n).astype(np.float64)) for n in (256, 1024, 4096)]
     cases.append(("Gaussian->Monarch", 1024, "monarch", np.random.default_rng(0).standard_normal((1024, 1024))))
@@ -182,7 +209,6 @@ def main(argv=None):
              "numpy allocations during one bfc call, over the input's bytes. Targets: Hadamard N=1024 "
              "<= 1/20 of the faster anchor at error <= 1e-12; N=4096 < 0.3 s; Monarch N=1024 <= 1/10 of "
              "lazylinop; peak memory < 3x the input.")
-    cmd = "python bench/bench_factorize.py" + (f" --ref {args.ref}" if args.ref else "")
     write_result("factorize", "Factorization (bfc.factorize vs pyfaust / lazylinop)", cmd,
                  "\n".join(lines) + "\n\n" + notes + "\n\n" + tp)
 
