@@ -21,6 +21,7 @@ def _source_checkout_passes() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["bfc.passes"] = module
     spec.loader.exec_module(module)
+    globals()["passes"] = module      # as the import system does for a submodule: bfc.passes works
 
 
 _source_checkout_passes()
