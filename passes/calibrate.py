@@ -22,9 +22,12 @@ Ensures: ``stats[weight_name]`` is a ``LayerStats`` over every node sharing the 
     activation quantization).
 Bounded memory:
   * the inputs run CHUNK samples at a time: one chunk's activations are held, never the set;
+  * only the sites the planner will plan are collected (``bfc.passes.plan.skip_reason``:
+    --include/--exclude/--min-size); weights read through the same tensors (Q, K, V) share one
+    accumulator and one ``LayerStats``;
   * the sites are collected group by group: sites that share an input tensor (or a weight
     read by several inputs) form one unit, and units are packed in graph order into groups
-    whose float64 accumulators (K^2 or K per site, plus its sample rows) fit GROUP_BYTES
+    whose float64 accumulators (K^2 or K each, plus the sample rows) fit GROUP_BYTES
     (a larger unit is a group of its own); each group is one pass of onnxruntime over the
     calibration inputs, asking for that group's tensors only;
   * each finished statistic is written (float32) to a spill folder and kept as a
@@ -45,13 +48,14 @@ import onnx
 
 from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.find_sites import Site
+from bfc.passes.plan import skip_reason
 from bfc.passes.session import run, session
 from bfc.passes.stream import trim
 
 CHUNK = 4           # samples per onnxruntime run while collecting activations
 SAMPLE_ROWS = 512   # activation rows kept per site for target-exact error measurements
 GRAM_EXACT_MAX = 4096       # widest input K with an exact (K, K) Gram (128 MB of float64)
-GROUP_BYTES = 128 << 20     # float64 accumulator bytes of one calibration pass (one group of sites)
+GROUP_BYTES = 256 << 20     # float64 accumulator bytes of one calibration pass (one group of sites)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Calibrate(GraphPass):
         cfg = state.config
         if state.feeds is not None and any(s.eligible for s in state.sites):
             state.stats = collect(state.model, state.sites, state.feeds, cfg.calibration_rows, cfg.seed,
-                                  getattr(state, "base", None))
+                                  getattr(state, "base", None), config=cfg)
             diag = sorted(k for k, v in state.stats.items() if np.ndim(v.gram) == 1)
             if diag:
                 state.notes.append(f"calibration: {len(diag)} layers with inputs wider than {GRAM_EXACT_MAX} keep "
@@ -103,9 +107,10 @@ def _chunks(feeds: dict, fixed=frozenset()) -> list[dict]:
     return [{k: v[i:i + CHUNK] for k, v in feeds.items()} for i in range(0, n, CHUNK)]
 
 
-def _groups(names: list[str], wanted: dict, exact: dict, budget: int) -> list[list[str]]:
+def _groups(names: list[str], wanted: dict, acc_of: dict, budget: int) -> list[list[str]]:
     """Input tensors packed into calibration passes (module doc): a unit is a connected set of
-    tensors and sites (a site read through several tensors keeps them together)."""
+    tensors and sites (a site read through several tensors keeps them together); its cost counts
+    each accumulator once (``acc_of``: weight -> its accumulator's key, shared by Q, K, V)."""
     parent = {n: n for n in names}
 
     def find(n):
@@ -125,9 +130,8 @@ def _groups(names: list[str], wanted: dict, exact: dict, budget: int) -> list[li
         units.setdefault(find(n), []).append(n)
     groups, cur, used = [], [], 0
     for unit in units.values():         # in graph order of their first tensor
-        sites = {s.weight_name: s for n in unit for s, _sn in wanted[n]}
-        cost = sum(8 * (k * k if exact[w] else k) + 4 * SAMPLE_ROWS * k
-                   for w, k in ((w, s.weight.shape[0]) for w, s in sites.items()))
+        accs = {acc_of[s.weight_name]: s.weight.shape[0] for n in unit for s, _sn in wanted[n]}
+        cost = sum(8 * (k * k if exact else k) + 4 * SAMPLE_ROWS * k for (_m, exact), k in accs.items())
         if cur and used + cost > budget:
             groups.append(cur)
             cur, used = [], 0
@@ -158,12 +162,13 @@ class _Spill:
 
 
 def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 8192, seed: int = 0,
-            base=None, group_bytes: int = GROUP_BYTES, spill: bool = True) -> dict:
-    """``{weight_name: LayerStats}`` for the eligible sites (module doc); ``base``: the model file a
+            base=None, group_bytes: int = GROUP_BYTES, spill: bool = True, config=None) -> dict:
+    """``{weight_name: LayerStats}`` for the eligible sites (module doc), and with ``config`` only
+    for those the planner will plan (``bfc.passes.plan.skip_reason``); ``base``: the model file a
     skeleton's weight references are relative to; ``spill=False`` keeps the statistics in memory."""
     wanted = {}
     for s in sites:
-        if s.eligible:
+        if s.eligible and (config is None or skip_reason(s, config) is None):
             for sn in s.nodes:
                 if getattr(sn, "scope", None) is not None:
                     continue               # inside a subgraph: onnxruntime cannot return its activations
@@ -172,9 +177,17 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     if not names:
         return {}
     exact = {}
+    members: dict = {}
     for n in names:
-        for s, _sn in wanted[n]:
+        for s, sn in wanted[n]:
             exact.setdefault(s.weight_name, s.weight.shape[0] <= GRAM_EXACT_MAX)
+            members.setdefault(s.weight_name, []).append((n, sn.trans_a))
+    # weights read through the same tensors in the same way (Q, K, V) share one accumulator,
+    # filled by its first weight (its owner)
+    acc_of = {w: (tuple(sorted(m)), exact[w]) for w, m in members.items()}
+    owner: dict = {}
+    for w, a in acc_of.items():
+        owner.setdefault(a, w)
     chunks = _chunks(feeds, _fixed_first_dims(model))
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     sample_per_chunk = max(1, -(-SAMPLE_ROWS // len(chunks)))
@@ -182,7 +195,7 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     folder = None if base is None else Path(base).absolute().parent
     store = _Spill() if spill else None
     out = {}
-    for group in _groups(names, wanted, exact, group_bytes):
+    for group in _groups(names, wanted, acc_of, group_bytes):
         grams: dict = {}
         samples: dict = {}
         existing = {o.name for o in model.graph.output}
@@ -211,19 +224,25 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
                             rng.choice(v.shape[0], sample_per_chunk, replace=False))]
                         g = v.T @ v if key[1] else np.einsum("ij,ij->j", v, v)
                         cache[key] = (g, keep.astype(np.float32))
+                    a = acc_of[s.weight_name]
+                    if owner[a] != s.weight_name:
+                        continue             # its owner adds the same rows
                     g, keep = cache[key]
-                    if s.weight_name in grams:
-                        grams[s.weight_name] += g
+                    if a in grams:
+                        grams[a] += g
                     else:
-                        grams[s.weight_name] = g.copy()
-                    samples.setdefault(s.weight_name, []).append(keep)
+                        grams[a] = g.copy()
+                    samples.setdefault(a, []).append(keep)
                 del cache, act
         del sess
         trim()
-        for k in list(grams):                # float32 storage; plan works in float64
-            g = grams.pop(k).astype(np.float32)
-            x = np.concatenate(samples.pop(k))[:SAMPLE_ROWS]
-            out[k] = LayerStats(store.put(g), store.put(x)) if store is not None else LayerStats(g, x)
-            del g, x
+        for a in list(grams):                # float32 storage; plan works in float64
+            g = grams.pop(a).astype(np.float32)
+            x = np.concatenate(samples.pop(a))[:SAMPLE_ROWS]
+            st = LayerStats(store.put(g), store.put(x)) if store is not None else LayerStats(g, x)
+            for w, wa in acc_of.items():
+                if wa == a:
+                    out[w] = st
+            del g, x, st
         trim()
     return out

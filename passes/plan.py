@@ -222,8 +222,8 @@ def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=No
     w = site.weight.astype(np.float64)
     m, n = w.shape
     plan = LayerPlan(site, error_kind="output" if stats is not None else "weight")
-    gram = None if stats is None else np.asarray(stats.gram, np.float64)
     score = Scorer(w, stats, target, cfg.seed)
+    gram = score.gram                  # one float64 copy of the statistics, shared with the scorer
     if precisions is None:
         precisions = AUTO_PRECISIONS if cfg.precision is Precision.AUTO else (cfg.precision,)
     budget = cfg.max_error if cfg.max_error is not None else float("inf")
@@ -301,6 +301,21 @@ def _match(names, patterns):
     return any(fnmatch.fnmatchcase(nm, p) for nm in names for p in patterns)
 
 
+def skip_reason(site: Site, cfg: OptimizeConfig) -> str | None:
+    """Why ``site`` is not planned at all (not eligible, --include/--exclude, --min-size), or None:
+    the one selection rule, also used by calibration to collect only the statistics planned on."""
+    names = [nd.name for nd in site.nodes]
+    if not site.eligible:
+        return site.reason
+    if cfg.include and not _match(names, cfg.include):
+        return "not matched by --include " + ",".join(cfg.include)
+    if cfg.exclude and _match(names, cfg.exclude):
+        return "matched by --exclude " + ",".join(cfg.exclude)
+    if site.weight.size < cfg.min_size:
+        return f"too small ({site.weight.size} weights < min-size {cfg.min_size})"
+    return None
+
+
 def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | None = None,
                on_event=None, model_bytes: int | None = None, precisions=None, opset: int = 21) -> list[LayerPlan]:
     """One LayerPlan per site, in the order of ``sites`` (largest weights are planned first)."""
@@ -308,9 +323,7 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
     bits, lowbit_why = _lowbit_bits(cfg, target, opset)
     rots = {}
     if bits:
-        todo = [s for s in sites if s.eligible and s.weight.size >= cfg.min_size
-                and not (cfg.include and not _match([nd.name for nd in s.nodes], cfg.include))
-                and not (cfg.exclude and _match([nd.name for nd in s.nodes], cfg.exclude))]
+        todo = [s for s in sites if skip_reason(s, cfg) is None]
         rots = lowbit_plan.rotations(todo, stats, cfg, target, max(bits))
     order = sorted(range(len(sites)), key=lambda i: -(sites[i].weight.size if sites[i].weight is not None else 0))
     total = model_bytes if model_bytes is not None else sum(s.weight.nbytes for s in sites if s.weight is not None)
@@ -336,15 +349,9 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
 
     for i in order:
         site = sites[i]
-        names = [nd.name for nd in site.nodes]
-        if not site.eligible:
-            plans[i] = LayerPlan(site, reason=site.reason)
-        elif cfg.include and not _match(names, cfg.include):
-            plans[i] = LayerPlan(site, reason="not matched by --include " + ",".join(cfg.include))
-        elif cfg.exclude and _match(names, cfg.exclude):
-            plans[i] = LayerPlan(site, reason="matched by --exclude " + ",".join(cfg.exclude))
-        elif site.weight.size < cfg.min_size:
-            plans[i] = LayerPlan(site, reason=f"too small ({site.weight.size} weights < min-size {cfg.min_size})")
+        why = skip_reason(site, cfg)
+        if why is not None:
+            plans[i] = LayerPlan(site, reason=why)
         elif cfg.target_size is not None and total <= cfg.target_size:
             plans[i] = LayerPlan(site, reason=f"target size {cfg.target_size} bytes already reached")
         elif cfg.structure is Structure.ROTATED and lowbit_why is not None:

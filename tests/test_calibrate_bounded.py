@@ -72,3 +72,18 @@ def test_diagonal_error_estimate_measured():
     print(f"diagonal Gram: error estimate {e_diag:.4f} vs exact {e_exact:.4f} (independent features), "
           f"{c_diag:.4f} vs {c_exact:.4f} (correlated: {c_diag / c_exact - 1:+.1%})")
     assert np.isfinite(c_diag) and c_diag > 0
+
+
+def test_shared_input_shares_one_accumulator_and_selection_limits_collection():
+    """W1 and W3 both read x: one LayerStats (same object, the exact X^T X); with --include only
+    the selected site's statistics are collected."""
+    from bfc.config import OptimizeConfig
+    model = two_layer_model()
+    x = np.random.default_rng(1).standard_normal((40, K)).astype(np.float32)
+    both = stats(model, {"x": x}, spill=False)
+    assert both["W1"] is both["W3"]
+    xx = x.astype(np.float64)
+    np.testing.assert_allclose(both["W1"].gram, (xx.T @ xx).astype(np.float32), rtol=1e-5)
+    only = stats(model, {"x": x}, spill=False, config=OptimizeConfig(include=("l2",), min_size=0))
+    assert only.keys() == {"W2"}
+    np.testing.assert_array_equal(only["W2"].gram, both["W2"].gram)
