@@ -80,7 +80,8 @@ def is_available() -> bool:
 
 
 def supported_isas() -> list[str]:
-    """Kernel ISAs this build of the library runs on this CPU (portable, avx2, avx512), asked from the
+    """Kernel ISAs this build of the library runs on this CPU (portable, avx2, avx512, avx512bf16: the
+    AVX-512 path with fp8 factors through bf16 dot products), asked from the
     library itself (``BfcKsIsa`` answers the ISA it picks for each ``BFC_KS_ISA`` request)."""
     import ctypes
 
@@ -89,7 +90,7 @@ def supported_isas() -> list[str]:
     old = os.environ.get("BFC_KS_ISA")
     out = []
     try:
-        for isa in ("portable", "avx2", "avx512"):
+        for isa in ("portable", "avx2", "avx512", "avx512bf16"):
             os.environ["BFC_KS_ISA"] = isa
             if fn() == isa.encode():
                 out.append(isa)

@@ -210,6 +210,10 @@ def test_isas_agree():
         for isa in ISAS[1:]:
             if fmt == "int8":
                 np.testing.assert_array_equal(ys[isa], ys["portable"], err_msg=f"int8 {isa} vs portable")
+            elif isa == "avx512bf16" and fmt.startswith("fp8"):   # bf16 activations: against their reference
+                ref = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"],
+                                              fp8_bf16=True)
+                assert rel(ys[isa], ref) < BF16_EMULATED_REL_TOL, (fmt, isa)
             else:
                 assert rel(ys[isa], ys["portable"]) < ISA_FLOAT_REL_TOL, (fmt, isa)
 
