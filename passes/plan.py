@@ -120,9 +120,7 @@ class Scorer:
                 u, v = (np.asarray(m, np.float64) for m in q.low_rank)
                 y = y + (self.rows @ u) @ v.T
             return float(np.linalg.norm(y - self._ref) / max(np.linalg.norm(self._ref), 1e-30))
-        if self.gram is not None:
-            return weighted_error(self.w, q.to_dense(), self.gram)
-        return float(np.linalg.norm(self.w - q.to_dense()) / max(np.linalg.norm(self.w), 1e-30))
+        return weighted_error(self.w, q.dequantized().iter_columns(), self.gram)   # column blocks
 
 
 def _store(f, precision: Precision, seed: int, method: str) -> QuantizedFactorization:

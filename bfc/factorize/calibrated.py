@@ -65,16 +65,27 @@ def refine_fits(chain: Chain, cap: int = DENSE_CAP) -> bool:
     return True
 
 
-def weighted_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> float:
+def weighted_error(w: np.ndarray, w_hat, gram: np.ndarray | None) -> float:
     """||X (W - W_hat)||_F / ||X W||_F computed from C = X^T X (or its 1-D diagonal form,
-    then sum_i C_ii ||e_i||^2)."""
-    e = w - w_hat
-    if gram.ndim == 1:
-        num = float(np.sum(gram * np.sum(np.abs(e) ** 2, axis=1)))
-        den = float(np.sum(gram * np.sum(np.abs(w) ** 2, axis=1)))
-        return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))
-    num = float(np.vdot(e, gram @ e))
-    den = float(np.vdot(w, gram @ w))
+    then sum_i C_ii ||e_i||^2; None: the plain ||W - W_hat||_F / ||W||_F).
+
+    ``w_hat`` is a dense matrix or an iterable of ``(cols, W_hat[:, cols])`` column blocks
+    (``KSFactorization.iter_columns``): both sums are separable over columns,
+    ||X E||^2 = sum_c ||X E[:, c]||^2, so no dense M x N temporary is needed."""
+    blocks = [(slice(None), w_hat)] if isinstance(w_hat, np.ndarray) else w_hat
+    num = den = 0.0
+    for cols, block in blocks:
+        wc = w[:, cols]
+        e = wc - block
+        if gram is None:
+            num += float(np.vdot(e, e).real)
+            den += float(np.vdot(wc, wc).real)
+        elif gram.ndim == 1:
+            num += float(np.sum(gram * np.sum(np.abs(e) ** 2, axis=1)))
+            den += float(np.sum(gram * np.sum(np.abs(wc) ** 2, axis=1)))
+        else:
+            num += float(np.vdot(e, gram @ e).real)
+            den += float(np.vdot(wc, gram @ wc).real)
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))
 
 

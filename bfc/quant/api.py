@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bfc.errors import ConfigError, InvalidInputError
-from bfc.factorize.result import KSFactorization, chain_dense
+from bfc.factorize.calibrated import weighted_error
+from bfc.factorize.result import KSFactorization, chain_column_chunks
 from bfc.ks import Chain
 from bfc.quant.chain import Method, quantize_chain, round_grid
 from bfc.quant.formats import FP32, Format, get_format, packed_nbytes
@@ -114,9 +115,16 @@ def _get_method(method) -> Method:
 _DEFAULT_GRAN = {True: Granularity.FACTOR, False: Granularity.CHANNEL}    # by fmt.is_float
 
 
-def _product_error(chain, ref, deq):
-    """||K_1...K_L - K^_1...K^_L||_F (dense, fp64)."""
-    return float(np.linalg.norm(ref - chain_dense(chain, deq)))
+def _product_error(chain, ref, deq=None) -> float:
+    """||K_1...K_L - K^_1...K^_L||_F (fp64) for the factor values ``ref`` and ``deq`` (None: the
+    norm of the ``ref`` product), summed over column chunks (no dense M x N temporary)."""
+    total = 0.0
+    pairs = chain_column_chunks(chain, ref) if deq is None else zip(chain_column_chunks(chain, ref),
+                                                                       chain_column_chunks(chain, deq))
+    for pair in pairs:
+        d = pair[2] if deq is None else pair[0][2] - pair[1][2]
+        total += float(np.vdot(d, d))
+    return float(np.sqrt(total))
 
 
 def cast(factorization: KSFactorization, fmt="fp32") -> QuantizedFactorization:
@@ -163,7 +171,6 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
         if not np.all(np.isfinite(v)):
             raise InvalidInputError(f"factor {l} contains NaN or inf; fix the factorization first")
     values = [v.astype(np.float64) for v in values]
-    ref = chain_dense(chain, values)
     rng = np.random.default_rng(seed)
 
     candidates = ([Method.RTN, Method.PAIRWISE, Method.L2R, Method.BALANCED] if m is Method.AUTO
@@ -178,7 +185,7 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
     for cand in candidates:
         qs = quantize_chain(f, values, cand, gran, r, rng)
         deq = [q * s.astype(np.float64) for q, s in qs]
-        err = _product_error(chain, ref, deq)
+        err = _product_error(chain, values, deq)
         if best is None or err < best[0]:
             best = (err, cand, qs)
     _, used, qs = best
@@ -190,10 +197,9 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
     out = QuantizedFactorization(chain, factors, factorization.row_perm, factorization.col_perm,
                                  low_rank, f.name, used.value, float("nan"))
     if low_rank is None:         # permutations only reorder entries: the product error is it
-        err, nrm = best[0], float(np.linalg.norm(ref))
+        err, nrm = best[0], _product_error(chain, values)
+        rel = err / nrm if nrm > 0 else err
     else:
-        w_src = factorization.to_dense()
-        nrm = float(np.linalg.norm(w_src))
-        err = float(np.linalg.norm(w_src - out.to_dense()))
-    object.__setattr__(out, "rel_error", err / nrm if nrm > 0 else err)
+        rel = weighted_error(factorization.to_dense(4096), out.dequantized().iter_columns(), None)
+    object.__setattr__(out, "rel_error", rel)
     return out
