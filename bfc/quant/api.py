@@ -115,16 +115,19 @@ def _get_method(method) -> Method:
 _DEFAULT_GRAN = {True: Granularity.FACTOR, False: Granularity.CHANNEL}    # by fmt.is_float
 
 
-def _product_error(chain, ref, deq=None) -> float:
-    """||K_1...K_L - K^_1...K^_L||_F (fp64) for the factor values ``ref`` and ``deq`` (None: the
-    norm of the ``ref`` product), summed over column chunks (no dense M x N temporary)."""
-    total = 0.0
-    pairs = chain_column_chunks(chain, ref) if deq is None else zip(chain_column_chunks(chain, ref),
-                                                                       chain_column_chunks(chain, deq))
-    for pair in pairs:
-        d = pair[2] if deq is None else pair[0][2] - pair[1][2]
-        total += float(np.vdot(d, d))
-    return float(np.sqrt(total))
+def _product_errors(chain, ref, deqs) -> tuple[list[float], float]:
+    """([||K_1...K_L - K^_1...K^_L||_F for each factor list in ``deqs``], ||K_1...K_L||_F) in fp64,
+    for the factor values ``ref``: one pass over column chunks of the products (each reference
+    chunk formed once; no dense M x N temporary)."""
+    sums = [0.0] * len(deqs)
+    norm = 0.0
+    for parts in zip(chain_column_chunks(chain, ref), *(chain_column_chunks(chain, d) for d in deqs)):
+        a = parts[0][2]
+        norm += float(np.vdot(a, a))
+        for i, (_, _, b) in enumerate(parts[1:]):
+            d = a - b
+            sums[i] += float(np.vdot(d, d))
+    return [float(np.sqrt(t)) for t in sums], float(np.sqrt(norm))
 
 
 def cast(factorization: KSFactorization, fmt="fp32") -> QuantizedFactorization:
@@ -181,14 +184,10 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
         # two factors: pairwise, l2r and balanced are the same joint solve (Alg. 7.1 on
         # (K_1, K_2)); the first of them wins ties anyway, so solve it once
         candidates = [c for c in candidates if c not in (Method.L2R, Method.BALANCED)]
-    best = None
-    for cand in candidates:
-        qs = quantize_chain(f, values, cand, gran, r, rng)
-        deq = [q * s.astype(np.float64) for q, s in qs]
-        err = _product_error(chain, values, deq)
-        if best is None or err < best[0]:
-            best = (err, cand, qs)
-    _, used, qs = best
+    found = [quantize_chain(f, values, cand, gran, r, rng) for cand in candidates]
+    errs, nrm = _product_errors(chain, values, [[q * s.astype(np.float64) for q, s in qs] for qs in found])
+    best = min(range(len(candidates)), key=lambda i: errs[i])      # the first of equal errors
+    used, qs = candidates[best], found[best]
     factors = tuple(QuantizedFactor(to_storage(f, round_grid(f, q)), np.asarray(s, np.float32))
                     for q, s in qs)
     low_rank = None
@@ -197,8 +196,7 @@ def quantize(factorization: KSFactorization, fmt, method="auto", rounding="neare
     out = QuantizedFactorization(chain, factors, factorization.row_perm, factorization.col_perm,
                                  low_rank, f.name, used.value, float("nan"))
     if low_rank is None:         # permutations only reorder entries: the product error is it
-        err, nrm = best[0], _product_error(chain, values)
-        rel = err / nrm if nrm > 0 else err
+        rel = errs[best] / nrm if nrm > 0 else errs[best]
     else:
         rel = weighted_error(factorization.to_dense(4096), out.dequantized().iter_columns(), None)
     object.__setattr__(out, "rel_error", rel)
