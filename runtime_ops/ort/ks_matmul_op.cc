@@ -199,10 +199,12 @@ bool ort_parallel_for(void* c, void (*fn)(void*, size_t), size_t n, void* user) 
   return false;
 }
 
-OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
-  Kernel* k = static_cast<Kernel*>(kp);
-  if (k == nullptr) return nullptr;  // unreachable: CreateKernelV2 failed and ORT stopped
-  const Api& api = k->api;
+// What both ops do per run: read X (and the optional bias), validate them with ``validate``,
+// allocate Y = X's shape with the last dim N, and run ``run`` over the rows; every failure is an
+// ORT error status naming ``op``.
+template <class Validate, class Run>
+OrtStatus* compute_rows(const Api& api, OrtKernelContext* ctx, const std::string& op, int64_t N,
+                        Validate validate, Run run) {
   try {
     size_t nin = 0;
     if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &nin)) return st;
@@ -214,26 +216,39 @@ OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
       if (v != nullptr) e = describe_value(api, v, i == 0 ? &x : &bias);
     }
     int64_t rows = 0;
-    if (e.empty()) e = ks::validate_run(k->dims, nin, x, bias, &rows);
+    if (e.empty()) e = validate(nin, x, bias, &rows);
     if (!e.empty()) return error(api, e);
     std::vector<int64_t> yd = x.dims;
-    yd.back() = k->dims.N;
+    yd.back() = N;
     OrtValue* yv = nullptr;
     if (OrtStatus* st = api.KernelContext_GetOutput(ctx, 0, yd.data(), yd.size(), &yv)) return st;
     if (rows == 0) return nullptr;
     void* y = nullptr;
-    if (yv == nullptr) return error(api, "KSMatMul: onnxruntime returned no output tensor", kFail);
+    if (yv == nullptr) return error(api, op + ": onnxruntime returned no output tensor", kFail);
     if (OrtStatus* st = api.GetTensorMutableData(yv, &y)) return st;
-    if (x.data == nullptr || y == nullptr) return error(api, "KSMatMul: input or output tensor has no data", kFail);
+    if (x.data == nullptr || y == nullptr) return error(api, op + ": input or output tensor has no data", kFail);
     PforCtx pctx{&api, ctx};
-    e = ks::run_chain(k->plan, static_cast<const float*>(x.data), static_cast<const float*>(bias.data),
-                      static_cast<float*>(y), rows, ort_parallel_for, &pctx);
+    e = run(static_cast<const float*>(x.data), static_cast<const float*>(bias.data), static_cast<float*>(y), rows,
+            &pctx);
     return e.empty() ? nullptr : error(api, e, kFail);
   } catch (const std::bad_alloc&) {
-    return error(api, "KSMatMul: out of memory", kFail);
+    return error(api, op + ": out of memory", kFail);
   } catch (...) {
-    return error(api, "KSMatMul: compute failed", kFail);
+    return error(api, op + ": compute failed", kFail);
   }
+}
+
+OrtStatus* compute(void* kp, OrtKernelContext* ctx) {
+  Kernel* k = static_cast<Kernel*>(kp);
+  if (k == nullptr) return nullptr;  // unreachable: CreateKernelV2 failed and ORT stopped
+  return compute_rows(
+      k->api, ctx, "KSMatMul", k->dims.N,
+      [k](size_t nin, const ks::TensorDesc& x, const ks::TensorDesc& b, int64_t* rows) {
+        return ks::validate_run(k->dims, nin, x, b, rows);
+      },
+      [k](const float* x, const float* b, float* y, int64_t rows, PforCtx* p) {
+        return ks::run_chain(k->plan, x, b, y, rows, ort_parallel_for, p);
+      });
 }
 
 // ---- shape inference ------------------------------------------------------------------
@@ -388,38 +403,14 @@ OrtStatus* lowbit_create(const CustomOp*, const OrtApi* ort_api, const OrtKernel
 OrtStatus* lowbit_compute(void* kp, OrtKernelContext* ctx) {
   LowBitKernel* k = static_cast<LowBitKernel*>(kp);
   if (k == nullptr) return nullptr;
-  const Api& api = k->api;
-  try {
-    size_t nin = 0;
-    if (OrtStatus* st = api.KernelContext_GetInputCount(ctx, &nin)) return st;
-    ks::TensorDesc x, bias;
-    std::string e;
-    for (size_t i = 0; i < 2 && i < nin && e.empty(); ++i) {
-      const OrtValue* v = nullptr;
-      if (OrtStatus* st = api.KernelContext_GetInput(ctx, i, &v)) return st;
-      if (v != nullptr) e = describe_value(api, v, i == 0 ? &x : &bias);
-    }
-    int64_t rows = 0;
-    if (e.empty()) e = lowbit::validate_run(k->plan, nin, x, bias, &rows);
-    if (!e.empty()) return error(api, e);
-    std::vector<int64_t> yd = x.dims;
-    yd.back() = k->plan.N;
-    OrtValue* yv = nullptr;
-    if (OrtStatus* st = api.KernelContext_GetOutput(ctx, 0, yd.data(), yd.size(), &yv)) return st;
-    if (rows == 0) return nullptr;
-    void* y = nullptr;
-    if (yv == nullptr) return error(api, "LowBitMatMul: onnxruntime returned no output tensor", kFail);
-    if (OrtStatus* st = api.GetTensorMutableData(yv, &y)) return st;
-    if (x.data == nullptr || y == nullptr) return error(api, "LowBitMatMul: input or output has no data", kFail);
-    PforCtx pctx{&api, ctx};
-    e = lowbit::run(k->plan, static_cast<const float*>(x.data), static_cast<const float*>(bias.data),
-                    static_cast<float*>(y), rows, ort_parallel_for, &pctx);
-    return e.empty() ? nullptr : error(api, e, kFail);
-  } catch (const std::bad_alloc&) {
-    return error(api, "LowBitMatMul: out of memory", kFail);
-  } catch (...) {
-    return error(api, "LowBitMatMul: compute failed", kFail);
-  }
+  return compute_rows(
+      k->api, ctx, "LowBitMatMul", k->plan.N,
+      [k](size_t nin, const ks::TensorDesc& x, const ks::TensorDesc& b, int64_t* rows) {
+        return lowbit::validate_run(k->plan, nin, x, b, rows);
+      },
+      [k](const float* x, const float* b, float* y, int64_t rows, PforCtx* p) {
+        return lowbit::run(k->plan, x, b, y, rows, ort_parallel_for, p);
+      });
 }
 
 OrtStatus* lowbit_infer(const CustomOp*, OrtShapeInferContext* ctx) {
