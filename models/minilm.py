@@ -123,15 +123,13 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def export(path, opset: int = OPSET) -> dict:
-    """Export the model to ``path``; returns facts (export seconds, MatMul weight shapes)."""
+def export_dynamo(model, example: dict, path, opset: int = OPSET):
+    """``torch.onnx.export(dynamo=True)`` of a sentence-embedding ``model`` on the tokenized
+    ``example`` (keys INPUT_NAMES; batch and sequence axes dynamic), checked and written atomically
+    to ``path``; returns (proto, export seconds, the weight MatMuls' weight shapes)."""
     import onnx
     import torch
 
-    path = Path(path)
-    model = load_torch_model()
-    example = tokenize(["A short example sentence.", "Another, somewhat longer example sentence "
-                        "to give the batch some padding."])
     args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=2, max=512)
@@ -144,11 +142,24 @@ def export(path, opset: int = OPSET) -> dict:
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     onnx.checker.check_model(proto)
-    _atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    _atomic_write(Path(path), lambda tmp: onnx.save(proto, tmp))
     seconds = time.perf_counter() - t0
     inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
     shapes = [inits[n.input[1]] for n in proto.graph.node
               if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits]
+    return proto, seconds, shapes
+
+
+EXAMPLE = ["A short example sentence.", "Another, somewhat longer example sentence to give the batch some padding."]
+
+
+def export(path, opset: int = OPSET) -> dict:
+    """Export the model to ``path``; returns facts (export seconds, MatMul weight shapes)."""
+    import onnx
+    import torch
+
+    path = Path(path)
+    proto, seconds, shapes = export_dynamo(load_torch_model(), tokenize(EXAMPLE), path, opset)
     return {"model": MODEL_NAME, "path": str(path), "export_seconds": round(seconds, 2),
             "opset": opset, "ir_version": proto.ir_version, "weight_matmuls": len(shapes),
             "weight_shapes": sorted({str(s): shapes.count(s) for s in shapes}.items()),

@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -126,25 +125,7 @@ def export(path=None, cache: Path | None = None, opset: int = OPSET) -> dict:
     path = Path(path) if path else home(cache) / "model.onnx"
     tok = load_tokenizer(cache)
     model = load_torch_model(cache)
-    example = tokenize(["A short example sentence.", "Another, somewhat longer example sentence "
-                        "to give the batch some padding."], tok)
-    args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=2, max=512)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        program = torch.onnx.export(model, args, dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=list(OUTPUT_NAMES), opset_version=opset,
-                                    dynamic_shapes={n: {0: batch, 1: seq} for n in INPUT_NAMES},
-                                    verbose=False)
-    proto = program.model_proto
-    proto.ir_version = min(proto.ir_version, IR_VERSION)
-    onnx.checker.check_model(proto)
-    minilm._atomic_write(path, lambda tmp: onnx.save(proto, tmp))
-    seconds = time.perf_counter() - t0
-    inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
-    shapes = [inits[n.input[1]] for n in proto.graph.node
-              if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits]
+    proto, seconds, shapes = minilm.export_dynamo(model, tokenize(minilm.EXAMPLE, tok), path, opset)
     check = tokenize(minilm.calibration_sentences(8), tok, 128)
     with torch.no_grad():
         ref = model(*(torch.from_numpy(check[n]) for n in INPUT_NAMES))[0].numpy()
