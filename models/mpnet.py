@@ -84,9 +84,10 @@ def install(cache: Path | None = None) -> Path:
 
 
 def load_tokenizer(cache: Path | None = None):
+    folder = model_dir(cache)                  # the install hint first, before any import
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(model_dir(cache)))
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def tokenize(sentences, tokenizer=None, max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:

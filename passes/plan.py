@@ -120,7 +120,9 @@ class Scorer:
                 u, v = (np.asarray(m, np.float64) for m in q.low_rank)
                 y = y + (self.rows @ u) @ v.T
             return float(np.linalg.norm(y - self._ref) / max(np.linalg.norm(self._ref), 1e-30))
-        return weighted_error(self.w, q.dequantized().iter_columns(), self.gram)   # column blocks
+        # a KS factorization in column blocks (no dense M x N temporary); a rotated layer as its dense W_hat
+        w_hat = q.dequantized().iter_columns() if isinstance(q, QuantizedFactorization) else q.to_dense()
+        return weighted_error(self.w, w_hat, self.gram)
 
 
 def _store(f, precision: Precision, seed: int, method: str) -> QuantizedFactorization:
