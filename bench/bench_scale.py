@@ -161,7 +161,7 @@ def _wait4_cli(args):
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    out, err = proc.stdout.read(), proc.stderr.read()
+    _, err = proc.stdout.read(), proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     stop.set()
     th.join()

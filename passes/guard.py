@@ -15,7 +15,6 @@ monotone in the prefix length, and the chosen prefix is one that was measured to
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,6 @@ import ast
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
