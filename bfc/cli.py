@@ -124,21 +124,49 @@ def _targets():
     return [get_target(n) for n in names()]
 
 
-class _Progress:
-    """tqdm progress over the planned layers, on stderr, drawn from the pipeline's typed events
-    (disabled when stderr is not a terminal)."""
+_PROGRESS_EVERY_S = 10.0          # without a terminal: at most one layer line per 10 s
+_PROGRESS_AFTER_S = 5.0           # ... and nothing in a run's first 5 s (a quick error stays one line)
 
-    def __init__(self, enabled: bool):
+
+class _Progress:
+    """Progress on stderr, drawn from the pipeline's typed events (``bfc.passes.events``).
+
+    On a terminal: a tqdm bar over the planned layers.  Otherwise (a pipe, a log file): plain
+    lines, once the run has lasted ``_PROGRESS_AFTER_S`` seconds (env ``BFC_PROGRESS_AFTER_S``
+    overrides): one per stage as it starts, and one per planned layer at most every
+    ``_PROGRESS_EVERY_S`` seconds (plus the last layer).  ``enabled=False`` (``-q``): nothing."""
+
+    def __init__(self, enabled: bool, stream=None, clock=None):
+        import os
+        import time
         self.bar, self.enabled = None, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock or time.monotonic
+        self.t0 = self.clock()
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.tty = False
+        try:
+            self.after = float(os.environ.get("BFC_PROGRESS_AFTER_S", _PROGRESS_AFTER_S))
+        except ValueError:
+            self.after = _PROGRESS_AFTER_S
+        self.stage, self.detail, self.stage_at, self.layer_at = None, None, None, None
 
     def __call__(self, event):
         if not self.enabled:
             return
+        if self.tty:
+            self._bar(event)
+        else:
+            self._line(event)
+
+    def _bar(self, event):
         from tqdm import tqdm
 
         from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
         if isinstance(event, SitesFound):
-            self.bar = tqdm(total=event.total, desc="planning", unit="layer", file=sys.stderr, leave=False,
+            self.bar = tqdm(total=event.total, desc="planning", unit="layer", file=self.stream, leave=False,
                             disable=None)
         elif isinstance(event, LayerPlanned) and self.bar is not None:
             eta = f" ETA {event.eta:.0f} s" if event.eta is not None and event.done < event.total else ""
@@ -146,6 +174,42 @@ class _Progress:
             self.bar.update(1)
         elif isinstance(event, StageStarted) and self.bar is not None:
             self.bar.set_description(event.stage)
+
+    def _line(self, event):
+        from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
+        now = self.clock()
+        if isinstance(event, SitesFound):
+            if now - self.t0 >= self.after:
+                self._print(now, f"found {event.total} MatMul/Gemm sites, {event.eligible} eligible")
+            return
+        if isinstance(event, StageStarted):
+            repeat = event.stage == self.stage
+            self.stage, self.detail = event.stage, event.detail
+            if now - self.t0 < self.after:
+                return
+            # a stage repeats its event to say how far it is (distill steps): those at most every 10 s
+            if repeat and self.stage_at is not None and now - self.stage_at < _PROGRESS_EVERY_S:
+                return
+            self._stage_line(now)
+        elif isinstance(event, LayerPlanned):
+            if now - self.t0 < self.after:
+                return
+            if self.stage_at is None and self.stage is not None:
+                self._stage_line(now)          # the first line of the run: say which stage it is in
+            last = event.done >= event.total
+            if not last and self.layer_at is not None and now - self.layer_at < _PROGRESS_EVERY_S:
+                return
+            self.layer_at = now
+            eta = f", ETA {event.eta:.0f} s" if event.eta is not None and not last else ""
+            self._print(now, f"planned {event.done}/{event.total} layers (last {event.layer}: "
+                             f"{'rewritten' if event.rewritten else 'kept dense'}){eta}")
+
+    def _stage_line(self, now):
+        self.stage_at = now
+        self._print(now, self.stage + (f": {self.detail}" if self.detail else ""))
+
+    def _print(self, now, text):
+        print(f"bfc: {now - self.t0:6.1f} s  {text}", file=self.stream, flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -158,6 +222,9 @@ def cmd_optimize(args) -> int:
     cfg = _config(args)
     if args.report is not None:
         check_output_path(args.report, input_files(args.model) + [args.output])
+    if args.quiet:                      # onnxruntime's own log (its default logger) says nothing either
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(4)
     prog = _Progress(not args.quiet)
     try:
         _, report = optimize(args.model, cfg, output=args.output, on_event=prog)
@@ -185,12 +252,18 @@ def _release_memory() -> None:
 def _write_text(path: Path, text: str) -> None:
     import os
     import tempfile
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".bfc-", dir=path.parent if str(path.parent) else ".")
+        mask = os.umask(0)                 # mkstemp creates 0600: give the file the mode open() would
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise BfcError(f"cannot write {path} ({e.strerror}); choose another --report path") from None
 
 

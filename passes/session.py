@@ -450,10 +450,18 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
     return feeds
 
 
+def _run_options() -> ort.RunOptions:
+    """onnxruntime logs a failed run as an ``[E:onnxruntime:...]`` line on stderr before raising; the
+    raised error becomes bfc's one-line message, so the run's own log is off (severity 4: fatal only)."""
+    ro = ort.RunOptions()
+    ro.log_severity_level = 4
+    return ro
+
+
 def run(model_or_sess, feeds: dict, outputs=None) -> list[np.ndarray]:
     sess = model_or_sess if isinstance(model_or_sess, ort.InferenceSession) else session(model_or_sess)
     try:
-        return sess.run(outputs, feeds)
+        return sess.run(outputs, feeds, _run_options())
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"onnxruntime failed to run the model on the given inputs "
                          f"({str(e).splitlines()[0][:300]}); check the input shapes and types") from None

@@ -177,7 +177,7 @@ def _mlp():
     W = _w(16, 16)
     return _model([h.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
                   [h.make_tensor_value_info("x", T.FLOAT, ["N", 16]), h.make_tensor_value_info("k", T.INT64, ["N"])],
-                  [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(W, "W")])
+                  [h.make_tensor_value_info("y", T.FLOAT, ["N", 16])], [nh.from_array(W, "W")])
 
 
 @pytest.mark.parametrize("value,shown", [(np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "-inf"), (1e30, "+1e+30"),

@@ -1,0 +1,172 @@
+"""Polish of the command line and its messages (issue 21 items 9 and 10): progress lines without
+a terminal, one size per model, comparisons printed with enough digits, a demo command that runs
+from the current folder, study's structures from optimize's enum, help texts, legends, quiet
+onnxruntime logs, and the report file's mode."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T, helper as h
+
+from bfc.errors import ModelError
+from bfc.passes.session import run
+
+BFC = [sys.executable, "-m", "bfc.cli"]
+
+
+def _broadcast_mismatch():
+    m = h.make_model(h.make_graph([h.make_node("Add", ["a", "b"], ["c"])], "g",
+                                  [h.make_tensor_value_info("a", T.FLOAT, ["n", 4]),
+                                   h.make_tensor_value_info("b", T.FLOAT, ["m", 4])],
+                                  [h.make_tensor_value_info("c", T.FLOAT, None)]),
+                     opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_failed_run_raises_without_onnxruntime_log_lines(capfd):
+    """A run onnxruntime refuses is one ModelError; its `[E:onnxruntime:...]` log line stays off stderr."""
+    with pytest.raises(ModelError, match="onnxruntime failed to run the model"):
+        run(_broadcast_mismatch(), {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 4), np.float32)})
+    err = capfd.readouterr().err
+    assert "[E:" not in err and "onnxruntime" not in err
+
+
+def _mlp(path, width=64, seed=0):
+    rng = np.random.default_rng(seed)
+    nh = onnx.numpy_helper
+    g = h.make_graph([h.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), h.make_node("Relu", ["h"], ["r"]),
+                      h.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", width])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", width])],
+                     [nh.from_array(rng.standard_normal((width, width)).astype(np.float32), "W1"),
+                      nh.from_array(rng.standard_normal((width, width)).astype(np.float32), "W2")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+# ---- item 9: progress lines when stderr is not a terminal ------------------------------------
+def test_progress_lines_on_a_pipe(tmp_path):
+    """stderr a pipe: one line per stage (and the planned layers), no progress-bar control characters."""
+    src = _mlp(tmp_path / "m.onnx")
+    env = dict(os.environ, BFC_PROGRESS_AFTER_S="0")
+    p = subprocess.run(BFC + ["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--min-size", "0",
+                              "--workers", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.strip().splitlines()
+    stages = [re.match(r"bfc: +[0-9.]+ s  ([a-z]+)", ln).group(1) for ln in lines if ln.startswith("bfc: ")]
+    assert all(ln.startswith("bfc: ") for ln in lines), p.stderr
+    for stage in ("load", "sites", "plan", "save", "verify"):
+        assert stages.count(stage) == 1, (stage, p.stderr)
+    assert any("planned 2/2 layers" in ln for ln in lines) and "\r" not in p.stderr and "\x1b" not in p.stderr
+    assert "TOTAL" in p.stdout and "TOTAL" not in p.stderr
+
+
+def test_progress_lines_quiet_and_short_runs_print_nothing(tmp_path):
+    src = _mlp(tmp_path / "m.onnx")
+    env = dict(os.environ, BFC_PROGRESS_AFTER_S="0")
+    p = subprocess.run(BFC + ["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "-q", "--workers", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and p.stderr == "" and p.stdout == "", p.stderr
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class _Pipe:
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def test_progress_layer_lines_at_most_every_10_s(monkeypatch):
+    """400 layers, one per second: a layer line every 10 s (40) plus the last, one line per stage,
+    nothing in the first 5 s (a quick failure stays one line)."""
+    from bfc.cli import _Progress
+    from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
+    monkeypatch.delenv("BFC_PROGRESS_AFTER_S", raising=False)
+    clock, pipe = _Clock(), _Pipe()
+    prog = _Progress(True, stream=pipe, clock=clock)
+    for stage in ("load", "normalize", "sites"):
+        prog(StageStarted(stage))
+    prog(SitesFound(400, 400))
+    clock.t = 1.0
+    prog(StageStarted("plan"))
+    assert pipe.text == ""                                 # within the first 5 s: nothing yet
+    for i in range(400):
+        clock.t = 2.0 + i
+        prog(LayerPlanned(f"layer{i}", i % 3 > 0, i + 1, 400, eta=400.0 - i))
+    for step in range(0, 500, 1):                          # a stage that repeats its event (distill steps)
+        clock.t = 402.0 + step * 0.5
+        prog(StageStarted("distill", f"step {step}/500"))
+    clock.t = 700.0
+    prog(StageStarted("verify"))
+    lines = pipe.text.splitlines()
+    layer_lines = [ln for ln in lines if "planned" in ln]
+    times = [float(ln.split()[1]) for ln in layer_lines]
+    assert all(b - a >= 10 for a, b in zip(times[:-2], times[1:-1]))
+    assert 38 <= len(layer_lines) <= 42 and "planned 400/400 layers" in layer_lines[-1]
+    assert "ETA" in layer_lines[0] and "ETA" not in layer_lines[-1]
+    assert sum(" plan" in ln and "planned" not in ln for ln in lines) == 1     # the stage, said once
+    distill = [ln for ln in lines if "distill" in ln]
+    assert 24 <= len(distill) <= 26                         # 250 s of steps: one line per 10 s
+    assert lines[-1].endswith("verify") and times[0] >= 5
+
+
+# ---- item 10: onnxruntime's log under -q, the report file's mode ------------------------------
+def test_quiet_run_of_a_model_generated_inputs_cannot_run_prints_nothing(tmp_path):
+    """The generated inputs do not fit a fixed Reshape: onnxruntime fails (the report notes it) but its
+    `[E:onnxruntime:...]` log line does not reach stderr, under -q nothing does."""
+    rng = np.random.default_rng(2)
+    nh = onnx.numpy_helper
+    g = h.make_graph([h.make_node("MatMul", ["x", "W"], ["y0"], name="fc"),
+                      h.make_node("Reshape", ["y0", "shape"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [3, "k"])],
+                     [nh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+                      nh.from_array(np.array([3, -1], np.int64), "shape")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "m.onnx")
+    p = subprocess.run(BFC + ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "-q",
+                              "--min-size", "0", "--workers", "1", "--report", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.stderr == "" and p.stdout == "", p.stderr
+    import json
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["outputs"] == [] and "onnxruntime failed" in (rep["not_verified"] or "") + " ".join(rep["notes"])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_report_file_mode_follows_the_umask(tmp_path, umask, mode, capsys):
+    from bfc.cli import main
+    src = _mlp(tmp_path / "m.onnx")
+    old = os.umask(umask)
+    try:
+        rc = main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "-q", "--workers", "1",
+                   "--report", str(tmp_path / "r.json")])
+    finally:
+        os.umask(old)
+    assert rc == 0
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bfc-")] == []   # no temporary left
