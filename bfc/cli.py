@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bfc import __version__
-from bfc.config import OptimizeConfig
+from bfc.config import OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
 
 
@@ -36,10 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("model", type=Path, help="input .onnx model (never modified)")
     op.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path (written atomically)")
     op.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
-    op.add_argument("--structure", default=S, help="auto|butterfly|monarch|chain3|lowrank-residual|rotated (default auto)")
+    op.add_argument("--structure", default=S, help="|".join(s.value for s in Structure) + " (default auto)")
     op.add_argument("--rank", type=int, default=S, help="block rank between factors (fixed structures)")
     op.add_argument("--residual-rank", type=int, default=S, help="rank of the low-rank residual (default 8)")
-    op.add_argument("--precision", default=S, help="auto|int8|int4|fp8-e4m3|fp8-e5m2|fp16|fp32 (default int8)")
+    op.add_argument("--precision", default=S, help="|".join(p.value for p in Precision) + " (default int8)")
     op.add_argument("--max-error", type=float, default=S,
                     help="per-layer relative output error budget (default 0.1); layers that miss it stay dense")
     op.add_argument("--no-max-error", dest="max_error", action="store_const", const=None, default=S,
@@ -99,12 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--report", type=Path, help="also write the report as JSON")
     op.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
     ins = sub.add_parser("inspect", help="list a model's sites and what each could gain")
-    ins.add_argument("model", type=Path)
+    ins.add_argument("model", type=Path, help="input .onnx model (read only)")
+    ins.add_argument("--min-size", type=int, default=None,
+                     help="layers with fewer weights stay dense, as in optimize (default 4096)")
     sub.add_parser("study", add_help=False,
                    help="sweep structure x rank x precision and baselines (bfc study --help)")
     dm = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST MLP and compare it with the original")
     dm.add_argument("-o", "--output", type=Path, help="where to keep the optimized demo model")
-    dm.add_argument("--precision", default="int8")
+    dm.add_argument("--precision", default="int8",
+                    help="|".join(p.value for p in Precision) + ": weight format of the rewritten layers (default int8)")
     dm.add_argument("--max-error", type=float, default=0.2, help="per-layer output error budget (default 0.2)")
     dm.add_argument("--max-output-error", type=float, default=0.15,
                     help="whole-model (logits) relative error budget (default 0.15)")
@@ -269,7 +272,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def cmd_inspect(args) -> int:
     from bfc.passes.inspect import inspect_model
-    rows, totals = inspect_model(args.model)
+    rows, totals = inspect_model(args.model, args.min_size)
     head = ("layer", "shape", "params", "monarch r1 int8", "gain", "weight error", "note")
     table = [head] + [tuple(r) for r in rows]
     widths = [max(len(str(r[i])) for r in table) for i in range(len(head) - 1)] + [0]

@@ -170,3 +170,51 @@ def test_report_file_mode_follows_the_umask(tmp_path, umask, mode, capsys):
     assert rc == 0
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == mode
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bfc-")] == []   # no temporary left
+
+
+# ---- item 8 (part): inspect counts stored bytes and honours --min-size --------------------------
+def _int8_weight_model(path, k=128, n=128, small=(40, 64)):
+    """A weight-only int8 layer (int8 W -> DequantizeLinear -> MatMul) and a float layer of 2560 weights."""
+    rng = np.random.default_rng(7)
+    nh = onnx.numpy_helper
+    wq = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    g = h.make_graph([h.make_node("DequantizeLinear", ["Wq", "s", "z"], ["W"]),
+                      h.make_node("MatMul", ["x", "W"], ["h"], name="big"),
+                      h.make_node("Slice", ["h", "st", "en", "ax"], ["hs"]),
+                      h.make_node("MatMul", ["hs", "W2"], ["y"], name="small")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", k])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", small[1]])],
+                     [nh.from_array(wq, "Wq"), nh.from_array(np.array(0.01, np.float32), "s"),
+                      nh.from_array(np.array(0, np.int8), "z"),
+                      nh.from_array(rng.standard_normal(small).astype(np.float32), "W2"),
+                      nh.from_array(np.array([0], np.int64), "st"), nh.from_array(np.array([small[0]], np.int64), "en"),
+                      nh.from_array(np.array([1], np.int64), "ax")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def test_inspect_counts_stored_bytes_and_min_size(tmp_path):
+    from bfc.passes.inspect import inspect_model
+    src = _int8_weight_model(tmp_path / "q.onnx")
+    rows, summary = inspect_model(src)
+    by = {r[0]: r for r in rows}
+    assert "too small (2560 weights < min-size 4096)" in by["small"][6] and by["small"][4] == "-"
+    gain = float(by["big"][4].rstrip("x"))
+    assert "16.4kB (as stored)" in summary, summary      # 128*128 int8 + scale + zero point, not 65.5 kB fp32
+    assert "1 could be rewritten" in summary
+    rows0, summary0 = inspect_model(src, min_size=0)
+    assert "2 could be rewritten" in summary0
+    assert gain < 8                                       # a float32 count would claim ~4x more
+
+
+def test_inspect_cli_help_and_min_size(tmp_path, capsys):
+    from bfc.cli import main
+    src = _int8_weight_model(tmp_path / "q.onnx")
+    assert main(["inspect", str(src), "--min-size", "0"]) == 0
+    assert "2 could be rewritten" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    out = capsys.readouterr().out
+    assert "input .onnx model" in out and "--min-size" in out

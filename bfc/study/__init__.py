@@ -21,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bfc.config import Precision, Structure
 from bfc.errors import BfcError, ConfigError
 from bfc.study.baselines import BASELINES, BUDGETED, check_baseline, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, get_evaluator
@@ -96,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", default=None, help="stsb: tokenizer.json or its folder")
     ap.add_argument("--limit", type=int, default=None, help="stsb: first N pairs; fashion-mnist: first N train rows")
     ap.add_argument("--calibration", type=Path, default=None, help=".npz of model inputs for bfc calibration and checks")
-    ap.add_argument("--structure", default=None, help="comma list (auto, monarch, butterfly, block-rank, lowrank-residual)")
+    ap.add_argument("--structure", default=None,
+                    help=f"comma list ({', '.join(s.value for s in Structure)}: bfc optimize --structure)")
     ap.add_argument("--rank", default="none", help="comma list of block ranks (none = the structure's default)")
-    ap.add_argument("--precision", default="int8", help="comma list (int8, fp8-e4m3, fp8-e5m2, fp16, fp32, auto)")
+    ap.add_argument("--precision", default="int8",
+                    help=f"comma list ({', '.join(p.value for p in Precision)}: bfc optimize --precision)")
     ap.add_argument("--max-error", default="none", help="comma list of per-layer error budgets (none = no budget)")
     ap.add_argument("--residual-rank", default="8", help="comma list (lowrank-residual only)")
     ap.add_argument("--min-size", type=int, default=None, help="layers with fewer weights stay dense (bfc points and baselines)")
