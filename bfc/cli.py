@@ -282,6 +282,28 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _demo_commands(model: Path, data: Path, output, cfg: OptimizeConfig) -> list[str]:
+    """The shell commands that redo the demo's optimization from the current folder: the bundled
+    files by absolute path, the calibration file written in the current folder first."""
+    import json
+    import os
+    import shlex
+    import shutil
+
+    def same(name: str) -> bool:
+        found = shutil.which(name)
+        return found is not None and os.path.realpath(found) == os.path.realpath(sys.executable)
+
+    python = "python" if same("python") else shlex.quote(sys.executable)
+    bfc = "bfc" if shutil.which("bfc") else f"{python} -m bfc.cli"
+    code = (f"import numpy as np; d = np.load({json.dumps(str(Path(data).resolve()))}); "
+            'np.savez("calibration.npz", image=d["calib_images"])')
+    return [f"{python} -c {shlex.quote(code)}",
+            f"{bfc} optimize {shlex.quote(str(Path(model).resolve()))} -o {shlex.quote(str(output))} "
+            f"--calibration calibration.npz --precision {cfg.precision.value} --max-error {cfg.max_error:g} "
+            f"--max-output-error {cfg.max_output_error:g}"]
+
+
 def cmd_demo(args) -> int:
     """Optimize the bundled MLP with its bundled calibration images; compare accuracy, size, latency."""
     import tempfile
@@ -290,42 +312,45 @@ def cmd_demo(args) -> int:
     import numpy as np
     import onnx
 
-    from bfc.api import optimize, save
+    from bfc.api import optimize
+    from bfc.report import size_text
     from bfc.runtime import latency_ms, session
     with as_file(files("bfc") / "data" / "demo_mlp.onnx") as mpath, \
-            as_file(files("bfc") / "data" / "demo_data.npz") as dpath:
+            as_file(files("bfc") / "data" / "demo_data.npz") as dpath, \
+            tempfile.TemporaryDirectory() as tmp:
         if not Path(mpath).is_file() or not Path(dpath).is_file():
             raise BfcError("the bundled demo files (bfc/data/demo_mlp.onnx, demo_data.npz) are missing from "
                            "this install; reinstall bfc or run `python models/build_demo.py`")
-        data = np.load(dpath)
+        with np.load(dpath) as npz:
+            data = {k: npz[k] for k in npz.files}
         original = onnx.load(str(mpath))
-        with tempfile.TemporaryDirectory() as tmp:
-            calib = Path(tmp) / "calibration.npz"
-            np.savez(calib, image=data["calib_images"])
-            cfg = OptimizeConfig(precision=args.precision, calibration=calib, max_output_error=args.max_output_error,
-                                 **({} if args.max_error is None else {"max_error": args.max_error}))
-            print(f"bfc demo: Fashion-MNIST MLP {mpath.name} (784-256-256-10), calibration on "
-                  f"{len(data['calib_images'])} training images, evaluation on {len(data['test_images'])} "
-                  "held-out test images", flush=True)
-            print(f"$ bfc optimize demo_mlp.onnx -o demo_mlp.bfc.onnx --calibration calibration.npz "
-                  f"--precision {cfg.precision.value} --max-error {cfg.max_error:g} "
-                  f"--max-output-error {cfg.max_output_error:g}", flush=True)
-            prog = _Progress(True)
-            try:
-                optimized, report = optimize(mpath, cfg, on_event=prog)
-            finally:
-                prog.close()
-    print(report.table())
-    if args.output is not None:
-        save(optimized, args.output)
-        print(f"wrote {args.output}")
-    x, y = data["test_images"], data["test_labels"]
-    print("\nmodel       accuracy  file size   latency b=1   latency b=256   (onnxruntime CPU, 1 thread, median)")
-    for name, m in (("original", original), ("optimized", optimized)):
-        sess = session(m, threads=1)
-        acc = float(np.mean(sess.run(None, {"image": x})[0].argmax(1) == y))
-        print(f"{name:<10}  {acc:8.4f}  {m.ByteSize() / 1000:7.1f} kB  {latency_ms(sess, {'image': x[:1]}):8.3f} ms  "
-              f"{latency_ms(sess, {'image': x[:256]}):11.3f} ms")
+        calib = Path(tmp) / "calibration.npz"
+        np.savez(calib, image=data["calib_images"])
+        cfg = OptimizeConfig(precision=args.precision, calibration=calib, max_output_error=args.max_output_error,
+                             **({} if args.max_error is None else {"max_error": args.max_error}))
+        print(f"bfc demo: Fashion-MNIST MLP {mpath.name} (784-256-256-10), calibration on "
+              f"{len(data['calib_images'])} training images, evaluation on {len(data['test_images'])} "
+              "held-out test images; the same from this folder:", flush=True)
+        for line in _demo_commands(Path(mpath), Path(dpath), args.output or "demo_mlp.bfc.onnx", cfg):
+            print(f"$ {line}", flush=True)
+        out = Path(args.output) if args.output is not None else Path(tmp) / "demo_mlp.bfc.onnx"
+        prog = _Progress(True)
+        try:           # written to a file: the sizes below are the file's, as `bfc optimize -o` reports them
+            _, report = optimize(mpath, cfg, output=out, on_event=prog)
+        finally:
+            prog.close()
+        print(report.table())
+        if args.output is not None:
+            print(f"wrote {args.output}")
+        optimized = onnx.load(str(out))
+        x, y = data["test_images"], data["test_labels"]
+        print("\nmodel       accuracy  file size   latency b=1   latency b=256   (onnxruntime CPU, 1 thread, median)")
+        for name, m, size in (("original", original, report.model_bytes_before),
+                              ("optimized", optimized, report.model_bytes_after)):
+            sess = session(m, threads=1)
+            acc = float(np.mean(sess.run(None, {"image": x})[0].argmax(1) == y))
+            print(f"{name:<10}  {acc:8.4f}  {size_text(size):>9}  {latency_ms(sess, {'image': x[:1]}):8.3f} ms  "
+                  f"{latency_ms(sess, {'image': x[:256]}):11.3f} ms")
     return 0
 
 

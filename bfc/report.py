@@ -50,6 +50,20 @@ class Report:
     model_bytes_after: int = 0         # bytes written (model file + its external data) when saved
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    calibrated: bool | None = None   # layer errors measured on --calibration data (None: not said; the
+    #                                  table then takes verified_on's word)
+
+    def _legend(self) -> str:
+        """What the error column measures: only the kinds it shows, on the inputs it was measured on."""
+        kinds = {r.error_kind for r in self.layers if r.error is not None}
+        parts = []
+        if "weight" in kinds:
+            parts.append("(w) = relative weight error")
+        if "output" in kinds:
+            on = {True: "calibration data", False: "generated inputs"}.get(
+                self.calibrated, "generated inputs" if self.verified_on == "random" else "calibration data")
+            parts.append(("else " if parts else "") + f"relative output error on {on}")
+        return "; errors: " + ", ".join(parts) if parts else ""
 
     @property
     def rewritten(self) -> list[LayerRow]:
@@ -88,13 +102,13 @@ class Report:
         widths[-1] = 0
         fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths[:-1]] + ["----"])] + [fmt(r) for r in rows]
-        lines.append(f"model file: {_size(self.model_bytes_before)} -> {_size(self.model_bytes_after)}"
-                     f"  ({self.seconds:.1f} s, target {self.target}; errors: (w) = weight error, "
-                     "else output error on calibration data)")
+        lines.append(f"model file: {size_text(self.model_bytes_before)} -> {size_text(self.model_bytes_after)}"
+                     f"  ({self.seconds:.1f} s, target {self.target}{self._legend()})")
         lines += [f"note: {n}" for n in self.notes]
         if self.verified_on:
+            on = "generated" if self.verified_on == "random" else self.verified_on
             for o in self.outputs:
-                lines.append(f"verified output {o.name} on {self.verified_on} inputs: relative error "
+                lines.append(f"verified output {o.name} on {on} inputs: relative error "
                              f"{o.rel_error:.3e}, cosine {o.cosine:.5f}")
         elif self.not_verified:
             lines.append(f"not verified: {self.not_verified}")
@@ -103,8 +117,19 @@ class Report:
         return "\n".join(lines)
 
 
-def _size(n: int) -> str:
-    """Decimal units (1 kB = 1000 B), as everywhere in bfc."""
+def compared(value: float, bound: float, digits: int = 3) -> tuple[str, str]:
+    """``value`` and ``bound`` printed with ``digits`` significant digits, or more where that would
+    print them equal although they differ: "error 0.2004 > max-error 0.2", never "0.2 > 0.2"."""
+    value, bound = float(value), float(bound)
+    for d in range(digits, 18):
+        a, b = f"{value:.{d}g}", f"{bound:.{d}g}"
+        if a != b or value == bound:
+            return a, b
+    return repr(value), repr(bound)
+
+
+def size_text(n: int) -> str:
+    """Decimal units (1 kB = 1000 B), as everywhere in bfc: the one way bfc prints a size."""
     for unit, k in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= k:
             return f"{n / k:.2f} {unit}"
@@ -112,7 +137,7 @@ def _size(n: int) -> str:
 
 
 def _ratio(before: int, after: int, size: bool = False) -> str:
-    f = _size if size else _count
+    f = size_text if size else _count
     if before == after:
         return f(before)
     return f"{f(before)}->{f(after)}"

@@ -146,7 +146,8 @@ def test_readme_demo_command():
     lines = r.stdout.splitlines()
     rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith(("original", "optimized"))}
     acc_o, acc_q = float(rows["original"][1]), float(rows["optimized"][1])
-    size_o, size_q = float(rows["original"][2]), float(rows["optimized"][2])
+    unit = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    size_o, size_q = (float(rows[k][2]) * unit[rows[k][3]] for k in ("original", "optimized"))
     assert acc_o > 0.8 and acc_q > acc_o - 0.02          # DEMO_ACCURACY_DROP: at most 2 points
     assert size_q < size_o / 3
     assert any(ln.startswith("TOTAL") for ln in lines)

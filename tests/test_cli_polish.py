@@ -218,3 +218,72 @@ def test_inspect_cli_help_and_min_size(tmp_path, capsys):
         main(["inspect", "--help"])
     out = capsys.readouterr().out
     assert "input .onnx model" in out and "--min-size" in out
+
+
+# ---- item 10: the demo -----------------------------------------------------------------------
+def test_demo_one_size_per_model_and_a_command_that_runs_here(tmp_path, capsys, monkeypatch):
+    """The summary and the comparison print the same size for each model (the file written); the
+    printed commands, run from another folder, redo the optimization."""
+    from bfc.cli import main
+    from bfc.report import size_text
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "-o", "d.onnx"]) == 0
+    out = capsys.readouterr().out
+    before, after = re.search(r"model file: (\S+ \S+) -> (\S+ \S+)", out).groups()
+    sizes = {ln.split()[0]: " ".join(ln.split()[2:4]) for ln in out.splitlines()
+             if ln.startswith(("original ", "optimized "))}
+    assert sizes == {"original": before, "optimized": after}, out
+    assert after == size_text((tmp_path / "d.onnx").stat().st_size)
+    cmds = [ln[2:] for ln in out.splitlines() if ln.startswith("$ ")]
+    assert len(cmds) == 2 and "calibration.npz" in cmds[0] and " -o d.onnx " in cmds[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cmd in cmds:
+        p = subprocess.run(cmd, shell=True, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, (cmd, p.stderr)
+    assert (elsewhere / "calibration.npz").is_file() and (elsewhere / "d.onnx").is_file()
+
+
+def test_demo_and_study_help(capsys, monkeypatch):
+    """`bfc demo --precision` has help; study offers exactly optimize's structures and precisions."""
+    from bfc.cli import main
+    monkeypatch.setenv("COLUMNS", "400")                  # argparse wraps at the terminal width
+    from bfc.config import Precision, Structure
+    from bfc.study import build_parser
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo = capsys.readouterr().out
+    assert re.search(r"--precision PRECISION\s+\S", demo) and "int4" in demo
+    text = build_parser().format_help()
+    listed = re.search(r"--structure STRUCTURE\s+comma list \(([^:]+):", text).group(1)
+    assert [x.strip() for x in listed.split(",")] == [s.value for s in Structure]
+    assert "block-rank" not in text and all(p.value in text for p in Precision)
+
+
+# ---- item 10: numbers in messages, the error legend ---------------------------------------------
+@pytest.mark.parametrize("value,bound,want", [(0.2004, 0.2, ("0.2004", "0.2")), (0.19996, 0.2, ("0.19996", "0.2")),
+                                              (0.2, 0.2, ("0.2", "0.2")), (0.123456, 0.05, ("0.123", "0.05")),
+                                              (1e-9 + 0.05, 0.05, ("0.050000001", "0.05"))])
+def test_compared_prints_enough_digits(value, bound, want):
+    from bfc.report import compared
+    a, b = compared(value, bound)
+    assert (a, b) == want
+    assert (a == b) == (value == bound)              # printed equal only when equal
+
+
+def _report(kind, verified_on=None, calibrated=None):
+    from bfc.report import LayerRow, Report
+    row = LayerRow("fc", 1, (64, 64), "monarch r2", "int8", 4096, 1024, 16384, 1100, 4096, 1024, 0.01, kind, None)
+    return Report("m", "portable", [row], verified_on=verified_on, calibrated=calibrated)
+
+
+def test_error_legend_says_where_errors_were_measured():
+    weight = _report("weight", "random").table()
+    assert "(w) = relative weight error" in weight and "calibration" not in weight
+    assert "verified output" not in weight            # no outputs in this report
+    gen = _report("output", "random").table()
+    assert "output error on generated inputs" in gen and "calibration" not in gen
+    cal = _report("output", "calibration").table()
+    assert "output error on calibration data" in cal
+    assert "output error on calibration data" in _report("output", None, calibrated=True).table()
+    assert "output error on generated inputs" in _report("output", "calibration", calibrated=False).table()
