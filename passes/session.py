@@ -407,6 +407,11 @@ def _recurrent_seq_lens(model: onnx.ModelProto, shapes: dict) -> dict:
     return out
 
 
+class GeneratedFeeds(dict):
+    """The feeds of ``random_feeds``: a dict that remembers the user gave no inputs (so that a failed
+    run's message points to ``--calibration`` instead of the input shapes)."""
+
+
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
     """Seeded inputs shaped and ranged for ``model`` (verification without calibration data).
 
@@ -431,7 +436,7 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
     shapes, seq_len = _input_shapes(model, inputs)
     lens = _recurrent_seq_lens(model, shapes)
     bounds = index_bounds(model)
-    feeds = {}
+    feeds = GeneratedFeeds()
     for vi in inputs:
         dt = _NP[vi.type.tensor_type.elem_type]
         shape = shapes[vi.name]
@@ -463,5 +468,9 @@ def run(model_or_sess, feeds: dict, outputs=None) -> list[np.ndarray]:
     try:
         return sess.run(outputs, feeds, _run_options())
     except Exception as e:  # noqa: BLE001
+        if isinstance(feeds, GeneratedFeeds):
+            raise ModelError(f"onnxruntime failed to run the model on the inputs bfc generated from its declared "
+                             f"shapes ({str(e).splitlines()[0][:300]}); give real model inputs with "
+                             "--calibration FILE.npz") from None
         raise ModelError(f"onnxruntime failed to run the model on the given inputs "
                          f"({str(e).splitlines()[0][:300]}); check the input shapes and types") from None

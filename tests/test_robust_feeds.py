@@ -230,3 +230,16 @@ def test_calibration_nan_through_the_cli_is_exit_2_without_warnings(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds NaN at index (2, 3)" in lines[0] and "Warning" not in p.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_generated_inputs_that_do_not_run_point_to_calibration():
+    """A model whose declared shapes cannot be honoured (a fixed Reshape): the failed run's message
+    is addressed to a user who gave no inputs (--calibration), not 'check the input shapes'."""
+    from bfc.passes.session import run
+    m = _model([h.make_node("Reshape", ["x", "shape"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, ["N", 5])],
+               [h.make_tensor_value_info("y", T.FLOAT, [3, "k"])], [nh.from_array(np.array([3, -1], np.int64), "shape")])
+    feeds = random_feeds(m, 0)
+    with pytest.raises(ModelError, match="inputs bfc generated.*--calibration FILE.npz"):
+        run(m, feeds)
+    with pytest.raises(ModelError, match="given inputs.*check the input shapes"):
+        run(m, dict(feeds))
