@@ -138,12 +138,7 @@ void pack_factor(const int64_t* pat, const TensorDesc& values, const TensorDesc&
 void pack_vnni(const TensorDesc& values, Factor* f) {
   const int64_t a = f->a, b = f->b, c = f->c, d = f->d;
   const int8_t* v = static_cast<const int8_t*>(values.data);  // (a, d, b, c), dtype checked
-  int mrv = 16;
-  int64_t best = (c + 15) / 16 * 16 - c;
-  for (int m : {12, 8, 4}) {
-    const int64_t waste = (c + m - 1) / m * m - c;
-    if (waste < best) best = waste, mrv = m;
-  }
+  const int mrv = choose_mrv(c);
   f->mrv = mrv;
   f->nktv = (c + mrv - 1) / mrv;
   f->b4 = (b + 3) / 4;
@@ -180,12 +175,7 @@ uint16_t bf16_bits(float v) {
 // (pack_factor: wf[(tile_mr*b + j)*mr + r], scale not folded) and the scales in sc.
 void pack_bf16(Factor* f) {
   const int64_t a = f->a, b = f->b, c = f->c, d = f->d;
-  int mrv = 16;
-  int64_t best = (c + 15) / 16 * 16 - c;
-  for (int m : {12, 8, 4}) {
-    const int64_t waste = (c + m - 1) / m * m - c;
-    if (waste < best) best = waste, mrv = m;
-  }
+  const int mrv = choose_mrv(c);
   f->mrv = mrv;
   f->nktv = (c + mrv - 1) / mrv;
   const int64_t ntile = a * d * f->nktv, bp = f->bp;

@@ -34,17 +34,6 @@ namespace bfc {
 namespace ks {
 namespace {
 
-// f(Int<MRV>{}) for the VNNI register-tile rows Factor::mrv in {4, 8, 12, 16}
-template <class F>
-inline void with_mrv(int mrv, F&& f) {
-  switch (mrv) {
-    case 4: f(Int<4>{}); break;
-    case 8: f(Int<8>{}); break;
-    case 12: f(Int<12>{}); break;
-    default: f(Int<16>{}); break;
-  }
-}
-
 // One register tile kernel at two widths: Zmm (NB = 16 batch columns = 16 int32 lanes) and
 // Ymm (NB = 8, AVX512VL).  The traits hold the few intrinsics that differ.
 struct Zmm {

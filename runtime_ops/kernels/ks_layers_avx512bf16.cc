@@ -28,16 +28,6 @@ namespace bfc {
 namespace ks {
 namespace {
 
-template <class F>
-inline void with_mrv(int mrv, F&& f) {
-  switch (mrv) {
-    case 4: f(Int<4>{}); break;
-    case 8: f(Int<8>{}); break;
-    case 12: f(Int<12>{}); break;
-    default: f(Int<16>{}); break;
-  }
-}
-
 // The kernel at two widths: Zmm (NB = 16 batch columns) and Ymm (NB = 8, AVX512VL).
 struct Zmm {
   static constexpr int NB = 16;

@@ -6,6 +6,7 @@
 // AVX2-compiled copy and run on a CPU without AVX2.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 namespace bfc {
@@ -33,6 +34,29 @@ template <class F>
 inline void with_nb(int nb, F&& f) {
   if (nb == 8) f(Int<8>{});
   else f(Int<16>{});
+}
+
+// f(Int<MRV>{}) for the VNNI / bf16 register-tile rows Factor::mrv in {4, 8, 12, 16}
+// (ks_layers_avx512.cc, ks_layers_avx512bf16.cc; chosen by choose_mrv at packing time).
+template <class F>
+inline void with_mrv(int mrv, F&& f) {
+  switch (mrv) {
+    case 4: f(Int<4>{}); break;
+    case 8: f(Int<8>{}); break;
+    case 12: f(Int<12>{}); break;
+    default: f(Int<16>{}); break;
+  }
+}
+
+// The VNNI / bf16 tile rows for c outputs: 16 unless 12, 8 or 4 pads c less (first such wins).
+inline int choose_mrv(int64_t c) {
+  int mrv = 16;
+  int64_t best = (c + 15) / 16 * 16 - c;
+  for (int m : {12, 8, 4}) {
+    const int64_t waste = (c + m - 1) / m * m - c;
+    if (waste < best) best = waste, mrv = m;
+  }
+  return mrv;
 }
 
 // Symmetric int8 quantization of one batch column with max |h| = amax (spec in bfc/ops.py):
