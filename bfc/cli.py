@@ -298,10 +298,10 @@ def _demo_commands(model: Path, data: Path, output, cfg: OptimizeConfig) -> list
     bfc = "bfc" if shutil.which("bfc") else f"{python} -m bfc.cli"
     code = (f"import numpy as np; d = np.load({json.dumps(str(Path(data).resolve()))}); "
             'np.savez("calibration.npz", image=d["calib_images"])')
-    return [f"{python} -c {shlex.quote(code)}",
-            f"{bfc} optimize {shlex.quote(str(Path(model).resolve()))} -o {shlex.quote(str(output))} "
-            f"--calibration calibration.npz --precision {cfg.precision.value} --max-error {cfg.max_error:g} "
-            f"--max-output-error {cfg.max_output_error:g}"]
+    command = (f"{bfc} optimize {shlex.quote(str(Path(model).resolve()))} -o {shlex.quote(str(output))} "
+               f"--calibration calibration.npz --precision {cfg.precision.value} --max-error {cfg.max_error:g} "
+               f"--max-output-error {cfg.max_output_error:g}")
+    return [f"{python} -c {shlex.quote(code)}", command]
 
 
 def cmd_demo(args) -> int:

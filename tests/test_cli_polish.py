@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -204,7 +203,7 @@ def test_inspect_counts_stored_bytes_and_min_size(tmp_path):
     gain = float(by["big"][4].rstrip("x"))
     assert "16.4kB (as stored)" in summary, summary      # 128*128 int8 + scale + zero point, not 65.5 kB fp32
     assert "1 could be rewritten" in summary
-    rows0, summary0 = inspect_model(src, min_size=0)
+    _, summary0 = inspect_model(src, min_size=0)
     assert "2 could be rewritten" in summary0
     assert gain < 8                                       # a float32 count would claim ~4x more
 

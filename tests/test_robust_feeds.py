@@ -73,7 +73,7 @@ def test_recurrent_initial_states_follow_the_op(op, direction):
     assert feeds["h0"].shape == (nd, 2, 6)
     if op == "LSTM":
         assert feeds["c0"].shape == (nd, 2, 6)
-    y, y_h = _run(m, feeds)
+    y, _ = _run(m, feeds)
     assert y.shape == (8, nd, 2, 6) and np.isfinite(y).all()
 
 
