@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "models"))
 from common import write_result  # noqa: E402
+from eval_sts import load_stsb  # noqa: E402  (models/: $BFC_STSB or the shared data folder)
 
 import bfc  # noqa: E402
 from bfc.runtime import latency_ms, session  # noqa: E402
 from bfc.study.baselines import int4_nbits, int8_dynamic, linear_bytes  # noqa: E402
 from bfc.study.evaluators import _tokenizer, encode_sentences, spearman  # noqa: E402
-from eval_sts import load_stsb  # noqa: E402  (models/: $BFC_STSB or the shared data folder)
 
 
 def stsb(path: Path, limit: int | None) -> float:

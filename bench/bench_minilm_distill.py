@@ -101,8 +101,9 @@ def build_one(args) -> dict:
     import onnx
     import torch
     torch.set_num_threads(args.threads)
-    import bfc
     from bench_minilm import stsb
+
+    import bfc
     from bfc.study.baselines import linear_bytes, linear_sites
     p = parse_point(args.one)
     params = dict(BASE, **p)
@@ -225,10 +226,11 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(build_one(args)), flush=True)
         return 0
 
-    import onnx
     import minilm
+    import onnx
     from bench_minilm import stsb
     from common import write_result
+
     from bfc.study.baselines import int8_dynamic, linear_bytes
     src, calib = Path(minilm.onnx_path()), Path(minilm.calibration_path())
     work = Path(tempfile.gettempdir()) / "bfc-bench-minilm-distill"

@@ -42,9 +42,9 @@ EXPORT_TOLERANCE = 1e-4          # max abs difference of the export's embeddings
 
 def export_torchscript(path: Path, opset: int) -> dict:
     """all-MiniLM-L6-v2 with the legacy TorchScript exporter; inputs ``INPUTS``, outputs ``OUTPUTS``."""
+    import minilm
     import onnx
     import torch
-    import minilm
     bert = minilm.load_torch_model().bert
 
     class Embedder(torch.nn.Module):
@@ -134,8 +134,9 @@ def main(argv=None) -> int:
     import onnx
     import torch
     torch.set_num_threads(1)
-    import bfc
     from common import write_result
+
+    import bfc
     from bfc.study.baselines import int8_dynamic, linear_bytes
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

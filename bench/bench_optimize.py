@@ -83,7 +83,8 @@ def portable(model, precision):
 
 
 def latency_ms(model, x):
-    from bfc.runtime import latency_ms as median_ms, session
+    from bfc.runtime import latency_ms as median_ms
+    from bfc.runtime import session
     return median_ms(session(model, threads=1), {"x": x}, repeats=100)
 
 

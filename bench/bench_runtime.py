@@ -152,7 +152,7 @@ def ks_isa(isa: str | None = None) -> str:
         fn = ctypes.CDLL(str(runtime.library_path())).BfcKsIsa
         fn.restype = ctypes.c_char_p
         return fn().decode() or "?"
-    except Exception:  # an older library without the symbol
+    except Exception:  # noqa: BLE001 - an older library without the symbol
         return "?"
     finally:
         if old is None:
@@ -252,7 +252,7 @@ def main(argv=None):
         for bk in bks:
             try:
                 models[bk.name] = bk.build(ctx)
-            except Exception as exc:  # a baseline that cannot be built is reported, not fatal
+            except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported, not fatal
                 print(f"[bench] {bk.name} {M}x{N}: cannot build ({exc})", file=sys.stderr)
                 models[bk.name] = None
         flops[(M, N)] = {bk.name: (2 * M * N if bk.flops == "dense" else 2 * ctx.chains[bk.flops][0].nnz)

@@ -78,17 +78,11 @@ if __name__ == "__main__":
 '''
 
 
-TREE = None      # --tree: import bfc in the children from this snapshot (see _env)
 
 
 def _env():
-    """Children import bfc from this checkout, or with ``--tree DIR`` from a snapshot of it (``git archive
-    COMMIT | tar -x -C DIR``, plus ``DIR/bfc/passes -> ../passes``): ``bench/_tree_site/sitecustomize.py``
-    drops the editable install's finder and puts DIR first, in every child and in its pool/Dask workers."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if TREE is not None:
-        env.update(PYTHONPATH=str(HERE / "_tree_site"), BFC_TREE=str(TREE))
-    return env
+    """Children import bfc from this checkout (``bfc/passes`` is a link to ``passes/``)."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def run_child(src, out, cfg: dict) -> dict:
@@ -360,11 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="mpnet", help="part (a)/(b)'s model (default mpnet)")
     ap.add_argument("--stsb", type=int, default=0, metavar="N",
                     help="part (a): STS-B dev Spearman of the fp32 model and the output on the first N pairs (0: skip)")
-    ap.add_argument("--tree", type=Path, default=None, help="import bfc from this snapshot in the children (see _env)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    global TREE
-    TREE = args.tree
     parts = args.parts.split(",")
     lines = [f"Load average before the runs (1/5/15 min): {_load()} on {os.cpu_count()} cores (shared machine).", ""]
     with tempfile.TemporaryDirectory(prefix="bfc-bench-scale-") as d:

@@ -111,7 +111,9 @@ def sha(path: Path) -> str:
 def vgg_head(folder: Path) -> tuple[Path, Path]:
     import numpy as np
     import onnx
-    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
     model, calib = folder / "vgg_head.onnx", folder / "vgg_head_calib.npz"
     if not model.exists():
         rng = np.random.default_rng(0)

@@ -10,6 +10,8 @@ or, streaming to a file and verifying from it (the model is then not returned):
 from __future__ import annotations
 
 from bfc.config import OptimizeConfig
+from bfc.passes.load import save_model
+from bfc.passes.pipeline import optimize as run
 
 
 def optimize(model_or_path, config: OptimizeConfig | None = None, *, output=None, on_event=None):
@@ -19,11 +21,9 @@ def optimize(model_or_path, config: OptimizeConfig | None = None, *, output=None
     atomically and verified from the file, and None is returned in its place.  ``on_event``
     receives the typed progress events of ``bfc.passes.events``.
     """
-    from bfc.passes.pipeline import optimize as run
     return run(model_or_path, config, output=output, on_event=on_event)
 
 
 def save(model, path) -> None:
     """Write ``model`` atomically (external data beside it above 2 GB), as ``bfc optimize -o`` does."""
-    from bfc.passes.load import save_model
     save_model(model, path)

@@ -13,8 +13,16 @@ import sys
 from pathlib import Path
 
 from bfc import __version__
+from bfc.api import optimize
 from bfc.config import OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
+from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
+from bfc.passes.inspect import inspect_model
+from bfc.passes.load import check_output_path, input_files
+from bfc.passes.targets import get_target, names
+from bfc.report import size_text
+from bfc.runtime import latency_ms, session
+from bfc.study import main as study_main
 
 
 class _UsageError(Exception):
@@ -123,7 +131,6 @@ def _config(args) -> OptimizeConfig:
 
 
 def _targets():
-    from bfc.passes.targets import get_target, names
     return [get_target(n) for n in names()]
 
 
@@ -167,7 +174,6 @@ class _Progress:
     def _bar(self, event):
         from tqdm import tqdm
 
-        from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
         if isinstance(event, SitesFound):
             self.bar = tqdm(total=event.total, desc="planning", unit="layer", file=self.stream, leave=False,
                             disable=None)
@@ -179,7 +185,6 @@ class _Progress:
             self.bar.set_description(event.stage)
 
     def _line(self, event):
-        from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
         now = self.clock()
         if isinstance(event, SitesFound):
             if now - self.t0 >= self.after:
@@ -220,8 +225,6 @@ class _Progress:
 
 
 def cmd_optimize(args) -> int:
-    from bfc.api import optimize
-    from bfc.passes.load import check_output_path, input_files
     cfg = _config(args)
     if args.report is not None:
         check_output_path(args.report, input_files(args.model) + [args.output])
@@ -271,7 +274,6 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from bfc.passes.inspect import inspect_model
     rows, totals = inspect_model(args.model, args.min_size)
     head = ("layer", "shape", "params", "monarch r1 int8", "gain", "weight error", "note")
     table = [head] + [tuple(r) for r in rows]
@@ -312,9 +314,6 @@ def cmd_demo(args) -> int:
     import numpy as np
     import onnx
 
-    from bfc.api import optimize
-    from bfc.report import size_text
-    from bfc.runtime import latency_ms, session
     with as_file(files("bfc") / "data" / "demo_mlp.onnx") as mpath, \
             as_file(files("bfc") / "data" / "demo_data.npz") as dpath, \
             tempfile.TemporaryDirectory() as tmp:
@@ -358,7 +357,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] == "study":
-            from bfc.study import main as study_main
             return study_main(argv[1:])
         args = _parser().parse_args(argv)
         if args.command is None:

@@ -46,6 +46,7 @@ from bfc.factorize import inverse_perm
 from bfc.quant import QuantizedFactorization
 from bfc.quant.api import QuantizedFactor
 from bfc.quant.formats import get_format
+from bfc.runtime import session
 from bfc.torch.linear import _ks_apply
 from bfc.torch.onnx_module import OnnxModule
 
@@ -210,7 +211,6 @@ class Teacher:
     grow memory)."""
 
     def __init__(self, model: onnx.ModelProto, match=(), cache_bytes: int = TEACHER_CACHE_BYTES):
-        from bfc.runtime import session
         self.outputs = [o.name for o in model.graph.output]
         self.names = self.outputs + [m for m in match if m not in self.outputs]
         added = self.names[len(self.outputs):]

@@ -84,15 +84,20 @@ Numerics (native kernel = :func:`lowbit_matmul_reference`)
 """
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bfc import runtime
 from bfc.errors import ChainError, ConfigError, InvalidInputError
+from bfc.factorize.result import inverse_perm
 from bfc.ks.chain import Chain
 from bfc.ks.pattern import KSPattern
+from bfc.lowbit.packing import pack_bits, unpack_bits
+from bfc.lowbit.rotation import split_size
 from bfc.quant.formats import FORMATS
 
 DOMAIN = "ai.bfc"
@@ -127,8 +132,6 @@ def patterns_attribute(chain) -> list[int]:
 
 def perms_from_factorization(fact) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(in_perm, out_perm)`` for a KSFactorization: ``row_perm`` and ``inverse_perm(col_perm)``."""
-    from bfc.factorize.result import inverse_perm
-
     in_perm = None if fact.row_perm is None else np.asarray(fact.row_perm, dtype=np.int64)
     out_perm = None if fact.col_perm is None else inverse_perm(np.asarray(fact.col_perm, dtype=np.int64))
     return in_perm, out_perm
@@ -330,7 +333,6 @@ def ks_matmul_reference(x, bias, factors: Sequence, patterns, in_perm=None, out_
 # ---- LowBitMatMul ------------------------------------------------------------------------
 def lowbit_codes_stream(codes: np.ndarray, group_size: int, bits: int) -> np.ndarray:
     """The ``codes`` input: u (K, N) padded to whole groups with 2^(b-1), packed (``pack_bits``)."""
-    from bfc.lowbit.packing import pack_bits
     k, n = codes.shape
     ng = -(-k // group_size)
     full = np.full((ng * group_size, n), 1 << (bits - 1), np.uint8)
@@ -340,7 +342,6 @@ def lowbit_codes_stream(codes: np.ndarray, group_size: int, bits: int) -> np.nda
 
 def angle_rotation_factors(k_dim: int, block, angles: Sequence) -> tuple[list, list]:
     """(KSMatMul factor inputs [values, scale, ...], patterns) of the ``rot_angles`` form (spec above)."""
-    from bfc.lowbit.rotation import split_size
     m, k = split_size(int(k_dim))
     pats = [(1, m, m, 2 ** k)] + [(m * 2 ** (l - 1), 2, 2, 2 ** (k - l)) for l in range(1, k + 1)]
     if len(angles) != k or np.shape(block) != (1, 2 ** k, m, m):
@@ -364,7 +365,6 @@ def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int
     with ``rot_angles``)."""
     if rot_angles:
         rot_factors, rot_patterns = angle_rotation_factors(K, rot_factors[0], list(rot_factors[1:]))
-    from bfc.lowbit.packing import unpack_bits
     if bits not in LOWBIT_BITS or not 1 <= group_size <= K:
         raise InvalidInputError(f"LowBitMatMul: bits={bits} (allowed {LOWBIT_BITS}), group_size={group_size} "
                                 f"must lie in [1, K={K}]")
@@ -434,9 +434,6 @@ def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: i
 def fp8_bf16_active() -> bool:
     """Whether KSMatMul nodes created now run fp8 factors as bf16 dot products (the library's ISA for
     the current ``BFC_KS_ISA`` is avx512bf16); False without the library."""
-    import ctypes
-
-    from bfc import runtime
     try:
         fn = ctypes.CDLL(str(runtime.library_path())).BfcKsIsa
     except Exception:       # noqa: BLE001 -- no library, or one without the symbol: the float32 numerics

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from bfc.errors import NativeLibraryError
+from bfc.errors import ModelError, NativeLibraryError
 
 ENV_VAR = "BFC_RUNTIME_LIB"
 _PKG_DIR = Path(__file__).resolve().parent
@@ -114,14 +114,14 @@ def session_options(threads: int = 1, *, arena: bool = True, optimization_level=
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.enable_cpu_mem_arena = arena
-    so.log_severity_level = 3          # onnxruntime's own warnings do not leak into bfc's output
+    so.log_severity_level = 4          # onnxruntime's own messages do not leak into bfc's output (errors raise)
     if optimization_level is not None:
         so.graph_optimization_level = optimization_level
     if is_available():
         path = library_path()
         try:
             so.register_custom_ops_library(str(path))
-        except Exception as exc:  # onnxruntime raises RuntimeError / Fail subclasses
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises RuntimeError / Fail subclasses
             raise NativeLibraryError(
                 f"onnxruntime could not load the bfc custom-op library {path}: {exc}; rebuild it for this "
                 f"platform and onnxruntime {ort.__version__} (needs >= 1.17)") from None
@@ -139,8 +139,6 @@ def session(model, threads: int = 1, *, arena: bool = True, providers=None, opti
     refuses raises ModelError, one that needs the missing bfc library NativeLibraryError.
     """
     import onnxruntime as ort
-
-    from bfc.errors import ModelError
 
     so = session_options(threads, arena=arena, optimization_level=optimization_level)
     if external_folder is not None:

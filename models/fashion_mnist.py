@@ -157,6 +157,7 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 def export(model, path) -> Path:
     """ONNX export (input ``x`` [batch, 784] normalized, output ``logits``) via ``bfc.torch``."""
     import torch
+
     from bfc.torch import export_onnx
     return export_onnx(model, path, torch.zeros(2, 784), input_names=["x"], output_names=["logits"])
 

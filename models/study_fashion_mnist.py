@@ -120,6 +120,7 @@ def _forward(layers, x):
 
 def ks_quant(epochs: int, out: Path, seed: int = 0) -> dict:
     import torch
+
     from bfc.quant import quantize
     from bfc.torch import KSLinear
     xtr, ytr = fm.load("train")

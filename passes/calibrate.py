@@ -1,11 +1,11 @@
 """Calibrate: collect each site's input statistics by running the original model in onnxruntime.
 
-Requires: sites.  Ensures: calibration (``state.stats``).  Not in place (the model is
-left as it was: the extra outputs are added for the session only).
+``calibrate(loaded, sites, feeds, cfg)`` -> Statistics (the model is left as it was: the extra
+outputs are added for the session only).
 Matches: eligible sites (their first input tensor ``x``; for Gemm with transA, x^T), main
 graph nodes only: onnxruntime cannot return the activations of an If/Loop/Scan body, so
 sites inside one are planned with the weight error (their note says so).
-Ensures: ``stats[weight_name]`` is a ``LayerStats`` over every node sharing the weight:
+``Statistics.layers[weight_name]`` is a ``LayerStats`` over every node sharing the weight:
   * ``gram``: the Gram matrix G = X^T X (float32 storage, accumulated in float64) of the
     rows x (at most ``rows``, a seeded subsample) that the layer ``y = x @ W`` sees; the
     float output error of a candidate is ||X (W - W_hat)||^2 = tr(E^T G E).
@@ -22,7 +22,7 @@ Ensures: ``stats[weight_name]`` is a ``LayerStats`` over every node sharing the 
     activation quantization).
 Bounded memory:
   * the inputs run CHUNK samples at a time: one chunk's activations are held, never the set;
-  * only the sites the planner will plan are collected (``bfc.passes.plan.skip_reason``:
+  * only the sites the planner will plan are collected (``bfc.passes.schedule.skip_reason``:
     --include/--exclude/--min-size); weights read through the same tensors (Q, K, V) share one
     accumulator and one ``LayerStats``;
   * the sites are collected group by group: sites that share an input tensor (or a weight
@@ -40,17 +40,20 @@ reads the weights from there.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from bfc.passes.contract import Contract, GraphPass, PassResult
+from bfc.config import OptimizeConfig
+from bfc.factorize.calibrated import weighted_error
 from bfc.passes.find_sites import Site
-from bfc.passes.plan import skip_reason
+from bfc.passes.products import LoadedModel, Sites, Statistics
+from bfc.passes.schedule import skip_reason
 from bfc.passes.session import run, session
-from bfc.passes.stream import trim
+from bfc.passes.stream import FileArray, trim
 
 CHUNK = 4           # samples per onnxruntime run while collecting activations
 SAMPLE_ROWS = 512   # activation rows kept per site for target-exact error measurements
@@ -67,24 +70,19 @@ class LayerStats:
 def diagonal_error(gram, w: np.ndarray, w_hat: np.ndarray) -> tuple[float, float]:
     """(relative layer error from the exact ``gram``, the same from its diagonal): what the bounded
     form changes in the planner's error estimate ||X E|| / ||X W||."""
-    from bfc.factorize.calibrated import weighted_error
     g = np.asarray(gram, np.float64)
     return weighted_error(w, w_hat, g), weighted_error(w, w_hat, np.diag(g).copy())
 
 
-class Calibrate(GraphPass):
-    contract = Contract.of(requires={"sites"}, ensures={"calibration"})
-
-    def run(self, state) -> PassResult:
-        cfg = state.config
-        if state.feeds is not None and any(s.eligible for s in state.sites):
-            state.stats = collect(state.model, state.sites, state.feeds, cfg.calibration_rows, cfg.seed,
-                                  getattr(state, "base", None), config=cfg)
-            diag = sorted(k for k, v in state.stats.items() if np.ndim(v.gram) == 1)
-            if diag:
-                state.notes.append(f"calibration: {len(diag)} layers with inputs wider than {GRAM_EXACT_MAX} keep "
-                                   f"the diagonal of X^T X only, e.g. {diag[0]}")
-        return PassResult(changed=False)
+def calibrate(loaded: LoadedModel, sites: Sites, feeds: dict | None, cfg: OptimizeConfig) -> Statistics:
+    """The calibrate stage: statistics of the sites the planner will plan (none without ``feeds``)."""
+    if feeds is None or not sites.eligible:
+        return Statistics()
+    layers = collect(loaded.model, list(sites.sites), feeds, cfg.calibration_rows, cfg.seed, loaded.base, config=cfg)
+    diag = sorted(k for k, v in layers.items() if np.ndim(v.gram) == 1)
+    notes = (f"calibration: {len(diag)} layers with inputs wider than {GRAM_EXACT_MAX} keep "
+             f"the diagonal of X^T X only, e.g. {diag[0]}",) if diag else ()
+    return Statistics(layers, notes)
 
 
 def _fixed_first_dims(model: onnx.ModelProto) -> set[str]:
@@ -97,7 +95,7 @@ def _fixed_first_dims(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def _chunks(feeds: dict, fixed=frozenset()) -> list[dict]:
+def split_feeds(feeds: dict, fixed=frozenset()) -> list[dict]:
     """Split the feeds along axis 0 when every input shares that batch axis (and none declares a
     fixed size there); else one run."""
     sizes = {v.shape[0] if np.ndim(v) else None for v in feeds.values()}
@@ -146,12 +144,10 @@ class _Spill:
     """A temporary folder of float32 statistics, removed when the last FileArray into it is freed."""
 
     def __init__(self):
-        import tempfile
         self.dir = tempfile.TemporaryDirectory(prefix="bfc-calib-")
         self.count = 0
 
     def put(self, a: np.ndarray):
-        from bfc.passes.stream import FileArray
         a = np.ascontiguousarray(a, np.float32)
         self.count += 1
         path = Path(self.dir.name) / f"{self.count}.f32"
@@ -164,7 +160,7 @@ class _Spill:
 def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 8192, seed: int = 0,
             base=None, group_bytes: int = GROUP_BYTES, spill: bool = True, config=None) -> dict:
     """``{weight_name: LayerStats}`` for the eligible sites (module doc), and with ``config`` only
-    for those the planner will plan (``bfc.passes.plan.skip_reason``); ``base``: the model file a
+    for those the planner will plan (``bfc.passes.schedule.skip_reason``); ``base``: the model file a
     skeleton's weight references are relative to; ``spill=False`` keeps the statistics in memory."""
     wanted = {}
     for s in sites:
@@ -188,7 +184,7 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     owner: dict = {}
     for w, a in acc_of.items():
         owner.setdefault(a, w)
-    chunks = _chunks(feeds, _fixed_first_dims(model))
+    chunks = split_feeds(feeds, _fixed_first_dims(model))
     per_chunk = max(1, -(-rows // len(chunks)))     # rows per site and chunk (ceil): at most ~rows in all
     sample_per_chunk = max(1, -(-SAMPLE_ROWS // len(chunks)))
     rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}

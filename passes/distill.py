@@ -1,9 +1,9 @@
 """Distill: train the planned layers end to end against the original model (optional, needs torch).
 
-Requires: plans, guarded.  Ensures: distilled.  Not in place (``state.graph`` is untouched
-except, with ``distill_layernorm``, the values of LayerNormalization scale/bias constants).
-Runs only with ``config.distill`` (a .npz of model inputs, keys = input names); otherwise
-it ensures the fact and changes nothing.
+``distill(loaded, plan, stats, feeds, cfg, target, emit)`` -> Plan (with ``distill_layernorm``,
+the new values of LayerNormalization scale/bias constants go in ``Plan.tensor_updates``, which the
+rewrite applies).  Runs only with ``config.distill`` (a .npz of model inputs, keys = input
+names); otherwise it returns the plan as it is.
 Algebra (``bfc.distill``): the student is the original graph in the torch interpreter with
 every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer
 with target-exact fake quantization (custom-op int8: per-row int8 activations); the
@@ -23,24 +23,29 @@ With ``work_dir`` the training state is saved every 100 steps to ``work_dir/dist
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from bfc.passes.contract import Contract, GraphPass, PassResult
-from bfc.passes.events import StageStarted
-from bfc.passes.plan import Scorer
-from bfc.passes.session import load_feeds
 
+from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
+from bfc.passes.candidates import Scorer
+from bfc.passes.events import StageStarted
+from bfc.passes.products import LoadedModel, Plan, Statistics
+from bfc.passes.session import load_feeds
+from bfc.passes.stream import materialize
 from bfc.quant import QuantizedFactorization
+
+TORCH_HINT = "pip install torch==2.13.0 (the CPU build; another version spec pulls a multi-GB CUDA build)"
 
 
 def _torch_distill():
+    """``bfc.distill`` (its module imports torch: the optional extra)."""
     try:
-        import torch  # noqa: F401
+        from bfc import distill
     except ImportError:
-        raise ConfigError("--distill needs PyTorch: pip install 'bfc[torch]' (or pip install torch)") from None
-    from bfc import distill
+        raise ConfigError(f"--distill needs PyTorch: {TORCH_HINT}") from None
     return distill
 
 
@@ -86,66 +91,58 @@ def _checkpoint(cfg, taken, data, emulate):
     return work / f"distill-{h.hexdigest()[:16]}.pt"
 
 
-class Distill(GraphPass):
-    contract = Contract.of(requires={"plans", "guarded"}, ensures={"distilled"})
+def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
+            target, emit) -> Plan:
+    """The distill stage (see the module doc)."""
+    path = cfg.distill
+    if path is None:
+        return plan
 
-    def run(self, state) -> PassResult:
-        cfg = state.config
-        path = getattr(cfg, "distill", None)
-        if path is None:
-            return PassResult(changed=False)
-        taken = [p for p in state.plans if p.rewritten and isinstance(p.weights, QuantizedFactorization)]
-        other = sum(p.rewritten for p in state.plans) - len(taken)
-        if not taken:
-            state.notes.append("distill: no planned KS layer to train")
-            return PassResult(changed=False)
-        if other:
-            state.notes.append(f"distill: {other} planned layers of another family (e.g. rotated low-bit) are not "
-                               "trained and enter the student with their dense weights")
-        if any(sn.scope is not None for p in taken for sn in p.site.nodes):
-            state.notes.append("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
-                               "(the torch interpreter runs the main graph only)")
-            return PassResult(changed=False)
-        d = _torch_distill()
-        state.emit(StageStarted("distill", f"{cfg.distill_steps} steps on {path}"))
-        data = load_feeds(path, state.model)
-        emulate = state.target.name == "custom-op"
-        for p in taken:
-            sim = state.target.simulate(p.weights)
-            if sim is not None and not (emulate and p.weights.fmt == "int8"):
-                raise BfcError(f"distill: target {state.target.name} computes layer {p.site.name} with numerics "
-                               "the distillation does not emulate; run without --distill")
-        layers = [(p.site.nodes, p.weights) for p in taken]
-        every = max(1, cfg.distill_steps // 20)
+    def noted(note: str) -> Plan:
+        return replace(plan, notes=plan.notes + (note,))
 
-        def progress(step, loss):
-            if step % every == 0 or step == cfg.distill_steps:
-                state.emit(StageStarted("distill", f"step {step}/{cfg.distill_steps}, loss {loss:.4g}"))
-        model = state.model_in_memory() if hasattr(state, "model_in_memory") else state.model   # weights read in
-        res = d.distill(model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
-                        lr=cfg.distill_lr, match=match_tensors(state.model, cfg.distill_match),
-                        layernorm=cfg.distill_layernorm,
-                        seed=cfg.seed, eval_data=state.feeds, emulate_rows=emulate,
-                        checkpoint=_checkpoint(cfg, taken, data, emulate), on_step=progress)
-        where = "calibration inputs" if state.feeds is not None else "a held-out batch of the distillation data"
-        if not res.error_after < res.error_before:
-            state.notes.append(f"distill: output error {res.error_before:.3g} -> {res.error_after:.3g} on {where} "
-                               f"after {res.steps} steps did not improve; the planned layers were kept")
-            return PassResult(changed=False)
-        for p, q in zip(taken, res.weights):
-            stats = None if state.stats is None else state.stats.get(p.site.weight_name)
-            err = Scorer(p.site.weight.astype(np.float64), stats, state.target, cfg.seed)(q)
-            old = p.error
-            p.weights, p.error = q, err
-            note = f"distilled: layer error {old:.3g} -> {err:.3g}" if old is not None else "distilled"
-            p.note = note if p.note is None else f"{p.note}; {note}"
-        if res.layernorm:
-            tensors = state.graph.tensors()
-            for name, value in res.layernorm.items():
-                t = tensors.get(name)
-                if t is not None and hasattr(t, "values"):
-                    t.values = value.astype(np.asarray(t.values).dtype)
-        state.notes.append(f"distill: whole-model output error {res.error_before:.3g} -> {res.error_after:.3g} "
-                           f"on {where} ({res.steps} steps, batch {cfg.distill_batch}, lr {cfg.distill_lr:g}, "
-                           f"{res.seconds:.0f} s{', LayerNorm trained' if res.layernorm else ''})")
-        return PassResult(changed=True)
+    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, QuantizedFactorization)]
+    other = len(plan.rewritten) - len(taken)
+    if not taken:
+        return noted("distill: no planned KS layer to train")
+    if other:
+        plan = noted(f"distill: {other} planned layers of another family (e.g. rotated low-bit) are not "
+                     "trained and enter the student with their dense weights")
+    if any(sn.scope is not None for p in taken for sn in p.site.nodes):
+        return noted("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
+                     "(the torch interpreter runs the main graph only)")
+    d = _torch_distill()
+    emit(StageStarted("distill", f"{cfg.distill_steps} steps on {path}"))
+    data = load_feeds(path, loaded.model)
+    emulate = target.name == "custom-op"
+    for p in taken:
+        sim = target.simulate(p.weights)
+        if sim is not None and not (emulate and p.weights.fmt == "int8"):
+            raise BfcError(f"distill: target {target.name} computes layer {p.site.name} with numerics "
+                           "the distillation does not emulate; run without --distill")
+    layers = [(p.site.nodes, p.weights) for p in taken]
+    every = max(1, cfg.distill_steps // 20)
+
+    def progress(step, loss):
+        if step % every == 0 or step == cfg.distill_steps:
+            emit(StageStarted("distill", f"step {step}/{cfg.distill_steps}, loss {loss:.4g}"))
+    model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)   # weights read in
+    res = d.distill(model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
+                    lr=cfg.distill_lr, match=match_tensors(loaded.model, cfg.distill_match),
+                    layernorm=cfg.distill_layernorm,
+                    seed=cfg.seed, eval_data=feeds, emulate_rows=emulate,
+                    checkpoint=_checkpoint(cfg, taken, data, emulate), on_step=progress)
+    where = "calibration inputs" if feeds is not None else "a held-out batch of the distillation data"
+    if not res.error_after < res.error_before:
+        return noted(f"distill: output error {res.error_before:.3g} -> {res.error_after:.3g} on {where} "
+                     f"after {res.steps} steps did not improve; the planned layers were kept")
+    trained = {}
+    for p, q in zip(taken, res.weights):
+        err = Scorer(p.site.weight.astype(np.float64), stats.get(p.site.weight_name), target, cfg.seed)(q)
+        note = f"distilled: layer error {p.error:.3g} -> {err:.3g}" if p.error is not None else "distilled"
+        trained[id(p)] = replace(p, weights=q, error=err, note=note if p.note is None else f"{p.note}; {note}")
+    note = (f"distill: whole-model output error {res.error_before:.3g} -> {res.error_after:.3g} "
+            f"on {where} ({res.steps} steps, batch {cfg.distill_batch}, lr {cfg.distill_lr:g}, "
+            f"{res.seconds:.0f} s{', LayerNorm trained' if res.layernorm else ''})")
+    return replace(plan, layers=tuple(trained.get(id(p), p) for p in plan.layers), notes=plan.notes + (note,),
+                   tensor_updates={**plan.tensor_updates, **(res.layernorm or {})})

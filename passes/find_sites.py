@@ -31,8 +31,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bfc.errors import ModelError
-from bfc.passes.normalize import Folded, fold_weight
-from bfc.passes.stream import LazyArray
+from bfc.passes.fold import Folded, fold_weight
+from bfc.passes.stream import LazyArray, import_graph
 
 BFC_PREFIX = "bfc/"      # names of nodes and tensors bfc creates; such layers are never re-factorized
 FLOAT_TYPES = (np.float32, np.float16)
@@ -201,3 +201,8 @@ def find_sites(graph: gs.Graph) -> list[Site]:
             s.weight_name = f"{base}#{i}"
         used.add(s.weight_name)
     return out
+
+
+def find_model_sites(model, base=None) -> list[Site]:
+    """The sites of a model (a skeleton's weights stay in their files, ``base``: see ``stream``)."""
+    return find_sites(import_graph(model, base))

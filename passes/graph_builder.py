@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 
 class GraphBuilder:
-    def __init__(self, graph: gs.Graph, prefix: str, dtype=np.float32, opset: int = 21):
+    def __init__(self, graph: gs.Graph, prefix: str, dtype, opset: int):
         self.graph, self.prefix, self.dtype, self.count = graph, prefix, np.dtype(dtype), 0
         self.opset = opset
 

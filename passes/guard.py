@@ -1,7 +1,7 @@
 """Guard: the whole model's output error after planning, backing off the layers that hurt most.
 
-Requires: plans (and calibration when given).  Ensures: guarded.  Not in place (each trial
-rewrites a fresh import of the input model).
+``guard(loaded, plan, feeds, cfg, target)`` -> Plan (each trial rewrites a fresh import of the
+input model; the input is never changed).
 Per-layer budgets do not bound the error of the whole network (layer errors compound), so
 with ``max_output_error`` = E (and a per-layer budget ``max_error``: a fixed structure without
 budgets is taken as asked) the planned model is run in onnxruntime on the calibration
@@ -14,19 +14,19 @@ monotone in the prefix length, and the chosen prefix is one that was measured to
 """
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from bfc.config import OptimizeConfig
 from bfc.errors import BfcError
-from bfc.passes.cleanup import export
-from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes.events import StageStarted
-from bfc.passes.find_sites import find_sites
-from bfc.passes.rewrite import rewrite
+from bfc.passes.lowbit_plan import assign_rotation_owners
+from bfc.passes.products import LoadedModel, Plan
+from bfc.passes.rewrite import rewritten
 from bfc.passes.session import random_feeds, run, session
-from bfc.passes.stream import import_graph
+from bfc.report import compared
 
 
 def output_error(ref: list, got: list) -> float:
@@ -36,63 +36,45 @@ def output_error(ref: list, got: list) -> float:
     return max(errs, default=0.0)
 
 
-def _trial(model, plans, target, base=None):
-    """The input model with ``plans`` rewritten by ``target`` (a fresh import; ``model`` is untouched;
-    a skeleton's untouched weights stay references relative to ``base``)."""
-    graph = import_graph(model, base)
-    fresh = {s.weight_name: s for s in find_sites(graph)}
-    moved = [dataclasses.replace(p, site=fresh[p.site.weight_name]) for p in plans]
-    rewrite(graph, moved, target)
-    return export(graph, model, [p.site.name for p in moved], base)
+def guard(loaded: LoadedModel, plan: Plan, feeds: dict | None, cfg: OptimizeConfig, target, emit) -> Plan:
+    """The guard stage (see the module doc)."""
+    budget = cfg.max_output_error
+    taken = plan.rewritten
+    if budget is None or cfg.max_error is None or not taken:
+        return plan
+    emit(StageStarted("guard", f"whole-model output error <= {budget:g}"))
+    try:
+        return _back_off(loaded, plan, feeds, cfg, target, budget)
+    except BfcError as e:           # e.g. inputs bfc cannot generate, or no custom-op library
+        return replace(plan, notes=plan.notes + (f"whole-model output error not checked: {e}",))
 
 
-class Guard(GraphPass):
-    contract = Contract.of(requires={"plans", "calibration"}, ensures={"guarded"})
+def _back_off(loaded: LoadedModel, plan: Plan, feeds, cfg, target, budget) -> Plan:
+    feeds = feeds if feeds is not None else random_feeds(loaded.model, cfg.seed)
+    folder = None if loaded.base is None else Path(loaded.base).absolute().parent
+    sess = session(loaded.model, threads=0, external_folder=folder)
+    names = [o.name for o in sess.get_outputs()]
+    ref = [np.asarray(r, np.float64) for r in run(sess, feeds, names)]
+    del sess
 
-    def run(self, state) -> PassResult:
-        budget = state.config.max_output_error
-        taken = [p for p in state.plans if p.rewritten]
-        if budget is None or state.config.max_error is None or not taken:
-            return PassResult(changed=False)
-        state.emit(StageStarted("guard", f"whole-model output error <= {budget:g}"))
-        try:
-            return self._back_off(state, taken, budget)
-        except BfcError as e:           # e.g. inputs bfc cannot generate, or no custom-op library
-            state.notes.append(f"whole-model output error not checked: {e}")
-            return PassResult(changed=False)
+    def error(k: int) -> float:
+        trial = rewritten(loaded.model, order[:k], target, loaded.opset, loaded.base)
+        return output_error(ref, run(session(trial, threads=0, external_folder=folder), feeds, names))
 
-    def _back_off(self, state, taken, budget) -> PassResult:
-        feeds = state.feeds if state.feeds is not None else random_feeds(state.model, state.config.seed)
-        base = getattr(state, "base", None)
-        folder = None if base is None else Path(base).absolute().parent
-        sess = session(state.model, threads=0, external_folder=folder)
-        names = [o.name for o in sess.get_outputs()]
-        ref = [np.asarray(r, np.float64) for r in run(sess, feeds, names)]
-        del sess
-
-        def error(k: int) -> float:
-            trial = _trial(state.model, order[:k], state.target, base)
-            return output_error(ref, run(session(trial, threads=0, external_folder=folder), feeds, names))
-
-        order = sorted(taken, key=lambda p: (p.error or 0.0) / max(p.bytes_before - p.bytes_after, 1))
-        measured = {len(order): error(len(order))}
-        if measured[len(order)] <= budget:
-            state.output_error = measured[len(order)]
-            return PassResult(changed=False)
-        lo, hi = 0, len(order)            # prefix lo meets the budget (0: nothing rewritten), hi does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            measured[mid] = error(mid)
-            lo, hi = (mid, hi) if measured[mid] <= budget else (lo, mid)
-        state.output_error = measured.get(lo, 0.0)
-        skipped = {}
-        for p in order[lo:]:
-            p.reason = (f"backed off: the whole model's output error {measured[len(order)]:.3g} exceeds "
-                        f"max-output-error {budget:g} with every planned layer (this one costs most per byte saved)")
-            p.weights = None
-            p.structure, p.precision = "dense", "-"
-            skipped[p.site.name] = p.reason
-        state.notes.append(f"guard: backed off {len(order) - lo} of {len(order)} planned layers; whole-model "
-                           f"output error {measured[len(order)]:.3g} -> {state.output_error:.3g} "
-                           f"(max-output-error {budget:g})")
-        return PassResult(changed=True, skipped=skipped)
+    order = sorted(plan.rewritten, key=lambda p: (p.error or 0.0) / max(p.bytes_before - p.bytes_after, 1))
+    measured = {len(order): error(len(order))}
+    if measured[len(order)] <= budget:
+        return replace(plan, output_error=measured[len(order)])
+    lo, hi = 0, len(order)            # prefix lo meets the budget (0: nothing rewritten), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measured[mid] = error(mid)
+        lo, hi = (mid, hi) if measured[mid] <= budget else (lo, mid)
+    e, b = compared(measured[len(order)], budget)
+    reason = (f"backed off: the whole model's output error {e} exceeds max-output-error {b} with every "
+              "planned layer (this one costs most per byte saved)")
+    off = {id(p) for p in order[lo:]}
+    layers = assign_rotation_owners([p.kept_dense(reason) if id(p) in off else p for p in plan.layers])
+    note = (f"guard: backed off {len(order) - lo} of {len(order)} planned layers; whole-model "
+            f"output error {measured[len(order)]:.3g} -> {measured.get(lo, 0.0):.3g} (max-output-error {budget:g})")
+    return replace(plan, layers=tuple(layers), output_error=measured.get(lo, 0.0), notes=plan.notes + (note,))

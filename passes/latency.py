@@ -20,11 +20,19 @@ blocks of a transformer) are measured once per process.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
+
+from bfc.passes.export import export
+from bfc.passes.find_sites import find_sites
+from bfc.passes.lowbit_plan import assign_rotation_owners
+from bfc.passes.products import LayerPlan
+from bfc.passes.rewrite import rewrite
+from bfc.runtime import session
 
 SAMPLE_S = 0.004      # seconds per timing sample (runs are repeated back to back up to this)
 SAMPLES = 5           # interleaved samples per model and round
@@ -50,27 +58,18 @@ def _one_matmul(w: np.ndarray, rows: int, opset: int) -> onnx.ModelProto:
 
 
 def layer_models(w: np.ndarray, q, structure: str, precision: str, target, rows: int,
-                 opset: int = 21) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+                 opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(dense model, candidate model): the one-MatMul model and what the pipeline's rewrite makes of it."""
-    from bfc.passes.cleanup import export
-    from bfc.passes.find_sites import find_sites
-    from bfc.passes.plan import LayerPlan
-    from bfc.passes.rewrite import rewrite
-
     dense = _one_matmul(w, rows, opset)
     graph = gs.import_onnx(dense)
     sites = find_sites(graph)
     site = next(s for s in sites if s.eligible)
-    plan = LayerPlan(site, weights=q, structure=structure, precision=precision)
-    if getattr(q, "family", "ks") == "rotated":
-        from bfc.passes.lowbit_plan import assign_rotation_owners
-        assign_rotation_owners([plan])
-    rewrite(graph, [plan], target, opset)
+    plans = assign_rotation_owners([LayerPlan(site, weights=q, structure=structure, precision=precision)])
+    rewrite(graph, plans, target, opset)
     return dense, export(graph, dense, [site.name])
 
 
 def _runner(model, x):
-    from bfc.runtime import session
     sess = session(model, threads=1)
     name = sess.get_inputs()[0].name
     feeds = {name: x}
@@ -114,7 +113,7 @@ def time_pair(dense: onnx.ModelProto, cand: onnx.ModelProto, rows: int, m: int |
 
 
 def measure(w: np.ndarray, q, structure: str, precision: str, target, rows: int,
-            opset: int = 21) -> tuple[float, float]:
+            opset: int) -> tuple[float, float]:
     """(dense ms, candidate ms) of one layer at ``rows`` input rows in ``target`` (cached)."""
     key = (tuple(w.shape), structure, precision, target.name, int(rows), str(w.dtype),
            None if q.low_rank is None else int(np.asarray(q.low_rank[0]).shape[1]))
@@ -125,18 +124,15 @@ def measure(w: np.ndarray, q, structure: str, precision: str, target, rows: int,
     return _CACHE[key]
 
 
-def check_plan(plan, cfg, target, opset: int = 21) -> None:
-    """objective=latency: keep ``plan`` dense when its rewrite is slower than the dense layer."""
+def check_plan(plan: LayerPlan, cfg, target, opset: int) -> LayerPlan:
+    """objective=latency: ``plan``, kept dense when its rewrite is slower than the dense layer."""
     if cfg.objective != "latency" or not plan.rewritten:
-        return
+        return plan
     rows = cfg.latency_batch * cfg.latency_seq
     dense_ms, cand_ms = measure(np.asarray(plan.site.weight), plan.weights, plan.structure, plan.precision, target, rows, opset)
     what = f"{plan.structure} {plan.precision}"
     if cand_ms > dense_ms:
-        plan.weights = None
-        plan.reason = (f"slower than dense ({cand_ms:.4f} ms vs {dense_ms:.4f} ms: {what} in target "
-                       f"{target.name}, {rows} rows, 1 thread)")
-        plan.structure, plan.precision = "dense", "-"
-        return
+        return plan.kept_dense(f"slower than dense ({cand_ms:.4f} ms vs {dense_ms:.4f} ms: {what} in target "
+                               f"{target.name}, {rows} rows, 1 thread)")
     timing = f"latency {cand_ms:.4f} ms vs dense {dense_ms:.4f} ms at {rows} rows"
-    plan.note = timing if plan.note is None else f"{plan.note}; {timing}"
+    return replace(plan, note=timing if plan.note is None else f"{plan.note}; {timing}")

@@ -5,7 +5,7 @@ Once calibration statistics exist, planning one site is a pure function of a sma
 never raw activations), the config, the target's name, the precisions to try, the site's
 shared rotation and low-bit bits.  No graph node travels (``Site`` holds ``gs.Node``
 references): the worker rebuilds a bare ``Site(weight_name, weight)`` and calls
-``bfc.passes.plan.plan_site``; the result (``LayerResult``: the quantized factorization or
+``bfc.passes.candidates.plan_site``; the result (``LayerResult``: the quantized factorization or
 low-bit layer, structure, precision, error, reason, note) comes back and the parent
 builds the ``LayerPlan``.
 Determinism: every task gets ``cfg.seed`` itself (the planner draws from explicitly seeded
@@ -54,6 +54,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
+
+import bfc
+import bfc.passes
+from bfc.errors import ConfigError
+from bfc.passes.candidates import plan_site
+from bfc.passes.find_sites import Site
+from bfc.passes.targets import get_target, is_registered
 
 POOL_MIN_ELEMENTS = 1 << 22     # workers=None: fewer weight elements to plan run in process (pool start-up ~1 s)
 INFLIGHT_PER_WORKER = 2         # tasks shipped per worker at a time
@@ -119,17 +128,14 @@ _IN_MAIN = True
 
 def run_task(task: LayerTask) -> LayerResult:
     """Plan one site (in any process): the task function of every engine."""
-    from bfc.passes import plan as plan_mod
-    from bfc.passes.find_sites import Site
     target = task.target
     if isinstance(target, str):
-        from bfc.passes.targets import get_target
         target = get_target(target)
     if task.origin_pid and os.getpid() != task.origin_pid and _IN_MAIN:
         _limit_threads(1)            # a Dask worker process (pool workers are limited by their initializer)
     cfg = task.config if task.config.seed == task.seed else task.config.replace(seed=task.seed)
     t0, c0 = time.perf_counter(), time.thread_time()
-    p = plan_mod.plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
+    p = plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
                            task.rotation, task.bits)
     return LayerResult(p.weights, p.structure, p.precision, p.error, p.error_kind, p.reason, p.note,
                        time.perf_counter() - t0, _worker_id(), cpu_seconds=time.thread_time() - c0)
@@ -164,8 +170,6 @@ def one_blas_thread():
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """sha256 of bfc's Python sources (the package and its passes): a record never outlives the code."""
-    import bfc
-    import bfc.passes
     h = hashlib.sha256()
     roots = [Path(bfc.__file__).resolve().parent] + [Path(p).resolve() for p in bfc.passes.__path__]
     for root in dict.fromkeys(roots):
@@ -176,7 +180,6 @@ def code_fingerprint() -> str:
 
 def _feed(h, obj) -> None:
     """Hash a value: numpy arrays by dtype, shape and bytes; containers and dataclasses recursively."""
-    import numpy as np
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
         h.update(f"nd{a.dtype.str}{a.shape}".encode())
@@ -230,7 +233,7 @@ class WorkFolder:
                 res = pickle.load(fh)
         except FileNotFoundError:
             return None
-        except Exception:            # a damaged or foreign record: plan the layer again
+        except Exception:  # noqa: BLE001 - a damaged or foreign record: plan the layer again
             return None
         return res if isinstance(res, LayerResult) else None
 
@@ -261,7 +264,7 @@ def _pool_context():
     import multiprocessing as mp
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["numpy", "bfc.passes.plan", "bfc.passes.layer_runner"])
+        ctx.set_forkserver_preload(["numpy", "bfc.passes.candidates", "bfc.passes.layer_runner"])
         return ctx
     return mp.get_context("spawn")
 
@@ -291,10 +294,8 @@ def _without_main():
 def _shipped(task: LayerTask) -> LayerTask:
     """The task as another process gets it: the target by name when the registry has it."""
     t = task.target
-    if not isinstance(t, str):
-        from bfc.passes.targets import _REGISTRY
-        if _REGISTRY.get(getattr(t, "name", None)) is t:
-            return dataclasses.replace(task, target=t.name)
+    if not isinstance(t, str) and is_registered(t):
+        return dataclasses.replace(task, target=t.name)
     return task
 
 
@@ -457,7 +458,6 @@ class Runner:
         try:
             client = Client(self.cluster, timeout=CONNECT_TIMEOUT)
         except OSError as e:
-            from bfc.errors import ConfigError
             raise ConfigError(f"cannot reach the Dask scheduler at {self.cluster} ({e}); start one "
                               "(dask scheduler) or check --cluster") from None
         running = {}
@@ -497,7 +497,6 @@ def _require_distributed():
     try:
         import distributed  # noqa: F401
     except ImportError:
-        from bfc.errors import ConfigError
         raise ConfigError("cluster needs Dask distributed: pip install 'bfc[cluster]' (or "
                           "pip install 'dask[distributed]') on this machine and on the cluster's workers") from None
 

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 
 from bfc.errors import ModelError, UnsupportedError
 from bfc.passes import stream
+from bfc.passes.products import LoadedModel
 from bfc.passes.stream import PROTO_LIMIT, model_size, proto_size  # noqa: F401 - re-exported
 
 MIN_OPSET = 13      # per-axis DequantizeLinear, Reshape with -1, Gemm-13
@@ -207,12 +208,13 @@ def check_output_path(out, protected=()) -> Path:
     return out
 
 
-def save_model(model: onnx.ModelProto, out, protected=(), base=None) -> Path:
+def save_model(model: onnx.ModelProto, out, protected=(), base=None, check=None) -> Path:
     """Atomic write, tensor by tensor (``stream.write_model``); external data (``<name>.data``) when
     the model exceeds 2 GB.  ``protected``: the files the output may not replace (the input model and
     its data, see ``input_files``).  ``base``: the model file ``model``'s references are relative to
     (a skeleton from ``open_model``; it is consumed: its initializers may point to the output's data
-    afterwards); None: an in-memory model, left unchanged."""
+    afterwards); None: an in-memory model, left unchanged.  ``check(path)``: called on the written file
+    under its temporary name before it is moved into place (raising leaves nothing at ``out``)."""
     out = check_output_path(out, protected)
     folder = out.parent if str(out.parent) else Path(".")
     if base is None and proto_size(model) > PROTO_LIMIT:
@@ -227,6 +229,8 @@ def save_model(model: onnx.ModelProto, out, protected=(), base=None) -> Path:
     try:
         data_name = stream.write_model(model, tmpdir / out.name, base if base is not None else tmpdir / out.name,
                                        out.name + ".data", PROTO_LIMIT)
+        if check is not None:
+            check(tmpdir / out.name)
         if data_name is not None:
             os.replace(tmpdir / data_name, folder / data_name)
         os.replace(tmpdir / out.name, out)
@@ -237,3 +241,17 @@ def save_model(model: onnx.ModelProto, out, protected=(), base=None) -> Path:
             p.unlink()
         tmpdir.rmdir()
     return out
+
+
+def load(source, output: Path | None = None) -> LoadedModel:
+    """The load stage: a model path (read as a skeleton, its weights left in their files) or a
+    ModelProto (checked); ``output``, when given, may be none of the files the input reads."""
+    if not isinstance(source, (str, os.PathLike)):
+        model = as_model(source)          # a ModelProto (anything else: a typed error)
+        return LoadedModel(model, source, None, (), model.graph.name or "model", model_size(model, None),
+                           default_opset(model))
+    model, base = open_with_base(source)
+    files = tuple(input_files(source, model))
+    if output is not None:
+        check_output_path(output, files)
+    return LoadedModel(model, source, base, files, str(source), model_size(model, base), default_opset(model))

@@ -28,7 +28,9 @@ from math import lcm
 import numpy as np
 
 from bfc.factorize.result import KSFactorization
+from bfc.lowbit.rotation import split_size
 from bfc.ops import lowbit_codes_stream
+from bfc.passes.ks_emit import emit_chain, factor_tensors
 from bfc.quant import cast
 from bfc.quant.formats import format_of_dtype
 
@@ -54,13 +56,11 @@ def rotate(b, x, rank, rotation):
                               y_0 = c x_0 + s x_1,  y_1 = s x_0 - c x_1           Slice, Mul, Add/Sub, Concat
     (the canonical values of these patterns, ``bfc.lowbit.rotation``); Cos/Sin of the constant angles are
     folded by the runtime at load.  Without parameters: the portable target's KS chain code."""
-    from bfc.lowbit.rotation import split_size
-    from bfc.passes.targets.portable import Portable
     k_dim = rotation.size
     x2 = b.reshape(x, [-1, k_dim]) if rank != 2 else x
     if rotation.params is None:
         q = rotation_factorization(rotation)
-        return Portable._chain(b, x2, q, Portable.factor_tensors(b, q))
+        return emit_chain(b, x2, q, factor_tensors(b, q))
     m, k = split_size(k_dim)
     d = 2 ** k
     v0 = rotation.values[0][0]                                     # (d, m_in, m_out)

@@ -1,7 +1,7 @@
 """Planning of the rotated low-bit family: ``y = x @ W ~= (x Q) deq(Q^T W) [+ (x U) V^T]``.
 
 Requires: the sites, their calibration statistics (optional) and the target.  Used by
-``bfc.passes.plan`` for ``structure=rotated`` and, with ``precision=auto``, as extra
+``bfc.passes.candidates`` for ``structure=rotated`` and, with ``precision=auto``, as extra
 candidates of ``structure=auto``.
 Rotations, one per input tensor (``rotations``): the eligible sites are grouped by the
 tensor their first node reads (and whether it is transposed); every site of a group
@@ -31,6 +31,7 @@ import numpy as np
 from bfc.lowbit import ButterflyRotation, LowBitFormat, RotatedLayer, rotate_quantize
 from bfc.lowbit.correction import fit_correction
 from bfc.lowbit.groups import packed_nbytes
+from bfc.lowbit.rotation_learn import learn_rotation
 
 AUTO_BITS = (4, 3, 2)
 AUTO_CORRECTION_RANKS = (0, 4, 8, 16)
@@ -65,7 +66,6 @@ def _rotation(members, stats, cfg, bits) -> ButterflyRotation:
     rot = ButterflyRotation.hadamard_like(k, cfg.seed)
     if not cfg.learn_rotation or cfg.rotation_steps == 0:
         return rot
-    from bfc.lowbit.rotation_learn import learn_rotation
     st = None if stats is None else stats.get(members[0].weight_name)
     gram = None if st is None else np.asarray(st.gram, np.float64)
     w = np.concatenate([m.weight.astype(np.float64) for m in members], axis=1)
@@ -109,14 +109,17 @@ def plan_rotated(w, gram, score, cfg, target, rotation, bits_options, budget):
     return None, best[1], best[0]
 
 
-def assign_rotation_owners(plans) -> None:
-    """The first rewritten plan of each shared rotation counts (stores) it; the others do not."""
+def assign_rotation_owners(plans: list) -> list:
+    """The plans with the first rewritten plan of each shared rotation counting (storing) it and the
+    others not."""
     seen = set()
+    out = []
     for p in plans:
         q = p.weights
-        if q is None or getattr(q, "family", "ks") != "rotated" or q.rotation is None:
-            continue
-        own = id(q.rotation) not in seen
-        seen.add(id(q.rotation))
-        if q.owns_rotation != own:
-            p.weights = dataclasses.replace(q, owns_rotation=own)
+        if isinstance(q, RotatedLayer) and q.rotation is not None:
+            own = id(q.rotation) not in seen
+            seen.add(id(q.rotation))
+            if q.owns_rotation != own:
+                p = dataclasses.replace(p, weights=dataclasses.replace(q, owns_rotation=own))
+        out.append(p)
+    return out

@@ -1,6 +1,9 @@
 """Rewrite: every planned layer's nodes are replaced by what the target emits.
 
-Requires: plans, guarded, distilled.  Ensures: rewritten.  In place (``state.graph``).
+``rewrite_model(loaded, plan, target, fix_batch)`` (the pipeline's rewrite stage) imports a fresh
+graph of the input, rewrites the planned layers in it and exports it (``bfc.passes.export``):
+a RewrittenModel; the input model is never changed.  The guard and the latency check build
+their trial models the same way (``rewritten``).
 Matches: the nodes of every rewritten ``LayerPlan`` (MatMul ``y = x @ W``, x of any
 rank [..., M]; Gemm ``y = alpha * op(A) @ W + beta * C``).
 Algebra, the same for every target:
@@ -13,26 +16,30 @@ y = W @ x sites (``trans_out``) compute y^T = x^T W^T: one Transpose in, one out
 Nodes inside If/Loop/Scan bodies are rewritten in the body that holds them (the
 builder appends there).  The constants of a weight group are created once per graph
 holding its nodes and shared by those nodes.
-Rotated low-bit layers (``family`` "rotated"): T = target.emit_rotated, and x Q is
-emitted once per graph, input tensor x and rotation Q (``target.rotate``) and shared by
-every layer reading x with that Q (Q, K, V projections); the rotation's bytes are counted
-by the first rewritten layer of its group.
+T is the emitter the target registered for the plan's form (``bfc.passes.targets``).  A form
+with a rotation (rotated low-bit) gets x Q emitted once per graph, input tensor x and rotation
+Q (``target.rotate``) and shared by every layer reading x with that Q (Q, K, V projections); the
+rotation's bytes are counted by the first rewritten layer of its group.
 Each plan's note is prefixed with its site's note (folded weight chain, dequantized
 weight, planned without calibration), so the report says how the weight was found.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bfc.passes.contract import Contract, GraphPass, PassResult
-from bfc.passes.find_sites import BFC_PREFIX
+from bfc.passes.export import export, pin_batch
+from bfc.passes.find_sites import BFC_PREFIX, find_sites
 from bfc.passes.graph_builder import GraphBuilder
-from bfc.passes.load import default_opset
+from bfc.passes.lowbit_plan import assign_rotation_owners
+from bfc.passes.products import LoadedModel, Plan, RewrittenModel
+from bfc.passes.stream import import_graph, model_size
 from bfc.quant.formats import format_of_dtype
 
 
-def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank, rotated=None) -> None:
+def _rewrite_node(b: GraphBuilder, sn, plan, target, emitter, tensors, low_rank, rotated) -> None:
     node, q = sn.node, plan.weights
     n_out = plan.site.weight.shape[1]
     model_dtype = np.dtype(plan.site.weight.dtype)
@@ -52,16 +59,13 @@ def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank, rotated=
             and np.asarray(c.values).size == n_out and np.asarray(c.values).ndim <= 2):
         bias = b.const("bias", (np.asarray(c.values, np.float64).reshape(n_out) * sn.beta).astype(b.dtype))
         c = None
-    if getattr(q, "family", "ks") == "rotated":
-        key = (id(b.graph), x.name, id(q.rotation), rank)
+    key = (id(b.graph), x.name, id(getattr(q, "rotation", None)), rank)
 
-        def shared_xq():
-            if key not in rotated:
-                rotated[key] = target.rotate(b, x, rank, q.rotation)
-            return rotated[key]
-        out = target.emit_rotated(b, x, rank, tensors, q, bias, shared_xq)
-    else:
-        out = target.emit(b, x, rank, tensors, q, bias)
+    def shared_xq():
+        if key not in rotated:
+            rotated[key] = target.rotate(b, x, rank, q.rotation)
+        return rotated[key]
+    out = emitter.emit(b, x, rank, tensors, q, bias, shared_xq)
     if low_rank is not None:
         u, vt = low_rank
         out = b.op("Add", [out, b.op("MatMul", [b.op("MatMul", [x, u]), vt])])
@@ -83,7 +87,7 @@ def _rewrite_node(b: GraphBuilder, sn, plan, target, tensors, low_rank, rotated=
     b.route(out, y)
 
 
-def rewrite(graph: gs.Graph, plans, target, opset: int = 21) -> int:
+def rewrite(graph: gs.Graph, plans, target, opset: int) -> int:
     """Rewrite every planned layer of ``graph`` (and of its subgraphs) with ``target``; returns the
     number of nodes rewritten."""
     done = 0
@@ -100,30 +104,40 @@ def rewrite(graph: gs.Graph, plans, target, opset: int = 21) -> int:
         for gi, (g, nodes) in enumerate(by_graph.values()):
             suffix = "" if gi == 0 else f"_g{gi}"       # names stay unique across nested scopes
             b = GraphBuilder(g, f"{BFC_PREFIX}{li}_{plan.site.name.replace('/', '_')}{suffix}", dtype, opset)
-            tensors = target.tensors(b, q)
+            emitter = target.emitter(q)
+            tensors = emitter.tensors(b, q)
             low_rank = None if q.low_rank is None else (
                 b.const("U", q.low_rank[0].astype(dtype)),
                 b.const("Vt", np.ascontiguousarray(q.low_rank[1].T).astype(dtype)))
             for sn in nodes:
-                _rewrite_node(b, sn, plan, target, tensors, low_rank, rotated)
+                _rewrite_node(b, sn, plan, target, emitter, tensors, low_rank, rotated)
                 done += 1
     graph.cleanup().toposort()
     return done
 
 
-def _with_site_notes(plans) -> None:
-    for p in plans:
-        note = getattr(p.site, "note", None)
-        if note and (p.note is None or note not in p.note):
-            p.note = note if p.note is None else f"{note}; {p.note}"
+def rewritten(model, plans, target, opset: int, base=None, updates=None):
+    """``model`` with ``plans`` rewritten by ``target``: a fresh import (``model`` is untouched; a
+    skeleton's untouched weights stay references relative to ``base``); ``updates``: new values of
+    graph tensors by name (e.g. distilled LayerNorm scales)."""
+    graph = import_graph(model, base)
+    fresh = {s.weight_name: s for s in find_sites(graph)}
+    moved = [replace(p, site=fresh[p.site.weight_name]) for p in plans]
+    rewrite(graph, moved, target, opset)
+    tensors = graph.tensors()
+    for name, value in (updates or {}).items():
+        t = tensors.get(name)
+        if t is not None and hasattr(t, "values"):
+            t.values = value.astype(np.asarray(t.values).dtype)
+    return export(graph, model, [p.site.name for p in moved if p.rewritten], base)
 
 
-class Rewrite(GraphPass):
-    contract = Contract.of(requires={"plans", "guarded", "distilled"}, ensures={"rewritten"}, in_place=True)
-
-    def run(self, state) -> PassResult:
-        _with_site_notes(state.plans)
-        from bfc.passes.lowbit_plan import assign_rotation_owners
-        assign_rotation_owners(state.plans)       # the guard may have backed off a rotation's first user
-        done = rewrite(state.graph, state.plans, state.target, default_opset(state.model))
-        return PassResult(changed=done > 0, skipped={p.site.name: p.reason for p in state.plans if not p.rewritten})
+def rewrite_model(loaded: LoadedModel, plan: Plan, target, fix_batch: int | None) -> RewrittenModel:
+    """The rewrite stage (see the module doc); nothing rewritten and no batch to pin: the input as it is."""
+    if not plan.rewritten and fix_batch is None:
+        return RewrittenModel(loaded.model, loaded.base, model_size(loaded.model, loaded.base), changed=False)
+    layers = assign_rotation_owners(list(plan.layers))       # the guard may have backed off a rotation's first user
+    out = rewritten(loaded.model, layers, target, loaded.opset, loaded.base, plan.tensor_updates)
+    if fix_batch is not None:
+        out = pin_batch(out, fix_batch, loaded.base)
+    return RewrittenModel(out, loaded.base, model_size(out, loaded.base), changed=bool(plan.rewritten))

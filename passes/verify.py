@@ -1,7 +1,8 @@
 """Verify: run the original and the optimized model in onnxruntime on the same inputs.
 
-Matches: two models with the same graph inputs and outputs.
-Ensures: per graph output, the relative error ||y_opt - y_ref|| / ||y_ref|| and the mean
+``verify_result(loaded, result, feeds, why_no_feeds)`` (the pipeline's verify stage) -> Verification:
+the written file when there is one (read by onnxruntime from disk), else the model in memory.
+``verify`` compares two models with the same graph inputs and outputs: per graph output, the relative error ||y_opt - y_ref|| / ||y_ref|| and the mean
 cosine similarity of the rows (last axis) over all inputs (run in chunks, accumulated);
 non-finite optimized outputs are an error.
 """
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bfc.errors import ModelError, NativeLibraryError
+from bfc.errors import BfcError, ModelError, NativeLibraryError
+from bfc.passes.calibrate import split_feeds
+from bfc.passes.load import open_with_base
+from bfc.passes.products import LoadedModel, RewrittenModel, SavedModel, Verification
 from bfc.passes.session import run, session
 from bfc.passes.stream import trim
 
@@ -47,8 +51,7 @@ def verify(original, optimized, feeds: dict, *, original_base=None, optimized_ba
     weights from the files once (a path makes it parse the whole file and copy the weights out of it).
     The inputs run CHUNK samples at a time when they share a batch axis; the errors are accumulated
     over the chunks (sums of squares, of row cosines and row counts), so they equal one run's."""
-    from bfc.passes.calibrate import _chunks
-    parts = _chunks(feeds) if all(np.ndim(v) for v in feeds.values()) else [feeds]
+    parts = split_feeds(feeds) if all(np.ndim(v) for v in feeds.values()) else [feeds]
     if len(parts) > 1:
         parts = [{k: v[i:i + CHUNK] for k, v in feeds.items()}
                  for i in range(0, next(iter(feeds.values())).shape[0], CHUNK)]
@@ -90,3 +93,26 @@ def verify(original, optimized, feeds: dict, *, original_base=None, optimized_ba
         err = float(np.sqrt(num) / max(np.sqrt(den), 1e-30))
         out.append(OutputCheck(n, err, cos / rows if rows else 1.0))
     return out
+
+
+def verify_result(loaded: LoadedModel, result: SavedModel | RewrittenModel, feeds: dict | None,
+                  verified_on: str, why_no_feeds: str | None = None) -> Verification:
+    """The verify stage: the input as loaded (an opset-upgraded input: the original file) against the
+    result; a reason instead when it cannot run (no inputs, no custom-op library)."""
+    if loaded.base is None:
+        original, original_base = loaded.model, None
+    elif loaded.upgraded:
+        original, original_base = loaded.source, None
+    else:
+        original, original_base = loaded.model, loaded.base
+    if isinstance(result, SavedModel):
+        optimized, optimized_base = open_with_base(result.path)   # the written files, read by onnxruntime
+    else:
+        optimized, optimized_base = result.model, None
+    try:
+        if feeds is None:
+            raise BfcError(why_no_feeds)
+        checks = verify(original, optimized, feeds, original_base=original_base, optimized_base=optimized_base)
+    except BfcError as e:
+        return Verification(not_verified=str(e))
+    return Verification(tuple(checks), verified_on)

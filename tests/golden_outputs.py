@@ -12,8 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "data" / "golden_outputs.json"
 ROOT = HERE.parent

@@ -1,7 +1,9 @@
 """bfc.optimize / OptimizeConfig: budgets, reasons, determinism, idempotence, calibration."""
 import numpy as np
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 import bfc
 from bfc.config import OptimizeConfig, Precision, Structure

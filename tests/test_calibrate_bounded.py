@@ -1,7 +1,9 @@
 """Bounded calibration statistics: exact Gram up to GRAM_EXACT_MAX, the diagonal beyond (its effect
 on the planner's error estimate measured), and grouped passes that give the same statistics."""
 import numpy as np
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc.factorize import chain_for, factorize
 from bfc.passes import calibrate as C

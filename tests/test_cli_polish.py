@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h
+from onnx import TensorProto as T
+from onnx import helper as h
 
 from bfc.errors import ModelError
 from bfc.passes.session import run

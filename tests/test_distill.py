@@ -10,8 +10,6 @@ from onnx import TensorProto, helper
 
 torch = pytest.importorskip("torch", reason="distillation needs PyTorch (pip install 'bfc[torch]')")
 
-from bfc.passes.session import session
-
 import bfc
 from bfc import runtime
 from bfc.config import OptimizeConfig
@@ -20,6 +18,7 @@ from bfc.errors import ConfigError, UnsupportedError
 from bfc.factorize import factorize
 from bfc.ks import monarch_chain
 from bfc.ops import ks_matmul_reference, patterns_attribute
+from bfc.passes.session import session
 from bfc.quant import quantize
 from bfc.torch.onnx_module import OnnxModule
 
@@ -54,7 +53,8 @@ def test_interpreter_matches_onnxruntime(name):
 def test_interpreter_shape_ops_match_onnxruntime():
     """Shape/Slice/Concat/Reshape/Gather/Expand/Range/Where/Split/Unsqueeze/Squeeze/Cast/ConstantOfShape."""
     n = helper.make_node
-    i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
+    def i64(name, v):
+        return helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
     nodes = [n("Shape", ["x"], ["s"]), n("Slice", ["s", "c0", "c1"], ["b"]),
              n("Concat", ["b", "cm1"], ["tgt"], axis=0), n("Reshape", ["x", "tgt"], ["flat"]),
              n("Gather", ["flat", "idx"], ["g"], axis=1), n("Unsqueeze", ["g", "c0"], ["u"]),

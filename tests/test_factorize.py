@@ -5,8 +5,7 @@ import pytest
 from scipy.linalg import hadamard  # declared in the test extra
 
 from bfc.errors import BfcError, ChainError, InvalidInputError
-from bfc.factorize import (bitrev_perm, cheapest, chain_for, factorize, inverse_perm,
-                           weighted_error)
+from bfc.factorize import bitrev_perm, chain_for, cheapest, factorize, inverse_perm, weighted_error
 from bfc.ks import Chain, butterfly_chain, chainable_chain, monarch_chain
 
 EXACT = 1e-12

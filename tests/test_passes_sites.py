@@ -10,12 +10,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc import runtime
 from bfc.config import OptimizeConfig
 from bfc.errors import ModelError, UnsupportedError
 from bfc.ops import reference_evaluator
+from bfc.passes import layer_runner
 from bfc.passes.find_sites import find_sites
 from bfc.passes.pipeline import run_passes
 from bfc.passes.session import run, session
@@ -190,8 +193,7 @@ def test_nan_weight_is_a_model_error():
 def test_fp8_needs_opset_19_checked_before_planning(target, monkeypatch):
     m = model([h.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", [2, 64])], [vi("y", None)],
               [nh.from_array(w((64, 64)), "W")], opset=17)
-    import bfc.passes.plan as plan_module
-    monkeypatch.setattr(plan_module, "plan_site", lambda *a, **k: pytest.fail("planned before the check"))
+    monkeypatch.setattr(layer_runner, "plan_site", lambda *a, **k: pytest.fail("planned before the check"))
     with pytest.raises(UnsupportedError, match="opset >= 19"):
         optimize_parts(m, CFG.replace(precision="fp8-e4m3", target=target))
 

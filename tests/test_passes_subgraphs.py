@@ -11,8 +11,9 @@ optimizes end to end (file in, file out, verified).
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
-
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 from test_passes_weight_forms import CFG, TARGETS, check, model, vi, w
 
 from bfc.cli import main

@@ -15,7 +15,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc import runtime
 from bfc.config import OptimizeConfig
@@ -288,6 +290,7 @@ def test_opset_11_model_is_upgraded(target, tmp_path):
 
 def test_unconvertible_old_opset_is_one_line_error(monkeypatch):
     from onnx import version_converter
+
     from bfc.errors import UnsupportedError
 
     def fail(model, version):

@@ -3,7 +3,9 @@ emission (portable / ort targets, DequantizeLinear-21) and the planner with prec
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc.config import OptimizeConfig, Precision
 from bfc.errors import UnsupportedError

@@ -7,7 +7,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc.errors import ConfigError, ModelError
 from bfc.passes.session import MAX_ABS_VALUE, load_feeds, random_feeds

@@ -17,12 +17,12 @@ from importlib.resources import as_file, files
 import numpy as np
 import onnx
 import pytest
-from bfc.passes import latency
-from bfc.passes.pipeline import optimize
 from onnx import TensorProto, helper, numpy_helper
 
 from bfc.config import OptimizeConfig
 from bfc.errors import ConfigError
+from bfc.passes import latency
+from bfc.passes.pipeline import optimize
 
 
 def _one_layer(m=64, n=64, seed=0):
@@ -68,11 +68,12 @@ def test_measurement_model_is_the_pipeline_rewrite():
     model = _one_layer(128, 128)
     out, _ = optimize(model, _cfg())
     import onnx_graphsurgeon as gs
+
     from bfc.passes.find_sites import find_sites
-    from bfc.passes.plan import plan_sites
+    from bfc.passes.schedule import plan_sites
     from bfc.passes.targets import get_target
     site = find_sites(gs.import_onnx(model))[0]
-    plan = plan_sites([site], _cfg(), get_target("portable"))[0]
+    plan = plan_sites([site], _cfg(), get_target("portable"), opset=17)[0]
     dense, cand = latency.layer_models(site.weight, plan.weights, plan.structure, plan.precision,
                                        get_target("portable"), rows=4, opset=17)
     assert [n.op_type for n in dense.graph.node] == ["MatMul"]

@@ -11,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 from bfc.cli import main as cli_main
 from bfc.config import OptimizeConfig
 from bfc.errors import ConfigError
-from bfc.passes import layer_runner, plan as plan_mod
+from bfc.passes import layer_runner
+from bfc.passes import plan as plan_mod
 from bfc.passes.events import LayerPlanned
 from bfc.passes.pipeline import optimize
 

@@ -8,10 +8,13 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 import bfc
-from bfc.passes import load as L, stream as S
+from bfc.passes import load as L
+from bfc.passes import stream as S
 
 CFG = dict(structure="monarch", rank=2, precision="int8", max_error=None, max_output_error=None, workers=1, seed=3)
 
@@ -20,7 +23,8 @@ def fixture_model(with_chain=True) -> onnx.ModelProto:
     """MatMul, Gemm (transB, bias), a Transpose-folded weight, an untouched table read by Gather,
     small constants: every kind of initializer the streaming path handles."""
     rng = np.random.default_rng(7)
-    f = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+    def f(*s):
+        return (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
     inits = [nh.from_array(f(300, 64), "table"), nh.from_array(f(64, 128), "W1"), nh.from_array(f(64, 64), "B2"),
              nh.from_array(f(64).reshape(64), "c2"), nh.from_array(f(64, 128), "W3t"),
              nh.from_array(np.array([-1, 64], np.int64), "shape")]

@@ -7,10 +7,15 @@ from torch import nn  # noqa: E402
 
 from bfc.errors import ChainError, ConfigError, InvalidInputError  # noqa: E402
 from bfc.ks import butterfly_chain, chainable_chain, monarch_chain  # noqa: E402
-from bfc.torch import (FakeQuant, KSLinear, compose_chains, kaleidoscope_chain,  # noqa: E402
-                       quantize_values, transpose_chain, transpose_values)
-
-
+from bfc.torch import (  # noqa: E402
+    FakeQuant,
+    KSLinear,
+    compose_chains,
+    kaleidoscope_chain,
+    quantize_values,
+    transpose_chain,
+    transpose_values,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -29,7 +29,6 @@ import numpy as np
 
 from bfc.ks import Chain
 
-
 GRAM_MAX_DIM = 2896            # 2896^2 fp64 ~ 64 MB: wider inputs keep diag(X^T X) only
 DENSE_CAP = 8 << 20            # entries (64 MB fp64) per dense temporary of the refinement
 

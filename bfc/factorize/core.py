@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from bfc.errors import ChainError, InvalidInputError
-from bfc.factorize.calibrated import (activation_gram, gram_diagonal, refine_fits, refine_weighted,
-                                     weighted_error)
+from bfc.factorize.calibrated import activation_gram, gram_diagonal, refine_fits, refine_weighted, weighted_error
 from bfc.factorize.hierarchical import hierarchical
 from bfc.factorize.perm import bitrev_perm, candidate_perms, check_perm
 from bfc.factorize.result import KSFactorization
@@ -18,7 +17,7 @@ def check_matrix(w, name: str = "W") -> np.ndarray:
     """A finite, non-empty, 2-D numeric array (float64 or complex128)."""
     try:
         w = np.asarray(w)
-    except Exception as exc:  # ragged lists and the like
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
         raise InvalidInputError(f"{name} is not an array: {exc}") from None
     if w.ndim != 2:
         raise InvalidInputError(f"{name} must be a 2-D matrix, got {w.ndim} dimensions (shape {w.shape})")

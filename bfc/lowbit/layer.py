@@ -30,6 +30,7 @@ from bfc.lowbit.groups import (
     weighted_error,
 )
 from bfc.lowbit.rotation import ButterflyRotation
+from bfc.lowbit.rotation_learn import learn_rotation
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,6 @@ def rotate_quantize(w, gram=None, bits: int = 4, group_size: int | None = 64, sy
     if rotate and rot is None:
         rot = ButterflyRotation.hadamard_like(k, seed)
         if learn:
-            from bfc.lowbit.rotation_learn import learn_rotation
             params, _ = learn_rotation(w, gram, fmt, init=rot.params, steps=learn_steps, seed=seed)
             rot = ButterflyRotation.from_params(params)
     wr = w if rot is None else rot.rotate_weight(w)

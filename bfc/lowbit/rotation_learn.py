@@ -33,7 +33,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise InvalidInputError("learning a rotation needs torch: pip install torch") from None
+        raise InvalidInputError("learning a rotation needs torch: pip install torch==2.13.0 (the CPU build; another version "
+                                "spec pulls a multi-GB CUDA build), or use the default rotation without torch") from None
     return torch
 
 

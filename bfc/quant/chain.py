@@ -35,7 +35,7 @@ import numpy as np
 from bfc.quant.formats import Format
 from bfc.quant.rank_one import optimal_rank_one
 from bfc.quant.rounding import Rounding, round_nearest, round_to
-from bfc.quant.scales import (Granularity, absmax_scale, float_scale, optimal_int_scale)
+from bfc.quant.scales import Granularity, absmax_scale, float_scale, optimal_int_scale
 
 
 class Method(Enum):

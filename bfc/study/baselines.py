@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bfc.api import save
 from bfc.errors import ConfigError, ModelError
 
 BASELINES = ("int8-dynamic", "int4-nbits", "svd", "svd-int8", "prune")
@@ -93,9 +94,9 @@ def linear_bytes(original: onnx.ModelProto, model: onnx.ModelProto | None = None
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
-    from bfc.passes.load import save_model   # atomic, external data above 2 GB
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return save_model(model, path)
+    save(model, path)                         # atomic, external data above 2 GB
+    return Path(path)
 
 
 def eligible(sites: list[LinearSite], min_size: int = 0) -> list[LinearSite]:

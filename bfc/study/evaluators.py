@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from bfc.errors import ConfigError, InvalidInputError
+from bfc.runtime import session as runtime_session
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -40,7 +41,6 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 def session(path, threads: int = 1):
     """bfc's session factory (``bfc.runtime.session``: sequential, ai.bfc library registered) on a path."""
-    from bfc.runtime import session as runtime_session
     return runtime_session(str(path), threads=threads)
 
 
@@ -245,7 +245,7 @@ def load_callable(spec: str) -> Evaluator:
     module = importlib.util.module_from_spec(spec_)
     try:
         spec_.loader.exec_module(module)
-    except Exception as e:  # user code: report it as bad input, one line
+    except Exception as e:  # noqa: BLE001 - user code: report it as bad input, one line
         raise ConfigError(f"--eval {spec!r}: importing {path} failed ({type(e).__name__}: {e})") from None
     fn = getattr(module, func, None)
     if not callable(fn):

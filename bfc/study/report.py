@@ -6,7 +6,7 @@ import platform
 import time
 from pathlib import Path
 
-from bfc.study.plots import NO_PLOTS, available, ok, pareto_front
+from bfc.study.plots import NO_PLOTS, available, distill_pairs, label, ok, pareto_front
 
 
 def _mb(n) -> str:
@@ -15,44 +15,6 @@ def _mb(n) -> str:
 
 def _f(x, fmt="{:.3g}") -> str:
     return "-" if x is None else fmt.format(x)
-
-
-def label(r: dict) -> str:
-    p = r.get("params", {})
-    if r["kind"] == "reference":
-        return "reference (fp32)"
-    if r["kind"] == "bfc":
-        bits = [p.get("structure", "auto")]
-        if "rank" in p:
-            bits.append(f"r{p['rank']}")
-        if p.get("structure") == "lowrank-residual":
-            bits.append(f"+lr{p.get('residual_rank', 8)}")
-        bits.append(p.get("precision", "int8"))
-        if p.get("max_error") is not None:
-            bits.append(f"err<={p['max_error']}")
-        if p.get("distill") is not None:
-            bits.append(f"+distill {p.get('distill_steps', 500)} steps")
-        extra = [f"{k}={v}" for k, v in sorted(p.items())
-                 if k not in ("structure", "rank", "residual_rank", "precision", "max_error", "distill", "distill_steps")]
-        return "bfc " + " ".join(bits + extra)
-    tail = f" (>= {p['min_size']} weights)" if p.get("min_size") else ""
-    if "budget" in p:
-        return f"{r['kind']} @ {p['budget'] / 1e6:.3f} MB{tail}"
-    return r["kind"] + tail
-
-
-def distill_pairs(records) -> list[tuple[dict, dict]]:
-    """(plain, distilled) record pairs: a distilled bfc point and the same point without the distill keys."""
-    recs = [r for r in ok(records) if r["kind"] == "bfc"]
-    plain = {tuple(sorted((k, str(v)) for k, v in r["params"].items())): r for r in recs if "distill" not in r["params"]}
-    out = []
-    for r in recs:
-        if "distill" not in r["params"]:
-            continue
-        base = tuple(sorted((k, str(v)) for k, v in r["params"].items() if not k.startswith("distill")))
-        if base in plain:
-            out.append((plain[base], r))
-    return sorted(out, key=lambda pr: (pr[0]["linear_bytes"], pr[1]["params"].get("distill_steps", 500)))
 
 
 def summary(records) -> dict:

@@ -25,8 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bfc.api import optimize
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
+from bfc.passes.session import load_feeds, random_feeds
+from bfc.runtime import latency_ms as median_ms
 from bfc.study.baselines import BASELINES, BUDGETED, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, session
 
@@ -157,7 +160,6 @@ def _append(path: Path, rec: dict) -> None:
 # ---- measurements ------------------------------------------------------------------------
 def latency_ms(path, feed: dict, runs: int = 20) -> float:
     """Median wall time (ms) of one onnxruntime run on ``feed``, 1 intra-op thread, after 2 warm-ups."""
-    from bfc.runtime import latency_ms as median_ms
     return median_ms(session(path, threads=1), feed, repeats=runs, warmup=2)
 
 
@@ -222,7 +224,6 @@ class Study:
 
     def _check_feed(self) -> dict:
         """A small input feed: the first 8 calibration rows, the evaluator's sample, or random inputs."""
-        from bfc.passes.session import load_feeds, random_feeds
         if self.calibration is not None:
             return {k: v[:8] if v.ndim else v for k, v in load_feeds(self.calibration, self._orig).items()}
         if self.evaluator.sample is not None:
@@ -278,9 +279,8 @@ class Study:
             return self.model, {"layer_error": 0.0, "layer_error_max": 0.0}
         out.parent.mkdir(parents=True, exist_ok=True)
         if pt.kind == "bfc":
-            import bfc
             cfg = OptimizeConfig(calibration=self.calibration, **pt.p)
-            model, report = bfc.optimize(str(self.model), cfg)
+            model, report = optimize(str(self.model), cfg)
             onnx.save(model, str(out))
             errs = [r.error if r.rewritten and r.error is not None else 0.0 for r in report.layers]
             t = report.totals()

@@ -14,8 +14,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 
 from bfc.torch.export import densify, export_onnx, ks_layers_metadata
 from bfc.torch.fake_quant import FakeQuant, QuantFormat, Scaling, fake_quant, quantize_values
-from bfc.torch.linear import (KSLinear, compose_chains, kaleidoscope_chain, transpose_chain,
-                              transpose_values)
+from bfc.torch.linear import KSLinear, compose_chains, kaleidoscope_chain, transpose_chain, transpose_values
 
 __all__ = ["KSLinear", "FakeQuant", "QuantFormat", "Scaling", "fake_quant", "quantize_values",
            "export_onnx", "densify", "ks_layers_metadata", "compose_chains", "transpose_chain",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bfc.api import save
 from bfc.errors import InvalidInputError, ModelError
 from bfc.torch.linear import KSLinear
 
@@ -114,9 +115,9 @@ def export_onnx(module: nn.Module, path, example, *, input_names=None, output_na
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     onnx.checker.check_model(proto)
-    from bfc.passes.load import save_model   # atomic, external data above 2 GB
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_model(proto, path)
+    save(proto, path)                         # atomic, external data above 2 GB
+    return path
 
 
 def ks_layers_metadata(model) -> list[dict]:

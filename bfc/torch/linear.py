@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from bfc.errors import ChainError, InvalidInputError
-from bfc.ks import Chain, KSPattern, chainable_chain, parse_chain
+from bfc.factorize import factorize
+from bfc.factorize.result import KSFactorization
+from bfc.ks import Chain, KSPattern, chainable_chain, parse_chain, prime_factors
 from bfc.torch.fake_quant import FakeQuant, fake_quant
 
 
@@ -66,7 +68,6 @@ def kaleidoscope_chain(n: int, depth: int = 1, rank: int = 1, n_factors: int | N
 
 
 def _prime_list(n: int) -> list[int]:
-    from bfc.ks import prime_factors
     return prime_factors(n)
 
 
@@ -187,7 +188,6 @@ class KSLinear(nn.Module):
         ``quantized`` (default: whether ``quant`` is set) exports the fake-quantized factor
         values, i.e. exactly what ``forward`` multiplies by.
         """
-        from bfc.factorize.result import KSFactorization
         quantized = self.quant is not None if quantized is None else quantized
         with torch.no_grad():
             vals = self.quantized_factors() if quantized else list(self.factors)
@@ -236,7 +236,6 @@ class KSLinear(nn.Module):
         ``residual_rank``...) go to ``factorize``.  The fit's relative Frobenius error is
         kept in ``layer.init_rel_error``.
         """
-        from bfc.factorize import factorize
         if not isinstance(linear, nn.Linear):
             raise InvalidInputError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().cpu().double().numpy().T

@@ -1,10 +1,12 @@
 """Targets: how a planned layer is emitted into the graph, and the function it then computes.
 
 A target is one module of this package that defines a ``Target`` subclass and
-registers an instance with ``@register``; ``get_target(name)`` finds it.  The planner
-asks the target for the function its emitted layer computes (``simulate``) and scores
-every candidate with it, so the error budget holds for the numbers the target really
-produces; the rewrite pass asks it to ``emit`` the layer.
+registers an instance with ``@register``; ``get_target(name)`` finds it.  Emitters are a
+(form x target) registry: the module registers one ``FormEmitter`` per layer form it
+supports with ``@emits(name, FormType)``, so adding a form or a target is one file plus one
+registration.  The planner asks the target for the function its emitted layer computes
+(``simulate``) and scores every candidate with it, so the error budget holds for the numbers
+the target really produces; the rewrite asks the form's emitter for the nodes.
 """
 from __future__ import annotations
 
@@ -15,18 +17,51 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from bfc.errors import ConfigError
-from bfc.quant import QuantizedFactorization
+from bfc.errors import ConfigError, UnsupportedError
 from bfc.quant.formats import Format
 
 _REGISTRY: dict[str, "Target"] = {}
 
 
+class FormEmitter:
+    """How one target emits one layer form, and the function the emitted nodes compute.
+
+    A form is a type of planned layer (``bfc.quant.QuantizedFactorization``: a KS chain;
+    ``bfc.lowbit.RotatedLayer``: rotated low-bit, ...).  Each target module registers one emitter per
+    form it supports with ``@emits(TARGET_NAME, FormType)``; a target without an emitter for a form
+    refuses it with a reason (``Target.emitter``)."""
+
+    def simulate(self, form) -> Callable[[np.ndarray], np.ndarray] | None:
+        """numpy ``x (n, M) -> y (n, N)`` of what the emitted layer computes, when that is not the float
+        product ``form.apply`` (e.g. activations quantized on the fly); None when it is."""
+        return None
+
+    def tensors(self, b, form):
+        """Graph constants of one weight group (created once, shared by every node of the group)."""
+        raise NotImplementedError
+
+    def emit(self, b, x: gs.Variable, rank: int | None, tensors, form, bias: gs.Constant | None,
+             rotated: Callable[[], gs.Variable]) -> gs.Variable:
+        """Nodes computing ``form.apply(x) (+ bias)`` for ``x`` of shape [..., M] (``rank`` if known);
+        ``rotated()`` returns the shared 2-D ``x Q`` of a rotated form (``Target.rotate``)."""
+        raise NotImplementedError
+
+
+_EMITTERS: dict[tuple[str, type], FormEmitter] = {}
+
+
+def emits(target_name: str, form_type: type):
+    """Class decorator: register an instance of a FormEmitter subclass for (target, form)."""
+    def deco(cls):
+        _EMITTERS[(target_name, form_type)] = cls()
+        return cls
+    return deco
+
+
 class Target:
-    """Base class.  A layer is ``y = x @ W_hat (+ bias)`` with ``W_hat`` a ``QuantizedFactorization``
-    (``family`` "ks") or a ``bfc.lowbit.RotatedLayer`` (``family`` "rotated"): ``tensors``, ``emit`` and
-    ``simulate`` dispatch on the layer's family; a target that cannot emit a family says why in
-    ``lowbit_support`` and the planner skips it."""
+    """Base class.  A layer is ``y = form.apply(x) (+ bias)``; the target's registered emitters
+    (``emits``) say how each form is emitted and what it computes.  A target inherits the emitters of
+    the targets it subclasses (ort: portable's, except those it registers itself)."""
     name: str = ""
     summary: str = ""
     min_opset: int = 13
@@ -45,28 +80,23 @@ class Target:
         """Why this target cannot store ``fmt`` at ``opset`` (None: it can).  Checked before planning."""
         return None
 
-    def simulate(self, q: QuantizedFactorization) -> Callable[[np.ndarray], np.ndarray] | None:
-        """numpy ``x (n, M) -> y (n, N)`` of what the emitted layer computes, when that is not the float
-        product ``q.apply`` (e.g. activations quantized on the fly); None when it is."""
-        return None
+    def emitter(self, form) -> FormEmitter:
+        """The registered emitter of ``form``'s type for this target (or for a target it subclasses)."""
+        for cls in type(self).__mro__:
+            name = getattr(cls, "name", None)
+            em = _EMITTERS.get((name, type(form))) if name else None
+            if em is not None:
+                return em
+        raise UnsupportedError(f"target {self.name} cannot emit {type(form).__name__} layers")
 
-    def tensors(self, b, q: QuantizedFactorization):
-        """Graph constants of one weight group (created once, shared by every node of the group)."""
-        raise NotImplementedError
-
-    def emit(self, b, x: gs.Variable, rank: int | None, tensors, q: QuantizedFactorization,
-             bias: gs.Constant | None) -> gs.Variable:
-        """Nodes computing ``x @ W_hat (+ bias)`` for ``x`` of shape [..., M] (``rank`` if known)."""
-        raise NotImplementedError
+    def simulate(self, form) -> Callable[[np.ndarray], np.ndarray] | None:
+        """What the emitted layer computes (see ``FormEmitter.simulate``)."""
+        return self.emitter(form).simulate(form)
 
     def rotate(self, b, x: gs.Variable, rank: int | None, rotation) -> gs.Variable:
         """Nodes computing ``x Q`` as a 2-D (rows, K) tensor (the rewrite shares it among the layers
         reading ``x`` with the same Q)."""
-        raise NotImplementedError
-
-    def emit_rotated(self, b, x: gs.Variable, rank: int | None, tensors, layer, bias, rotated) -> gs.Variable:
-        """Nodes computing ``layer.apply(x) (+ bias)``; ``rotated()`` returns the shared ``x Q`` (2-D)."""
-        raise NotImplementedError
+        raise UnsupportedError(f"target {self.name} does not emit a separate rotation")
 
 
 def register(cls):
@@ -78,6 +108,12 @@ def _discover() -> None:
     """Import every module of this package once: each registers its target."""
     for mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def is_registered(target: "Target") -> bool:
+    """``target`` is the registered instance of its name (another process can find it by name)."""
+    _discover()
+    return _REGISTRY.get(getattr(target, "name", None)) is target
 
 
 def names() -> list[str]:

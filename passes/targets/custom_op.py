@@ -25,9 +25,11 @@ is part of the score.
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from bfc.errors import ConfigError
 from bfc.factorize import inverse_perm
+from bfc.lowbit import RotatedLayer
 from bfc.ops import (
     DOMAIN,
     LOWBIT_BITS,
@@ -39,13 +41,38 @@ from bfc.ops import (
     lowbit_matmul_reference,
     patterns_attribute,
 )
-from bfc.passes.targets import Target, register
+from bfc.passes.lowbit_emit import correction_tensors, finish
+from bfc.passes.targets import FormEmitter, Target, emits, register
+from bfc.quant import QuantizedFactorization
 
 
 def _perms(q):
     in_perm = None if q.row_perm is None else np.asarray(q.row_perm, np.int64)
     out_perm = None if q.col_perm is None else inverse_perm(np.asarray(q.col_perm, np.int64))
     return in_perm, out_perm
+
+
+def _lowbit_parts(layer):
+    """(codes stream, scales, attributes, rotation factors [values, scale, ...], rotation chain or None)."""
+    gq = layer.weight
+    if not gq.symmetric:
+        raise ConfigError("the custom-op target's LowBitMatMul takes symmetric group formats only")
+    k, n = gq.shape
+    attrs = {"K": int(k), "N": int(n), "bits": int(gq.bits), "group_size": int(gq.group_size)}
+    rot, chain = [], None
+    r = layer.rotation
+    if r is not None and r.params is not None:
+        # the stored numbers (rotation.nbytes): factor 0's block and one angle per 2 x 2 block, in the
+        # rotation's storage type (stored_as rounded them to it, so the cast is exact)
+        st = np.dtype(r.storage)
+        rot = [np.asarray(r.values[0]).astype(st)] + [np.asarray(a).astype(st) for a in r.params.angles]
+        attrs["rot_angles"] = 1
+    elif r is not None:
+        chain = r.chain
+        one = np.ones((1, 1, 1, 1), np.float32)
+        rot = [t for v in r.values for t in (np.asarray(v).astype(np.dtype(r.storage)), one)]
+        attrs["rot_patterns"] = patterns_attribute(chain)
+    return lowbit_codes_stream(gq.codes(), gq.group_size, gq.bits), gq.scales, attrs, rot, chain
 
 
 @register
@@ -69,43 +96,13 @@ class CustomOp(Target):
         return (f"the custom-op target's LowBitMatMul takes {'/'.join(map(str, LOWBIT_BITS))}-bit weights, "
                 f"not {bits}; use --target ort or portable")
 
-    @staticmethod
-    def _lowbit_parts(layer):
-        """(codes stream, scales, attributes, rotation factors [values, scale, ...], rotation chain or None)."""
-        gq = layer.weight
-        if not gq.symmetric:
-            raise ConfigError("the custom-op target's LowBitMatMul takes symmetric group formats only")
-        k, n = gq.shape
-        attrs = {"K": int(k), "N": int(n), "bits": int(gq.bits), "group_size": int(gq.group_size)}
-        rot, chain = [], None
-        r = layer.rotation
-        if r is not None and r.params is not None:
-            # the stored numbers (rotation.nbytes): factor 0's block and one angle per 2 x 2 block, in the
-            # rotation's storage type (stored_as rounded them to it, so the cast is exact)
-            st = np.dtype(r.storage)
-            rot = [np.asarray(r.values[0]).astype(st)] + [np.asarray(a).astype(st) for a in r.params.angles]
-            attrs["rot_angles"] = 1
-        elif r is not None:
-            chain = r.chain
-            one = np.ones((1, 1, 1, 1), np.float32)
-            rot = [t for v in r.values for t in (np.asarray(v).astype(np.dtype(r.storage)), one)]
-            attrs["rot_patterns"] = patterns_attribute(chain)
-        return lowbit_codes_stream(gq.codes(), gq.group_size, gq.bits), gq.scales, attrs, rot, chain
 
-    def _simulate_rotated(self, layer):
-        codes, scales, attrs, rot, chain = self._lowbit_parts(layer)
-
-        def run(x):
-            y = lowbit_matmul_reference(np.asarray(x, np.float32), None, codes, scales, K=attrs["K"], N=attrs["N"],
-                                        bits=attrs["bits"], group_size=attrs["group_size"], rot_factors=rot,
-                                        rot_patterns=chain, rot_angles="rot_angles" in attrs).astype(np.float64)
-            return y if layer.correction is None else y + layer.correction.apply(np.asarray(x, np.float64))
-        return run
+@emits(CustomOp.name, QuantizedFactorization)
+class KSMatMulNode(FormEmitter):
+    """One ``ai.bfc.KSMatMul`` node; int8 factors quantize activations per row (``simulate``)."""
 
     def simulate(self, q):
-        if getattr(q, "family", "ks") == "rotated":
-            return self._simulate_rotated(q)
-        fmt = getattr(q, "fmt", None)
+        fmt = q.fmt
         if fmt not in ("int8", "fp8-e4m3", "fp8-e5m2"):
             return None
         bf16 = fmt != "int8"        # the AVX512_BF16 path (the less accurate one; float32 elsewhere)
@@ -119,8 +116,6 @@ class CustomOp(Target):
         return run
 
     def tensors(self, b, q):
-        if getattr(q, "family", "ks") == "rotated":
-            return self._lowbit_tensors(b, q)
         factors = []
         for l, f in enumerate(q.factors):
             factors += [b.const(f"values{l}", f.values),
@@ -134,15 +129,28 @@ class CustomOp(Target):
             attrs["out_perm"] = [int(v) for v in out_perm]
         return factors, attrs
 
-    def emit(self, b, x, rank, tensors, q, bias):
-        import onnx_graphsurgeon as gs
+    def emit(self, b, x, rank, tensors, q, bias, rotated):
         factors, attrs = tensors
         return b.op(OP_TYPE, [x, bias if bias is not None else gs.Variable.empty(), *factors], dict(attrs),
                     domain=DOMAIN)
 
-    def _lowbit_tensors(self, b, layer):
-        from bfc.passes.lowbit_emit import correction_tensors
-        codes, scales, attrs, rot, _ = self._lowbit_parts(layer)
+
+@emits(CustomOp.name, RotatedLayer)
+class LowBitMatMulNode(FormEmitter):
+    """One ``ai.bfc.LowBitMatMul`` node (rotation fused), then the correction and the bias."""
+
+    def simulate(self, layer):
+        codes, scales, attrs, rot, chain = _lowbit_parts(layer)
+
+        def run(x):
+            y = lowbit_matmul_reference(np.asarray(x, np.float32), None, codes, scales, K=attrs["K"], N=attrs["N"],
+                                        bits=attrs["bits"], group_size=attrs["group_size"], rot_factors=rot,
+                                        rot_patterns=chain, rot_angles="rot_angles" in attrs).astype(np.float64)
+            return y if layer.correction is None else y + layer.correction.apply(np.asarray(x, np.float64))
+        return run
+
+    def tensors(self, b, layer):
+        codes, scales, attrs, rot, _ = _lowbit_parts(layer)
         inputs = [b.const("codes", codes), b.const("scales", np.ascontiguousarray(scales))]
         if layer.rotation is not None:
             # one set of rotation constants per graph and Q (shared by the layers reading the same x)
@@ -152,15 +160,10 @@ class CustomOp(Target):
             if key not in cache:
                 cache[key] = [b.const(f"rot{l}", t) for l, t in enumerate(rot)]
             inputs += cache[key]
-        return ("lowbit", inputs, attrs), correction_tensors(b, layer.correction)
+        return (inputs, attrs), correction_tensors(b, layer.correction)
 
-    def rotate(self, b, x, rank, rotation):
-        raise NotImplementedError("the custom-op target fuses the rotation into LowBitMatMul")
-
-    def emit_rotated(self, b, x, rank, tensors, layer, bias, rotated):
-        import onnx_graphsurgeon as gs
-        from bfc.passes.lowbit_emit import finish
-        (_, inputs, attrs), corr = tensors
+    def emit(self, b, x, rank, tensors, layer, bias, rotated):
+        (inputs, attrs), corr = tensors
         x2 = b.reshape(x, [-1, attrs["K"]]) if rank != 2 else x
         y2 = b.op(LOWBIT_OP_TYPE, [x2, gs.Variable.empty(), *inputs], dict(attrs), domain=DOMAIN)
         return finish(b, x, rank, layer, y2, corr, bias)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bfc.lowbit import ORT_BITS, to_matmulnbits
-from bfc.passes.targets import register
-from bfc.passes.targets.portable import Portable
+from bfc.lowbit import ORT_BITS, RotatedLayer, to_matmulnbits
+from bfc.passes.lowbit_emit import correction_tensors, finish
+from bfc.passes.targets import emits, register
+from bfc.passes.targets.portable import Portable, RotatedUnpacked
 
 DOMAIN = "com.microsoft"
 
@@ -38,21 +39,24 @@ class Ort(Portable):
             return None
         return super().lowbit_support(bits, opset)
 
+
+@emits(Ort.name, RotatedLayer)
+class RotatedNBits(RotatedUnpacked):
+    """2/4 bits: x Q, then ``com.microsoft.MatMulNBits``; 3 bits: as the portable target."""
+
     def tensors(self, b, q):
-        if getattr(q, "family", "ks") != "rotated" or q.weight.bits not in ORT_BITS:
+        if q.weight.bits not in ORT_BITS:
             return super().tensors(b, q)
-        from bfc.passes.lowbit_emit import correction_tensors
         mw = to_matmulnbits(q.weight, scale_dtype=q.weight.scales.dtype)
         scales = b.const("scales", mw.scales)
         if mw.scales.dtype != np.float32:
             scales = b.cast(scales, np.float32, 1)                      # TensorProto.FLOAT
         return ("nbits", b.const("B", mw.B), scales, mw.attributes(0)), correction_tensors(b, q.correction)
 
-    def emit_rotated(self, b, x, rank, tensors, layer, bias, rotated):
+    def emit(self, b, x, rank, tensors, layer, bias, rotated):
         w, corr = tensors
         if not (isinstance(w, tuple) and w[0] == "nbits"):
-            return super().emit_rotated(b, x, rank, tensors, layer, bias, rotated)
-        from bfc.passes.lowbit_emit import finish
+            return super().emit(b, x, rank, tensors, layer, bias, rotated)
         _, bq, scales, attrs = w
         x2 = rotated() if layer.rotation is not None else (b.reshape(x, [-1, layer.shape[0]]) if rank != 2 else x)
         y2 = b.op("MatMulNBits", [x2, bq, scales], dict(attrs), domain=DOMAIN)

@@ -1,9 +1,7 @@
-"""Export: clean up after a rewrite (dead nodes/initializers, topological order, shape inference, checker).
+"""Export: a rewritten graph back to a model (dead nodes/initializers, topological order, shape inference, checker).
 
-Requires: rewritten.  Ensures: exported (``state.output``, a new ModelProto; the input
-model is not modified).
-Matches: any graph a rewrite pass produced (graphsurgeon form).
-Ensures: unused nodes and tensors are gone (gs cleanup), nodes are topologically
+``export(graph, template, layers, base)`` returns a new ModelProto (the input model is not
+modified); the rewrite stage calls it.  It ensures: unused nodes and tensors are gone (gs cleanup), nodes are topologically
 sorted, ``metadata_props['bfc.layers']`` lists the rewritten layers (so a second
 ``bfc optimize`` recognizes them besides the ``bfc/`` name prefix), shapes are
 inferred where onnx can, and the model passes ``onnx.checker``.
@@ -17,24 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from bfc.passes.contract import Contract, GraphPass, PassResult
 from bfc.passes import stream
 from bfc.passes.load import output_ir_version
-
-
-class Export(GraphPass):
-    contract = Contract.of(requires={"rewritten"}, ensures={"exported"})
-
-    def run(self, state) -> PassResult:
-        if not any(p.rewritten for p in state.plans) and state.config.fix_batch is None:
-            state.output = state.model          # nothing rewritten: the input as it is (a plain re-save)
-            return PassResult(changed=False)
-        base = getattr(state, "base", None)
-        out = export(state.graph, state.model, [p.site.name for p in state.plans if p.rewritten], base)
-        if state.config.fix_batch is not None:
-            out = fix_batch(out, state.config.fix_batch, base)
-        state.output = out
-        return PassResult(changed=any(p.rewritten for p in state.plans))
 
 
 def _export_light(graph: gs.Graph) -> onnx.ModelProto:
@@ -118,7 +100,7 @@ def _checked(run) -> None:
                            "bfc, not in the input model: please report it with the model and command") from None
 
 
-def fix_batch(model: onnx.ModelProto, n: int, base=None) -> onnx.ModelProto:
+def pin_batch(model: onnx.ModelProto, n: int, base=None) -> onnx.ModelProto:
     """Pin the first (batch) dimension of every graph input and output to ``n`` when it is dynamic."""
     for vi in list(model.graph.input) + list(model.graph.output):
         t = vi.type.tensor_type

@@ -1,0 +1,63 @@
+"""Save: the output model written atomically, checked BEFORE it is moved into place.
+
+``save(rewritten, out, loaded)`` -> SavedModel.  The model is written tensor by tensor under a
+temporary name in the output's folder (``load.save_model``); the written file is read back as a
+skeleton and passes the ONNX checker (``export.check_file``) before it is renamed to ``out``, so
+a failed check leaves nothing at ``out``.  A run that rewrote nothing (and upgraded no opset)
+copies the input file's bytes unchanged (a model without external data; with external data the
+model is re-saved through ``stream.write_model``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from bfc.errors import ModelError
+from bfc.passes import load as model_files
+from bfc.passes.export import check_file
+from bfc.passes.products import LoadedModel, RewrittenModel, SavedModel
+
+
+def save(rewritten: RewrittenModel, out: Path, loaded: LoadedModel) -> SavedModel:
+    """The save stage (see the module doc)."""
+    if not rewritten.changed and loaded.base is not None and not loaded.upgraded and len(loaded.files) == 1:
+        _copy_atomic(Path(loaded.source), out)
+        return SavedModel(out, out.stat().st_size)
+    model = rewritten.model
+    if model is loaded.model:
+        model = _copy(model)          # saving may move a skeleton's references to the output's data
+    model_files.save_model(model, out, loaded.files, base=rewritten.base, check=check_file)
+    external = rewritten.nbytes > model_files.PROTO_LIMIT     # save_model wrote <out>.data beside it
+    data = Path(str(out) + ".data")
+    return SavedModel(out, out.stat().st_size + (data.stat().st_size if external else 0))
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _copy_atomic(src: Path, out: Path) -> None:
+    folder = out.parent if str(out.parent) else Path(".")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bfc-", dir=folder)
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise ModelError(f"cannot write {out} ({e.strerror}); check free space and permissions") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
