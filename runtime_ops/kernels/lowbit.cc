@@ -32,6 +32,61 @@ inline int code_at(const uint8_t* s, int64_t i, int64_t bits) {
   return int((v >> sh) & ((1u << bits) - 1));
 }
 
+// float32 -> float16 bits when v is exactly a float16 (then half_to_float gives v back bit for bit)
+bool exact_half(float v, uint16_t* out) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u, ex = (u >> 23) & 0xffu, man = u & 0x7fffffu;
+  uint16_t h;
+  if (ex == 0xff) {
+    if ((man & 0x1fffu) != 0 || (man != 0 && (man >> 13) == 0)) return false;
+    h = uint16_t(sign | 0x7c00u | (man >> 13));
+  } else if (ex == 0) {
+    if (man != 0) return false;
+    h = uint16_t(sign);
+  } else {
+    const int e = int(ex) - 127 + 15;
+    if (e >= 31) return false;
+    if (e >= 1) {
+      if (man & 0x1fffu) return false;
+      h = uint16_t(sign | uint32_t(e) << 10 | (man >> 13));
+    } else {
+      const int sh = 13 + (1 - e);
+      if (sh > 24) return false;
+      const uint32_t full = man | 0x800000u;
+      if (full & ((1u << sh) - 1)) return false;
+      h = uint16_t(sign | (full >> sh));
+    }
+  }
+  const float back = ks::half_to_float(h);
+  uint32_t ub;
+  std::memcpy(&ub, &back, 4);
+  if (ub != u) return false;
+  *out = h;
+  return true;
+}
+
+// code u into vector j, byte i of the chunk at c (lowbit.h layout)
+inline void put_code(uint8_t* c, int64_t bits, int j, int64_t i, int u) {
+  if (bits == 4) {
+    c[i] = uint8_t(c[i] | u << (4 * j));
+  } else if (bits == 2) {
+    c[i] = uint8_t(c[i] | u << (2 * j));
+  } else if (j < 6) {
+    c[64 * (j / 2) + i] = uint8_t(c[64 * (j / 2) + i] | u << (3 * (j % 2)));
+  } else {
+    c[64 * (j - 6) + i] = uint8_t(c[64 * (j - 6) + i] | (u & 3) << 6);
+    c[128 + i] = uint8_t(c[128 + i] | (u >> 2) << (j == 6 ? 6 : 7));
+  }
+}
+
+inline int get_code(const uint8_t* c, int64_t bits, int j, int64_t i) {
+  if (bits == 4) return (c[i] >> (4 * j)) & 15;
+  if (bits == 2) return (c[i] >> (2 * j)) & 3;
+  if (j < 6) return (c[64 * (j / 2) + i] >> (3 * (j % 2))) & 7;
+  return (c[64 * (j - 6) + i] >> 6) | ((c[128 + i] >> (j == 6 ? 6 : 7)) & 1) << 2;
+}
+
 ks::NodeDesc rotation_desc(const Desc& d) {
   ks::NodeDesc n;
   n.has_patterns = true;
@@ -250,39 +305,64 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
   p->K = d.K, p->N = d.N, p->bits = d.bits, p->group = d.group;
   p->ngroups = (d.K + d.group - 1) / d.group;
   p->zero = 1 << (d.bits - 1);
+  p->ks = d.bits == 4 ? 8 : d.bits == 3 ? 32 : 16;
+  p->cb = d.bits == 3 ? 192 : 64;
   p->gstart.assign(size_t(p->ngroups + 1), 0);
   p->kmap.assign(size_t(d.K), 0);
   for (int64_t gi = 0; gi < p->ngroups; ++gi) {
     const int64_t k0 = gi * d.group, len = std::min(d.group, d.K - k0);
     for (int64_t k = 0; k < len; ++k) p->kmap[size_t(k0 + k)] = int32_t(p->gstart[size_t(gi)] + k);
-    p->gstart[size_t(gi + 1)] = p->gstart[size_t(gi)] + (len + 7) / 8 * 8;
+    p->gstart[size_t(gi + 1)] = p->gstart[size_t(gi)] + (len + p->ks - 1) / p->ks * p->ks;
   }
   p->Kp = p->gstart.back();
-  p->P = p->Kp / 8;
   p->nblk = (d.N + 15) / 16;
   p->Np = p->nblk * 16;
-  // nibble layout (lowbit.h), 64-byte aligned inside w
-  const size_t wbytes = size_t(p->nblk) * size_t(p->P) * 64;
+  p->npanel = (p->nblk + kPanel - 1) / kPanel;
+  // scales: float16 in the stream when every one is exactly a float16 (always for float16 inputs)
+  const int64_t nsc = p->ngroups * d.N;
+  std::vector<uint16_t> sh;
+  p->sc16 = true;
+  if (d.scales.dtype == ks::kTypeFloat16) {
+    sh.assign(static_cast<const uint16_t*>(d.scales.data), static_cast<const uint16_t*>(d.scales.data) + nsc);
+  } else {
+    sh.resize(size_t(nsc));
+    const float* sf = static_cast<const float*>(d.scales.data);
+    for (int64_t i = 0; i < nsc && p->sc16; ++i) p->sc16 = exact_half(sf[i], &sh[size_t(i)]);
+    if (!p->sc16) sh.clear();
+  }
+  const int64_t chunks = p->Kp / p->ks;
+  p->panel_bytes = kPanel * chunks * p->cb + p->ngroups * scale_bytes(*p, kPanel);
+  const int last = panel_blocks(*p, p->npanel - 1);
+  const size_t wbytes = size_t((p->npanel - 1) * p->panel_bytes + last * chunks * p->cb +
+                               p->ngroups * scale_bytes(*p, last));
   p->w.assign(wbytes + 64, 0);
   p->w_off = (64 - (reinterpret_cast<uintptr_t>(p->w.data()) & 63)) & 63;
-  uint8_t* w = p->w.data() + p->w_off;
   const uint8_t* s = static_cast<const uint8_t*>(d.codes.data);
   for (int64_t k = 0; k < d.K; ++k) {
-    const int64_t kp = p->kmap[size_t(k)], pr = kp / 8, t = kp % 8;
-    for (int64_t n = 0; n < d.N; ++n) {
-      const int u = code_at(s, k * d.N + n, d.bits);
-      uint8_t& byte = w[size_t(((n / 16) * p->P + pr) * 64 + (n % 16) * 4 + (t & 3))];
-      byte = uint8_t(byte | (t < 4 ? u : u << 4));
+    const int64_t gi = k / d.group, off = p->kmap[size_t(k)] - p->gstart[size_t(gi)];
+    const int64_t c = off / p->ks, j = (off % p->ks) / 4, t = off % 4;
+    for (int64_t pn = 0; pn < p->npanel; ++pn) {
+      const int nvp = panel_blocks(*p, pn);
+      uint8_t* gb = const_cast<uint8_t*>(group_base(*p, pn, nvp, gi)) + c * nvp * p->cb;
+      const int64_t n1 = std::min(d.N, (pn + 1) * kPanel * 16);
+      for (int64_t n = pn * kPanel * 16; n < n1; ++n) {
+        const int64_t v = (n / 16) % kPanel;
+        put_code(gb + v * p->cb, d.bits, int(j), (n % 16) * 4 + t, code_at(s, k * d.N + n, d.bits));
+      }
     }
   }
-  p->sc.assign(size_t(p->ngroups * p->Np), 0.f);
-  for (int64_t gi = 0; gi < p->ngroups; ++gi)
-    for (int64_t n = 0; n < d.N; ++n) {
-      const int64_t i = gi * d.N + n;
-      p->sc[size_t(gi * p->Np + n)] = d.scales.dtype == ks::kTypeFloat
-                                          ? static_cast<const float*>(d.scales.data)[i]
-                                          : ks::half_to_float(static_cast<const uint16_t*>(d.scales.data)[i]);
+  for (int64_t pn = 0; pn < p->npanel; ++pn) {
+    const int nvp = panel_blocks(*p, pn);
+    for (int64_t gi = 0; gi < p->ngroups; ++gi) {
+      uint8_t* sb = const_cast<uint8_t*>(group_base(*p, pn, nvp, gi)) + nvp * group_chunks(*p, gi) * p->cb;
+      const int64_t n1 = std::min(d.N, (pn + 1) * kPanel * 16);
+      for (int64_t n = pn * kPanel * 16; n < n1; ++n) {
+        const int64_t o = n - pn * kPanel * 16, i = gi * d.N + n;
+        if (p->sc16) std::memcpy(sb + 2 * o, &sh[size_t(i)], 2);
+        else std::memcpy(sb + 4 * o, static_cast<const float*>(d.scales.data) + i, 4);
+      }
     }
+  }
   p->rotate = d.rot_angles == 1 || (d.has_rot && !d.rot_patterns.empty());
   p->rot_inputs = d.rot.size();
   if (d.rot_angles == 1) {  // the chain's values from the block and the angles
@@ -374,32 +454,81 @@ void quantize_rows(const Plan& p, const float* xr, int64_t r0, int64_t r1, int8_
   }
 }
 
-// Reference-order GEMM in plain C++ (one output at a time).
-void gemm_portable(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t r1, int64_t nb0,
-                   int64_t nb1) {
-  const uint8_t* w = p.wp();
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* qr = a.q + r * p.Kp;
-    const int32_t* gs = a.gsum + r * p.ngroups;
-    for (int64_t nb = nb0; nb < nb1; ++nb)
-      for (int n = 0; n < 16 && nb * 16 + n < p.N; ++n) {
-        float acc = 0.f;
-        for (int64_t gi = 0; gi < p.ngroups; ++gi) {
-          int32_t isum = 0;
-          for (int64_t pr = p.gstart[size_t(gi)] / 8; pr < p.gstart[size_t(gi + 1)] / 8; ++pr) {
-            const uint8_t* line = w + size_t((nb * p.P + pr) * 64 + n * 4);
-            for (int t = 0; t < 4; ++t) {
-              isum += int32_t(line[t] & 15) * qr[8 * pr + t];
-              isum += int32_t(line[t] >> 4) * qr[8 * pr + 4 + t];
-            }
+int code_at_packed(const Plan& p, int64_t kp, int64_t n) {
+  int64_t gi = std::upper_bound(p.gstart.begin(), p.gstart.end(), kp) - p.gstart.begin() - 1;
+  const int64_t off = kp - p.gstart[size_t(gi)], pn = n / (16 * kPanel);
+  const int nvp = panel_blocks(p, pn);
+  const uint8_t* c = group_base(p, pn, nvp, gi) + ((off / p.ks) * nvp + (n / 16) % kPanel) * p.cb;
+  return get_code(c, p.bits, int((off % p.ks) / 4), (n % 16) * 4 + off % 4);
+}
+
+float scale_at_packed(const Plan& p, int64_t gi, int64_t n) {
+  const int64_t pn = n / (16 * kPanel), o = n - pn * 16 * kPanel;
+  const int nvp = panel_blocks(p, pn);
+  const uint8_t* sb = group_base(p, pn, nvp, gi) + nvp * group_chunks(p, gi) * p.cb;
+  if (p.sc16) {
+    uint16_t h;
+    std::memcpy(&h, sb + 2 * o, 2);
+    return ks::half_to_float(h);
+  }
+  float f;
+  std::memcpy(&f, sb + 4 * o, 4);
+  return f;
+}
+
+// Reference-order GEMM in plain C++: per panel and group, each chunk decoded once for all rows.
+void gemm_portable(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t r1, int64_t pn0,
+                   int64_t pn1) {
+  const int64_t R = r1 - r0, W = 16 * kPanel;
+  std::vector<int32_t> isum(size_t(R * W));
+  std::vector<float> acc(size_t(R * W));
+  std::vector<uint8_t> u(size_t(p.ks * W));
+  for (int64_t pn = pn0; pn < pn1; ++pn) {
+    const int nvp = panel_blocks(p, pn);
+    const int64_t nout = std::min<int64_t>(16 * nvp, p.N - pn * W);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t gi = 0; gi < p.ngroups; ++gi) {
+      const uint8_t* gb = group_base(p, pn, nvp, gi);
+      const int64_t nch = group_chunks(p, gi);
+      std::fill(isum.begin(), isum.end(), 0);
+      for (int64_t c = 0; c < nch; ++c) {
+        for (int v = 0; v < nvp; ++v)
+          for (int64_t kk = 0; kk < p.ks; ++kk)
+            for (int n = 0; n < 16; ++n)
+              u[size_t(kk * W + v * 16 + n)] =
+                  uint8_t(get_code(gb + (c * nvp + v) * p.cb, p.bits, int(kk / 4), n * 4 + kk % 4));
+        for (int64_t r = 0; r < R; ++r) {
+          const int8_t* qr = a.q + (r0 + r) * p.Kp + p.gstart[size_t(gi)] + c * p.ks;
+          int32_t* is = isum.data() + r * W;
+          for (int64_t kk = 0; kk < p.ks; ++kk) {
+            const int32_t qv = qr[kk];
+            const uint8_t* uk = u.data() + kk * W;
+            for (int64_t n = 0; n < 16 * nvp; ++n) is[n] += qv * int32_t(uk[n]);
           }
-          isum -= p.zero * gs[gi];
-          const float f = float(isum) * p.sc[size_t(gi * p.Np + nb * 16 + n)];
-          acc = acc + f;
         }
-        float v = acc * a.cs[r];
-        if (bias != nullptr) v = v + bias[nb * 16 + n];
-        y[r * p.N + nb * 16 + n] = v;
+      }
+      const uint8_t* sb = gb + nvp * nch * p.cb;
+      for (int64_t n = 0; n < nout; ++n) {
+        float s;
+        if (p.sc16) {
+          uint16_t h;
+          std::memcpy(&h, sb + 2 * n, 2);
+          s = ks::half_to_float(h);
+        } else {
+          std::memcpy(&s, sb + 4 * n, 4);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const int32_t v = isum[size_t(r * W + n)] - p.zero * a.gsum[(r0 + r) * p.ngroups + gi];
+          const float f = float(v) * s;
+          acc[size_t(r * W + n)] = acc[size_t(r * W + n)] + f;
+        }
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t n = 0; n < nout; ++n) {
+        float v = acc[size_t(r * W + n)] * a.cs[r0 + r];
+        if (bias != nullptr) v = v + bias[pn * W + n];
+        y[(r0 + r) * p.N + pn * W + n] = v;
       }
   }
 }
@@ -418,7 +547,7 @@ struct Exec {
   float* y;
   int64_t rows;
   int64_t qrows;        // rows per quantization item
-  int64_t rchunk, nchunk, ritems;  // GEMM items: row chunks x output-block chunks
+  int64_t rchunk, nchunk, ritems;  // GEMM items: row chunks x panel chunks
 };
 
 void quant_fn(void* u, size_t i) {
@@ -434,8 +563,8 @@ void gemm_fn(void* u, size_t i) {
   Exec& e = *static_cast<Exec*>(u);
   const int64_t ri = int64_t(i) % e.ritems, ni = int64_t(i) / e.ritems;
   const int64_t r0 = ri * e.rchunk, r1 = std::min(e.rows, r0 + e.rchunk);
-  const int64_t nb0 = ni * e.nchunk, nb1 = std::min(e.p->nblk, nb0 + e.nchunk);
-  e.gemm(*e.p, e.act, e.bias, e.y, r0, r1, nb0, nb1);
+  const int64_t pn0 = ni * e.nchunk, pn1 = std::min(e.p->npanel, pn0 + e.nchunk);
+  e.gemm(*e.p, e.act, e.bias, e.y, r0, r1, pn0, pn1);
 }
 
 bool run_items(ks::ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_t n, Exec* e) {
@@ -492,12 +621,12 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
   if (!run_items(pfor, ctx, quant_fn, size_t((rows + e.qrows - 1) / e.qrows), &e)) return fail;
   e.act = Act{e.q, e.gsum, e.cs};
   e.bias = bias, e.y = y;
-  // items: output-block chunks of 2 blocks (32 outputs) x row chunks of 64 rows; a small batch
-  // splits by output blocks only
-  e.rchunk = 64;
-  e.nchunk = 2;
+  // items: panels (64 outputs) x row chunks of 64 rows; up to kGemvRows rows are one row chunk
+  // (the GEMV kernels stream each panel's weights once for all rows)
+  e.rchunk = rows <= kGemvRows ? kGemvRows : 64;
+  e.nchunk = 1;
   e.ritems = (rows + e.rchunk - 1) / e.rchunk;
-  const int64_t nitems = (p.nblk + e.nchunk - 1) / e.nchunk;
+  const int64_t nitems = (p.npanel + e.nchunk - 1) / e.nchunk;
   if (!run_items(pfor, ctx, gemm_fn, size_t(e.ritems * nitems), &e)) return fail;
   return "";
 }
