@@ -9,7 +9,12 @@ reference (bfc.ops); every broken case must come back as an onnxruntime exceptio
 * graph fuzz (numpy, fixed integer seeds): declared X ranks and dims (known, 0, huge,
   named, unnamed, negative), wrong last dims, scalar X, followed by Slice / Shape ->
   Reshape consumers, plus attribute, dtype and input-count mutations; sessions with and
-  without graph optimizations; the inferred output shape must never hold a negative dim.
+  without graph optimizations; the inferred output shape must never hold a negative dim;
+* LowBitMatMul GEMV fuzz (fixed integer seeds): 0..12 rows (the 1..8-row kernels that stream
+  the weights once, and the batch path's tails) in X of rank 1..3, ragged groups, 1..200
+  outputs (several 64-output panels, partial ones), float16 / float32 scales, every ISA the
+  CPU has, 1 or 2 threads; valid cases equal the numpy spec bit for bit, mutated attributes,
+  initializers, inputs and run-time shapes come back as errors.
 """
 import ast
 import subprocess
@@ -334,6 +339,117 @@ def _graph_worker(seeds):
     print("graph fuzz outcomes:", dict(sorted(counts.items())))
 
 
+# ---- LowBitMatMul GEMV fuzz (fixed integer seeds) ------------------------------------------
+LOWBIT_SEEDS = range(240)
+LOWBIT_MUTATIONS = ["bits", "group", "K", "N", "codes_len", "codes_dtype", "scales_shape", "scales_dtype",
+                    "bias_shape", "input_count", "x_last", "x_scalar", "no_attr", "attr_type"]
+
+
+def _lowbit_case(seed):
+    """(model, x, mut, isa, threads, ref or None) from an integer seed; mut 'none' must run and match."""
+    from onnx import helper, numpy_helper
+
+    from bfc import ops
+
+    rng = np.random.default_rng(10_000 + seed)
+    k = int(rng.choice([5, 16, 33, 64, 100, 257]))
+    n = int(rng.choice([1, 7, 16, 63, 64, 65, 130, 200]))
+    bits = int(rng.choice([2, 3, 4]))
+    g = int(rng.choice([k, max(1, k // 3), int(rng.integers(1, k + 1)), min(k, 64), min(k, 32)]))
+    sdt = [np.float16, np.float32][int(rng.integers(0, 2))]
+    u = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+    s = (rng.standard_normal((-(-k // g), n)) * 0.05).astype(sdt)
+    if sdt is np.float32 and rng.integers(0, 2):
+        s = s.astype(np.float16).astype(np.float32)        # float16-exact float32 scales
+    bias = rng.standard_normal(n).astype(np.float32) if rng.integers(0, 2) else None
+    model = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, bias=bias, x_shape=None)
+    for vi in (model.graph.input[0], model.graph.output[0]):   # any rank (shape inference from the op)
+        vi.type.tensor_type.ClearField("shape")
+    node = model.graph.node[0]
+    attrs = {a.name: a for a in node.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = int(rng.choice([0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 8, 9, 12]))
+    lead = [[rows], [1, rows], [rows, 1], []][int(rng.integers(0, 4))] if rows == 1 else \
+        [[rows], [1, rows]][int(rng.integers(0, 2))]
+    x = rng.standard_normal(lead + [k]).astype(np.float32)
+    mut = "none" if seed % 3 else LOWBIT_MUTATIONS[(seed // 3) % len(LOWBIT_MUTATIONS)]
+    if mut == "bits":
+        attrs["bits"].i = int(rng.choice([0, 1, 5, 8, -3, 2**40]))
+    elif mut == "group":
+        attrs["group_size"].i = int(rng.choice([0, -1, k + 1, 2**62]))
+    elif mut == "K":
+        attrs["K"].i = int(rng.choice([0, -5, k + 1, 2**62]))
+    elif mut == "N":
+        attrs["N"].i = int(rng.choice([0, -5, n + 3, 2**62]))
+    elif mut == "codes_len":
+        a = numpy_helper.to_array(inits["lb_codes"])
+        a = a[:-1] if rng.integers(0, 2) else np.concatenate([a, a[:1]])
+        inits["lb_codes"].CopyFrom(numpy_helper.from_array(a, "lb_codes"))
+    elif mut == "codes_dtype":
+        a = numpy_helper.to_array(inits["lb_codes"])
+        inits["lb_codes"].CopyFrom(numpy_helper.from_array(a.astype([np.int8, np.int32][int(rng.integers(0, 2))]), "lb_codes"))
+    elif mut == "scales_shape":
+        a = numpy_helper.to_array(inits["lb_scales"])
+        a = a.reshape(-1) if rng.integers(0, 2) else np.concatenate([a, a[:1]])
+        inits["lb_scales"].CopyFrom(numpy_helper.from_array(a, "lb_scales"))
+    elif mut == "scales_dtype":
+        a = numpy_helper.to_array(inits["lb_scales"])
+        inits["lb_scales"].CopyFrom(numpy_helper.from_array(a.astype([np.float64, np.int8][int(rng.integers(0, 2))]), "lb_scales"))
+    elif mut == "bias_shape":
+        name = "lb_bias"
+        b = np.ones(n + 1, np.float32)
+        if name in inits:
+            inits[name].CopyFrom(numpy_helper.from_array(b, name))
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(b, name))
+            node.input[1] = name
+    elif mut == "input_count":
+        if rng.integers(0, 2):
+            del node.input[-1]
+        else:
+            node.input.append("lb_codes")
+    elif mut == "x_last":
+        x = rng.standard_normal(lead + [k + 1]).astype(np.float32)
+    elif mut == "x_scalar":
+        x = np.asarray(1.0, np.float32)
+    elif mut == "no_attr":
+        node.attribute.remove(attrs[str(rng.choice(["K", "N", "bits", "group_size"]))])
+    elif mut == "attr_type":
+        name = str(rng.choice(["K", "bits", "group_size"]))
+        node.attribute.remove(attrs[name])
+        node.attribute.append(helper.make_attribute(name, [1.5, 2.5]))
+    ref = None
+    if mut == "none":
+        ref = ops.lowbit_matmul_reference(x, bias, ops.lowbit_codes_stream(u, g, bits), s, K=k, N=n, bits=bits,
+                                          group_size=g)
+    isas = runtime.supported_isas()
+    return model, x, mut, isas[seed % len(isas)], 1 + (seed // 2) % 2, ref
+
+
+def _lowbit_worker(seeds):
+    import os
+
+    counts = {}
+    for seed in seeds:
+        print("case", seed, flush=True)  # the last line names the case if the process dies
+        model, x, mut, isa, threads, ref = _lowbit_case(seed)
+        os.environ["BFC_KS_ISA"] = isa
+        try:
+            y = runtime.session(model, threads=threads).run(None, {"X": x})[0]
+        except Exception as exc:  # onnxruntime's exception types
+            assert mut != "none", f"seed {seed} ({isa}): valid case failed: {exc}"
+            assert "LowBitMatMul" in str(exc) or "INVALID" in str(exc) or "rank" in str(exc), (seed, str(exc)[:300])
+            counts[mut] = counts.get(mut, 0) + 1
+            continue
+        finally:
+            os.environ.pop("BFC_KS_ISA", None)
+        assert mut == "none", f"seed {seed}: mutation {mut} was not rejected"
+        assert y.shape == ref.shape and y.dtype == np.float32, (seed, y.shape, ref.shape)
+        assert np.array_equal(y, ref), (seed, isa, float(np.max(np.abs(y - ref))) if y.size else 0.0)
+        counts["ok"] = counts.get("ok", 0) + 1
+    print("lowbit fuzz outcomes:", dict(sorted(counts.items())))
+
+
 def _run_child(args):
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600)
     last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
@@ -358,6 +474,14 @@ def test_fuzz_graph_dims_and_consumers_in_subprocess():
     assert counts.get("ok", 0) >= 50 and set(GRAPH_MUTATIONS) <= set(counts), counts
 
 
+@pytest.mark.skipif(not runtime.is_available(), reason="bfc custom-op library not built")
+def test_fuzz_lowbit_gemv_in_subprocess():
+    out = _run_child(["lowbit", str(LOWBIT_SEEDS.start), str(LOWBIT_SEEDS.stop)])
+    counts = ast.literal_eval(out.strip().splitlines()[-1].split(":", 1)[1])
+    # valid cases ran and matched, and every mutation was drawn and rejected
+    assert counts.get("ok", 0) >= 100 and set(LOWBIT_MUTATIONS) <= set(counts), counts
+
+
 if __name__ == "__main__":
     import os
 
@@ -367,5 +491,7 @@ if __name__ == "__main__":
     onnxruntime.set_default_logger_severity(4)
     if sys.argv[1] == "graph":
         _graph_worker(range(int(sys.argv[2]), int(sys.argv[3])))
+    elif sys.argv[1] == "lowbit":
+        _lowbit_worker(range(int(sys.argv[2]), int(sys.argv[3])))
     else:
         _worker(int(sys.argv[2]) if len(sys.argv) > 2 else N_EXAMPLES)

@@ -479,3 +479,47 @@ def test_missing_library_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "_candidates", lambda: [bad])
     with pytest.raises(NativeLibraryError, match="could not load"):
         runtime.session_options()
+
+
+# ---- LowBitMatMul decoder GEMV path (1..8 rows stream the weights once per call) -------------
+LOWBIT_EXACT_MAX_ABS_DIFF = 0.0   # no rotation: integer math + the spec's float epilogue, bit for bit
+LOWBIT_VS_FLOAT_SQNR_DB = 30      # vs float64 x @ dequant(W) (only int8 per-row activation noise)
+GEMV_ROWS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _lowbit_case(rng, k, n, bits, g, scale_dtype):
+    u = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+    s = (rng.standard_normal((-(-k // g), n)) * 0.02).astype(scale_dtype)   # float32: not float16-exact
+    bias = rng.standard_normal(n).astype(np.float32)
+    model = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, bias=bias, x_shape=["rows", k])
+    codes = ops.lowbit_codes_stream(u, g, bits)
+    w = (u.astype(np.float64) - (1 << (bits - 1))) * np.repeat(s.astype(np.float64), g, axis=0)[:k]
+
+    def ref(x):
+        return ops.lowbit_matmul_reference(x, bias, codes, s, K=k, N=n, bits=bits, group_size=g)
+    return model, ref, w, bias
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,n,g,scale_dtype", [(200, 37, 64, np.float16), (136, 65, 48, np.float32),
+                                               (96, 131, 96, np.float16)])
+def test_lowbit_gemv_rows_match_reference(isa, bits, k, n, g, scale_dtype):
+    """rows 1..8 (the GEMV kernels), K not a multiple of the group, odd N, float16 and float32
+    scales: the op equals the numpy spec exactly, and is close to the float product."""
+    rng = np.random.default_rng(bits * 1000 + k + n)
+    model, ref, w, bias = _lowbit_case(rng, k, n, bits, g, scale_dtype)
+    os.environ["BFC_KS_ISA"] = isa
+    try:
+        sessions = [runtime.session(model, threads=t) for t in (1, 2)]
+    finally:
+        os.environ.pop("BFC_KS_ISA", None)
+    for rows in GEMV_ROWS:
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        want = ref(x)
+        for sess in sessions:
+            y = sess.run(None, {"X": x})[0]
+            assert y.shape == (rows, n) and y.dtype == np.float32
+            assert float(np.max(np.abs(y - want))) <= LOWBIT_EXACT_MAX_ABS_DIFF, (isa, bits, rows)
+        exact = x.astype(np.float64) @ w + bias
+        assert sqnr_db(y, exact) > LOWBIT_VS_FLOAT_SQNR_DB, (isa, bits, rows, sqnr_db(y, exact))
