@@ -18,6 +18,8 @@ from the cache hierarchy each call (hot loop, as a decoder layer repeated alone)
 GB/s = weight bytes (packed codes + scales as the kernel streams them) / median time.
 Read bandwidth: one thread summing a 1 GB array (a C loop compiled here when a C compiler exists,
 and numpy), and the same C loop over an 8 MB array re-read (cache-resident, like the hot loop).
+Cold table (4096x4096, 1 row): copies of each model, ~1 GB of weights in all, called in turn,
+so each call streams its weights from memory as a decoder with more weights than caches does.
 """
 from __future__ import annotations
 
@@ -141,7 +143,10 @@ def matmul_model(k, n, rng):
 
 
 def int8_dynamic_model(k, n, rng, tmp: Path):
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    logging.getLogger().setLevel(logging.ERROR)   # quantize_dynamic's "consider pre-processing" warning
     src, dst = tmp / f"fp_{k}_{n}.onnx", tmp / f"int8_{k}_{n}.onnx"
     onnx.save(matmul_model(k, n, rng), str(src))
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
@@ -206,12 +211,46 @@ def bench_shape(k, n, rows_list, rounds, repeats, tmp, rng):
     return results
 
 
+def bench_cold(k, n, rng, tmp, total_bytes, rounds):
+    """1 row, weights streamed from memory: a round calls one session after another over copies
+    whose weights add up to total_bytes (each copy its own prepacked kernel), so every call finds
+    its weights evicted; per-call median over all calls."""
+    import onnxruntime as ort
+    int8_m, int8_b = int8_dynamic_model(k, n, rng, tmp)
+    variants = [("ort int8 dynamic", int8_m, int8_b)] + [(f"bfc int{b}", *lowbit_model(k, n, b, rng)) for b in (4, 3, 2)]
+    x = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, k)).astype(np.float32))
+    out = {}
+    for name, model, nbytes in variants:
+        copies = max(2, int(total_bytes // nbytes))
+        sess, ios = [], []
+        for _ in range(copies):
+            s = session(model, threads=1)
+            io = s.io_binding()
+            io.bind_ortvalue_input(s.get_inputs()[0].name, x)
+            io.bind_ortvalue_output(s.get_outputs()[0].name,
+                                    ort.OrtValue.ortvalue_from_numpy(np.zeros((1, n), np.float32)))
+            s.run_with_iobinding(io)
+            sess.append(s)
+            ios.append(io)
+        times = []
+        for _ in range(rounds):
+            for s, io in zip(sess, ios):
+                t = time.perf_counter()
+                s.run_with_iobinding(io)
+                times.append(time.perf_counter() - t)
+        out[name] = (1e6 * statistics.median(times), nbytes, copies)
+        del sess, ios
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, 8 rounds")
     ap.add_argument("--write", action="store_true", help="write bench/results/gemv.md")
+    ap.add_argument("--cold-gb", type=float, default=1.0,
+                    help="weights per cold round in GB (4096x4096, 1 row; 0 skips the cold table)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds = 8 if args.quick else args.rounds
@@ -220,6 +259,7 @@ def main():
         tmp = Path(td)
         bw = read_bandwidth(tmp)
         allres = {(k, n): bench_shape(k, n, ROWS, rounds, args.repeats, tmp, rng) for k, n in shapes}
+        cold = bench_cold(*SHAPES[0], rng, tmp, args.cold_gb * 1e9, 5) if args.cold_gb > 0 else None
     names = ["ort int8 dynamic", "ort nbits int4 L4 b32", "bfc int4", "bfc int3", "bfc int2"]
     lines = [f"Library: `{library_path()}`  ",
              f"Read bandwidth, 1 thread: {bw['read']:.1f} GB/s (1 GB array: C loop "
@@ -249,6 +289,16 @@ def main():
               f"| weight streaming / read bandwidth ({bw['read']:.1f} GB/s) | >= {TARGET_BW_FRACTION:.0%} | "
               f"int4 {gb4:.1f} GB/s ({gb4 / bw['read']:.0%}), int2 {gb2:.1f} GB/s ({gb2 / bw['read']:.0%}) | "
               f"{'yes' if frac >= TARGET_BW_FRACTION else 'NO'} |"]
+    if cold:
+        base = cold["ort int8 dynamic"][0]
+        k, n = SHAPES[0]
+        lines += ["", f"Cold weights ({k}x{n}, 1 row, 1 thread): each call's weights evicted by the "
+                  f"~{args.cold_gb:g} GB of other copies called before it (weights streamed from memory).", "",
+                  "| variant | copies | us | vs int8 dynamic | GB/s of weights | of read bandwidth |",
+                  "|---|---|---|---|---|---|"]
+        for name, (us, nb, copies) in cold.items():
+            gbs = nb / (us * 1e-6) / 1e9
+            lines.append(f"| {name} | {copies} | {us:.0f} | {base / us:.2f}x | {gbs:.1f} | {gbs / bw['read']:.0%} |")
     body = "\n".join(lines)
     header = f"# Decoder GEMV: LowBitMatMul vs onnxruntime int8 / MatMulNBits\n\nMachine: {machine_line()}\n"
     cmd = "python bench/bench_gemv.py" + (" --quick" if args.quick else "") + " --write"
