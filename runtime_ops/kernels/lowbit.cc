@@ -319,10 +319,13 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
   p->Np = p->nblk * 16;
   p->npanel = (p->nblk + kPanel - 1) / kPanel;
   // scales: float16 in the stream when every one is exactly a float16 (always for float16 inputs)
+  // and the kernel converts them in registers (AVX-512: vcvtph2ps); float32 for AVX2 (no F16C in
+  // its flags) and portable
   const int64_t nsc = p->ngroups * d.N;
   std::vector<uint16_t> sh;
-  p->sc16 = true;
-  if (d.scales.dtype == ks::kTypeFloat16) {
+  p->sc16 = p->isa >= 2;
+  if (!p->sc16) {
+  } else if (d.scales.dtype == ks::kTypeFloat16) {
     sh.assign(static_cast<const uint16_t*>(d.scales.data), static_cast<const uint16_t*>(d.scales.data) + nsc);
   } else {
     sh.resize(size_t(nsc));
@@ -359,7 +362,7 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
       for (int64_t n = pn * kPanel * 16; n < n1; ++n) {
         const int64_t o = n - pn * kPanel * 16, i = gi * d.N + n;
         if (p->sc16) std::memcpy(sb + 2 * o, &sh[size_t(i)], 2);
-        else std::memcpy(sb + 4 * o, static_cast<const float*>(d.scales.data) + i, 4);
+        else reinterpret_cast<float*>(sb)[o] = float_at(d.scales, i);
       }
     }
   }

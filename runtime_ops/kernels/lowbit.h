@@ -31,7 +31,7 @@
 //     class and shifts the exact class sums right once per group;
 //   - stream order: panel pn (stride panel_bytes), group gi, then chunk c, block v (v inner):
 //     the chunk at group_base + (c*nvp + v)*cb, then the group's scales of the panel's nvp*16
-//     outputs (float16 when every scale is exactly a float16, else float32), padded to 64 bytes:
+//     outputs (AVX-512: float16 when every scale is exactly a float16, else float32), padded to 64 bytes:
 //       group_base(pn, gi) = pn*panel_bytes + nvp*(gstart[gi]/ks)*cb + gi*scale_bytes(nvp).
 //   The whole weight is one sequential stream for a GEMV (all rows of a call at a time per panel).
 // sum_k u q = sum_k (u - z) q + z sum_k q: the row's group sums gsum[r, gi] of q give the
@@ -77,7 +77,7 @@ struct Plan {
   int64_t Kp = 0;                   // padded inputs
   int64_t ks = 0, cb = 0;           // inputs per chunk, bytes per chunk of one block
   int64_t nblk = 0, Np = 0, npanel = 0;
-  bool sc16 = false;                // scales stored as float16 (exact), else float32
+  bool sc16 = false;                // scales stored as float16 (exact; AVX-512 only), else float32
   int64_t panel_bytes = 0;          // bytes of a full panel (kPanel blocks)
   std::vector<int64_t> gstart;      // padded input offset of group gi (size ngroups + 1)
   std::vector<int32_t> kmap;        // padded position of input k (size K)
