@@ -7,11 +7,13 @@ rewrite of it) in onnxruntime.  Similarity is the cosine of mean-pooled embeddin
 - ``stsb_spearman``: Spearman x 100 on the STS benchmark dev split (1500 pairs; read from
   ``$BFC_STSB`` or ``<repo>/../shared/data/stsb/`` or ``/work/shared/data/stsb/``;
   the data stays outside the repository).  all-MiniLM-L6-v2 reference: 86.72.
+  ``half="tuning"`` / ``"held-out"`` scores one half of the fixed split of ``models/stsb_split.py``
+  (tune on the first, report the second).
 - ``wordsim353_spearman``: gensim's ``wordsim353.tsv`` (353 word pairs); reference 0.729.
 - ``lee_pearson``: gensim's ``lee.cor`` + ``similarities0-1.txt`` (50 documents, 1225
   rated pairs); reference 0.656.
 
-    python models/eval_sts.py [model.onnx] [--stsb DIR] [--limit N] [--smoke]
+    python models/eval_sts.py [model.onnx] [--stsb DIR] [--limit N] [--half tuning|held-out] [--smoke]
 """
 from __future__ import annotations
 
@@ -105,10 +107,25 @@ def stsb_dir(path=None) -> Path:
                             "pass its folder or set $BFC_STSB")
 
 
-def load_stsb(path=None, split: str = "dev"):
-    """(sentences1, sentences2, scores 0..5) of an STS-B split (tab-separated csv)."""
+def load_stsb(path=None, split: str = "dev", half: str | None = None):
+    """(sentences1, sentences2, scores 0..5) of an STS-B split (tab-separated csv).
+
+    ``half``: "tuning" or "held-out" keeps only that half of the dev pairs, the fixed split of
+    ``models/stsb_split.py`` (None: every pair)."""
+    if half is not None:
+        if split != "dev":
+            raise ValueError(f"half={half!r} applies to the dev split only (split={split!r})")
+        return _stsb_split().load_half(half, path)
     from bfc.study.evaluators import load_stsb as read_split
     return read_split(Path(path) if path and Path(path).is_file() else stsb_dir(path) / f"sts-{split}.csv")
+
+
+def _stsb_split():
+    try:
+        from models import stsb_split
+    except ImportError:          # run as a script from models/
+        import stsb_split
+    return stsb_split
 
 
 def gensim_test_data() -> Path:
@@ -142,9 +159,10 @@ def load_lee():
 
 
 # ---- metrics ------------------------------------------------------------------------------
-def stsb_spearman(encode, path=None, limit: int | None = None) -> float:
-    """Spearman x 100 of cosine similarity vs gold scores on STS-B dev (first ``limit`` pairs)."""
-    s1, s2, gold = load_stsb(path)
+def stsb_spearman(encode, path=None, limit: int | None = None, half: str | None = None) -> float:
+    """Spearman x 100 of cosine similarity vs gold scores on STS-B dev (first ``limit`` pairs);
+    ``half`` "tuning" / "held-out": only that half of the fixed split (``models/stsb_split.py``)."""
+    s1, s2, gold = load_stsb(path, half=half)
     if limit:
         s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
     emb = encode(s1 + s2)
@@ -173,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("model", nargs="?", help="ONNX model (default: the MiniLM export, built if missing)")
     ap.add_argument("--stsb", default=None, help="STS-B folder or sts-dev.csv path")
     ap.add_argument("--limit", type=int, default=None, help="only the first N STS-B pairs")
+    ap.add_argument("--half", choices=("tuning", "held-out"), default=None,
+                    help="only this half of the fixed dev split (models/stsb_split.py)")
     ap.add_argument("--smoke", action="store_true", help="only the fast WordSim353 / Lee checks")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -186,9 +206,11 @@ def main(argv=None) -> int:
     results["wordsim353_spearman"] = wordsim353_spearman(enc)
     results["lee_pearson"] = lee_pearson(enc)
     if not args.smoke:
-        results["stsb_dev_spearman"] = stsb_spearman(enc, args.stsb, args.limit)
+        key = "stsb_dev_spearman" + (f" ({args.half} half)" if args.half else "")
+        results[key] = stsb_spearman(enc, args.stsb, args.limit, half=args.half)
     for k, v in results.items():
-        print(f"{k:22s} {v:8.4f}   (all-MiniLM-L6-v2 reference {REFERENCE[k]})")
+        ref = REFERENCE.get(k)
+        print(f"{k:22s} {v:8.4f}   " + (f"(all-MiniLM-L6-v2 reference {ref})" if ref else "(no reference)"))
     print(f"model: {args.model}  ({time.perf_counter() - t0:.1f} s)")
     return 0
 
