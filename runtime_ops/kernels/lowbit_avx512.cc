@@ -1,17 +1,17 @@
 // LowBitMatMul GEMM / GEMV with AVX-512 VNNI (vpdpbusd).  Compiled with -mavx512f -mavx512bw
 // -mavx512vl -mavx512vnni, called only after cpu_has_avx512vnni().  Layout and algebra: lowbit.h.
 // One call of panel_rows computes R rows x one panel (up to 64 outputs) over all groups, reading
-// the panel's stream once, in order: for the decoder GEMV (rows <= kGemvRows) every row of the
-// call is in the same pass, so the weights are streamed once per call.  Per chunk and block the
-// line(s) are masked in place (one vpand per vector: e_j * 2^sh_j as u8) and multiplied
-// (vpdpbusd) with the row's s8 activation quad broadcast into one int32 accumulator per shift
-// class; per group (and every kSegChunks chunks, which keeps every class sum below 2^31) the
+// the panel's stream once, in order (with software prefetch): for the decoder GEMV (rows <=
+// kGemvRows) every row of the call is in the same pass, so the weights are streamed once per call.
+// Per chunk, vector j of NV blocks is unpacked (Mode: masked in place, e_j * 2^sh_j as u8, one vpand
+// per vector; or shifted down to the codes) and each row's s8 activation quad is broadcast once
+// and multiplied (vpdpbusd, register operands) into the NV blocks' int32 accumulator of j's shift
+// class: broadcasts cost an issue slot like the dot products on these cores, so each serves NV
+// blocks.  Per group (and every kSegChunks chunks, which keeps every class sum below 2^31) the
 // class sums are shifted right exactly and added to isum, which starts at -z * gsum[r, group]
-// (the zero-point correction).  With more than 4 rows per pass the vectors are shifted down to
-// the codes once (shared by the rows) and one accumulator per row and block suffices.  The
-// group epilogue is acc = acc + float(isum) * s (mul then add: the reference's two roundings,
-// no FMA), s the group's float16 (vcvtph2ps, exact) or float32 scales that follow the group's
-// chunks in the stream.
+// (the zero-point correction).  The group epilogue is acc = acc + float(isum) * s (mul then add:
+// the reference's two roundings, no FMA), s the group's float16 (vcvtph2ps, exact) or float32
+// scales that follow the group's chunks in the stream.  Larger batches run passes of 8 rows.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -204,16 +204,14 @@ inline __m512 load_scales(const Plan& p, const uint8_t* sb, int v) {
 #ifndef BFC_LB_CFG
 template <int BITS, int R>
 struct Cfg {
-  static constexpr bool BO = false;
   static constexpr int MODE = R == 1 ? kInPlace : R <= 2 ? (BITS == 4 ? kInPlace : kHalf) : kFull;
   static constexpr int NV = R <= 4 ? 4 : R <= 6 ? 3 : 2;
 };
-// rows > kGemvRows: passes of R rows over a panel (re-read from L2); group-outer R = 8 measured
-// best (block-outer passes with float accumulators in registers were 20-40% slower here)
+// rows > kGemvRows: passes of R = 8 rows (Cfg<BITS, 8>) over each panel, re-read from L2 (block-
+// outer passes with the float accumulators in registers measured 20-40% slower here)
 template <int BITS>
 struct BigCfg {
-  static constexpr bool BO = false;
-  static constexpr int R = 8, NV = 2, MODE = kFull;
+  static constexpr int R = 8;
 };
 #endif
 
@@ -243,59 +241,9 @@ inline void store_rows(const Plan& p, const Act& a, const float* bias, float* y,
   }
 }
 
-// Block-outer order (compute-bound batches): blocks [vs, vs + NV) of panel pn over all groups
-// with the float accumulators in registers; the panel's other blocks are read in later passes
-// (from L2: a panel is at most 4 * Kp * b / 8 bytes plus its scales).
-template <int BITS, int R, int NV, int MODE>
-void blocks_rows(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t pn, int nvp, int vs) {
-  constexpr int64_t CB = 64 * Fmt<BITS>::LINES;
-  const int64_t ng = p.ngroups;
-  __m512 facc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) facc[r][v] = _mm512_setzero_ps();
-  const int8_t* qg[R];
-  int32_t corr[R];
-  for (int64_t gi = 0; gi < ng; ++gi) {
-    const uint8_t* gb = group_base(p, pn, nvp, gi);
-    const int64_t nch = group_chunks(p, gi);
-    const uint8_t* sb = gb + nvp * nch * CB;
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      qg[r] = a.q + (r0 + r) * p.Kp + p.gstart[size_t(gi)];
-      corr[r] = -p.zero * a.gsum[(r0 + r) * ng + gi];
-    }
-    __m512i isum[R][NV];
-    group_sums<BITS, R, NV, MODE, 0>(gb, nvp, nch, qg, corr, vs, isum);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512 s = load_scales(p, sb, vs + v);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) facc[r][v] = _mm512_add_ps(facc[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r][v]), s));
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    __m512 o[R];
-    for (int r = 0; r < R; ++r) o[r] = facc[r][v];
-    store_rows(p, a, bias, y, r0, R, pn * kPanel + vs + v, o);
-  }
-}
-
-template <int BITS, int R, int NV, int MODE>
-void panel_block_outer(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t pn) {
-  const int nvp = panel_blocks(p, pn);
-  int vs = 0;
-  for (; vs + NV <= nvp; vs += NV) blocks_rows<BITS, R, NV, MODE>(p, a, bias, y, r0, pn, nvp, vs);
-  for (; vs < nvp; ++vs) blocks_rows<BITS, R, 1, MODE>(p, a, bias, y, r0, pn, nvp, vs);
-}
-
 // rows [r0, r0 + R) x panel pn, all groups; the panel's stream is read once, in order
 template <int BITS, int R, int64_t PF>
 void panel_rows(const Plan& p, const Act& a, const float* bias, float* y, int64_t r0, int64_t pn) {
-  if constexpr (Cfg<BITS, R>::BO) {
-    return panel_block_outer<BITS, R, Cfg<BITS, R>::NV, Cfg<BITS, R>::MODE>(p, a, bias, y, r0, pn);
-  }
   constexpr int NVM = Cfg<BITS, R>::NV;
   constexpr int64_t CB = 64 * Fmt<BITS>::LINES;
   const int nvp = panel_blocks(p, pn);
@@ -354,12 +302,7 @@ void gemm_bits(const Plan& p, const Act& a, const float* bias, float* y, int64_t
     // larger batches: BigCfg rows per pass (block-outer), the panel stays in L2
     constexpr int RB = BigCfg<BITS>::R;
     int64_t r = r0;
-    for (; r + RB <= r1; r += RB) {
-      if constexpr (BigCfg<BITS>::BO)
-        panel_block_outer<BITS, RB, BigCfg<BITS>::NV, BigCfg<BITS>::MODE>(p, a, bias, y, r, pn);
-      else
-        panel_rows<BITS, RB, 0>(p, a, bias, y, r, pn);
-    }
+    for (; r + RB <= r1; r += RB) panel_rows<BITS, RB, 0>(p, a, bias, y, r, pn);
     if (r < r1) panel_any<BITS, 0>(p, a, bias, y, r, r1 - r, pn);
   }
 }
