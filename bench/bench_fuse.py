@@ -104,6 +104,7 @@ def main(argv=None):
         from models import minilm
         model_path = minilm.onnx_path()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         paths, notes = build(model_path, Path(tmp))
         nodes = {k: len(onnx.load(str(p), load_external_data=False).graph.node) for k, p in paths.items()}
@@ -128,7 +129,9 @@ def main(argv=None):
     body = "\n".join([
         "# MiniLM-L6: transformer fusions (bfc.passes.fuse)", "",
         f"Command: `python bench/bench_fuse.py --repeats {args.repeats} --shapes {args.shapes}`  ",
-        f"Machine: {machine_line()}", "",
+        f"Machine: {machine_line()}  ",
+        f"Load average (1 min) at start / end: {load0:.2f} / {os.getloadavg()[0]:.2f} "
+        f"({os.cpu_count()} cores; above that the timings are contended)", "",
         "1 intra-op thread, onnxruntime's default session optimizations, median of interleaved repeats; "
         "int8 = `quantize_dynamic` (default op types) of each fp32 model. Error: max |token embedding - fp32 "
         "unfused| / max |fp32 unfused| on the benchmark input (fp32 variants must be within 1e-4; int8 dynamic "

@@ -29,7 +29,7 @@ opset and the IR version are kept; any failure returns the input model with a no
    sum and is not matched.
 
 Measured (1 thread, onnxruntime 1.32, shared 2-core Intel Xeon; ``python bench/bench_fuse.py``, latest
-run in bench/results/fuse.md), MiniLM-L6 torch.export, 294 -> 148 nodes; the quietest of three runs:
+run in bench/results/fuse.md), MiniLM-L6 torch.export, 294 -> 148 nodes; the quietest of five runs:
 
     ms (vs unfused)        1x128            32x128
     fp32 unfused           26.16            930.2
@@ -39,9 +39,9 @@ run in bench/results/fuse.md), MiniLM-L6 torch.export, 294 -> 148 nodes; the qui
     int8 MHA only          10.44 (1.18x)    395.8 (1.22x)    (block_skip=False)
     int8 MHA packed bias    8.09 (1.52x)    345.7 (1.40x)    (packed_bias=True)
 
-Over the three runs (two on a loaded machine) int8 dynamic fused/unfused was 1.49-1.53x at 1x128 and
-1.46-1.55x at 32x128; fp32 1.16-1.19x at 1x128 and 1.04-1.20x at 32x128 (noisy); packed_bias within
-noise of the default.  fp32 outputs agree to 4e-7 relative.  Kernel timings behind the choices (one op, 1 thread):
+Over five runs (four on a loaded machine, load average 3-7 on the 2 cores) int8 dynamic fused/unfused
+was 1.40-1.53x at 1x128 and 1.42-1.55x at 32x128; fp32 1.07-1.19x at 1x128 and 1.04-1.40x at 32x128
+(noisy); packed_bias within noise of the default.  fp32 outputs agree to 4e-7 relative.  Kernel timings behind the choices (one op, 1 thread):
 SkipLayerNormalization 220 us against Add + Add + LayerNormalization 39 us at 1x128x384 (6.9 ms
 against 1.85 ms at 4096x384); BiasGelu 162 us against Add + Gelu 136 us and Gelu alone 109 us at
 128x1536 (int8 dynamic folds a MatMul's bias into MatMulIntegerToFloat for free, leaving Gelu alone);
