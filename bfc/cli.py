@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--target", default=S, help="where the layers run: " + "; ".join(
         f"{t.name}: {t.summary}" for t in _targets()) + " (default portable)")
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
+    op.add_argument("--fuse", dest="fuse", action="store_true", default=S,
+                    help="apply onnxruntime's transformer fusions first (default: on for a recognized transformer "
+                         "on the ort and custom-op targets)")
+    op.add_argument("--no-fuse", dest="fuse", action="store_false", default=S, help="no transformer fusions")
     op.add_argument("--fix-batch", type=int, default=S, help="pin dynamic batch dimensions to N")
     op.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
     op.add_argument("--distill", type=Path, default=S, metavar="DATA.npz",

@@ -45,6 +45,10 @@ class Precision(str, enum.Enum):
         return self.format.bits
 
 
+# The default whole-model budget: the relative output error that keeps STS-B within 0.3 point (MiniLM-L6,
+# all-mpnet-base-v2) and Fashion-MNIST top-1 within 0.3% (docs/default_budget.md).
+DEFAULT_MAX_OUTPUT_ERROR = 0.05
+
 # Precisions tried by ``precision=auto``, lowest first (HAWQ-style: the lowest that keeps the budget).
 AUTO_PRECISIONS = (Precision.INT8, Precision.FP8_E4M3, Precision.FP16, Precision.FP32)
 
@@ -63,15 +67,22 @@ def _enum(cls, name, value):
 class OptimizeConfig:
     """Options of ``bfc.optimize`` (the CLI flags have the same names with dashes).
 
-    structure:   auto (cheapest structure meeting ``max_error``) or one fixed structure
+    structure:   auto or one fixed structure.  auto with precision auto (the default) is the allocator:
+                 every family's candidates per layer (rotated 2/3/4-bit codes, int8, fp16, quantized
+                 embedding rows, unchanged), the smallest model whose whole-model error keeps
+                 ``max_output_error`` (``bfc.passes.schedule.allocate_layers``); auto with a fixed precision:
+                 the cheapest KS structure meeting ``max_error`` per layer
     rank:        block rank between factors (fixed structures); auto tries 1, 2, 4, ...
     residual_rank: rank of the low-rank residual for ``lowrank-residual``
-    precision:   storage format of the factor values, or auto (lowest meeting the budget)
+    precision:   storage format of the factor values, or auto (the lowest meeting ``max_error``; with a fixed
+                 structure and no ``max_error``: int8)
     quant_method: bfc.quant method (auto = best of the optimal rank-one orders; rtn is fastest)
-    max_error:   per-layer relative output error budget; a layer that cannot meet it stays dense
+    max_error:   per-layer relative output error budget; a layer that cannot meet it stays dense (the
+                 allocator: a cap on each layer's candidates; None: no per-layer cap)
     max_output_error: budget of the whole model's relative output error (on the calibration inputs, or
-                 generated ones); layers are backed off, worst error per byte saved first, until it holds
-                 (None: no whole-model check)
+                 generated ones); it always holds: layers are backed off until it does, and a model whose
+                 error cannot be measured is left unchanged (None: no whole-model check).  Default
+                 ``DEFAULT_MAX_OUTPUT_ERROR`` (docs: what it keeps of STS-B and Fashion-MNIST top-1)
     target_size: stop compressing once the model's weight bytes are at most this many bytes
     min_size:    layers with fewer weight elements stay dense
     include/exclude: fnmatch patterns on node names
@@ -96,6 +107,9 @@ class OptimizeConfig:
                  rewrite runs slower than its dense MatMul in the target stays dense: bfc.passes.latency
                  measures both in onnxruntime, 1 thread, at latency_batch * latency_seq rows)
     latency_batch, latency_seq: rows per call of the latency measurement = batch * sequence length
+    fuse:        onnxruntime's transformer fusions (attention, LayerNormalization, Gelu) before the sites are
+                 found (``bfc.passes.fuse``; the projections stay separate MatMuls); None: on for a recognized
+                 transformer when the target runs in onnxruntime (ort, custom-op), off for portable
     workers:     processes planning layers (bfc.passes.layer_runner); None: the usable cores (in process
                  for small models), 1: in this process; the output bytes never depend on it
     cluster:     plan on a Dask distributed cluster at this scheduler address (``local``: a LocalCluster
@@ -107,17 +121,17 @@ class OptimizeConfig:
     structure: Structure = Structure.AUTO
     rank: int | None = None
     residual_rank: int = 8
-    precision: Precision = Precision.INT8
+    precision: Precision = Precision.AUTO
     quant_method: QuantMethod = QuantMethod.AUTO
-    max_error: float | None = 0.1
-    max_output_error: float | None = 0.05
+    max_error: float | None = None
+    max_output_error: float | None = DEFAULT_MAX_OUTPUT_ERROR
     target_size: int | None = None
     min_size: int = 4096
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     calibration: Path | None = None
     calibration_rows: int = 8192
-    target: str = "portable"
+    target: str = "ort"
     verify: bool = True
     strict: bool = False
     fix_batch: int | None = None
@@ -139,6 +153,7 @@ class OptimizeConfig:
     objective: str = "size"
     latency_batch: int = 1
     latency_seq: int = 1
+    fuse: bool | None = None
     workers: int | None = None
     cluster: str | None = None
     work_dir: Path | None = None
@@ -203,17 +218,29 @@ class OptimizeConfig:
             raise ConfigError(f"group_size={self.group_size!r} is not allowed; use 32, 64 or 128")
         if not isinstance(self.learn_rotation, bool):
             raise ConfigError(f"learn_rotation={self.learn_rotation!r} must be true or false")
+        if self.fuse is not None and not isinstance(self.fuse, bool):
+            raise ConfigError(f"fuse={self.fuse!r} must be true, false or absent (auto)")
         for name in ("verify", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.objective, str) or self.objective.lower() not in ("size", "latency"):
             raise ConfigError(f"objective={self.objective!r} is not allowed; use size or latency")
         set_("objective", self.objective.lower())
+        if self.allocating:
+            if self.max_output_error is None and self.max_error is None and self.target_size is None:
+                raise ConfigError("structure=auto with precision=auto needs a budget: max_output_error (e.g. "
+                                  f"{DEFAULT_MAX_OUTPUT_ERROR}), max_error or target_size")
+            return
         if self.structure is Structure.AUTO and self.max_error is None and self.target_size is None:
-            raise ConfigError("structure=auto needs a budget: set max_error (e.g. 0.1) or target_size, "
-                              "or pick a fixed structure such as monarch")
+            raise ConfigError("structure=auto with a fixed precision needs a budget: set max_error (e.g. 0.1) or "
+                              "target_size, or pick a fixed structure such as monarch")
         if self.precision is Precision.AUTO and self.max_error is None:
-            raise ConfigError("precision=auto needs max_error (the budget the lowest precision must keep)")
+            set_("precision", Precision.INT8)     # a fixed structure without a per-layer budget: int8 values
+
+    @property
+    def allocating(self) -> bool:
+        """structure and precision both auto: the model-level allocator plans (see the class doc)."""
+        return self.structure is Structure.AUTO and self.precision is Precision.AUTO
 
     def replace(self, **changes) -> "OptimizeConfig":
         return replace(self, **changes)

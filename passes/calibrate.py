@@ -166,8 +166,8 @@ def collect(model: onnx.ModelProto, sites: list[Site], feeds: dict, rows: int = 
     for s in sites:
         if s.eligible and (config is None or skip_reason(s, config) is None):
             for sn in s.nodes:
-                if getattr(sn, "scope", None) is not None:
-                    continue               # inside a subgraph: onnxruntime cannot return its activations
+                if sn.scope is not None or sn.op == "Gather":
+                    continue               # inside a subgraph (no activations from onnxruntime); or an embedding
                 wanted.setdefault(sn.input, []).append((s, sn))   # Q, K, V share an input
     names = list(wanted)
     if not names:

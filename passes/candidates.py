@@ -35,7 +35,7 @@ and candidate).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -43,10 +43,15 @@ import numpy as np
 from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
 from bfc.factorize import candidates, chain_for, factorize, weighted_error
+from bfc.lowbit import LowBitFormat, rotated_gram
+from bfc.lowbit.gptq import gptq_factor, gptq_quantize
+from bfc.lowbit.groups import quantize_groups
+from bfc.lowbit.int8_layer import HalfLinear, Int8Linear
 from bfc.passes import lowbit_plan
 from bfc.passes.find_sites import Site
 from bfc.passes.products import LayerPlan
 from bfc.quant import QuantizedFactorization, cast, quantize
+from bfc.quant.embedding import quantize_embedding
 from bfc.reconstruct import reconstruct
 from bfc.report import compared
 
@@ -234,3 +239,68 @@ def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, score, cfg: O
         return replace(plan, weights=res.factorization, error=err,
                        note=f"reconstructed: error {plan.error:.3g} -> {err:.3g}")
     return plan
+
+
+# ---- the allocator's candidates: every family, scored with the target's numerics ---------------------
+
+ALLOC_BITS = (2, 3, 4)               # rotated low-bit codes, folded to int8 compute
+ALLOC_GROUPS = (64,)                 # 128 saves ~3% of the bytes at ~5% more error: not worth its time
+EMBEDDING_FORMATS = ((8, None), (4, 128), (4, 64), (4, 32))   # (bits, block; None: one scale per row)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a layer: its form (None: unchanged), bytes in the file and in a running session,
+    and its own relative output error (``Scorer``: the target's numerics on the site's sample rows)."""
+    label: str
+    form: object | None
+    nbytes: int
+    resident_nbytes: int
+    error: float
+
+
+def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotation=None,
+                     opset: int = 0) -> tuple[Candidate, ...]:
+    """Every candidate of one site that ``target`` can emit at ``opset``, unchanged first.  A matmul
+    site: dense int8 per column, fp16, and for each bits x group the rotated low-bit codes of Q^T W
+    (``rotation``: the site's shared Q; GPTQ with the rotated Gram under calibration, searched-scale
+    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``).  An embedding site: int8
+    rows and int4 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
+    above it is dropped (a per-layer cap under the whole-model budget)."""
+    w = site.weight
+    dense = Candidate("unchanged", None, int(w.nbytes), int(w.nbytes), 0.0)
+    forms = []
+    if site.nodes and site.nodes[0].op == "Gather":
+        table = np.asarray(w)
+        for bits, block in EMBEDDING_FORMATS:
+            if block is not None and (table.shape[1] % block or block >= table.shape[1]):
+                continue
+            q = quantize_embedding(table, bits, block)
+            forms.append((q, q.error(table)))
+    else:
+        w64 = np.asarray(w, np.float64)
+        score = Scorer(w64, stats, target, cfg.seed)
+        for q in (Int8Linear.from_weight(w64), HalfLinear.from_weight(w64)):
+            forms.append((q, None))
+        if rotation is not None:
+            wr = rotation.rotate_weight(w64)                      # Q^T W, its Gram Q^T G Q and GPTQ's factor:
+            gr = None if score.gram is None or score.gram.ndim != 2 else rotated_gram(rotation, score.gram)
+            factor = None if gr is None else gptq_factor(gr)     # once for every format
+            for bits in ALLOC_BITS:
+                for group in ALLOC_GROUPS:
+                    if group > w64.shape[0]:
+                        continue
+                    fmt = LowBitFormat(bits, group, True, target.lowbit_scale_dtype)
+                    gq = gptq_quantize(wr, None, fmt, factor=factor) if factor is not None else \
+                        quantize_groups(wr, fmt)                   # no (or only a diagonal) Gram: searched RTN
+                    forms.append((Int8Linear.from_codes(gq, rotation), None))
+        forms = [(q, score(q)) for q, _ in forms]
+    out = [dense]
+    for q, err in forms:
+        if target.emitter(q).support(q, opset) is not None:
+            continue
+        if cfg.max_error is not None and err > cfg.max_error:
+            continue
+        if q.nbytes < dense.nbytes:
+            out.append(Candidate(q.label, q, int(q.nbytes), int(q.resident_nbytes), float(err)))
+    return tuple(out)

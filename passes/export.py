@@ -63,7 +63,20 @@ def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str], base=N
         model.metadata_props.add(key=k, value=meta[k])
     for f in template.functions:
         model.functions.add().CopyFrom(f)
-    return check(model, base)
+    model = check(model, base)            # shape inference may name unknown output dims: restore them after
+    keep_io_types(model, template)
+    return model
+
+
+def keep_io_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Graph inputs and outputs keep the types and shapes ``template`` declares, field for field (an
+    empty ``shape {}``, unknown or symbolic dims): graphsurgeon and the version converter may drop or
+    rewrite them, and a user's runtime may rely on the declaration."""
+    for ours, theirs in ((model.graph.input, template.graph.input), (model.graph.output, template.graph.output)):
+        declared = {vi.name: vi for vi in theirs}
+        for vi in ours:
+            if vi.name in declared:
+                vi.type.CopyFrom(declared[vi.name].type)
 
 
 INFER_LIMIT = 64 << 20    # shape inference copies the model twice: only below 64 MB

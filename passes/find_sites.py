@@ -13,6 +13,8 @@ Matches, in the main graph and in every If/Loop/Scan body (recursively):
     ``y = alpha * op(A) @ op(B) + beta * C``, ``op`` = transpose when transA/transB;
     the site weight is ``W = B^T`` if transB else ``B`` (so again ``y = alpha * x @ W + ...``),
     and ``C`` (any broadcastable bias, constant or not) is kept.
+  * ``Gather(T, indices)`` (axis 0) with ``T`` a constant 2-D float table: an embedding site (weight
+    ``T``, shape (V, D)), rewritten with quantized rows by the allocator; other Gathers are not sites.
 Nodes that share one weight form one *group*, keyed by the weight's source chain and
 whether the site weight is its transpose: the weight is factorized once and every node
 of the group (in any graph) is rewritten with the same factors.  Each ``SiteNode``
@@ -31,6 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bfc.errors import ModelError
+from bfc.passes.embedding_emit import gather_reason
 from bfc.passes.fold import Folded, fold_weight
 from bfc.passes.stream import LazyArray, import_graph
 
@@ -124,8 +127,30 @@ def _why_not(node, name, x, wt, w) -> str | None:
     return None
 
 
+def _gather_candidate(node, graph, label, in_main):
+    """(key, SiteNode, table, reason, note) for a Gather of a constant 2-D float table (an embedding), or
+    None for other Gathers (shapes, small index tables)."""
+    table = node.inputs[0] if node.inputs else None
+    fw = fold_weight(table) if isinstance(table, gs.Constant) else None
+    if fw is None or fw.value.ndim != 2 or fw.value.dtype not in FLOAT_TYPES:
+        return None
+    name = node_key(node)
+    sn = SiteNode(name, "Gather", input=node.inputs[1].name if len(node.inputs) > 1 else "", node=node,
+                  graph=graph, scope=None if in_main else label)
+    reason = gather_reason(node)
+    if reason is None and not (fw.value.all_finite() if isinstance(fw.value, LazyArray)
+                               else np.isfinite(fw.value).all()):
+        raise ModelError(f"embedding table {table.name} of node {name} contains NaN or Inf values; "
+                         "fix the model (e.g. re-export from a finite checkpoint)")
+    key = (fw.key, "gather") if reason is None else (f"{name}#skip", id(node))
+    return key, sn, fw.value, reason, None
+
+
 def _candidate(node, graph, label, in_main):
-    """(key, SiteNode, weight, reason, note) for a MatMul/Gemm (or quantized matmul) node, or None."""
+    """(key, SiteNode, weight, reason, note) for a MatMul/Gemm (or quantized matmul) node, a Gather of
+    an embedding table, or None."""
+    if node.op == "Gather":
+        return _gather_candidate(node, graph, label, in_main)
     if node.op in QUANTIZED_OPS:
         name = node_key(node)
         reason = QUANTIZED_REASON if node.op in ("MatMulInteger", "MatMulNBits") else \
@@ -184,7 +209,8 @@ def find_sites(graph: gs.Graph) -> list[Site]:
                 continue
             key, sn, w, reason, note = cand
             if key not in sites:
-                wname = (node.inputs[0] if sn.trans_out else node.inputs[1]).name if reason is None else key[0]
+                wname = (node.inputs[0] if sn.trans_out or sn.op == "Gather" else node.inputs[1]).name \
+                    if reason is None else key[0]
                 sites[key] = Site(wname, w if w is not None and w.ndim == 2 else None,
                                   reason=reason, subgraph=None if in_main else label, note=note)
             elif reason is None and not in_main and NO_CALIBRATION not in (sites[key].note or ""):

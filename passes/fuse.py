@@ -59,11 +59,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
+
+from bfc.passes.products import LoadedModel
+from bfc.passes.stream import materialize
 
 MS_DOMAIN = "com.microsoft"
 MODEL_TYPES = ("bert",)
@@ -73,6 +76,7 @@ FUSED_OPS = ("MultiHeadAttention", "Attention", "SkipLayerNormalization", "Layer
              "SkipSimplifiedLayerNormalization")
 _ONNX = ("", "ai.onnx")
 _MAX_PROTO = 2_000_000_000          # protobuf's 2 GiB limit (the optimizer serializes the model)
+FUSE_MAX_BYTES = 1 << 30            # the fuse stage reads the weights into memory: only below 1 GB
 
 
 @dataclass(frozen=True)
@@ -669,3 +673,20 @@ def _check_loads(model) -> None:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def fuse_stage(loaded: LoadedModel, enabled: bool | None, target_name: str) -> LoadedModel:
+    """The pipeline's fuse stage: ``enabled`` True, or None (the default) on a recognized transformer for a
+    target that runs in onnxruntime (ort, custom-op: the fused ops are com.microsoft's).  The fused
+    model holds its weights in memory (read in from the input's files; up to ``FUSE_MAX_BYTES``); the
+    input's files are untouched and verification compares with them."""
+    if enabled is False or (enabled is None and target_name == "portable") or loaded.nbytes > FUSE_MAX_BYTES:
+        return loaded
+    kind = recognize(loaded.model)
+    if kind is None:
+        return loaded
+    model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)
+    res = fuse(model, kind, loaded.opset)
+    if not res.changed:
+        return replace(loaded, notes=loaded.notes + (res.note,)) if enabled else loaded
+    return replace(loaded, model=res.model, base=None, upgraded=True, notes=loaded.notes + (res.note,))

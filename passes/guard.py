@@ -40,13 +40,16 @@ def guard(loaded: LoadedModel, plan: Plan, feeds: dict | None, cfg: OptimizeConf
     """The guard stage (see the module doc)."""
     budget = cfg.max_output_error
     taken = plan.rewritten
-    if budget is None or cfg.max_error is None or not taken:
+    if budget is None or cfg.allocating or not taken:      # the allocator verified its own plan
         return plan
     emit(StageStarted("guard", f"whole-model output error <= {budget:g}"))
     try:
         return _back_off(loaded, plan, feeds, cfg, target, budget)
     except BfcError as e:           # e.g. inputs bfc cannot generate, or no custom-op library
-        return replace(plan, notes=plan.notes + (f"whole-model output error not checked: {e}",))
+        why = (f"whole-model output error cannot be measured ({e}); give model inputs with --calibration "
+               "FILE.npz, or accept an unmeasured model with --no-max-output-error")
+        return replace(plan, layers=tuple(p.kept_dense(why) if p.rewritten else p for p in plan.layers),
+                       notes=plan.notes + (f"guard: nothing rewritten: {why}",))
 
 
 def _back_off(loaded: LoadedModel, plan: Plan, feeds, cfg, target, budget) -> Plan:

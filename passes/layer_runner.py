@@ -60,8 +60,8 @@ import numpy as np
 import bfc
 import bfc.passes
 from bfc.errors import ConfigError
-from bfc.passes.candidates import plan_site
-from bfc.passes.find_sites import Site
+from bfc.passes.candidates import layer_candidates, plan_site
+from bfc.passes.find_sites import Site, SiteNode
 from bfc.passes.targets import get_target, is_registered
 
 POOL_MIN_ELEMENTS = 1 << 22     # workers=None: fewer weight elements to plan run in process (pool start-up ~1 s)
@@ -89,6 +89,9 @@ class LayerTask:
     bits: tuple = ()
     seed: int = 0
     origin_pid: int = 0          # the process that made the task (not part of the record key)
+    mode: str = "plan"           # "plan": plan_site's choice; "candidates": every candidate (the allocator)
+    op: str = "MatMul"           # the site's node type (Gather: an embedding table)
+    opset: int = 0               # the model's opset (candidates the target cannot emit there are dropped)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class LayerResult:
     worker: str = "main"
     resumed: bool = False        # loaded from the work folder
     cpu_seconds: float = 0.0     # CPU time of the planning thread (one BLAS thread: the whole computation)
+    candidates: tuple = ()       # mode "candidates": the site's Candidates (bfc.passes.candidates)
 
 
 def cpu_count() -> int:
@@ -135,8 +139,13 @@ def run_task(task: LayerTask) -> LayerResult:
         _limit_threads(1)            # a Dask worker process (pool workers are limited by their initializer)
     cfg = task.config if task.config.seed == task.seed else task.config.replace(seed=task.seed)
     t0, c0 = time.perf_counter(), time.thread_time()
+    if task.mode == "candidates":
+        cands = layer_candidates(Site(task.key, task.weight, [SiteNode(task.key, task.op)]), cfg, target, task.stats,
+                                 task.rotation, task.opset)
+        return LayerResult(None, "allocated", "-", None, "output", None, None, time.perf_counter() - t0,
+                           _worker_id(), cpu_seconds=time.thread_time() - c0, candidates=cands)
     p = plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
-                           task.rotation, task.bits)
+                  task.rotation, task.bits)
     return LayerResult(p.weights, p.structure, p.precision, p.error, p.error_kind, p.reason, p.note,
                        time.perf_counter() - t0, _worker_id(), cpu_seconds=time.thread_time() - c0)
 
@@ -215,7 +224,8 @@ def task_key(task: LayerTask) -> str:
     target = task.target if isinstance(task.target, str) else \
         f"{type(task.target).__module__}.{type(task.target).__qualname__}:{task.target.name}"
     _feed(h, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_PLANNING})
-    for part in (target, tuple(task.precisions), task.bits, task.seed, task.weight, task.stats, task.rotation):
+    for part in (target, tuple(task.precisions), task.bits, task.seed, task.weight, task.stats, task.rotation,
+                 task.mode, task.op, task.opset):
         _feed(h, part)
     return h.hexdigest()
 

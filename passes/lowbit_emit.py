@@ -28,9 +28,11 @@ from math import lcm
 import numpy as np
 
 from bfc.factorize.result import KSFactorization
+from bfc.lowbit.kron_rotation import KroneckerRotation
 from bfc.lowbit.rotation import split_size
 from bfc.ops import lowbit_codes_stream
 from bfc.passes.ks_emit import emit_chain, factor_tensors
+from bfc.passes.rotation_emit import emit_rotation
 from bfc.quant import cast
 from bfc.quant.formats import format_of_dtype
 
@@ -58,6 +60,8 @@ def rotate(b, x, rank, rotation):
     folded by the runtime at load.  Without parameters: the portable target's KS chain code."""
     k_dim = rotation.size
     x2 = b.reshape(x, [-1, k_dim]) if rank != 2 else x
+    if isinstance(rotation, KroneckerRotation):
+        return emit_rotation(b, x2, rotation)              # two batched MatMuls (bfc.passes.rotation_emit)
     if rotation.params is None:
         q = rotation_factorization(rotation)
         return emit_chain(b, x2, q, factor_tensors(b, q))

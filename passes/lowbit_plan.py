@@ -31,6 +31,7 @@ import numpy as np
 from bfc.lowbit import ButterflyRotation, LowBitFormat, RotatedLayer, rotate_quantize
 from bfc.lowbit.correction import fit_correction
 from bfc.lowbit.groups import packed_nbytes
+from bfc.lowbit.kron_rotation import KroneckerRotation
 from bfc.lowbit.rotation_learn import learn_rotation
 
 AUTO_BITS = (4, 3, 2)
@@ -42,8 +43,10 @@ def group_key(site) -> tuple[str, bool]:
     return sn.input, bool(sn.trans_a)
 
 
-def rotations(sites, stats, cfg, target, bits: int = 4) -> dict:
-    """``{weight_name: ButterflyRotation}`` for ``sites`` (those the plan will try), one Q per input tensor."""
+def rotations(sites, stats, cfg, target, bits: int = 4, kronecker: bool = False) -> dict:
+    """``{weight_name: rotation}`` for ``sites`` (those the plan will try), one Q per input tensor: the
+    butterfly (``ButterflyRotation``), or with ``kronecker`` a ``KroneckerRotation`` (two batched MatMuls
+    in the graph; the allocator's)."""
     groups: dict = {}
     for s in sites:
         groups.setdefault(group_key(s), []).append(s)
@@ -53,16 +56,18 @@ def rotations(sites, stats, cfg, target, bits: int = 4) -> dict:
         k = members[0].weight.shape[0]
         if any(m.weight.shape[0] != k for m in members):      # cannot share: one Q per site
             for m in members:
-                out[m.weight_name] = _rotation([m], stats, cfg, bits).stored_as(storage)
+                out[m.weight_name] = _rotation([m], stats, cfg, bits, kronecker).stored_as(storage)
             continue
-        q = _rotation(members, stats, cfg, bits).stored_as(storage)
+        q = _rotation(members, stats, cfg, bits, kronecker).stored_as(storage)
         for m in members:
             out[m.weight_name] = q
     return out
 
 
-def _rotation(members, stats, cfg, bits) -> ButterflyRotation:
+def _rotation(members, stats, cfg, bits, kronecker: bool = False):
     k = members[0].weight.shape[0]
+    if kronecker:
+        return KroneckerRotation.random(k, cfg.seed)
     rot = ButterflyRotation.hadamard_like(k, cfg.seed)
     if not cfg.learn_rotation or cfg.rotation_steps == 0:
         return rot

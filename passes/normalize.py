@@ -17,6 +17,7 @@ import onnx
 from onnx import version_converter
 
 from bfc.errors import UnsupportedError
+from bfc.passes.export import keep_io_types
 from bfc.passes.load import MIN_OPSET, default_opset
 from bfc.passes.products import LoadedModel
 
@@ -40,11 +41,24 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> tuple[onnx.Mo
     return new, f"upgraded from ONNX opset {op} to {got} (onnx.version_converter); the output has opset {got}"
 
 
-def normalize(loaded: LoadedModel) -> LoadedModel:
-    """The normalize stage: the opset upgrade (see the module doc); the weight chains are folded where
-    the sites are found."""
+def normalize(loaded: LoadedModel, preferred_opset: int = MIN_OPSET) -> LoadedModel:
+    """The normalize stage: the opset upgrade to MIN_OPSET (see the module doc), and further to
+    ``preferred_opset`` when the run's layer forms need it (rotated low-bit codes unpacked in the
+    graph: opset 18); a failed upgrade to the preferred opset is a note (those forms are then not
+    candidates), not an error.  The weight chains are folded where the sites are found."""
     model, note = upgrade_opset(loaded.model, loaded.name)
-    if note is None:
+    notes = () if note is None else (f"model {note}",)
+    if default_opset(model) < preferred_opset:
+        try:
+            model = version_converter.convert_version(model, preferred_opset)
+            notes = (f"model upgraded from ONNX opset {loaded.opset} to {preferred_opset} (onnx.version_converter: "
+                     "the rotated low-bit forms unpack their codes with opset-18 ops); the output has opset "
+                     f"{preferred_opset}",)
+        except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors and more
+            first = (str(e).strip().splitlines() or ["conversion failed"])[0][:200]
+            notes += (f"model kept at ONNX opset {default_opset(model)}: onnx's version converter cannot upgrade it "
+                      f"to {preferred_opset} ({first}), so the rotated low-bit forms are not candidates",)
+    if model is loaded.model:
         return loaded
-    return replace(loaded, model=model, opset=default_opset(model), upgraded=True,
-                   notes=loaded.notes + (f"model {note}",))
+    keep_io_types(model, loaded.model)
+    return replace(loaded, model=model, opset=default_opset(model), upgraded=True, notes=loaded.notes + notes)

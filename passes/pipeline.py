@@ -1,5 +1,5 @@
-"""The one pipeline, top to bottom: load -> normalize -> sites -> calibrate -> plan -> guard -> distill
--> rewrite -> save -> verify.
+"""The one pipeline, top to bottom: load -> normalize -> fuse -> sites -> calibrate -> plan -> guard ->
+distill -> rewrite -> save -> verify.
 
 ``optimize(source, config, output=None, on_event=None)`` owns this order, for a model file and
 for an in-memory ``onnx.ModelProto`` alike; ``bfc.optimize`` and ``bfc optimize`` both call it,
@@ -24,14 +24,16 @@ from pathlib import Path
 
 import onnx
 
-from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision
+from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError, ConfigError, UnsupportedError
 from bfc.passes.calibrate import calibrate
 from bfc.passes.distill import distill
 from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_model_sites
+from bfc.passes.fuse import fuse_stage
 from bfc.passes.guard import guard
-from bfc.passes.load import check_output_path, load
+from bfc.passes.load import MIN_OPSET, check_output_path, load
+from bfc.passes.lowbit_emit import UNPACK_OPSET
 from bfc.passes.normalize import normalize
 from bfc.passes.products import LayerPlan, LoadedModel, RewrittenModel, Sites
 from bfc.passes.rewrite import rewrite_model
@@ -68,7 +70,9 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     precisions = supported_precisions(cfg, target, loaded.opset)
     feeds = None if cfg.calibration is None else load_feeds(cfg.calibration, loaded.model)
     emit(StageStarted("normalize"))
-    loaded = normalize(loaded)                                            # LoadedModel (opset upgraded)
+    loaded = normalize(loaded, preferred_opset(cfg))                      # LoadedModel (opset upgraded)
+    emit(StageStarted("fuse"))
+    loaded = fuse_stage(loaded, cfg.fuse, target.name)                   # LoadedModel (transformer fusions)
     emit(StageStarted("sites"))
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))     # Sites
     emit(SitesFound(sites.eligible, len(sites.sites)))
@@ -76,7 +80,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     stats = calibrate(loaded, sites, feeds, cfg)                          # Statistics
     trim()
     emit(StageStarted("plan"))
-    plan = plan_layers(loaded, sites, stats, cfg, target, precisions, emit)   # Plan
+    plan = plan_layers(loaded, sites, stats, feeds, cfg, target, precisions, emit)   # Plan
     trim()
     emit(StageStarted("guard"))
     plan = guard(loaded, plan, feeds, cfg, target, emit)                  # Plan (whole-model budget)
@@ -138,10 +142,11 @@ def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> Planned:
     loaded = load(source, None if output is None else Path(output))
     precisions = supported_precisions(cfg, target, loaded.opset)
     feeds = None if cfg.calibration is None else load_feeds(cfg.calibration, loaded.model)
-    loaded = normalize(loaded)
+    loaded = normalize(loaded, preferred_opset(cfg))
+    loaded = fuse_stage(loaded, cfg.fuse, target.name)
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))
     stats = calibrate(loaded, sites, feeds, cfg)
-    plan = plan_layers(loaded, sites, stats, cfg, target, precisions, emit)
+    plan = plan_layers(loaded, sites, stats, feeds, cfg, target, precisions, emit)
     plan = guard(loaded, plan, feeds, cfg, target, emit)
     plan = distill(loaded, plan, stats, feeds, cfg, target, emit)
     rewritten = rewrite_model(loaded, plan, target, cfg.fix_batch)
@@ -158,6 +163,11 @@ def supported_precisions(cfg: OptimizeConfig, target: Target, opset: int) -> tup
                                f"this model: {why[cfg.precision]}, and the model has opset {opset}; use "
                                "--precision int8 or convert the model to a newer opset")
     return ok
+
+
+def preferred_opset(cfg: OptimizeConfig) -> int:
+    """The opset this run's forms want: 18 where rotated low-bit codes may be unpacked in the graph."""
+    return UNPACK_OPSET if cfg.allocating or cfg.structure is Structure.ROTATED else MIN_OPSET
 
 
 def _row(p: LayerPlan) -> LayerRow:

@@ -2,6 +2,7 @@
 
     load       source, output path               -> LoadedModel
     normalize  LoadedModel                       -> LoadedModel   (opset upgraded where needed)
+    fuse       LoadedModel                       -> LoadedModel   (onnxruntime's transformer fusions)
     sites      LoadedModel                       -> Sites
     calibrate  LoadedModel, Sites, feeds         -> Statistics
     plan       Sites, Statistics                 -> Plan          (per-layer search + schedule)
@@ -36,7 +37,7 @@ class LoadedModel:
     name: str
     nbytes: int                          # model bytes, weights included
     opset: int
-    upgraded: bool = False               # ``model`` is an opset-upgraded copy of the input
+    upgraded: bool = False               # ``model`` is a changed copy of the input (opset upgrade, fusions)
     notes: tuple[str, ...] = ()
 
 
@@ -87,8 +88,12 @@ class LayerPlan:
         return int(self.site.weight.nbytes) if self.site.weight is not None else 0
 
     @property
+    def is_embedding(self) -> bool:
+        return bool(self.site.nodes) and self.site.nodes[0].op == "Gather"
+
+    @property
     def flops_before(self) -> int:
-        return 2 * self.params_before
+        return 0 if self.is_embedding else 2 * self.params_before
 
     @property
     def params_after(self) -> int:
@@ -97,6 +102,11 @@ class LayerPlan:
     @property
     def bytes_after(self) -> int:
         return self.weights.nbytes if self.rewritten else self.bytes_before
+
+    @property
+    def resident_after(self) -> int:
+        """Weight bytes onnxruntime keeps after session creation (the form's, or the dense weight's)."""
+        return self.weights.resident_nbytes if self.rewritten else self.bytes_before
 
     @property
     def flops_after(self) -> int:

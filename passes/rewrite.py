@@ -36,6 +36,7 @@ from bfc.passes.graph_builder import GraphBuilder
 from bfc.passes.lowbit_plan import assign_rotation_owners
 from bfc.passes.products import LoadedModel, Plan, RewrittenModel
 from bfc.passes.stream import import_graph, model_size
+from bfc.quant.embedding import QuantizedEmbedding
 from bfc.quant.formats import format_of_dtype
 
 
@@ -87,6 +88,16 @@ def _rewrite_node(b: GraphBuilder, sn, plan, target, emitter, tensors, low_rank,
     b.route(out, y)
 
 
+def _rewrite_gather(b: GraphBuilder, sn, form, emitter, tensors) -> None:
+    """y = T[indices] -> the form's dequantized rows (the output tensor keeps its name)."""
+    node = sn.node
+    indices, y = node.inputs[1], node.outputs[0]
+    node.inputs, node.outputs = [], []
+    if y.dtype is None:
+        y.dtype = b.dtype
+    b.route(emitter.emit(b, indices, None, tensors, form, None, None), y)
+
+
 def rewrite(graph: gs.Graph, plans, target, opset: int) -> int:
     """Rewrite every planned layer of ``graph`` (and of its subgraphs) with ``target``; returns the
     number of nodes rewritten."""
@@ -106,6 +117,11 @@ def rewrite(graph: gs.Graph, plans, target, opset: int) -> int:
             b = GraphBuilder(g, f"{BFC_PREFIX}{li}_{plan.site.name.replace('/', '_')}{suffix}", dtype, opset)
             emitter = target.emitter(q)
             tensors = emitter.tensors(b, q)
+            if isinstance(q, QuantizedEmbedding):
+                for sn in nodes:
+                    _rewrite_gather(b, sn, q, emitter, tensors)
+                    done += 1
+                continue
             low_rank = None if q.low_rank is None else (
                 b.const("U", q.low_rank[0].astype(dtype)),
                 b.const("Vt", np.ascontiguousarray(q.low_rank[1].T).astype(dtype)))
@@ -140,4 +156,5 @@ def rewrite_model(loaded: LoadedModel, plan: Plan, target, fix_batch: int | None
     out = rewritten(loaded.model, layers, target, loaded.opset, loaded.base, plan.tensor_updates)
     if fix_batch is not None:
         out = pin_batch(out, fix_batch, loaded.base)
-    return RewrittenModel(out, loaded.base, model_size(out, loaded.base), changed=bool(plan.rewritten))
+    return RewrittenModel(out, loaded.base, model_size(out, loaded.base),
+                          changed=bool(plan.rewritten) or fix_batch is not None)

@@ -3,8 +3,8 @@
 ``save(rewritten, out, loaded)`` -> SavedModel.  The model is written tensor by tensor under a
 temporary name in the output's folder (``load.save_model``); the written file is read back as a
 skeleton and passes the ONNX checker (``export.check_file``) before it is renamed to ``out``, so
-a failed check leaves nothing at ``out``.  A run that rewrote nothing (and upgraded no opset)
-copies the input file's bytes unchanged (a model without external data; with external data the
+a failed check leaves nothing at ``out``.  A run that rewrote nothing (even when the opset was
+upgraded for planning) copies the input file's bytes unchanged (a model without external data; with external data the
 model is re-saved through ``stream.write_model``).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from bfc.passes.products import LoadedModel, RewrittenModel, SavedModel
 
 def save(rewritten: RewrittenModel, out: Path, loaded: LoadedModel) -> SavedModel:
     """The save stage (see the module doc)."""
-    if not rewritten.changed and loaded.base is not None and not loaded.upgraded and len(loaded.files) == 1:
+    if not rewritten.changed and loaded.base is not None and len(loaded.files) == 1:
         _copy_atomic(Path(loaded.source), out)
         return SavedModel(out, out.stat().st_size)
     model = rewritten.model

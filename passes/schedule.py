@@ -13,14 +13,23 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
+from bfc.errors import BfcError
 from bfc.passes import lowbit_plan
+from bfc.passes import allocate
+from bfc.passes.candidates import ALLOC_BITS
 from bfc.passes.events import LayerPlanned
 from bfc.passes.find_sites import Site
+from bfc.passes.guard import output_error
 from bfc.passes.latency import check_plan
 from bfc.passes.layer_runner import LayerTask, Runner
 from bfc.passes.products import LayerPlan, LoadedModel, Plan, Sites, Statistics
+from bfc.passes.rewrite import rewritten
+from bfc.passes.sensitivity import layer_sensitivity
+from bfc.passes.session import random_feeds, run, session
+from bfc.passes.stream import materialize
 
 
 def _lowbit_bits(cfg: OptimizeConfig, target, opset) -> tuple[tuple[int, ...], str | None]:
@@ -46,6 +55,8 @@ def skip_reason(site: Site, cfg: OptimizeConfig) -> str | None:
     names = [nd.name for nd in site.nodes]
     if not site.eligible:
         return site.reason
+    if site.nodes and site.nodes[0].op == "Gather" and not cfg.allocating:
+        return "embedding table: quantized by the allocator (structure auto, precision auto: the default)"
     if cfg.include and not _match(names, cfg.include):
         return "not matched by --include " + ",".join(cfg.include)
     if cfg.exclude and _match(names, cfg.exclude):
@@ -131,9 +142,12 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
     return lowbit_plan.assign_rotation_owners([plans[i] for i in range(len(sites))])
 
 
-def plan_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, cfg: OptimizeConfig, target,
-                precisions: tuple[Precision, ...], on_event=None) -> Plan:
-    """The plan stage: one LayerPlan per site (see the module doc)."""
+def plan_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
+                target, precisions: tuple[Precision, ...], on_event=None) -> Plan:
+    """The plan stage: one LayerPlan per site (see the module doc); with ``cfg.allocating`` the allocator."""
+    if cfg.allocating:
+        plan = allocate_layers(loaded, sites, stats, feeds, cfg, target, on_event)
+        return replace(plan, layers=tuple(_with_site_note(p) for p in plan.layers))
     layers = plan_sites(list(sites.sites), cfg, target, stats.layers, on_event, loaded.nbytes,
                         precisions or None, opset=loaded.opset)
     if cfg.objective == "latency":
@@ -147,3 +161,95 @@ def _with_site_note(p: LayerPlan) -> LayerPlan:
     if not note or (p.note is not None and note in p.note):
         return p
     return replace(p, note=note if p.note is None else f"{note}; {p.note}")
+
+
+# ---- the allocator: the model-level choice among every layer's candidates ----------------------------
+
+def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
+                    target, on_event=None) -> Plan:
+    """The plan stage with ``cfg.allocating``: per selected site, every candidate the target can emit
+    (``candidates.layer_candidates``, one task per site on the engines of ``layer_runner``); per site
+    the sensitivity s_l of the model output to a relative error in its weight (``sensitivity``, one
+    onnxruntime session); the allocation minimizing bytes subject to sqrt(sum_l (s_l e_l)^2) <= E
+    (``allocate``), verified by running the planned model; a miss moves the worst layers to their
+    next more accurate candidate (never straight to unchanged).  Without runnable inputs (no
+    calibration and generated inputs that do not run) nothing is rewritten and the reason names
+    ``--calibration``."""
+    todo = [i for i, s in enumerate(sites.sites) if skip_reason(s, cfg) is None]
+    layers = {i: LayerPlan(s, reason=skip_reason(s, cfg)) for i, s in enumerate(sites.sites) if i not in todo}
+    if not todo:
+        return Plan(tuple(layers[i] for i in range(len(sites.sites))))
+    model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)
+    try:
+        run_feeds = feeds if feeds is not None else random_feeds(model, cfg.seed)
+        reference = run(session(model, threads=0), run_feeds)
+    except BfcError as e:
+        why = (f"whole-model output error cannot be measured ({e}); give model inputs with --calibration "
+               "FILE.npz, or accept an unmeasured model with --no-max-output-error")
+        if cfg.max_output_error is not None:
+            for i in todo:
+                layers[i] = LayerPlan(sites.sites[i], reason=why)
+            return Plan(tuple(layers[i] for i in range(len(sites.sites))))
+        run_feeds = reference = None
+    matmuls = [sites.sites[i] for i in todo if sites.sites[i].nodes[0].op != "Gather"]
+    rots = lowbit_plan.rotations(matmuls, stats.layers, cfg, target, max(ALLOC_BITS), kronecker=True)
+    tasks = [LayerTask(i, sites.sites[i].weight_name, sites.sites[i].weight, stats.get(sites.sites[i].weight_name),
+                       cfg, target, (), rots.get(sites.sites[i].weight_name), (), cfg.seed, mode="candidates",
+                       op=sites.sites[i].nodes[0].op, opset=loaded.opset)
+             for i in sorted(todo, key=lambda i: -sites.sites[i].weight.size)]
+    cands, meta = {}, {}
+    runs = Runner(cfg).run(tasks)
+    try:
+        for done, (task, res) in enumerate(runs, 1):
+            cands[task.index], meta[task.index] = res.candidates, res
+            if on_event is not None:
+                on_event(LayerPlanned(sites.sites[task.index].name, len(res.candidates) > 1, done, len(tasks),
+                                      res.seconds, res.worker, resumed=res.resumed, cpu_seconds=res.cpu_seconds))
+    finally:
+        runs.close()
+    order = sorted(cands)
+    sens = layer_sensitivity(model, [sites.sites[i] for i in order], run_feeds, reference,
+                             relative_to="output" if stats.layers is not None else "weight") \
+        if run_feeds is not None else {}
+    table = [[allocate.Candidate.scored(c.label, type(c.form).__name__, c.nbytes, c.resident_nbytes, c.error,
+                                        sens.get(sites.sites[i].weight_name, 1.0)) for c in cands[i]]
+             for i in order]
+    budget = cfg.max_output_error if cfg.max_output_error is not None else float("inf")
+
+    def planned(choice) -> list[LayerPlan]:
+        out = []
+        for i, k in zip(order, choice):
+            c, r = cands[i][k], meta[i]
+            site = sites.sites[i]
+            kind = "output" if stats.get(site.weight_name) is not None else "weight"
+            if c.form is None:
+                out.append(LayerPlan(site, error=0.0, error_kind=kind, reason="allocated: unchanged (every "
+                                     "candidate costs more error per byte saved than the budget allows)",
+                                     seconds=r.seconds, worker=r.worker))
+            else:
+                out.append(LayerPlan(site, c.form, "allocated", c.label, c.error, kind,
+                                     seconds=r.seconds, worker=r.worker, resumed=r.resumed,
+                                     note=f"sensitivity {sens.get(site.weight_name, 1.0):.3g}"))
+        return lowbit_plan.assign_rotation_owners(out)
+
+    def measure(alloc: allocate.Allocation) -> float:
+        if run_feeds is None:
+            return 0.0
+        trial = rewritten(loaded.model, [p for p in planned(alloc.choice) if p.rewritten], target, loaded.opset,
+                          loaded.base)
+        folder = None if loaded.base is None else Path(loaded.base).absolute().parent
+        return output_error(reference, run(session(trial, threads=0, external_folder=folder), run_feeds))
+
+    result = allocate.allocate_verified(table, budget, measure, objective="bytes")
+    choice = result.allocation.choice if result.met else (0,) * len(order)     # the budget always holds
+    for i, p in zip(order, planned(choice)):
+        layers[i] = p
+    where = "calibration" if feeds is not None else "generated"
+    measured = result.measured[-1] if result.met else 0.0
+    notes = (f"allocator: {sum(k > 0 for k in choice)} of {len(order)} layers compressed; whole-model output error "
+             f"{measured:.3g} on {where} inputs (budget {budget:g}; predicted {result.allocation.predicted_error:.3g}; "
+             f"{len(result.rounds)} verification run{'s' if len(result.rounds) > 1 else ''})",)
+    if not result.met:
+        notes += (f"allocator: no allocation met the budget within {len(result.rounds)} verification runs (errors "
+                  f"{', '.join(f'{m:.3g}' for m in result.measured)}); the model is left unchanged",)
+    return Plan(tuple(layers[i] for i in range(len(sites.sites))), notes, output_error=measured)

@@ -1,6 +1,6 @@
 """Verify: run the original and the optimized model in onnxruntime on the same inputs.
 
-``verify_result(loaded, result, feeds, why_no_feeds)`` (the pipeline's verify stage) -> Verification:
+``verify_result(loaded, result, feeds, verified_on, why_no_feeds)`` (the pipeline's verify stage) -> Verification:
 the written file when there is one (read by onnxruntime from disk), else the model in memory.
 ``verify`` compares two models with the same graph inputs and outputs: per graph output, the relative error ||y_opt - y_ref|| / ||y_ref|| and the mean
 cosine similarity of the rows (last axis) over all inputs (run in chunks, accumulated);
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from bfc.errors import BfcError, ModelError, NativeLibraryError
 from bfc.passes.calibrate import split_feeds
@@ -99,10 +100,10 @@ def verify_result(loaded: LoadedModel, result: SavedModel | RewrittenModel, feed
                   verified_on: str, why_no_feeds: str | None = None) -> Verification:
     """The verify stage: the input as loaded (an opset-upgraded input: the original file) against the
     result; a reason instead when it cannot run (no inputs, no custom-op library)."""
-    if loaded.base is None:
+    if loaded.upgraded and not isinstance(loaded.source, onnx.ModelProto):
+        original, original_base = loaded.source, None       # the input file as the user gave it
+    elif loaded.base is None:
         original, original_base = loaded.model, None
-    elif loaded.upgraded:
-        original, original_base = loaded.source, None
     else:
         original, original_base = loaded.model, loaded.base
     if isinstance(result, SavedModel):

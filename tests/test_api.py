@@ -34,7 +34,7 @@ def mlp(w1, w2, names=("fc1", "fc2")):
 
 def test_auto_rewrites_structured_layers_and_keeps_random_ones_dense():
     m = mlp(monarch_weight(64, 128, rank=2), RNG.standard_normal((128, 64)).astype(np.float32))
-    out, rep = bfc.optimize(m, OptimizeConfig(max_error=0.05, min_size=0))
+    out, rep = bfc.optimize(m, OptimizeConfig(precision="int8", max_error=0.05, min_size=0))
     a, b = rep.layers
     assert a.rewritten and a.structure.startswith("monarch") and a.precision == "int8" and a.error < 0.05
     assert not b.rewritten and "error budget not met" in b.reason
@@ -63,7 +63,8 @@ def test_reasons_min_size_include_exclude():
 def test_target_size_stops_compressing():
     m = mlp(monarch_weight(128, 128), monarch_weight(128, 64))
     full = m.ByteSize()
-    _, rep = bfc.optimize(m, OptimizeConfig(min_size=0, max_error=0.05, target_size=full - 40_000, verify=False))
+    _, rep = bfc.optimize(m, OptimizeConfig(precision="int8", min_size=0, max_error=0.05, target_size=full - 40_000,
+                                                verify=False))
     assert [r.rewritten for r in rep.layers] == [True, False]
     assert "target size" in rep.layers[1].reason
 
@@ -78,7 +79,7 @@ def test_same_input_and_seed_give_identical_bytes():
 
 def test_optimizing_twice_does_not_refactorize():
     m = mlp(monarch_weight(64, 64), RNG.standard_normal((64, 64)).astype(np.float32))
-    cfg = OptimizeConfig(min_size=0, max_error=0.05, quant_method="rtn")
+    cfg = OptimizeConfig(precision="int8", min_size=0, max_error=0.05, quant_method="rtn")
     once, rep1 = bfc.optimize(m, cfg)
     twice, rep2 = bfc.optimize(once, cfg)
     assert rep1.totals()["rewritten"] == 1 and rep2.totals()["rewritten"] == 0
@@ -136,7 +137,9 @@ def test_config_enums_and_frozen():
     with pytest.raises(AttributeError):
         c.rank = 3
     with pytest.raises(ConfigError, match="needs a budget"):
-        OptimizeConfig(structure="auto", max_error=None)
+        OptimizeConfig(structure="auto", precision="int8", max_error=None)
+    with pytest.raises(ConfigError, match="needs a budget"):
+        OptimizeConfig(max_output_error=None)            # the allocator: no whole-model or per-layer budget
 
 
 def test_config_toml(tmp_path):
@@ -157,7 +160,8 @@ def test_custom_op_without_its_library_is_written_but_not_verified(monkeypatch):
     from bfc import runtime
     monkeypatch.setattr(runtime, "is_available", lambda: False)
     m = mlp(monarch_weight(64, 64), monarch_weight(64, 64))
-    out, report = bfc.optimize(m, OptimizeConfig(target="custom-op", min_size=0))
+    out, report = bfc.optimize(m, OptimizeConfig(target="custom-op", structure="monarch", min_size=0,
+                                                 max_output_error=None))
     assert any(n.domain == "ai.bfc" for n in out.graph.node)
     assert report.verified_on is None and "custom-op library" in report.not_verified
     assert "not verified:" in report.table()

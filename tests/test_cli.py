@@ -172,7 +172,7 @@ def test_fixed_structures_from_cli(tmp_path, capsys):
     src = structured_model(tmp_path / "m.onnx")
     for structure in ("chain3", "butterfly", "lowrank-residual"):
         rc = main(["optimize", str(src), "-o", str(tmp_path / f"{structure}.onnx"), "--structure", structure,
-                   "--no-max-error", "--min-size", "0", "--residual-rank", "2", "--report", str(tmp_path / "r.json"), "-q"])
+                   "--no-max-error", "--no-max-output-error", "--min-size", "0", "--residual-rank", "2", "--report", str(tmp_path / "r.json"), "-q"])
         assert rc == 0, capsys.readouterr().err
         rep = json.loads((tmp_path / "r.json").read_text())
         assert rep["totals"]["rewritten"] == 2

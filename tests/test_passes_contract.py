@@ -16,7 +16,7 @@ from bfc.passes.pipeline import run_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
-CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, verify=False)
+CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, verify=False)
 
 
 def two_layer_model():
@@ -66,7 +66,7 @@ def test_cli_and_api_write_identical_bytes(tmp_path):
     src = tmp_path / "m.onnx"
     src.write_bytes(two_layer_model().SerializeToString())
     assert main(["optimize", str(src), "-o", str(tmp_path / "cli.onnx"), "--structure", "monarch", "--rank", "2",
-                 "--no-max-error", "--min-size", "0", "-q"]) == 0
+                 "--no-max-error", "--no-max-output-error", "--min-size", "0", "-q"]) == 0
     model, report = bfc.optimize(src, CFG.replace(verify=True))
     bfc.save(model, tmp_path / "api.onnx")
     assert (tmp_path / "cli.onnx").read_bytes() == (tmp_path / "api.onnx").read_bytes()

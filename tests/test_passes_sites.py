@@ -26,7 +26,8 @@ from bfc.passes.session import run, session
 REWRITE_RTOL = 2e-5          # rewritten graph vs the same W_hat as a dense MatMul, float32
 EVALUATOR_RTOL = 1e-5        # onnxruntime vs onnx's ReferenceEvaluator on the same rewritten model
 RNG = np.random.default_rng(0)
-CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision="fp32", verify=False)
+CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, precision="fp32",
+                     verify=False)
 TARGETS = ["portable", pytest.param("custom-op", marks=pytest.mark.skipif(
     not runtime.is_available(), reason="bfc custom-op library not built"))]
 
@@ -198,7 +199,8 @@ def test_fp8_needs_opset_19_checked_before_planning(target, monkeypatch):
         optimize_parts(m, CFG.replace(precision="fp8-e4m3", target=target))
 
 
-INT8_CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision="int8", verify=False)
+INT8_CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, precision="int8",
+                          verify=False)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -29,7 +29,8 @@ from bfc.passes.session import run, session
 
 RTOL = 2e-5
 RNG = np.random.default_rng(7)
-CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision="fp32", verify=False)
+CFG = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, precision="fp32",
+                     verify=False)
 TARGETS = ["portable", pytest.param("custom-op", marks=pytest.mark.skipif(
     not runtime.is_available(), reason="bfc custom-op library not built"))]
 

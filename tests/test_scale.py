@@ -250,7 +250,7 @@ def test_config_and_cli(inputs, tmp_path, capsys):
             OptimizeConfig(**bad)
     assert OptimizeConfig.from_dict({"workers": 2, "work-dir": "w", "cluster": "local"}).work_dir == Path("w")
     src, calib = inputs
-    rc = cli_main(["optimize", str(src), "-o", str(tmp_path / "a.onnx"), "--structure", "monarch", "--no-max-error",
+    rc = cli_main(["optimize", str(src), "-o", str(tmp_path / "a.onnx"), "--structure", "monarch", "--no-max-error", "--no-max-output-error",
                    "--workers", "2", "--work-dir", str(tmp_path / "work"), "-q", "--no-verify",
                    "--calibration", str(calib)])
     assert rc == 0, capsys.readouterr().err

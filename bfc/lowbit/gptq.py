@@ -52,20 +52,26 @@ def damped_gram(h, damp: float = 0.01) -> np.ndarray:
     return h
 
 
+def gptq_factor(gram, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(U, diag(H)) for ``gptq_quantize``: H = damped_gram(gram), U upper with H^-1 = U^T U.  It depends
+    on the Gram only: compute it once for every format tried on one weight."""
+    h = damped_gram(gram, damp)
+    return np.linalg.cholesky(np.linalg.inv(h)).T, np.diag(h).copy()
+
+
 def gptq_quantize(w, gram, fmt: LowBitFormat | None = None, damp: float = 0.01, block: int = 128,
-                  method: str = "search", ratios=DEFAULT_RATIOS, **fmt_kwargs) -> GroupQuantized:
-    """Group-wise quantization of W (K, N) by GPTQ with the calibration Gram ``gram`` (K, K)."""
+                  method: str = "search", ratios=DEFAULT_RATIOS, factor=None, **fmt_kwargs) -> GroupQuantized:
+    """Group-wise quantization of W (K, N) by GPTQ with the calibration Gram ``gram`` (K, K) (or its
+    precomputed ``factor = gptq_factor(gram, damp)``; ``gram`` is then not read)."""
     fmt = fmt or LowBitFormat(**fmt_kwargs)
     w = np.array(w, dtype=np.float64)
     if w.ndim != 2:
         raise InvalidInputError(f"expected a 2-D weight (K, N), got shape {w.shape}")
     k_dim, n = w.shape
-    h = damped_gram(gram, damp)
-    if h.shape != (k_dim, k_dim):
-        raise InvalidInputError(f"Gram of shape {h.shape} does not match a weight with K={k_dim} rows")
+    u, hd = factor if factor is not None else gptq_factor(gram, damp)
+    if u.shape != (k_dim, k_dim):
+        raise InvalidInputError(f"Gram of shape {u.shape} does not match a weight with K={k_dim} rows")
     g = fmt.group(k_dim)
-    u = np.linalg.cholesky(np.linalg.inv(h)).T          # upper: H^-1 = U^T U
-    hd = np.diag(h)
     bsz = max(1, -(-block // g)) * g
     n_groups = -(-k_dim // g)
     q = np.empty((k_dim, n))

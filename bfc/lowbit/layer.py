@@ -40,7 +40,6 @@ class RotatedLayer:
     correction: LowRankCorrection | None
     owns_rotation: bool = True              # False: another layer reading the same tensor stores Q
 
-    family = "rotated"                      # the planner's layer protocol (KS layers: "ks")
     low_rank = None                         # no float32 residual (the correction is part of apply)
 
     def apply(self, x) -> np.ndarray:
@@ -70,6 +69,12 @@ class RotatedLayer:
     @property
     def nbytes(self) -> int:
         return self.weight_nbytes + self.rotation_nbytes
+
+    @property
+    def resident_nbytes(self) -> int:
+        """As stored: the 2/4-bit MatMulNBits and LowBitMatMul read the packed codes (the portable and 3-bit
+        ort emissions unpack them to the model's float type at load; the report measures the session)."""
+        return self.nbytes
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -140,6 +140,12 @@ class ButterflyRotation:
         return self.chain.to_dense(self.values)
 
     @property
+    def flops_per_row(self) -> int:
+        """Multiply-adds (x2) of ``apply`` per row: K (m + 2 k) (the m x m blocks, then k 2 x 2 stages)."""
+        m, k = split_size(self.size)
+        return 2 * self.size * (m + 2 * k)
+
+    @property
     def n_params(self) -> int:
         return self.chain.nnz
 

@@ -95,6 +95,12 @@ class QuantizedFactorization:
         return int(n + sum(8 * p.size for p in (self.row_perm, self.col_perm) if p is not None))
 
     @property
+    def resident_nbytes(self) -> int:
+        """Bytes a session keeps: the stored values (the standard-op targets dequantize them per run; the
+        custom op reads them directly)."""
+        return self.nbytes
+
+    @property
     def flops_per_row(self) -> int:
         """Multiply-adds (x2) per input row: the chain's nonzeros plus the residual's k (M + N)."""
         m, n = self.chain.shape

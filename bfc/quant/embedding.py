@@ -73,7 +73,6 @@ Casting float16 scales to float32 in the graph is folded at load and keeps both 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -81,7 +80,6 @@ from bfc.errors import ConfigError, InvalidInputError
 
 BITS = (8, 4)
 SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-TARGETS = ("portable", "ort", "custom-op")
 FP16_TINY = float(2.0 ** -24)          # the smallest positive float16 (subnormal)
 FP16_MAX = 65504.0
 
@@ -113,7 +111,6 @@ def _pack_nibbles_padded(z: np.ndarray) -> np.ndarray:
 class QuantizedEmbedding:
     """A (V, D) table as b-bit codes with block scales (see the module doc for layout and function).
     Compared and hashed by identity (it holds arrays), so a rewrite can key shared tensors by form."""
-    family: ClassVar[str] = "embedding"
     shape: tuple[int, int]
     bits: int
     block_size: int
@@ -191,14 +188,24 @@ class QuantizedEmbedding:
         z = self.zero_points_packed
         return int(self.codes.nbytes + self.scales.nbytes + (0 if z is None else z.nbytes))
 
-    def resident_nbytes(self, target: str = "ort") -> int:
-        """Bytes onnxruntime keeps for this table after session creation with ``target``'s emission.
-        Every target reads the stored initializers directly (GatherBlockQuantized on ort, Gather of codes
-        and scales on portable; the custom-op target emits the ort form), so this equals ``nbytes``:
-        measured within 0.4 MB (the per-session graph overhead) at 30522 x 384, see the module doc."""
-        if target not in TARGETS:
-            raise ConfigError(f"unknown target {target!r} for an embedding's resident bytes; allowed: {TARGETS}")
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes onnxruntime keeps for this table after session creation.  Every target reads the stored
+        initializers directly (GatherBlockQuantized on ort, Gather of codes and scales on portable; the
+        custom-op target emits the ort form), so this equals ``nbytes``: measured within 0.4 MB (the
+        per-session graph overhead) at 30522 x 384, see the module doc."""
         return self.nbytes
+
+    @property
+    def n_params(self) -> int:
+        return int(self.shape[0] * self.shape[1])
+
+    flops_per_row = 0                         # a lookup: no multiply-adds
+
+    @property
+    def label(self) -> str:
+        per = "per row" if self.block_size == self.shape[1] else f"block {self.block_size}"
+        return f"int{self.bits} rows {per}"
 
     def error(self, table, chunk_rows: int = 4096) -> float:
         """Relative Frobenius error ||T - deq||_F / ||T||_F (float64; 0 for an exact or all-zero table)."""

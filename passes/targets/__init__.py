@@ -31,6 +31,10 @@ class FormEmitter:
     form it supports with ``@emits(TARGET_NAME, FormType)``; a target without an emitter for a form
     refuses it with a reason (``Target.emitter``)."""
 
+    def support(self, form, opset: int) -> str | None:
+        """Why this emitter cannot emit ``form`` at ``opset`` (None: it can)."""
+        return None
+
     def simulate(self, form) -> Callable[[np.ndarray], np.ndarray] | None:
         """numpy ``x (n, M) -> y (n, N)`` of what the emitted layer computes, when that is not the float
         product ``form.apply`` (e.g. activations quantized on the fly); None when it is."""

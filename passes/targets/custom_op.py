@@ -41,7 +41,7 @@ from bfc.ops import (
     lowbit_matmul_reference,
     patterns_attribute,
 )
-from bfc.passes.lowbit_emit import correction_tensors, finish
+from bfc.passes.lowbit_emit import correction_tensors, finish, rotate
 from bfc.passes.targets import FormEmitter, Target, emits, register
 from bfc.quant import QuantizedFactorization
 
@@ -95,6 +95,10 @@ class CustomOp(Target):
             return None
         return (f"the custom-op target's LowBitMatMul takes {'/'.join(map(str, LOWBIT_BITS))}-bit weights, "
                 f"not {bits}; use --target ort or portable")
+
+    def rotate(self, b, x, rank, rotation):
+        """x Q in standard ops, for forms whose node does not fuse the rotation (``Int8Linear``)."""
+        return rotate(b, x, rank, rotation)
 
 
 @emits(CustomOp.name, QuantizedFactorization)
