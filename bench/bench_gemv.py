@@ -58,14 +58,24 @@ TARGET_BW_FRACTION = 0.60
 C_READ = r"""
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+typedef uint64_t v8 __attribute__((vector_size(64)));
+/* sum of n uint64 (n a multiple of 32), reps times: four 64-byte accumulators; the rep index
+   enters the sum so the passes cannot be folded into one */
 uint64_t bfc_read_sum(const uint64_t* p, size_t n, int reps) {
-  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-  for (int r = 0; r < reps; ++r)
-    for (size_t i = 0; i + 8 <= n; i += 8) {
-      s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3];
-      s4 += p[i + 4]; s5 += p[i + 5]; s6 += p[i + 6]; s7 += p[i + 7];
+  v8 a = {0}, b = {0}, c = {0}, d = {0};
+  for (int r = 0; r < reps; ++r) {
+    const v8 rr = {(uint64_t)r, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t i = 0; i + 32 <= n; i += 32) {
+      v8 x, y, z, w;
+      memcpy(&x, p + i, 64); memcpy(&y, p + i + 8, 64); memcpy(&z, p + i + 16, 64); memcpy(&w, p + i + 24, 64);
+      a += x ^ rr; b += y; c += z; d += w;
     }
-  return s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
+  }
+  a += b + c + d;
+  uint64_t s = 0;
+  for (int i = 0; i < 8; ++i) s += a[i];
+  return s;
 }
 """
 
@@ -86,7 +96,7 @@ def c_reader(tmp: Path):
 
 
 def read_bandwidth(tmp: Path, trials: int = 7) -> dict:
-    """GB/s of one thread reading: 1 GB (DRAM) by C and numpy, 8 MB re-read by C."""
+    """GB/s of one thread reading (best of trials): 1 GB (DRAM) by C and numpy, 8 MB re-read by C."""
     out = {}
     big = np.ones(1 << 27, np.uint64)        # 1 GiB, touched (allocated pages)
     fn = c_reader(tmp)
@@ -96,7 +106,7 @@ def read_bandwidth(tmp: Path, trials: int = 7) -> dict:
             t = time.perf_counter()
             fn(big.ctypes.data, big.size, 1)
             best.append(big.nbytes / (time.perf_counter() - t) / 1e9)
-        out["c_1gb"] = statistics.median(best)
+        out["c_1gb"] = max(best)
         small = np.ones(1 << 20, np.uint64)   # 8 MiB
         reps = 50
         fn(small.ctypes.data, small.size, 2)
@@ -105,14 +115,14 @@ def read_bandwidth(tmp: Path, trials: int = 7) -> dict:
             t = time.perf_counter()
             fn(small.ctypes.data, small.size, reps)
             vals.append(small.nbytes * reps / (time.perf_counter() - t) / 1e9)
-        out["c_8mb"] = statistics.median(vals)
+        out["c_8mb"] = max(vals)
     f = big.view(np.float64)
     vals = []
     for _ in range(trials):
         t = time.perf_counter()
         f.sum()
         vals.append(f.nbytes / (time.perf_counter() - t) / 1e9)
-    out["numpy_1gb"] = statistics.median(vals)
+    out["numpy_1gb"] = max(vals)
     del big
     out["read"] = max(out.get("c_1gb", 0.0), out["numpy_1gb"])
     return out
@@ -282,13 +292,23 @@ def main():
     sp4, sp2 = base / r1["bfc int4"][0], base / r1["bfc int2"][0]
     gb4 = r1["bfc int4"][1] / (r1["bfc int4"][0] * 1e-6) / 1e9
     gb2 = r1["bfc int2"][1] / (r1["bfc int2"][0] * 1e-6) / 1e9
-    frac = max(gb4, gb2) / bw["read"]
+    c8 = bw.get("c_8mb", float("nan"))
     lines += ["", "| target (4096x4096, 1 row, 1 thread) | goal | measured | met |", "|---|---|---|---|",
               f"| int4 vs int8 dynamic | >= {TARGET_INT4_SPEEDUP}x | {sp4:.2f}x | {'yes' if sp4 >= TARGET_INT4_SPEEDUP else 'NO'} |",
               f"| int2 vs int8 dynamic | >= {TARGET_INT2_SPEEDUP}x | {sp2:.2f}x | {'yes' if sp2 >= TARGET_INT2_SPEEDUP else 'NO'} |",
-              f"| weight streaming / read bandwidth ({bw['read']:.1f} GB/s) | >= {TARGET_BW_FRACTION:.0%} | "
-              f"int4 {gb4:.1f} GB/s ({gb4 / bw['read']:.0%}), int2 {gb2:.1f} GB/s ({gb2 / bw['read']:.0%}) | "
-              f"{'yes' if frac >= TARGET_BW_FRACTION else 'NO'} |"]
+              f"| hot loop: weights streamed from cache / 8 MB re-read ({c8:.1f} GB/s) | (info) | "
+              f"int4 {gb4:.1f} GB/s ({gb4 / c8:.0%}), int2 {gb2:.1f} GB/s ({gb2 / c8:.0%}) | |"]
+    if cold:
+        cb = cold["ort int8 dynamic"][0]
+        g4 = cold["bfc int4"][1] / (cold["bfc int4"][0] * 1e-6) / 1e9
+        g2 = cold["bfc int2"][1] / (cold["bfc int2"][0] * 1e-6) / 1e9
+        frac = min(g4, g2) / bw["read"]
+        lines += [f"| cold: int4 / int2 vs int8 dynamic | >= {TARGET_INT4_SPEEDUP}x / >= {TARGET_INT2_SPEEDUP}x | "
+                  f"{cb / cold['bfc int4'][0]:.2f}x / {cb / cold['bfc int2'][0]:.2f}x | "
+                  f"{'yes' if cb / cold['bfc int4'][0] >= TARGET_INT4_SPEEDUP and cb / cold['bfc int2'][0] >= TARGET_INT2_SPEEDUP else 'NO'} |",
+                  f"| cold: weights streamed from memory / 1 GB read bandwidth ({bw['read']:.1f} GB/s) | "
+                  f">= {TARGET_BW_FRACTION:.0%} | int4 {g4:.1f} GB/s ({g4 / bw['read']:.0%}), int2 {g2:.1f} GB/s "
+                  f"({g2 / bw['read']:.0%}) | {'yes' if frac >= TARGET_BW_FRACTION else 'NO'} |"]
     if cold:
         base = cold["ort int8 dynamic"][0]
         k, n = SHAPES[0]

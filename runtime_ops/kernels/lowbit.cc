@@ -8,6 +8,10 @@
 #include <mutex>
 #include <sstream>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "ks_tile.h"
 
 namespace bfc {
@@ -64,6 +68,21 @@ bool exact_half(float v, uint16_t* out) {
   if (ub != u) return false;
   *out = h;
   return true;
+}
+
+// Plan::w: zeroed, 64-byte aligned; from 2 MiB on, 2 MiB aligned and advised for transparent huge
+// pages where Linux has them (the pages before the aligned start are never touched).
+void alloc_stream(size_t bytes, Plan* p) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t align = bytes >= kHuge ? kHuge : 64;
+  p->w_mem.reset(new uint8_t[bytes + align]);
+  uint8_t* w = p->w_mem.get() + ((align - (reinterpret_cast<uintptr_t>(p->w_mem.get()) & (align - 1))) & (align - 1));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (align == kHuge) madvise(w, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+  std::memset(w, 0, bytes);
+  p->w = w;
+  p->w_bytes = bytes;
 }
 
 // code u into vector j, byte i of the chunk at c (lowbit.h layout)
@@ -222,7 +241,6 @@ void rotate_rows(const Plan& p, const float* x, int64_t r0, int64_t r1, float* x
 
 }  // namespace
 
-const uint8_t* Plan::wp() const { return w.data() + w_off; }
 
 std::string validate(const Desc& d, bool need_constants) {
   std::ostringstream e;
@@ -338,15 +356,14 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
   const int last = panel_blocks(*p, p->npanel - 1);
   const size_t wbytes = size_t((p->npanel - 1) * p->panel_bytes + last * chunks * p->cb +
                                p->ngroups * scale_bytes(*p, last));
-  p->w.assign(wbytes + 64, 0);
-  p->w_off = (64 - (reinterpret_cast<uintptr_t>(p->w.data()) & 63)) & 63;
+  alloc_stream(wbytes, p);
   const uint8_t* s = static_cast<const uint8_t*>(d.codes.data);
   for (int64_t k = 0; k < d.K; ++k) {
     const int64_t gi = k / d.group, off = p->kmap[size_t(k)] - p->gstart[size_t(gi)];
     const int64_t c = off / p->ks, j = (off % p->ks) / 4, t = off % 4;
     for (int64_t pn = 0; pn < p->npanel; ++pn) {
       const int nvp = panel_blocks(*p, pn);
-      uint8_t* gb = const_cast<uint8_t*>(group_base(*p, pn, nvp, gi)) + c * nvp * p->cb;
+      uint8_t* gb = const_cast<uint8_t*>(group_base(*p, pn, nvp, gi)) + c * nvp * p->cb;  // w is ours
       const int64_t n1 = std::min(d.N, (pn + 1) * kPanel * 16);
       for (int64_t n = pn * kPanel * 16; n < n1; ++n) {
         const int64_t v = (n / 16) % kPanel;

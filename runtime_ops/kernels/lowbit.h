@@ -81,7 +81,11 @@ struct Plan {
   int64_t panel_bytes = 0;          // bytes of a full panel (kPanel blocks)
   std::vector<int64_t> gstart;      // padded input offset of group gi (size ngroups + 1)
   std::vector<int32_t> kmap;        // padded position of input k (size K)
-  std::vector<uint8_t> w;           // the stream (see above), 64-byte aligned inside
+  // the stream (see above): 64-byte aligned; 2 MiB aligned and advised for transparent huge
+  // pages on Linux from 2 MiB on (a GEMV streams it once per call: fewer TLB misses)
+  std::unique_ptr<uint8_t[]> w_mem;   // owns the allocation; w points inside it
+  const uint8_t* w = nullptr;
+  size_t w_bytes = 0;                 // bytes of the stream
   int zero = 0;                     // z = 2^(b-1)
   bool rotate = false;
   ks::Plan rot;                     // the rotation chain (rotate only)
@@ -91,8 +95,7 @@ struct Plan {
   // would compute 8x the work for one row); empty when a factor is not float
   std::vector<std::vector<float>> rt;
   int isa = 0;                      // 0 portable, 1 avx2, 2 avx512 (VNNI)
-  const uint8_t* wp() const;        // 64-byte aligned start of w
-  size_t w_off = 0;
+  const uint8_t* wp() const { return w; }
   mutable std::mutex scratch_mu;    // guards scratch (concurrent runs use a private buffer)
   mutable ks::ScratchBuf scratch;
 };
