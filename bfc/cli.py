@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bfc import __version__
 from bfc.api import optimize
-from bfc.config import OptimizeConfig, Precision, Structure
+from bfc.config import DEFAULT_MAX_OUTPUT_ERROR, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
 from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
 from bfc.passes.inspect import inspect_model
@@ -118,11 +118,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="sweep structure x rank x precision and baselines (bfc study --help)")
     dm = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST MLP and compare it with the original")
     dm.add_argument("-o", "--output", type=Path, help="where to keep the optimized demo model")
-    dm.add_argument("--precision", default="int8",
-                    help="|".join(p.value for p in Precision) + ": weight format of the rewritten layers (default int8)")
-    dm.add_argument("--max-error", type=float, default=0.2, help="per-layer output error budget (default 0.2)")
-    dm.add_argument("--max-output-error", type=float, default=0.15,
-                    help="whole-model (logits) relative error budget (default 0.15)")
+    dm.add_argument("--precision", default="auto",
+                    help="|".join(p.value for p in Precision) + ": weight format (default auto: the allocator, as "
+                         "bfc optimize)")
+    dm.add_argument("--max-error", type=float, default=None, help="per-layer output error cap (default none)")
+    dm.add_argument("--max-output-error", type=float, default=DEFAULT_MAX_OUTPUT_ERROR,
+                    help=f"whole-model (logits) relative error budget (default {DEFAULT_MAX_OUTPUT_ERROR}, as bfc optimize)")
     return ap
 
 
@@ -304,9 +305,16 @@ def _demo_commands(model: Path, data: Path, output, cfg: OptimizeConfig) -> list
     bfc = "bfc" if shutil.which("bfc") else f"{python} -m bfc.cli"
     code = (f"import numpy as np; d = np.load({json.dumps(str(Path(data).resolve()))}); "
             'np.savez("calibration.npz", image=d["calib_images"])')
-    command = (f"{bfc} optimize {shlex.quote(str(Path(model).resolve()))} -o {shlex.quote(str(output))} "
-               f"--calibration calibration.npz --precision {cfg.precision.value} --max-error {cfg.max_error:g} "
-               f"--max-output-error {cfg.max_output_error:g}")
+    default = OptimizeConfig()
+    command = f"{bfc} optimize {shlex.quote(str(Path(model).resolve()))} -o {shlex.quote(str(output))} " \
+              "--calibration calibration.npz"
+    if cfg.precision is not default.precision:
+        command += f" --precision {cfg.precision.value}"
+    if cfg.max_error is not None:
+        command += f" --max-error {cfg.max_error:g}"
+    if cfg.max_output_error != default.max_output_error:
+        command += " --no-max-output-error" if cfg.max_output_error is None else \
+            f" --max-output-error {cfg.max_output_error:g}"
     return [f"{python} -c {shlex.quote(code)}", command]
 
 

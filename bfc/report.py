@@ -52,6 +52,9 @@ class Report:
     seconds: float = 0.0
     calibrated: bool | None = None   # layer errors measured on --calibration data (None: not said; the
     #                                  table then takes verified_on's word)
+    resident_bytes: tuple[int, int] | None = None   # session resident bytes, input and output (measured)
+    latency_ms: tuple[float, float] | None = None   # median ms per run, batch 1, 1 thread, input and output
+    objective: str = "size"
 
     def _legend(self) -> str:
         """What the error column measures: only the kinds it shows, on the inputs it was measured on."""
@@ -114,7 +117,36 @@ class Report:
             lines.append(f"not verified: {self.not_verified}")
         else:
             lines.append("verification skipped (--no-verify)")
+        lines += [f"warning: {w}" for w in self.warnings()]
+        lines.append(self.summary())
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What a user must not miss: more FLOPs or a slower model than the input."""
+        out = []
+        t = self.totals()
+        if t["flops_after"] > t["flops_before"]:
+            out.append(f"the rewritten layers need more FLOPs than the original ({t['flops_after']:,} vs "
+                       f"{t['flops_before']:,} per row)")
+        if self.latency_ms is not None and self.latency_ms[1] > 1.1 * self.latency_ms[0]:
+            out.append(f"the optimized model runs slower than the input ({self.latency_ms[1]:.3g} ms vs "
+                       f"{self.latency_ms[0]:.3g} ms per run, batch 1, 1 thread)"
+                       + ("; --objective size does not weigh latency" if self.objective == "size" else ""))
+        return out
+
+    def summary(self) -> str:
+        """One line: file and resident bytes before -> after, verified output error, latency before -> after."""
+        parts = [f"file {size_text(self.model_bytes_before)} -> {size_text(self.model_bytes_after)}"]
+        if self.resident_bytes is not None:
+            parts.append(f"resident {size_text(self.resident_bytes[0])} -> {size_text(self.resident_bytes[1])}")
+        errs = [o.rel_error for o in self.outputs]
+        if errs:
+            on = "generated" if self.verified_on == "random" else self.verified_on
+            parts.append(f"output error {max(errs):.3g} on {on} inputs")
+        if self.latency_ms is not None:
+            parts.append(f"latency {self.latency_ms[0]:.3g} -> {self.latency_ms[1]:.3g} ms (batch 1, 1 thread, "
+                         f"target {self.target})")
+        return "summary: " + ", ".join(parts)
 
 
 def compared(value: float, bound: float, digits: int = 3) -> tuple[str, str]:

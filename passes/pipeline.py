@@ -130,6 +130,8 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         report.outputs = [OutputRow(c.name, c.rel_error, c.cosine) for c in checked.outputs]
         report.verified_on = checked.verified_on if checked.not_verified is None else None
         report.not_verified = checked.not_verified
+        report.resident_bytes, report.latency_ms = checked.resident, checked.latency_ms
+    report.objective = cfg.objective
     report.seconds = time.perf_counter() - t0
     return out_model, report
 

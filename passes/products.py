@@ -152,3 +152,5 @@ class Verification:
     outputs: tuple = ()                         # OutputCheck per model output
     verified_on: str | None = None              # "calibration" | "random"
     not_verified: str | None = None             # why it could not run
+    resident: tuple[int, int] | None = None     # session resident bytes (input, output), measured (measure.py)
+    latency_ms: tuple[float, float] | None = None   # median ms per run at batch 1, 1 thread (input, output)

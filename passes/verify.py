@@ -17,6 +17,7 @@ import onnx
 from bfc.errors import BfcError, ModelError, NativeLibraryError
 from bfc.passes.calibrate import split_feeds
 from bfc.passes.load import open_with_base
+from bfc.passes.measure import first_rows, measure_file
 from bfc.passes.products import LoadedModel, RewrittenModel, SavedModel, Verification
 from bfc.passes.session import run, session
 from bfc.passes.stream import trim
@@ -116,4 +117,10 @@ def verify_result(loaded: LoadedModel, result: SavedModel | RewrittenModel, feed
         checks = verify(original, optimized, feeds, original_base=original_base, optimized_base=optimized_base)
     except BfcError as e:
         return Verification(not_verified=str(e))
-    return Verification(tuple(checks), verified_on)
+    cost = None
+    if isinstance(result, SavedModel) and not isinstance(loaded.source, onnx.ModelProto):
+        row = first_rows(feeds)
+        before, after = measure_file(loaded.source, row), measure_file(result.path, row)
+        cost = (before, after) if before is not None and after is not None else None
+    return Verification(tuple(checks), verified_on, resident=None if cost is None else (cost[0][0], cost[1][0]),
+                        latency_ms=None if cost is None else (cost[0][1], cost[1][1]))
