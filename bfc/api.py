@@ -14,14 +14,15 @@ from bfc.passes.load import save_model
 from bfc.passes.pipeline import optimize as run
 
 
-def optimize(model_or_path, config: OptimizeConfig | None = None, *, output=None, on_event=None):
+def optimize(model_or_path, config: OptimizeConfig | None = None, *, output=None, on_event=None, evaluate=None):
     """Optimize a model (path or onnx.ModelProto; the input is never modified).
 
     Returns ``(onnx.ModelProto or None, Report)``; with ``output`` the model is written there
     atomically and verified from the file, and None is returned in its place.  ``on_event``
-    receives the typed progress events of ``bfc.passes.events``.
+    receives the typed progress events of ``bfc.passes.events``.  ``evaluate`` (model path -> metric,
+    higher is better) with ``config.max_metric_drop``: the allocator searches its budget against it.
     """
-    return run(model_or_path, config, output=output, on_event=on_event)
+    return run(model_or_path, config, output=output, on_event=on_event, evaluate=evaluate)
 
 
 def save(model, path) -> None:

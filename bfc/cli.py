@@ -23,6 +23,7 @@ from bfc.passes.targets import get_target, names
 from bfc.report import size_text
 from bfc.runtime import latency_ms, session
 from bfc.study import main as study_main
+from bfc.study.evaluators import get_evaluator
 
 
 class _UsageError(Exception):
@@ -53,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--no-max-error", dest="max_error", action="store_const", const=None, default=S,
                     help="no error budget (fixed structures only)")
     op.add_argument("--max-output-error", type=float, default=S,
-                    help="whole-model relative output error budget (default 0.05); the layers that cost most "
-                         "error per byte saved are kept dense until it holds")
+                    help=f"whole-model relative output error budget (default {DEFAULT_MAX_OUTPUT_ERROR}); it always "
+                         "holds: the allocator verifies and backs off, fixed structures keep layers dense")
     op.add_argument("--no-max-output-error", dest="max_output_error", action="store_const", const=None, default=S,
                     help="no whole-model error check")
     op.add_argument("--target-size", type=int, default=S, help="stop once the model has at most this many bytes")
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--target", default=S, help="where the layers run: " + "; ".join(
         f"{t.name}: {t.summary}" for t in _targets()) + " (default portable)")
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
+    op.add_argument("--evaluate", metavar="SPEC", default=None,
+                    help="the user's metric (higher is better) as path/to/file.py:function (model path -> number), or "
+                         "stsb / fashion-mnist: the allocator searches its budget so that the metric drops at most "
+                         "--max-metric-drop (example: models/eval_sts.py:stsb_tuning_half)")
+    op.add_argument("--max-metric-drop", type=float, default=S, help="the drop of --evaluate's metric allowed")
     op.add_argument("--fuse", dest="fuse", action="store_true", default=S,
                     help="apply onnxruntime's transformer fusions first (default: on for a recognized transformer "
                          "on the ort and custom-op targets)")
@@ -133,6 +139,11 @@ def _config(args) -> OptimizeConfig:
     if args.config is not None:
         return OptimizeConfig.from_toml(args.config, **given)
     return OptimizeConfig(**given)
+
+
+def _metric(evaluator):
+    """model path -> the evaluator's primary metric."""
+    return lambda path: evaluator(path)[evaluator.metric]
 
 
 def _targets():
@@ -238,7 +249,8 @@ def cmd_optimize(args) -> int:
         onnxruntime.set_default_logger_severity(4)
     prog = _Progress(not args.quiet)
     try:
-        _, report = optimize(args.model, cfg, output=args.output, on_event=prog)
+        evaluate = None if args.evaluate is None else _metric(get_evaluator(args.evaluate))
+        _, report = optimize(args.model, cfg, output=args.output, on_event=prog, evaluate=evaluate)
     finally:
         prog.close()
     if args.report is not None:

@@ -107,6 +107,8 @@ class OptimizeConfig:
                  rewrite runs slower than its dense MatMul in the target stays dense: bfc.passes.latency
                  measures both in onnxruntime, 1 thread, at latency_batch * latency_seq rows)
     latency_batch, latency_seq: rows per call of the latency measurement = batch * sequence length
+    max_metric_drop: with an ``evaluate`` function (``bfc.optimize(..., evaluate=fn)``, ``--evaluate``), the
+                 largest drop of the user's metric the allocator may spend; its budget is searched against it
     fuse:        onnxruntime's transformer fusions (attention, LayerNormalization, Gelu) before the sites are
                  found (``bfc.passes.fuse``; the projections stay separate MatMuls); None: on for a recognized
                  transformer when the target runs in onnxruntime (ort, custom-op), off for portable
@@ -154,6 +156,7 @@ class OptimizeConfig:
     latency_batch: int = 1
     latency_seq: int = 1
     fuse: bool | None = None
+    max_metric_drop: float | None = None
     workers: int | None = None
     cluster: str | None = None
     work_dir: Path | None = None
@@ -176,7 +179,7 @@ class OptimizeConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
-        for name in ("max_error", "max_output_error", "reconstruct_lr", "distill_lr"):
+        for name in ("max_error", "max_output_error", "reconstruct_lr", "distill_lr", "max_metric_drop"):
             v = getattr(self, name)
             if v is None:
                 continue

@@ -169,6 +169,15 @@ def stsb_spearman(encode, path=None, limit: int | None = None, half: str | None 
     return 100.0 * spearman(cosine_pairs(emb[:len(s1)], emb[len(s1):]), gold)
 
 
+def stsb_tuning_half(model_path) -> float:
+    """The example metric of ``bfc optimize --evaluate models/eval_sts.py:stsb_tuning_half --max-metric-drop
+    0.3``: Spearman x 100 on the tuning half of the fixed STS-B dev split (the held-out half stays for
+    reporting), 1 onnxruntime thread."""
+    if str(REPO) not in sys.path:          # loaded from its path by --evaluate: models/ must import
+        sys.path.insert(0, str(REPO))
+    return stsb_spearman(OnnxEncoder(model_path, threads=1), half="tuning")
+
+
 def wordsim353_spearman(encode) -> float:
     w1, w2, gold = load_wordsim353()
     vocab = sorted(set(w1) | set(w2))

@@ -57,9 +57,18 @@ class Planned:
 
 
 def optimize(source, config: OptimizeConfig | None = None, *, output=None,
-             on_event: Callable[[Event], None] | None = None) -> tuple[onnx.ModelProto | None, Report]:
-    """Run the pipeline on a model path or ModelProto; see the module doc.  Returns (model or None, report)."""
+             on_event: Callable[[Event], None] | None = None,
+             evaluate: Callable[[str], float] | None = None) -> tuple[onnx.ModelProto | None, Report]:
+    """Run the pipeline on a model path or ModelProto; see the module doc.  Returns (model or None, report).
+    ``evaluate``: model path -> the user's metric (higher is better); with ``config.max_metric_drop`` the
+    allocator searches its budget against it."""
     cfg = _checked(config)
+    if (evaluate is None) != (cfg.max_metric_drop is None):
+        raise ConfigError("accuracy-aware mode needs both an evaluate function and max_metric_drop "
+                          "(--evaluate module:function --max-metric-drop X)")
+    if evaluate is not None and not cfg.allocating:
+        raise ConfigError("--evaluate searches the allocator's budget: use it with --structure auto --precision auto "
+                          "(the default)")
     emit = on_event or _ignore
     t0 = time.perf_counter()
     out_path = None if output is None else check_output_path(output, _source_files(source))
@@ -80,7 +89,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     stats = calibrate(loaded, sites, feeds, cfg)                          # Statistics
     trim()
     emit(StageStarted("plan"))
-    plan = plan_layers(loaded, sites, stats, feeds, cfg, target, precisions, emit)   # Plan
+    plan = plan_layers(loaded, sites, stats, feeds, cfg, target, precisions, emit, evaluate)   # Plan
     trim()
     emit(StageStarted("guard"))
     plan = guard(loaded, plan, feeds, cfg, target, emit)                  # Plan (whole-model budget)

@@ -11,20 +11,21 @@ one.  With ``objective=latency`` a rewrite measured slower than its dense layer 
 from __future__ import annotations
 
 import fnmatch
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
-from bfc.passes import lowbit_plan
-from bfc.passes import allocate
+from bfc.passes import allocate, lowbit_plan
 from bfc.passes.candidates import ALLOC_BITS
 from bfc.passes.events import LayerPlanned
 from bfc.passes.find_sites import Site
 from bfc.passes.guard import output_error
 from bfc.passes.latency import check_plan
 from bfc.passes.layer_runner import LayerTask, Runner
+from bfc.passes.load import save_model
 from bfc.passes.products import LayerPlan, LoadedModel, Plan, Sites, Statistics
 from bfc.passes.rewrite import rewritten
 from bfc.passes.sensitivity import layer_sensitivity
@@ -143,10 +144,11 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
 
 
 def plan_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
-                target, precisions: tuple[Precision, ...], on_event=None) -> Plan:
-    """The plan stage: one LayerPlan per site (see the module doc); with ``cfg.allocating`` the allocator."""
+                target, precisions: tuple[Precision, ...], on_event=None, evaluate=None) -> Plan:
+    """The plan stage: one LayerPlan per site (see the module doc); with ``cfg.allocating`` the allocator
+    (``evaluate``: the user's metric, see ``allocate_layers``)."""
     if cfg.allocating:
-        plan = allocate_layers(loaded, sites, stats, feeds, cfg, target, on_event)
+        plan = allocate_layers(loaded, sites, stats, feeds, cfg, target, on_event, evaluate)
         return replace(plan, layers=tuple(_with_site_note(p) for p in plan.layers))
     layers = plan_sites(list(sites.sites), cfg, target, stats.layers, on_event, loaded.nbytes,
                         precisions or None, opset=loaded.opset)
@@ -166,7 +168,7 @@ def _with_site_note(p: LayerPlan) -> LayerPlan:
 # ---- the allocator: the model-level choice among every layer's candidates ----------------------------
 
 def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
-                    target, on_event=None) -> Plan:
+                    target, on_event=None, evaluate=None) -> Plan:
     """The plan stage with ``cfg.allocating``: per selected site, every candidate the target can emit
     (``candidates.layer_candidates``, one task per site on the engines of ``layer_runner``); per site
     the sensitivity s_l of the model output to a relative error in its weight (``sensitivity``, one
@@ -174,7 +176,12 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     (``allocate``), verified by running the planned model; a miss moves the worst layers to their
     next more accurate candidate (never straight to unchanged).  Without runnable inputs (no
     calibration and generated inputs that do not run) nothing is rewritten and the reason names
-    ``--calibration``."""
+    ``--calibration``.
+    With ``evaluate`` (model path -> the user's metric, higher is better) and ``cfg.max_metric_drop``
+    the budget itself is searched (``metric_budget``): the largest budget of ``BUDGET_LADDER`` whose
+    allocation keeps the metric within the drop, by bisection (the metric is taken as monotone in
+    the budget), each point written to a temporary file and evaluated (Intel Neural Compressor's
+    accuracy-driven tuning, on the allocator's budget)."""
     todo = [i for i, s in enumerate(sites.sites) if skip_reason(s, cfg) is None]
     layers = {i: LayerPlan(s, reason=skip_reason(s, cfg)) for i, s in enumerate(sites.sites) if i not in todo}
     if not todo:
@@ -240,6 +247,9 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
         folder = None if loaded.base is None else Path(loaded.base).absolute().parent
         return output_error(reference, run(session(trial, threads=0, external_folder=folder), run_feeds))
 
+    search_notes = ()
+    if evaluate is not None and cfg.max_metric_drop is not None:
+        budget, search_notes = metric_budget(loaded, table, planned, target, evaluate, cfg.max_metric_drop)
     result = allocate.allocate_verified(table, budget, measure, objective="bytes")
     choice = result.allocation.choice if result.met else (0,) * len(order)     # the budget always holds
     for i, p in zip(order, planned(choice)):
@@ -249,7 +259,42 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     notes = (f"allocator: {sum(k > 0 for k in choice)} of {len(order)} layers compressed; whole-model output error "
              f"{measured:.3g} on {where} inputs (budget {budget:g}; predicted {result.allocation.predicted_error:.3g}; "
              f"{len(result.rounds)} verification run{'s' if len(result.rounds) > 1 else ''})",)
+    notes = search_notes + notes
     if not result.met:
         notes += (f"allocator: no allocation met the budget within {len(result.rounds)} verification runs (errors "
                   f"{', '.join(f'{m:.3g}' for m in result.measured)}); the model is left unchanged",)
     return Plan(tuple(layers[i] for i in range(len(sites.sites))), notes, output_error=measured)
+
+
+BUDGET_LADDER = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
+
+
+def metric_budget(loaded: LoadedModel, table, planned, target, evaluate, max_drop: float) -> tuple[float, tuple]:
+    """The largest budget of BUDGET_LADDER whose allocation keeps ``evaluate`` within ``max_drop`` of
+    the input's metric (bisection; the smallest budget when none does), and notes with every point."""
+    with tempfile.TemporaryDirectory(prefix="bfc-metric-") as tmp:
+        def metric_of(model, name: str) -> float:
+            path = Path(tmp) / name
+            save_model(model, path, loaded.files, base=loaded.base)
+            value = float(evaluate(str(path)))
+            path.unlink()
+            return value
+
+        ref = metric_of(loaded.model, "input.onnx")
+        seen = {}
+
+        def ok(k: int) -> bool:
+            alloc = allocate.allocate(table, BUDGET_LADDER[k])
+            trial = rewritten(loaded.model, [p for p in planned(alloc.choice) if p.rewritten], target, loaded.opset,
+                              loaded.base)
+            seen[k] = metric_of(trial, f"budget{k}.onnx")
+            return ref - seen[k] <= max_drop
+        lo, hi = -1, len(BUDGET_LADDER)             # ladder[lo] meets the drop (-1: none yet), ladder[hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    chosen = BUDGET_LADDER[max(lo, 0)]
+    tried = ", ".join(f"{BUDGET_LADDER[k]:g}: {v:.4g}" for k, v in sorted(seen.items()))
+    return chosen, (f"accuracy-aware: input metric {ref:.4g}, max drop {max_drop:g}; budgets tried (metric) {tried}; "
+                    f"chose max-output-error {chosen:g}" + ("" if lo >= 0 else " (no budget kept the metric: the "
+                                                                   "smallest tried)"),)

@@ -167,7 +167,7 @@ def _worker(n_examples):
         threads = data.draw(st.sampled_from([1, 2]))
         try:
             y = runtime.session(model, threads=threads).run(None, {"X": x})[0]
-        except Exception as exc:  # onnxruntime's exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             assert mut != "none", f"valid case failed: {exc}"
             assert "KSMatMul" in str(exc) or "INVALID" in str(exc) or "rank" in str(exc), str(exc)
             counts[mut] = counts.get(mut, 0) + 1
@@ -328,7 +328,7 @@ def _graph_worker(seeds):
             outs = sess.run(None, {"X": x}) if x is not None else None
         except AssertionError:
             raise
-        except Exception as exc:  # onnxruntime's exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             assert expect != "ok", f"seed {seed}: valid case failed: {exc}"
             counts[mut] = counts.get(mut, 0) + 1
             continue
@@ -436,7 +436,7 @@ def _lowbit_worker(seeds):
         os.environ["BFC_KS_ISA"] = isa
         try:
             y = runtime.session(model, threads=threads).run(None, {"X": x})[0]
-        except Exception as exc:  # onnxruntime's exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             assert mut != "none", f"seed {seed} ({isa}): valid case failed: {exc}"
             assert "LowBitMatMul" in str(exc) or "INVALID" in str(exc) or "rank" in str(exc), (seed, str(exc)[:300])
             counts[mut] = counts.get(mut, 0) + 1

@@ -340,7 +340,8 @@ def _attention_projection(rng, fmt):
     chain = monarch_chain(256, 256)
     qs = [ops.quantize_factor(v, fmt) for v in chain.random_values(rng)]
     inits, names = ops.factor_initializers("q", [q for q, _ in qs], [s for _, s in qs])
-    c = lambda n, v: numpy_helper.from_array(np.array(v, np.int64), n)
+    def c(n, v):
+        return numpy_helper.from_array(np.array(v, np.int64), n)
     inits += [c("i0", [0]), c("i1", [1]), c("heads", [4]), c("hd", [64])]
     nodes = [ops.make_ks_matmul_node("X", "H", chain, names),
              helper.make_node("Shape", ["H"], ["sh"]),

@@ -19,7 +19,7 @@ from bfc.cli import main as cli_main
 from bfc.config import OptimizeConfig
 from bfc.errors import ConfigError
 from bfc.passes import layer_runner
-from bfc.passes import layer_runner as plan_mod     # the engines call plan_site through it
+from bfc.passes import layer_runner as plan_mod  # the engines call plan_site through it
 from bfc.passes.events import LayerPlanned
 from bfc.passes.pipeline import optimize
 
