@@ -55,5 +55,13 @@ def assemble() -> Path:
     return out
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load average as "a / b / c" (or "n/a" where the OS has none)."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 if __name__ == "__main__":
     print(assemble())
