@@ -17,6 +17,7 @@ from bfc.api import optimize
 from bfc.config import DEFAULT_MAX_OUTPUT_ERROR, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
 from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
+from bfc.passes.inspect import HEADER as INSPECT_HEADER
 from bfc.passes.inspect import inspect_model
 from bfc.passes.load import check_output_path, input_files
 from bfc.passes.targets import get_target, names
@@ -116,10 +117,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="exit 2 when nothing can be rewritten (default: write the model unchanged, exit 0)")
     op.add_argument("--report", type=Path, help="also write the report as JSON")
     op.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar")
-    ins = sub.add_parser("inspect", help="list a model's sites and what each could gain")
+    ins = sub.add_parser("inspect", help="what optimize would do: per layer the best candidate of each family and "
+                                         "the allocator's pick (nothing is written)")
     ins.add_argument("model", type=Path, help="input .onnx model (read only)")
-    ins.add_argument("--min-size", type=int, default=None,
+    ins.add_argument("--min-size", type=int, default=S,
                      help="layers with fewer weights stay dense, as in optimize (default 4096)")
+    ins.add_argument("--calibration", type=Path, default=S, help="model inputs .npz, as in optimize")
+    ins.add_argument("--max-output-error", type=float, default=S,
+                     help=f"the whole-model budget, as in optimize (default {DEFAULT_MAX_OUTPUT_ERROR})")
+    ins.add_argument("--target", default=S, help="the target, as in optimize (default ort)")
     sub.add_parser("study", add_help=False,
                    help="sweep structure x rank x precision and baselines (bfc study --help)")
     dm = sub.add_parser("demo", help="optimize the bundled Fashion-MNIST MLP and compare it with the original")
@@ -291,10 +297,10 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def cmd_inspect(args) -> int:
-    rows, totals = inspect_model(args.model, args.min_size)
-    head = ("layer", "shape", "params", "monarch r1 int8", "gain", "weight error", "note")
-    table = [head] + [tuple(r) for r in rows]
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(head) - 1)] + [0]
+    keys = set(OptimizeConfig.keys())
+    rows, totals = inspect_model(args.model, OptimizeConfig(**{k: v for k, v in vars(args).items() if k in keys}))
+    table = [INSPECT_HEADER] + [tuple(r) for r in rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(INSPECT_HEADER) - 1)] + [0]
     for r in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(totals)

@@ -1,12 +1,11 @@
-"""Inspect: every site of a model and what a Monarch (block rank 1, int8) layer would gain.
+"""Inspect: what ``bfc optimize`` would do with a model, per layer, without writing anything.
 
-Matches: the sites of ``find_sites`` (eligible or not).
-Ensures: one row per site: layer, shape, dense params, the Monarch-r1 int8 size, the
-byte gain, the Monarch-r1 relative weight error ||W - W_hat||_F / ||W||_F (fp32 factors),
-or the reason the site is not rewritten (not eligible, or fewer weights than ``min_size``, the
-rule of ``bfc optimize``).  A weight's bytes are those the model stores it in (an int8
-weight behind a DequantizeLinear: its int8 values, scales and zero points), not the float
-value the layer computes with.  Nothing is written.
+``inspect_model(path, config)`` runs the stages up to the plan (``bfc.passes.pipeline.run_passes``)
+with the given config (the default: the allocator at the default budget) and returns one row per
+site: the layer, its shape, the bytes it is stored in (an int8 weight behind a DequantizeLinear
+counts its int8 values, scales and zero points, not the float value the layer computes with),
+the best candidate of each family the allocator considered (the smallest one; its bytes and its
+own relative output error), and what the plan picks, or why the site is not rewritten.
 """
 from __future__ import annotations
 
@@ -14,18 +13,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from bfc.config import OptimizeConfig
-from bfc.errors import BfcError, ConfigError
-from bfc.factorize import chain_for, factorize
-from bfc.passes.find_sites import find_sites
-from bfc.passes.load import as_model
+from bfc.passes.pipeline import run_passes
+from bfc.report import size_text
 
-
-def _fmt(n: float) -> str:
-    """Decimal SI prefixes (k = 1000, M = 10^6, G = 10^9), as every size bfc prints; "B" appended for bytes."""
-    for unit, k in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= k:
-            return f"{n / k:.1f}{unit}"
-    return str(int(n))
+FAMILIES = (("int8", ("int8 per-column",)), ("fp16", ("fp16",)), ("rotated", ("rotated",)),
+            ("rows", ("int8 rows", "int4 rows", "int2 rows")))
 
 
 def _stored_bytes(site) -> int:
@@ -57,46 +49,38 @@ def _stored_bytes(site) -> int:
     return total
 
 
-def inspect_model(model_or_path, min_size: int | None = None):
-    """(rows, summary line) for ``bfc inspect``; ``min_size`` (default: optimize's) as ``--min-size``."""
-    if min_size is None:
-        min_size = OptimizeConfig().min_size
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ConfigError(f"--min-size {min_size!r} must be a whole number >= 0")
-    graph = gs.import_onnx(as_model(model_or_path))
+def _best(alternatives, prefixes) -> str:
+    """The smallest candidate whose label starts with one of ``prefixes``: "bytes (error)", or "-"."""
+    found = [a for a in alternatives if a[0].startswith(prefixes)]
+    if not found:
+        return "-"
+    label, nbytes, err = min(found, key=lambda a: a[1])
+    return f"{size_text(nbytes)} ({err:.2g})" + (f" {label.split(' (')[0]}" if prefixes == ("rotated",) or
+                                                    prefixes[0].endswith("rows") else "")
+
+
+HEADER = ("layer", "shape", "stored") + tuple(f for f, _ in FAMILIES) + ("picked",)
+
+
+def inspect_model(model_or_path, config: OptimizeConfig | None = None) -> tuple[list[tuple], str]:
+    """(rows, summary line) for ``bfc inspect`` (see the module doc)."""
+    cfg = (config or OptimizeConfig()).replace(verify=False)
+    done = run_passes(model_or_path, cfg)
     rows, before, after = [], 0, 0
-    for s in find_sites(graph):
+    for p in done.plans:
+        s = p.site
         shape = "x".join(map(str, s.shape)) or "-"
-        if not s.eligible:
-            rows.append((s.name, shape, _fmt(s.weight.size) if s.weight is not None else "-", "-", "-", "-", s.reason))
-            continue
-        m, n = s.shape
-        if s.weight.size < min_size:
-            rows.append((s.name, shape, _fmt(m * n), "-", "-", "-",
-                         f"too small ({s.weight.size} weights < min-size {min_size})"))
-            continue
-        dense_bytes = _stored_bytes(s)
-        try:
-            chain = chain_for("monarch", m, n, 1)
-        except BfcError as e:
-            rows.append((s.name, shape, _fmt(m * n), "-", "-", "-", f"no Monarch at this shape ({e})"))
-            continue
-        if chain.nnz >= m * n:
-            rows.append((s.name, shape, _fmt(m * n), "-", "-", "-", "too small for a Monarch to be cheaper"))
-            continue
-        q_bytes = chain.nnz + 4 * sum(p.a * p.d * p.c for p in chain)
-        if q_bytes >= dense_bytes:
-            rows.append((s.name, shape, _fmt(m * n), "-", "-", "-",
-                         f"stored in {_fmt(dense_bytes)}B, no larger than a Monarch r1 int8 ({_fmt(q_bytes)}B)"))
-            continue
-        f = factorize(s.weight.astype(np.float64), chain)
-        before += dense_bytes
-        after += q_bytes
-        note = f"{len(s.nodes)} nodes share the weight" if len(s.nodes) > 1 else ""
-        rows.append((s.name, shape, _fmt(m * n), f"{_fmt(chain.nnz)} params, {_fmt(q_bytes)}B",
-                     f"{dense_bytes / q_bytes:.1f}x", f"{f.rel_error:.3f}", note))
-    n_ok = sum(1 for r in rows if r[4] != "-")
-    summary = (f"{len(rows)} sites, {n_ok} could be rewritten; their weights {_fmt(before)}B (as stored) -> "
-               f"{_fmt(after)}B as Monarch r1 int8 (bfc optimize picks structure and precision per layer from the "
-               "error budget)")
+        stored = _stored_bytes(s) if s.weight is not None else 0
+        fams = tuple(_best(p.alternatives, prefixes) for _, prefixes in FAMILIES)
+        if p.rewritten:
+            picked = f"{p.precision}: {size_text(p.bytes_after)} ({p.error:.2g})"
+            before, after = before + stored, after + p.bytes_after
+        else:
+            picked = p.reason or "kept dense"
+        rows.append((s.name, shape, size_text(stored) if stored else "-") + fams + (picked,))
+    n = sum(p.rewritten for p in done.plans)
+    budget = "no whole-model budget" if cfg.max_output_error is None else f"max-output-error {cfg.max_output_error:g}"
+    summary = (f"{n} of {len(done.plans)} sites rewritten at {budget} (target {cfg.target}): their weights "
+               f"{size_text(before)} -> {size_text(after)}; the error in parentheses is each candidate's own "
+               f"relative output error ({'calibration' if cfg.calibration else 'white inputs'})")
     return rows, summary

@@ -74,6 +74,7 @@ class LayerPlan:
     seconds: float | None = None  # wall time of planning this layer (bfc.passes.layer_runner)
     worker: str | None = None     # who planned it: main, pid N, dask NAME
     resumed: bool = False         # loaded from the work folder instead of planned
+    alternatives: tuple = ()      # the allocator: every candidate considered, (label, bytes, error)
 
     @property
     def rewritten(self) -> bool:

@@ -229,13 +229,14 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
             c, r = cands[i][k], meta[i]
             site = sites.sites[i]
             kind = "output" if stats.get(site.weight_name) is not None else "weight"
+            alts = tuple((x.label, x.nbytes, x.error) for x in cands[i])
             if c.form is None:
                 out.append(LayerPlan(site, error=0.0, error_kind=kind, reason="allocated: unchanged (every "
                                      "candidate costs more error per byte saved than the budget allows)",
-                                     seconds=r.seconds, worker=r.worker))
+                                     seconds=r.seconds, worker=r.worker, alternatives=alts))
             else:
                 out.append(LayerPlan(site, c.form, "allocated", c.label, c.error, kind,
-                                     seconds=r.seconds, worker=r.worker, resumed=r.resumed,
+                                     seconds=r.seconds, worker=r.worker, resumed=r.resumed, alternatives=alts,
                                      note=f"sensitivity {sens.get(site.weight_name, 1.0):.3g}"))
         return lowbit_plan.assign_rotation_owners(out)
 

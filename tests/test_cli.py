@@ -121,7 +121,8 @@ def test_inspect_lists_sites(tmp_path, capsys):
     src = structured_model(tmp_path / "m.onnx")
     assert main(["inspect", str(src)]) == 0
     out = capsys.readouterr().out
-    assert "fc1" in out and "fc2" in out and "2 sites, 2 could be rewritten" in out
+    assert "fc1" in out and "fc2" in out and "2 of 2 sites rewritten at max-output-error 0.2" in out
+    assert "int8" in out.splitlines()[0] and "rotated" in out.splitlines()[0] and "picked" in out.splitlines()[0]
 
 
 def test_ort_format_and_fix_batch(tmp_path, capsys):
