@@ -245,7 +245,7 @@ def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, score, cfg: O
 
 ALLOC_BITS = (2, 3, 4)               # rotated low-bit codes, folded to int8 compute
 ALLOC_GROUPS = (64,)                 # 128 saves ~3% of the bytes at ~5% more error: not worth its time
-EMBEDDING_FORMATS = ((8, None), (4, 128), (4, 64), (4, 32))   # (bits, block; None: one scale per row)
+EMBEDDING_FORMATS = ((8, None), (4, 128), (4, 64), (4, 32), (2, 64), (2, 32))   # (bits, block; None: one per row)
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,22 @@ builder's float type when it differs) and read the stored tensors directly: no f
 materialized, so onnxruntime's resident bytes equal the file bytes (``QuantizedEmbedding.resident_nbytes``).
 
 ort (``emit_ort``): one ``com.microsoft.GatherBlockQuantized(codes, indices, scales[, zero_points])``
-  with ``bits`` 8 or 4, ``block_size`` B, ``gather_axis`` 0, ``quantize_axis`` 1, on the form's uint8
-  codes as stored (4 bits: two per byte, low nibble first).  onnxruntime 1.32's CPU kernel computes
-  ``T2(float(u - z) * float(s))`` with T2 the scales' type (float32 or float16; that is the output type),
-  z = the zero point, or 2^(bits-1) when none is given (uint8 data): the form's symmetric level.
+  with ``bits`` 8, 4 or 2, ``block_size`` B, ``gather_axis`` 0, ``quantize_axis`` 1, on the form's uint8
+  codes as stored (4 bits: two per byte, low nibble first; 2 bits: four per byte, element 4j + i in bits
+  2i..2i+1 of byte j, least significant first: byte 0b11100100 reads levels 0, 1, 2, 3).  onnxruntime
+  1.32's CPU kernel computes ``T2(float(u - z) * float(s))`` with T2 the scales' type (float32 or float16;
+  that is the output type), z = the zero point, or 2^(bits-1) when none is given (uint8 data): the form's
+  symmetric level.
   Constraints found by probing onnxruntime 1.32 (CPU):
-    * uint8 data: bits 2, 4 or 8 (bfc uses 8 and 4); gather_axis must be 0 and quantize_axis the last
-      axis; int4/uint4 data (ONNX INT4/UINT4): bits 4 only, default zero point 0 (not used here).
+    * uint8 data: bits 2, 4 or 8 (bfc uses all three; default zero point 2^(bits-1): 128, 8, 2, checked
+      by the probe); gather_axis must be 0 and quantize_axis the last axis; int4/uint4 data (ONNX
+      INT4/UINT4): bits 4 only, default zero point 0 (not used here).
     * block_size: a power of two >= 16 (8 and 48 are refused at session creation); a block may be longer
       than the row (D = 384 with block_size 512 is one scale per row), so a per-row form always fits;
       other block sizes (e.g. 48, 96) return a reason (``ort_support``).
     * scales float32 or float16 (bfloat16 not on CPU); zero points uint8, shape of the scales at 8 bits,
-      (V, ceil(n_blocks / 2)) nibbles at 4 bits.
+      (V, ceil(n_blocks / 2)) nibbles at 4 bits, (V, ceil(n_blocks / 4)) at 2 bits packed like the codes
+      (unpacked (V, n_blocks) zero points at 2 bits: "scales and zero_points shape does not match").
     * indices int32 or int64, any rank (a scalar gives (D,)); out-of-range indices give zero rows
       (standard Gather fails instead).
     * domain com.microsoft version 1; any default-domain opset (tested 13 and 21).
@@ -30,10 +34,16 @@ portable (``emit_portable``): standard ops, Gather first, then the dequantizatio
             g = Concat(lo, hi, axis=-1)      the codes are re-packed at emit time so that byte j of a
                                              block holds level j (low) and level j + B/2 (high): the same
                                              bytes as the ort layout, no interleave nodes
+    2 bits: g = Concat(g << 6, g << 4, g << 2, g, axis=-1) >> 6    (BitShift on uint8 only, any opset;
+                                             byte j of a block holds levels j, j + B/4, j + B/2, j + 3B/4
+                                             from the low bits up: 5 nodes, vs 6 for the And/shift pairs;
+                                             codes stored (V, nb, 1, B/4) shifted by a (4, 1) constant
+                                             instead (2 nodes, no Concat) measured 1409 vs 924 us at B = 32:
+                                             onnxruntime's broadcast BitShift is slow)
     f  = Cast(g, float32)  [- z]             z: int8 codes make the symmetric 8-bit zero level free (u - 128
-                                             stored as int8), 4 bits Sub 8, and asymmetric forms Gather their
-                                             zero points (4-bit ones packed the same split way across blocks,
-                                             Slice when n_blocks is odd)
+                                             stored as int8), 4 bits Sub 8, 2 bits Sub 2, and asymmetric forms
+                                             Gather their zero points (4- and 2-bit ones packed the same split
+                                             way across blocks, Slice when n_blocks is not a multiple of 2 / 4)
     y  = f * Cast(Gather(scales, idx), float32)    scales stored (V, n_blocks, 1) (or (V, 1)); the Cast only
                                              for float16 scales, after the Gather (nothing is folded at load)
     y  = Reshape(y, [0]*rank + [D])          n_blocks > 1 only (Shape/Concat when the rank is unknown)
@@ -44,7 +54,8 @@ portable (``emit_portable``): standard ops, Gather first, then the dequantizatio
   when a Cast to float32 follows (measured: not bit-exact).  An explicit float32 -> float16 -> float32
   Cast pair after a float32 Mul is kept (bit-exact, all optimization levels; the tests check it).
   Nodes: 4 (8-bit symmetric, float32 scales, one per row; 7 with float16 scales in a float32 graph) to 18
-  (4-bit asymmetric, float16 scales, odd n_blocks); ops Gather, Cast, Mul,
+  (4-bit asymmetric, float16 scales, odd n_blocks) and 22 (2-bit asymmetric, float16 scales, n_blocks not
+  a multiple of 4; 2-bit symmetric: 10 to 14); ops Gather, Cast, Mul,
   Sub, Reshape, BitShift (11), Concat, Slice, BitwiseAnd (18, optional): minimum opset ``PORTABLE_MIN_OPSET``.
   Chosen over DequantizeLinear(block_size, opset 21) -> Gather by measurement on 30522 x 384 int8,
   B = 32 (onnxruntime 1.32, one thread, indices 8 x 128; RSS after session creation / after one run,
@@ -65,7 +76,7 @@ import onnx_graphsurgeon as gs
 
 from bfc.errors import UnsupportedError
 from bfc.passes.graph_builder import GraphBuilder
-from bfc.quant.embedding import QuantizedEmbedding
+from bfc.quant.embedding import QuantizedEmbedding, pack_levels, per_byte
 from bfc.quant.formats import format_of_dtype
 
 DOMAIN = "com.microsoft"
@@ -142,7 +153,7 @@ def _probe_ort(bits: int, scale_dtype: str, with_zero_points: bool) -> str | Non
     rng = np.random.default_rng(0)
     v, d, bs = 3, 32, 16
     u = rng.integers(0, 1 << bits, (v, d)).astype(np.uint8)
-    codes = u if bits == 8 else (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    codes = pack_levels(u, bits)
     sdt = np.dtype(scale_dtype)
     zp = rng.integers(0, 1 << bits, (v, d // bs)).astype(np.uint8) if with_zero_points else None
     form = QuantizedEmbedding((v, d), bits, bs, codes, (rng.standard_normal((v, d // bs)) * 0.1).astype(sdt), zp)
@@ -218,17 +229,22 @@ def portable_support(form: QuantizedEmbedding, opset: int) -> str | None:
     return None
 
 
-def _split_pack(u: np.ndarray) -> np.ndarray:
-    """(..., n) levels, n even -> (..., n/2) bytes: byte j = u[j] | u[j + n/2] << 4 (Concat(lo, hi) unpacks)."""
-    h = u.shape[-1] // 2
-    return (u[..., :h] | (u[..., h:] << 4)).astype(np.uint8)
+def _split_pack(u: np.ndarray, bits: int) -> np.ndarray:
+    """(..., n) levels, n a multiple of k = 8 / bits -> (..., n/k) bytes: byte j holds u[j + i n/k] in bits
+    [bits i, bits (i+1)) for i < k, so ``_unpack_split`` is a Concat of k shifted copies."""
+    k = per_byte(bits)
+    h = u.shape[-1] // k
+    out = np.zeros(u.shape[:-1] + (h,), np.uint8)
+    for i in range(k):
+        out |= (u[..., i * h:(i + 1) * h] << (bits * i)).astype(np.uint8)
+    return out
 
 
 @dataclass(frozen=True)
 class PortableTensors:
-    codes: gs.Constant               # int8 (symmetric 8-bit) or uint8; (V, D | D/2) or (V, nb, B | B/2)
+    codes: gs.Constant               # int8 (symmetric 8-bit) or uint8; (V, D/k) or (V, nb, B/k), k = 8 / bits
     scales: gs.Constant              # (V, 1) or (V, nb, 1)
-    zero_points: gs.Constant | None  # uint8 (V, 1) or (V, nb, 1); 4-bit nb > 1: (V, ceil(nb/2), 1) split-packed
+    zero_points: gs.Constant | None  # uint8 (V, 1) or (V, nb, 1); 4/2-bit nb > 1: (V, ceil(nb/k), 1) split-packed
 
 
 def portable_tensors(b: GraphBuilder, form: QuantizedEmbedding) -> PortableTensors:
@@ -242,7 +258,7 @@ def portable_tensors(b: GraphBuilder, form: QuantizedEmbedding) -> PortableTenso
         if form.symmetric:
             codes = (codes ^ np.uint8(0x80)).view(np.int8)          # u - 128 as two's complement
     else:
-        codes = _split_pack(form.levels().reshape(blocks))
+        codes = _split_pack(form.levels().reshape(blocks), form.bits)
     scales = form.scales.reshape((v, 1) if nb == 1 else (v, nb, 1))
     zp = None
     if not form.symmetric:
@@ -252,16 +268,24 @@ def portable_tensors(b: GraphBuilder, form: QuantizedEmbedding) -> PortableTenso
         elif form.bits == 8:
             zp = z.reshape(v, nb, 1)
         else:
-            if nb % 2:
-                z = np.concatenate([z, np.zeros((v, 1), np.uint8)], axis=1)
-            zp = _split_pack(z).reshape(v, -1, 1)
+            pad = -nb % per_byte(form.bits)
+            if pad:
+                z = np.concatenate([z, np.zeros((v, pad), np.uint8)], axis=1)
+            zp = _split_pack(z, form.bits).reshape(v, -1, 1)
     return PortableTensors(b.const("emb_codes", np.ascontiguousarray(codes)),
                            b.const("emb_scales", np.ascontiguousarray(scales)),
                            None if zp is None else b.const("emb_zero_points", np.ascontiguousarray(zp)))
 
 
-def _unpack_split(b: GraphBuilder, g, axis: int):
-    """uint8 bytes -> Concat(low nibbles, high nibbles) along ``axis``."""
+def _unpack_split(b: GraphBuilder, g, axis: int, bits: int):
+    """uint8 bytes -> the k = 8 / bits fields of every byte, lowest first, concatenated along ``axis``.
+    4 bits: Concat(g & 15 (BitwiseAnd, opset >= 18; below: (g << 4) >> 4), g >> 4).
+    2 bits: Concat(g << 6, g << 4, g << 2, g) >> 6 (BitShift only: any opset, 5 nodes)."""
+    if bits == 2:
+        parts = [b.op("BitShift", [g, b.const("shl", np.array(8 - 2 * (i + 1), np.uint8))], {"direction": "LEFT"},
+                      dtype=np.uint8) for i in range(3)] + [g]
+        cat = b.op("Concat", parts, {"axis": axis}, dtype=np.uint8)
+        return b.op("BitShift", [cat, b.const("six", np.array(6, np.uint8))], {"direction": "RIGHT"}, dtype=np.uint8)
     four = b.const("four", np.array(4, np.uint8))
     hi = b.op("BitShift", [g, four], {"direction": "RIGHT"}, dtype=np.uint8)
     if b.opset >= BITWISE_AND_OPSET:
@@ -286,19 +310,19 @@ def emit_portable(b: GraphBuilder, indices, form: QuantizedEmbedding, tensors: P
     nb = form.n_blocks
     codes_dt = np.dtype(t.codes.values.dtype)
     g = b.op("Gather", [t.codes, indices], {"axis": 0}, dtype=codes_dt)
-    if form.bits == 4:
-        g = _unpack_split(b, g, -1)
+    if form.bits < 8:
+        g = _unpack_split(b, g, -1, form.bits)
     f = b.cast(g, f32, FLOAT)
     if t.zero_points is not None:
         zg = b.op("Gather", [t.zero_points, indices], {"axis": 0}, dtype=np.uint8)
-        if form.bits == 4 and nb > 1:
-            zg = _unpack_split(b, zg, -2)
-            if nb % 2:
+        if form.bits < 8 and nb > 1:
+            zg = _unpack_split(b, zg, -2, form.bits)
+            if nb % per_byte(form.bits):
                 zg = b.op("Slice", [zg, b.const("start", np.array([0], np.int64)),
                                     b.const("end", np.array([nb], np.int64)),
                                     b.const("axes", np.array([-2], np.int64))], dtype=np.uint8)
         f = b.op("Sub", [f, b.cast(zg, f32, FLOAT)], dtype=f32)
-    elif form.bits == 4:
+    elif form.bits < 8:
         f = b.op("Sub", [f, b.const("zero", np.array(form.zero_level, f32))], dtype=f32)
     s = b.op("Gather", [t.scales, indices], {"axis": 0}, dtype=sdt)
     if sdt != f32:

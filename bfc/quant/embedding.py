@@ -1,16 +1,20 @@
-"""Quantized embedding tables: the form a ``Gather(table, indices)`` table takes (rows of int8 or int4 codes
-with block scales), its exact runtime function, and the quantizer that chooses it.
+"""Quantized embedding tables: the form a ``Gather(table, indices)`` table takes (rows of int8, int4 or int2
+codes with block scales), its exact runtime function, and the quantizer that chooses it.
 
-Form (``QuantizedEmbedding``), for a table T of shape (V, D), ``bits`` b in {8, 4}, ``block_size`` B
-dividing D (``n_blocks`` = D / B blocks per row; B = D is one scale per row):
+Form (``QuantizedEmbedding``), for a table T of shape (V, D), ``bits`` b in {8, 4, 2}, ``block_size`` B
+dividing D and a multiple of k = 8 / b (``n_blocks`` = D / B blocks per row; B = D is one scale per row):
 
-  codes        uint8; b = 8: (V, D), one stored level u in [0, 255] per value;
-               b = 4: (V, D/2), two levels per byte, element 2j in the low nibble and 2j+1 in the high
-               one (``pack_nibbles``): the layout of onnxruntime's GatherBlockQuantized on uint8 data.
+  codes        uint8 (V, D / k), k levels per byte, least significant bits first (``pack_levels``):
+               element k*j + i of a row in bits [b*i, b*(i+1)) of byte j.  b = 8: one level u in [0, 255]
+               per byte; b = 4: element 2j in the low nibble, 2j+1 in the high one (``pack_nibbles``);
+               b = 2: byte j = u[4j] | u[4j+1] << 2 | u[4j+2] << 4 | u[4j+3] << 6.  This is the layout
+               of onnxruntime's GatherBlockQuantized on uint8 data (probed at 4 and 2 bits, see
+               ``bfc.passes.embedding_emit``).
   scales       (V, n_blocks), float16 or float32; a scale may be negative (see the quantizer).
-  zero_points  None (symmetric): the implicit zero level z = 2^(b-1), which is GatherBlockQuantized's
-               default for uint8 data, so no tensor is stored; or uint8 (V, n_blocks) with values in
-               [0, 2^b - 1] (asymmetric; stored packed two per byte at 4 bits, ``zero_points_packed``).
+  zero_points  None (symmetric): the implicit zero level z = 2^(b-1) (128, 8, 2), which is
+               GatherBlockQuantized's default for uint8 data, so no tensor is stored; or uint8
+               (V, n_blocks) with values in [0, 2^b - 1] (asymmetric; stored packed like the codes,
+               (V, ceil(n_blocks / k)) zero-padded, ``zero_points_packed``).
 
 Function (``dequantized``), for row r, column c in block k = c // B:
   y[r, c] = round_S( float32(u[r, c] - z[r, k]) * float32(s[r, k]) )
@@ -30,7 +34,13 @@ Quantizer (``quantize_embedding``), per block x of B values, level range [lo, hi
   For every candidate: s' = s_a rounded to the scale type, q = clip(rint(x / s') + z, lo + z, hi + z),
   e_a = ||x - s' (q - z)||^2 (float64); the block keeps argmin_a e_a (the first on ties, a = 1 first).
   ``search=False`` keeps a = 1 only; ``search=True`` adds a in {-lo/hi} U linspace(1, 0.6, 17) (4 bits)
-  or linspace(1, 0.9, 6) (8 bits: clipping never pays there).  A zero block stores s = 0, q = z.
+  or linspace(1, 0.9, 6) (8 bits: clipping never pays there).  2 bits (levels {-2, -1, 0, 1} s):
+  symmetric a in +-linspace(1.2, 0.5, 15) (a = 1 first; a < 0 flips the level set to {2, 1, 0, -1} |s|
+  around the extreme, which puts it on the one-level side: worth +0.1 dB for no bytes), asymmetric a in
+  linspace(1, 0.45, 12).  The grid comes from the winners of a grid of step 0.025 over +-[0.3, 2] on
+  4096 rows of MiniLM's table: 98% of the blocks pick |a| in [0.475, 1.2] (the median falls from 0.875
+  at B = 32 to 0.675 at B = 384: s at 0.45-0.6 of the extreme); step 0.025 instead of 0.05 gains
+  < 0.01 dB, and a = -lo/hi = 2 (no clipping) never wins.  A zero block stores s = 0, q = z.
   A float16 scale that would underflow to 0 for a non-zero block becomes +-2^-24; one above 65504
   raises (use float32 scales).
 Rows are independent: the quantizer works ``chunk_rows`` rows at a time (its temporaries scale with
@@ -43,8 +53,17 @@ Measured on MiniLM's word embedding (30522 x 384, bert.embeddings.word_embedding
   8    32    45.5            45.9                 46.5             46.5                  12.45 / 12.82
   4    384   18.7            19.7 (1.2 s)         18.8             19.4                   5.92 / 5.95
   4    32    21.3            21.7                 21.9             22.1 (1.7 s)           6.59 / 6.78
+  2    384    6.6             8.5 (2.3 s)          4.9              7.9 (1.2 s)            2.99 / 3.02
+  2    128    7.5             8.8                  6.0              8.2                    3.11 / 3.14
+  2    64     8.1             9.1                  6.8              8.6                    3.30 / 3.36
+  2    32     8.8             9.6 (2.7 s)          7.8              9.2 (1.6 s)            3.66 / 3.75
 (rows of N(0, 1) values give the same figures within 0.1 dB).  Asymmetric costs one zero-point byte
-(8 bits) or nibble (4 bits) per block.
+(8 bits), nibble (4 bits) or 2 bits (2 bits) per block.  At 2 bits asymmetric loses: with 4 levels its
+integer zero point only picks {-z, .., 3 - z} s, z in 0..3, i.e. the symmetric level set, its flip, or a
+one-sided set, and its range-based scale (s = a (max - min) / 3) is a worse start than the signed
+extreme; embedding rows are near-Gaussian and centered, so symmetric (both signs searched) is the default.
+Even an asymmetric search over every z in 0..3 on the symmetric scale grid only ties the symmetric figure
+(4096 rows of MiniLM, every B: the one-sided sets never win) while storing 2.5% more bytes at B = 32.
 
 Bytes (``nbytes``, the file) and resident bytes (``resident_nbytes``, what onnxruntime 1.32 holds
 after creating the session): both emitters read the stored initializers directly (no folded copies),
@@ -63,6 +82,13 @@ session, psutil, one subprocess per model; latency: indices 8 x 128, one thread)
                              portable    6.78      7.9          906      17
   int4 B=384 symmetric       ort         5.92      6.2          490      2
                              portable    5.92      6.2          776      11
+  int2 rows, measured later on a busier machine (same run: int4 B=32 symmetric ort 641 us, portable 689):
+  int2 B=32 symmetric        ort         3.66      4.7          632      2
+                             portable    3.66      4.6          920      14
+  int2 B=64 symmetric        ort         3.30      3.9          611      2
+                             portable    3.30      3.9          897      14
+  int2 B=384 symmetric       ort         2.99      3.3          550      2
+                             portable    2.99      3.3          874      13
 (one run adds about 8 MB on every variant, fp32 included: thread pool and arena, not the table.)
 The standard alternative DequantizeLinear(codes) -> Gather is NOT folded by onnxruntime at load (13.6 MB
 after session creation for int8 B=32), but it dequantizes the whole table at every run (15 ms per run)
@@ -78,10 +104,44 @@ import numpy as np
 
 from bfc.errors import ConfigError, InvalidInputError
 
-BITS = (8, 4)
+BITS = (8, 4, 2)
 SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 FP16_TINY = float(2.0 ** -24)          # the smallest positive float16 (subnormal)
 FP16_MAX = 65504.0
+
+
+def per_byte(bits: int) -> int:
+    """Levels stored per byte: 1 (8 bits), 2 (4 bits), 4 (2 bits)."""
+    return 8 // bits
+
+
+def pack_levels(u: np.ndarray, bits: int) -> np.ndarray:
+    """(..., n) levels in [0, 2^bits - 1], n a multiple of k = 8 / bits -> (..., n/k) uint8, LSB first:
+    element k*j + i in bits [bits*i, bits*(i+1)) of byte j (onnxruntime's GatherBlockQuantized layout)."""
+    u = np.asarray(u, np.uint8)
+    k = per_byte(bits)
+    if u.shape[-1] % k:
+        raise InvalidInputError(f"packing {bits}-bit levels needs a last dimension divisible by {k}, "
+                                f"got shape {u.shape}")
+    if k == 1:
+        return u.copy()
+    p = np.zeros(u.shape[:-1] + (u.shape[-1] // k,), np.uint8)
+    for i in range(k):
+        p |= (u[..., i::k] << (bits * i)).astype(np.uint8)
+    return p
+
+
+def unpack_levels(p: np.ndarray, bits: int, n: int | None = None) -> np.ndarray:
+    """Inverse of ``pack_levels``: (..., m) uint8 -> (..., k*m) levels (first ``n`` kept when given)."""
+    p = np.asarray(p, np.uint8)
+    k = per_byte(bits)
+    if k == 1:
+        return p if n is None else p[..., :n]
+    mask = np.uint8((1 << bits) - 1)
+    u = np.empty(p.shape[:-1] + (k * p.shape[-1],), np.uint8)
+    for i in range(k):
+        u[..., i::k] = (p >> np.uint8(bits * i)) & mask
+    return u if n is None else u[..., :n]
 
 
 def pack_nibbles(u: np.ndarray) -> np.ndarray:
@@ -89,22 +149,20 @@ def pack_nibbles(u: np.ndarray) -> np.ndarray:
     u = np.asarray(u, np.uint8)
     if u.shape[-1] % 2:
         raise InvalidInputError(f"pack_nibbles needs an even last dimension, got shape {u.shape}")
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return pack_levels(u, 4)
 
 
 def unpack_nibbles(p: np.ndarray, n: int | None = None) -> np.ndarray:
     """Inverse of ``pack_nibbles``: (..., m) uint8 -> (..., 2m) levels (first ``n`` kept when given)."""
-    p = np.asarray(p, np.uint8)
-    u = np.empty(p.shape[:-1] + (2 * p.shape[-1],), np.uint8)
-    u[..., 0::2] = p & 0x0F
-    u[..., 1::2] = p >> 4
-    return u if n is None else u[..., :n]
+    return unpack_levels(p, 4, n)
 
 
-def _pack_nibbles_padded(z: np.ndarray) -> np.ndarray:
-    if z.shape[-1] % 2:
-        z = np.concatenate([z, np.zeros(z.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return pack_nibbles(z)
+def _pack_padded(z: np.ndarray, bits: int) -> np.ndarray:
+    k = per_byte(bits)
+    pad = -z.shape[-1] % k
+    if pad:
+        z = np.concatenate([z, np.zeros(z.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    return pack_levels(z, bits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,7 +182,7 @@ class QuantizedEmbedding:
         _check_params(d, self.bits, self.block_size, self.scales.dtype if isinstance(self.scales, np.ndarray)
                       else None)
         nb = d // self.block_size
-        want = (v, d) if self.bits == 8 else (v, d // 2)
+        want = (v, d // per_byte(self.bits))
         if not isinstance(self.codes, np.ndarray) or self.codes.dtype != np.uint8 or self.codes.shape != want:
             raise InvalidInputError(f"QuantizedEmbedding codes must be uint8 of shape {want} for a {v}x{d} "
                                     f"table at {self.bits} bits, got {getattr(self.codes, 'dtype', None)} "
@@ -160,15 +218,15 @@ class QuantizedEmbedding:
 
     @property
     def zero_points_packed(self) -> np.ndarray | None:
-        """Zero points as stored: (V, n_blocks) at 8 bits, (V, ceil(n_blocks / 2)) nibbles at 4 bits."""
+        """Zero points as stored: (V, n_blocks) at 8 bits, (V, ceil(n_blocks / 2)) nibbles at 4 bits,
+        (V, ceil(n_blocks / 4)) at 2 bits (``pack_levels``, zero-padded)."""
         if self.zero_points is None or self.bits == 8:
             return self.zero_points
-        return _pack_nibbles_padded(self.zero_points)
+        return _pack_padded(self.zero_points, self.bits)
 
     def levels(self, rows=slice(None)) -> np.ndarray:
         """Stored levels u (uint8, (rows, D)), unpacked."""
-        c = self.codes[rows]
-        return c if self.bits == 8 else unpack_nibbles(c)
+        return unpack_levels(self.codes[rows], self.bits)
 
     def dequantized(self, dtype=np.float32, rows=slice(None)) -> np.ndarray:
         """The table the runtime computes (module doc), as ``dtype`` (a single cast of the result)."""
@@ -233,8 +291,11 @@ def _check_params(d: int, bits, block_size, scale_dtype) -> None:
             or d % block_size:
         raise ConfigError(f"embedding block_size must divide the row length {d} (e.g. 32, 64, 128 or {d}), "
                           f"got {block_size!r}")
-    if bits == 4 and block_size % 2:
-        raise ConfigError(f"4-bit embedding blocks pack two levels per byte: block_size must be even, got {block_size}")
+    if block_size % per_byte(bits):
+        k = per_byte(bits)
+        need = "even" if k == 2 else f"a multiple of {k}"
+        raise ConfigError(f"{bits}-bit embedding blocks pack {k} levels per byte: block_size must be {need}, "
+                          f"got {block_size}")
     if scale_dtype is None or np.dtype(scale_dtype) not in SCALE_DTYPES:
         raise ConfigError(f"embedding scales must be float16 or float32, got {scale_dtype}")
 
@@ -242,6 +303,11 @@ def _check_params(d: int, bits, block_size, scale_dtype) -> None:
 def _alphas(bits: int, symmetric: bool, search: bool) -> np.ndarray:
     if not search:
         return np.array([1.0])
+    if bits == 2:
+        if symmetric:                                # both signs: the extreme on the two-level or the one-level side
+            grid = np.linspace(1.2, 0.5, 15)
+            return np.concatenate([[1.0], grid[grid != 1.0], -grid])
+        return np.linspace(1.0, 0.45, 12)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     grid = np.linspace(1.0, 0.6, 17) if bits == 4 else np.linspace(1.0, 0.9, 6)
     extra = [-lo / hi] if symmetric else []
@@ -308,7 +374,7 @@ def _quantize_chunk(x: np.ndarray, bits: int, bs: int, sdt: np.dtype, symmetric:
 
 def quantize_embedding(table, bits: int = 8, block_size: int | None = None, scale_dtype=np.float16, *,
                        symmetric: bool = True, search: bool = True, chunk_rows: int = 2048) -> QuantizedEmbedding:
-    """Quantize a (V, D) float table to ``bits`` (8 or 4) with one scale per ``block_size`` values of a
+    """Quantize a (V, D) float table to ``bits`` (8, 4 or 2) with one scale per ``block_size`` values of a
     row (default D: one per row), ``scale_dtype`` float16 or float32; symmetric (implicit zero level
     2^(b-1)) or asymmetric (a zero point per block).  Scales: per-block extreme, plus a small MSE search
     when ``search`` (module doc)."""
@@ -322,7 +388,7 @@ def quantize_embedding(table, bits: int = 8, block_size: int | None = None, scal
     _check_params(d, bits, block_size, scale_dtype)
     sdt = np.dtype(scale_dtype)
     nb = d // block_size
-    codes = np.empty((v, d) if bits == 8 else (v, d // 2), np.uint8)
+    codes = np.empty((v, d // per_byte(bits)), np.uint8)
     scales = np.empty((v, nb), sdt)
     zps = None if symmetric else np.empty((v, nb), np.uint8)
     alphas = _alphas(bits, symmetric, search)
@@ -334,7 +400,7 @@ def quantize_embedding(table, bits: int = 8, block_size: int | None = None, scal
             raise InvalidInputError(f"embedding table row {bad} holds a non-finite value; quantization needs "
                                     "finite weights")
         u, s, z = _quantize_chunk(x, bits, block_size, sdt, symmetric, alphas)
-        codes[r0:r1] = u if bits == 8 else pack_nibbles(u)
+        codes[r0:r1] = pack_levels(u, bits)
         scales[r0:r1] = s.astype(sdt)
         if zps is not None:
             zps[r0:r1] = z

@@ -3,8 +3,10 @@
 A Gather site ``y = T[indices]`` becomes ``form.dequantized()[indices]``:
   * ort and custom-op: one ``com.microsoft.GatherBlockQuantized`` (codes read directly, no float table
     in memory) where the installed onnxruntime supports the form, else the portable emission;
-  * portable: Gather of the codes and of the scales, then Cast/Sub/Mul (standard ops, opset >= 13;
-    the float table is never materialized).
+  * portable: Gather of the codes and of the scales, then (4 and 2 bits) BitShift/BitwiseAnd/Concat
+    unpacking of the gathered bytes and Cast/Sub/Mul (standard ops, opset >= 13; the float table is
+    never materialized).
+Every ``bits`` of the form (8, 4, 2) goes through the same emitters.
 (The algebra and the measured resident bytes are in ``bfc.passes.embedding_emit``.)
 """
 from __future__ import annotations
