@@ -245,7 +245,8 @@ def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, score, cfg: O
 
 ALLOC_BITS = (2, 3, 4)               # rotated low-bit codes, folded to int8 compute
 ALLOC_GROUPS = (64,)                 # 128 saves ~3% of the bytes at ~5% more error: not worth its time
-EMBEDDING_FORMATS = ((8, None), (4, 128), (4, 64), (4, 32), (2, 64), (2, 32))   # (bits, block; None: one per row)
+EMBEDDING_FORMATS = ((8, None), (4, 64), (2, 64))   # (bits, block; None: one scale per row); blocks 32 and 128
+#                                                  differ from 64 by a few % of bytes or error, at ~3 s each
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,8 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
     """Every candidate of one site that ``target`` can emit at ``opset``, unchanged first.  A matmul
     site: dense int8 per column, fp16, and for each bits x group the rotated low-bit codes of Q^T W
     (``rotation``: the site's shared Q; GPTQ with the rotated Gram under calibration, searched-scale
-    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``).  An embedding site: int8
-    rows and int4 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
+    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``).  An embedding site: int8,
+    int4 and int2 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
     above it is dropped (a per-layer cap under the whole-model budget)."""
     w = site.weight
     dense = Candidate("unchanged", None, int(w.nbytes), int(w.nbytes), 0.0)
@@ -275,7 +276,7 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
         for bits, block in EMBEDDING_FORMATS:
             if block is not None and (table.shape[1] % block or block >= table.shape[1]):
                 continue
-            q = quantize_embedding(table, bits, block)
+            q = quantize_embedding(table, bits, block, search=bits < 8)     # int8 rows: the extreme is enough
             forms.append((q, q.error(table)))
     else:
         w64 = np.asarray(w, np.float64)
