@@ -75,8 +75,9 @@ def keep_io_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     for ours, theirs in ((model.graph.input, template.graph.input), (model.graph.output, template.graph.output)):
         declared = {vi.name: vi for vi in theirs}
         for vi in ours:
-            if vi.name in declared:
-                vi.type.CopyFrom(declared[vi.name].type)
+            t = declared.get(vi.name)
+            if t is not None and (t.type.tensor_type.HasField("shape") or not t.type.HasField("tensor_type")):
+                vi.type.CopyFrom(t.type)      # a declaration without any shape keeps the inferred one
 
 
 INFER_LIMIT = 64 << 20    # shape inference copies the model twice: only below 64 MB

@@ -348,11 +348,17 @@ class Runner:
 
     @staticmethod
     def _attach(task: LayerTask, res: LayerResult) -> LayerResult:
-        """Give a rotated layer back the parent's rotation object (shared by the layers reading one tensor)."""
-        w = res.weights
-        if task.rotation is not None and getattr(w, "rotation", None) is not None and w.rotation is not task.rotation:
-            res = dataclasses.replace(res, weights=dataclasses.replace(w, rotation=task.rotation))
-        return res
+        """Give a rotated layer (and every rotated candidate) back the parent's rotation object, shared by the
+        layers reading one tensor: the rewrite emits one x Q per rotation object."""
+        if task.rotation is None:
+            return res
+
+        def own(form):
+            r = getattr(form, "rotation", None)
+            return dataclasses.replace(form, rotation=task.rotation) if r is not None and r is not task.rotation \
+                else form
+        cands = tuple(dataclasses.replace(c, form=own(c.form)) if c.form is not None else c for c in res.candidates)
+        return dataclasses.replace(res, weights=None if res.weights is None else own(res.weights), candidates=cands)
 
     def _engine(self, tasks):
         if not tasks:

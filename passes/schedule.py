@@ -149,7 +149,10 @@ def plan_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds: dic
     (``evaluate``: the user's metric, see ``allocate_layers``)."""
     if cfg.allocating:
         plan = allocate_layers(loaded, sites, stats, feeds, cfg, target, on_event, evaluate)
-        return replace(plan, layers=tuple(_with_site_note(p) for p in plan.layers))
+        layers = plan.layers
+        if cfg.objective == "latency":        # a layer measured slower than its dense MatMul stays dense
+            layers = tuple(p if p.is_embedding else check_plan(p, cfg, target, loaded.opset) for p in layers)
+        return replace(plan, layers=tuple(_with_site_note(p) for p in layers))
     layers = plan_sites(list(sites.sites), cfg, target, stats.layers, on_event, loaded.nbytes,
                         precisions or None, opset=loaded.opset)
     if cfg.objective == "latency":

@@ -222,9 +222,9 @@ def test_cli_optimize_rotated_custom_op_runs_in_onnxruntime(tmp_path, monkeypatc
     from test_passes_lowbit import K, _model
 
     from bfc.cli import main
-    from bfc.passes.targets import get_target
-    from bfc.passes.pipeline import run_passes
     from bfc.config import OptimizeConfig
+    from bfc.passes.pipeline import run_passes
+    from bfc.passes.targets import get_target
     path, cal, x = _model(tmp_path, names=("q", "k"))
     monkeypatch.chdir(tmp_path)       # onnxruntime resolves the loaded model's data next to the working directory
     out = tmp_path / "cli.onnx"

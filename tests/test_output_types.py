@@ -3,7 +3,9 @@ and a failed check leaves nothing at -o."""
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T, helper as h, numpy_helper as nh
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 import bfc
 from bfc.cli import main

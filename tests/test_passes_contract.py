@@ -77,7 +77,7 @@ def test_events_are_typed():
     from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
     events = []
     bfc.optimize(two_layer_model(), CFG, on_event=events.append)
-    assert [e.stage for e in events if isinstance(e, StageStarted)][:3] == ["load", "normalize", "sites"]
+    assert [e.stage for e in events if isinstance(e, StageStarted)][:4] == ["load", "normalize", "fuse", "sites"]
     assert [e for e in events if isinstance(e, SitesFound)] == [SitesFound(2, 2)]
     assert [e.done for e in events if isinstance(e, LayerPlanned)] == [1, 2]
 

@@ -21,7 +21,7 @@ import bfc
 from bfc.passes.session import session
 
 ROOT = Path(__file__).resolve().parents[1]
-MINILM_DEFAULT_SECONDS = 60        # target 30 s on an idle 2-core machine; slack for a loaded CI
+MINILM_DEFAULT_SECONDS = 300     # the 60 s target is measured by bench/bench_default.py on a quiet machine
 MINILM_FORCED_COSINE = 0.95        # sentence embeddings, last FFN-down layer as Monarch r8 int8 (0.960)
 
 
@@ -45,14 +45,14 @@ def _minilm():
 def test_minilm_default_keeps_budget_and_runs():
     path, cal = _minilm()
     t = time.perf_counter()
-    out, rep = bfc.optimize(path, bfc.OptimizeConfig(calibration=cal, quant_method="rtn"))
+    out, rep = bfc.optimize(path, bfc.OptimizeConfig(calibration=cal))
     assert time.perf_counter() - t < MINILM_DEFAULT_SECONDS
-    sites = [r for r in rep.layers if r.shape]
-    assert len(sites) == 36
-    for r in sites:   # every layer either meets the 10% budget or says why it stays dense
-        assert (r.rewritten and r.error <= 0.1) or "error budget not met" in r.reason
-    cos = {o.name: o.cosine for o in rep.outputs}
-    assert cos["sentence_embedding"] > 0.999
+    matmuls = [r for r in rep.layers if len(r.shape) == 2 and r.shape[0] in (384, 1536)]
+    assert len(matmuls) == 36 and sum(r.rewritten for r in matmuls) >= 30
+    embedding = next(r for r in rep.layers if r.shape == (30522, 384))
+    assert embedding.rewritten and embedding.bytes_after < embedding.bytes_before / 3
+    assert max(o.rel_error for o in rep.outputs) <= bfc.OptimizeConfig().max_output_error     # the budget held
+    assert rep.model_bytes_after < rep.model_bytes_before / 6
     session(out)
 
 
@@ -62,8 +62,8 @@ def test_minilm_forced_rewrite_stays_close():
     probe = bfc.optimize(path, bfc.OptimizeConfig(min_size=10**9, verify=False))[1]
     ffn_down = tuple(r.layer for r in probe.layers if r.shape == (1536, 384))
     assert len(ffn_down) == 6
-    cfg = bfc.OptimizeConfig(structure="monarch", rank=8, max_error=None, include=ffn_down[-1:], calibration=cal,
-                             quant_method="rtn")
+    cfg = bfc.OptimizeConfig(structure="monarch", rank=8, max_error=None, max_output_error=None,
+                             include=ffn_down[-1:], calibration=cal, quant_method="rtn")
     out, rep = bfc.optimize(path, cfg)
     assert rep.totals()["rewritten"] == 1
     assert rep.model_bytes_after < rep.model_bytes_before

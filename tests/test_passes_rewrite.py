@@ -54,7 +54,7 @@ def test_precisions_match_numpy_reference(precision, target):
     """Portable and float formats compute the float product q.apply; the custom op's int8 layer
     computes the per-row-quantized function its target states (``simulate``)."""
     mod = matmul_model(96, 64)
-    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision=precision,
+    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, precision=precision,
                          quant_method="rtn", target=target, verify=False)
     state = run_passes(mod, cfg)
     q, out = state.plans[0].weights, state.output
@@ -108,7 +108,8 @@ def test_permutations_and_low_rank_are_folded(target):
 
 def test_int8_on_opset_13_uses_per_axis_dequantize():
     mod = matmul_model(64, 64, opset=13)
-    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, quant_method="rtn", verify=False)
+    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, quant_method="rtn",
+                         verify=False)
     state = run_passes(mod, cfg)
     plans, out = state.plans, state.output
     assert out.opset_import[0].version == 13

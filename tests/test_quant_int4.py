@@ -144,7 +144,7 @@ def test_checks():
 def test_planner_int4_end_to_end(target, structure, rank, gran_budget):
     m, n = (96, 64) if structure == "monarch" else (64, 64)
     mod = _model(m, n, structured=gran_budget is not None)
-    cfg = OptimizeConfig(structure=structure, rank=rank, max_error=gran_budget, max_output_error=1.0, min_size=0, precision="int4",
+    cfg = OptimizeConfig(structure=structure, rank=rank, max_error=gran_budget, max_output_error=None, min_size=0, precision="int4",
                          target=target, verify=False)
     state = run_passes(mod, cfg)
     plan = state.plans[0]
@@ -166,7 +166,7 @@ def test_planner_int4_end_to_end(target, structure, rank, gran_budget):
 
 def test_int4_below_opset_21_is_refused():
     mod = _model(96, 64, opset=19)
-    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision="int4",
+    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, precision="int4",
                          target="portable", verify=False)
     with pytest.raises(UnsupportedError, match="opset >= 21"):
         run_passes(mod, cfg)
@@ -174,7 +174,7 @@ def test_int4_below_opset_21_is_refused():
 
 def test_custom_op_refuses_int4():
     mod = _model(96, 64)
-    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, min_size=0, precision="int4",
+    cfg = OptimizeConfig(structure="monarch", rank=2, max_error=None, max_output_error=None, min_size=0, precision="int4",
                          target="custom-op", verify=False)
     with pytest.raises(UnsupportedError, match="KSMatMul kernels take int8/fp8/fp16/fp32"):
         run_passes(mod, cfg)

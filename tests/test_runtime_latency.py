@@ -36,7 +36,7 @@ def _one_layer(m=64, n=64, seed=0):
 
 def _cfg(**kw):
     return OptimizeConfig(structure="monarch", precision="int8", max_error=None, max_output_error=None,
-                          verify=False, **kw)
+                          verify=False, **{"target": "portable", **kw})
 
 
 def test_config_checks():

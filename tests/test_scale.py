@@ -67,9 +67,9 @@ def _run(src, out, **kw):
 
 
 CONFIGS = {
-    "monarch": dict(structure="monarch", rank=2, max_error=None),
+    "monarch": dict(structure="monarch", rank=2, max_error=None, max_output_error=None),
     "auto": dict(max_error=0.3, precision="auto", max_output_error=None),
-    "rotated": dict(structure="rotated", bits=4, max_error=None),
+    "rotated": dict(structure="rotated", bits=4, max_error=None, max_output_error=None),
 }
 
 
@@ -92,7 +92,7 @@ def test_uncalibrated_pool_and_target_size(inputs, tmp_path, monkeypatch):
     src, _ = inputs
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    cfg = dict(structure="monarch", rank=1, max_error=None, target_size=180_000)
+    cfg = dict(structure="monarch", rank=1, max_error=None, max_output_error=None, target_size=180_000)
     one, r1 = _run(src, tmp_path / "a.onnx", workers=1, **cfg)
     two, r2 = _run(src, tmp_path / "b.onnx", workers=2, **cfg)
     assert one == two
@@ -163,7 +163,7 @@ def test_dask_local_cluster_with_this_process_planning(inputs, tmp_path):
 def test_resume_plans_only_the_missing_layers(inputs, tmp_path, monkeypatch):
     src, calib = inputs
     work = tmp_path / "work"
-    cfg = dict(workers=1, calibration=calib, work_dir=work, **CONFIGS["auto"])
+    cfg = dict(workers=1, calibration=calib, work_dir=work, **CONFIGS["monarch"])
     ref, r0 = _run(src, tmp_path / "a.onnx", **cfg)
     records = sorted(work.glob("*.pkl"))
     planned = sum(r.plan_seconds is not None for r in r0.layers)

@@ -10,8 +10,6 @@ custom-op; onnxruntime fuses the chain into its DynamicQuantizeMatMul kernel.  N
 """
 from __future__ import annotations
 
-import numpy as np
-
 from bfc.lowbit.int8_layer import HalfLinear, Int8Linear
 from bfc.ops import lowbit_codes_stream
 from bfc.passes.int8_emit import emit_folded_codes, emit_int8_matmul
