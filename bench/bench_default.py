@@ -541,8 +541,8 @@ def main(argv=None) -> int:
         "default graph optimizations, median of " + ("1" if args.quick else "3") + ").  Latency: 1 intra-op "
         "thread, median of interleaved runs (" + ("10 / 3" if args.quick else "40 / 10") + " rounds at the "
         "small / large shape); sentence models on 1x128 and 32x128 tokens (one repeated word id), Fashion-MNIST "
-        "on 1 and 32 images.  STS-B: mean pooling + cosine, Spearman x100 on the held-out half (750 pairs) of "
-        "the fixed dev split `models/data/stsb_split.json` (`models/stsb_split.py`)."
+        "on 1 and 32 images.  STS-B: mean pooling + cosine, Spearman x100 on the held-out half (750 pairs, or "
+        "the first N where the column says so) of the fixed dev split `models/data/stsb_split.json` (`models/stsb_split.py`)."
         + (f"  Plot: `{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}`." if png else ""))
     body = "\n\n".join(parts)
     title = "Useful by default: bfc's default run vs quantize_dynamic and MatMulNBits (issue 19)"
