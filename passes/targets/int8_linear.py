@@ -10,10 +10,12 @@ custom-op; onnxruntime fuses the chain into its DynamicQuantizeMatMul kernel.  N
 """
 from __future__ import annotations
 
+import numpy as np
+
 from bfc.lowbit.int8_layer import HalfLinear, Int8Linear
 from bfc.ops import lowbit_codes_stream
 from bfc.passes.int8_emit import emit_folded_codes, emit_int8_matmul
-from bfc.passes.lowbit_emit import UNPACK_OPSET, finish
+from bfc.passes.lowbit_emit import UNPACK_OPSET
 from bfc.passes.targets import FormEmitter, emits
 from bfc.passes.targets.custom_op import CustomOp
 from bfc.passes.targets.portable import Portable
@@ -41,7 +43,15 @@ class Int8MatMul(FormEmitter):
         w8, col = tensors
         if q.rotation is None:
             return emit_int8_matmul(b, x, w8, col, bias)
-        return finish(b, x, rank, q, emit_int8_matmul(b, rotated(), w8, col), None, bias)
+        if rank == 2:
+            return emit_int8_matmul(b, rotated(), w8, col, bias)
+        # x Q back in x's shape once per rotation and graph (shared by Q, K, V): the integer MatMul then
+        # writes [..., N] directly, so onnxruntime fuses the model's own bias Add into it
+        cache = b.graph.__dict__.setdefault("_bfc_rotated_nd", {})
+        key = (x.name, id(q.rotation))
+        if key not in cache:
+            cache[key] = b.op("Reshape", [rotated(), b.op("Shape", [x], dtype=np.int64)])
+        return emit_int8_matmul(b, cache[key], w8, col, bias)
 
 
 class HalfMatMul(FormEmitter):
