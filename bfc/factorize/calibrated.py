@@ -64,14 +64,16 @@ def refine_fits(chain: Chain, cap: int = DENSE_CAP) -> bool:
     return True
 
 
-def weighted_error(w: np.ndarray, w_hat, gram: np.ndarray | None) -> float:
+def weighted_error(w: np.ndarray, w_hat, gram: np.ndarray | None = None) -> float:
     """||X (W - W_hat)||_F / ||X W||_F computed from C = X^T X (or its 1-D diagonal form,
     then sum_i C_ii ||e_i||^2; None: the plain ||W - W_hat||_F / ||W||_F).
 
     ``w_hat`` is a dense matrix or an iterable of ``(cols, W_hat[:, cols])`` column blocks
     (``KSFactorization.iter_columns``): both sums are separable over columns,
     ||X E||^2 = sum_c ||X E[:, c]||^2, so no dense M x N temporary is needed."""
-    blocks = [(slice(None), w_hat)] if isinstance(w_hat, np.ndarray) else w_hat
+    w = np.asarray(w, dtype=np.float64)
+    gram = None if gram is None else np.asarray(gram, dtype=np.float64)
+    blocks = [(slice(None), np.asarray(w_hat, np.float64))] if isinstance(w_hat, np.ndarray) else w_hat
     num = den = 0.0
     for cols, block in blocks:
         wc = w[:, cols]

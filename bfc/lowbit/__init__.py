@@ -5,6 +5,7 @@ group-wise low-bit format (``groups``, ``packing``, ``ort_layout``), rounded wit
 feedback (``gptq``), plus an optional low-rank correction (``correction``).  The front
 function is ``rotate_quantize`` (``layer``).
 """
+from bfc.factorize.calibrated import weighted_error
 from bfc.lowbit.correction import (
            CorrectionOption,
            LowRankCorrection,
@@ -18,7 +19,6 @@ from bfc.lowbit.groups import (
            LowBitFormat,
            PackedGroups,
            quantize_groups,
-           weighted_error,
 )
 from bfc.lowbit.layer import RotatedLayer, rotate_quantize, rotated_gram
 from bfc.lowbit.ort_layout import ORT_BITS, MatMulNBitsWeights, to_matmulnbits

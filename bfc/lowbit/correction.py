@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bfc.errors import InvalidInputError
-from bfc.lowbit.groups import weighted_error
+from bfc.factorize.calibrated import weighted_error
 
 
 @dataclass(frozen=True)

@@ -265,12 +265,3 @@ def quantize_groups(w, fmt: LowBitFormat | None = None, h=None, method: str = "s
         bits=fmt.bits, group_size=g, symmetric=fmt.symmetric)
 
 
-def weighted_error(w, w_hat, gram=None) -> float:
-    """Relative error: ``||X (W - W_hat)||_F / ||X W||_F`` with ``gram = X^T X``
-    (``tr(E^T G E) / tr(W^T G W)``, square-rooted), or plain Frobenius without a Gram."""
-    w = np.asarray(w, dtype=np.float64)
-    e = w - np.asarray(w_hat, dtype=np.float64)
-    if gram is None:
-        return float(np.linalg.norm(e) / np.linalg.norm(w))
-    g = np.asarray(gram, dtype=np.float64)
-    return float(np.sqrt(max(np.sum(e * (g @ e)), 0.0) / np.sum(w * (g @ w))))

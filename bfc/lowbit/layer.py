@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from bfc.errors import InvalidInputError
+from bfc.factorize.calibrated import weighted_error
 from bfc.lowbit.correction import LowRankCorrection, fit_correction
 from bfc.lowbit.gptq import gptq_quantize
 from bfc.lowbit.groups import (
     GroupQuantized,
     LowBitFormat,
     quantize_groups,
-    weighted_error,
 )
 from bfc.lowbit.rotation import ButterflyRotation
 from bfc.lowbit.rotation_learn import learn_rotation
