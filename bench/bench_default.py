@@ -11,7 +11,9 @@ For each model, in ONE run and side by side:
   bfc default (calibration)  ``bfc optimize IN -o OUT --calibration CALIB`` (the CLI, a subprocess; wall time)
   bfc default (no calib.)    ``bfc optimize IN -o OUT``
 Measured for each: file bytes (external data included); resident bytes: the process RSS grown by
-``InferenceSession`` creation in a fresh subprocess (1 intra-op thread); latency with 1 intra-op
+``InferenceSession`` creation in a fresh subprocess (1 intra-op thread; after ``malloc_trim``, so
+that buffers freed during session creation and kept mapped by glibc are not counted; the peak
+while loading is larger, see bench/results/int8_emit.md); latency with 1 intra-op
 thread (median, runs interleaved across the methods so they share the machine's noise); the task
 metric; ratios to quantize_dynamic.  Metrics: STS-B Spearman x100 on the HELD-OUT half of the fixed
 dev split (``models/stsb_split.py``) for MiniLM-L6 and all-mpnet-base-v2, top-1 on the 10k test
@@ -147,9 +149,17 @@ if bfc_ops:
     from bfc.runtime import library_path
     so.register_custom_ops_library(str(library_path()))
 proc = psutil.Process()
-gc.collect()
+def trim():  # glibc keeps freed buffers (e.g. the constant-folding temporaries of session creation) mapped
+    import ctypes
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+trim()
 before = proc.memory_info().rss
 sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+trim()
 after = proc.memory_info().rss
 print(json.dumps({"delta": after - before}))
 """

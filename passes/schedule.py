@@ -208,6 +208,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
                        op=sites.sites[i].nodes[0].op, opset=loaded.opset)
              for i in sorted(todo, key=lambda i: -sites.sites[i].weight.size)]
     cands, meta = {}, {}
+    clock = [time.perf_counter()]
     runs = Runner(cfg).run(tasks)
     try:
         for done, (task, res) in enumerate(runs, 1):
@@ -218,6 +219,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     finally:
         runs.close()
     order = sorted(cands)
+    clock.append(time.perf_counter())
     sens = layer_sensitivity(model, [sites.sites[i] for i in order], run_feeds, reference,
                              relative_to="output" if stats.layers is not None else "weight") \
         if run_feeds is not None else {}
@@ -225,6 +227,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
                                         sens.get(sites.sites[i].weight_name, 1.0)) for c in cands[i]]
              for i in order]
     budget = cfg.max_output_error if cfg.max_output_error is not None else float("inf")
+    clock.append(time.perf_counter())
 
     def planned(choice) -> list[LayerPlan]:
         out = []
@@ -255,6 +258,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     if evaluate is not None and cfg.max_metric_drop is not None:
         budget, search_notes = metric_budget(loaded, table, planned, target, evaluate, cfg.max_metric_drop)
     result = allocate.allocate_verified(table, budget, measure, objective="bytes")
+    clock.append(time.perf_counter())
     choice = result.allocation.choice if result.met else (0,) * len(order)     # the budget always holds
     for i, p in zip(order, planned(choice)):
         layers[i] = p
@@ -262,7 +266,9 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     measured = result.measured[-1] if result.met else 0.0
     notes = (f"allocator: {sum(k > 0 for k in choice)} of {len(order)} layers compressed; whole-model output error "
              f"{measured:.3g} on {where} inputs (budget {budget:g}; predicted {result.allocation.predicted_error:.3g}; "
-             f"{len(result.rounds)} verification run{'s' if len(result.rounds) > 1 else ''})",)
+             f"{len(result.rounds)} verification run{'s' if len(result.rounds) > 1 else ''}); time: candidates "
+             f"{clock[1] - clock[0]:.0f} s, sensitivities {clock[2] - clock[1]:.0f} s, allocation and verification "
+             f"{clock[3] - clock[2]:.0f} s",)
     notes = search_notes + notes
     if not result.met:
         notes += (f"allocator: no allocation met the budget within {len(result.rounds)} verification runs (errors "
