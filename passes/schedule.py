@@ -26,6 +26,7 @@ from bfc.passes.guard import output_error
 from bfc.passes.latency import check_plan
 from bfc.passes.layer_runner import LayerTask, Runner
 from bfc.passes.load import save_model
+from bfc.passes.measure import first_rows
 from bfc.passes.products import LayerPlan, LoadedModel, Plan, Sites, Statistics
 from bfc.passes.rewrite import rewritten
 from bfc.passes.sensitivity import layer_sensitivity
@@ -220,9 +221,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
         runs.close()
     order = sorted(cands)
     clock.append(time.perf_counter())
-    sens = layer_sensitivity(model, [sites.sites[i] for i in order], run_feeds, reference,
-                             relative_to="output" if stats.layers is not None else "weight") \
-        if run_feeds is not None else {}
+    sens = _sensitivities(model, [sites.sites[i] for i in order], run_feeds, stats.layers is not None)
     table = [[allocate.Candidate.scored(c.label, type(c.form).__name__, c.nbytes, c.resident_nbytes, c.error,
                                         sens.get(sites.sites[i].weight_name, 1.0)) for c in cands[i]]
              for i in order]
@@ -276,6 +275,19 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     return Plan(tuple(layers[i] for i in range(len(sites.sites))), notes, output_error=measured)
 
 
+def _sensitivities(model, sites, feeds, calibrated: bool) -> dict:
+    """{weight name: sensitivity} on the first SENSITIVITY_SAMPLES inputs (all of them where a model
+    does not run on a slice of its inputs); none without runnable inputs (every sensitivity then 1)."""
+    if feeds is None:
+        return {}
+    kind = "output" if calibrated else "weight"
+    try:
+        return layer_sensitivity(model, sites, first_rows(feeds, SENSITIVITY_SAMPLES), relative_to=kind)
+    except BfcError:
+        return layer_sensitivity(model, sites, feeds, relative_to=kind)
+
+
+SENSITIVITY_SAMPLES = 8      # inputs per sensitivity run: a ratio of errors, stable on few samples (one run per layer)
 BUDGET_LADDER = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
 
 
