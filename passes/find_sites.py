@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from bfc.errors import ModelError
 from bfc.passes.embedding_emit import gather_reason
 from bfc.passes.fold import Folded, fold_weight
-from bfc.passes.stream import LazyArray, import_graph
+from bfc.passes.stream import LazyArray, graphs, import_graph, initializers
 
 BFC_PREFIX = "bfc/"      # names of nodes and tensors bfc creates; such layers are never re-factorized
 FLOAT_TYPES = (np.float32, np.float16)
@@ -226,6 +226,27 @@ def find_sites(graph: gs.Graph) -> list[Site]:
             i += 1
             s.weight_name = f"{base}#{i}"
         used.add(s.weight_name)
+    return out
+
+
+def other_constants(model, sites: list[Site], min_size: int) -> list[str]:
+    """One line per initializer of at least ``min_size`` values that is no site's weight or table: what reads
+    it and that bfc leaves it as stored (e.g. a rank-3 constant, a Conv kernel, a computed weight's source)."""
+    used = {s.weight_name for s in sites if s.eligible}
+    readers: dict = {}
+    for g in graphs(model.graph):
+        for node in g.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(node.op_type)
+    out = []
+    for t in initializers(model):
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n >= min_size and t.name not in used:
+            ops = ", ".join(sorted(readers.get(t.name, {"no node"})))
+            out.append(f"constant {t.name} {list(t.dims)} ({n} values) left as stored: read by {ops}, which bfc does "
+                       "not rewrite (MatMul/Gemm weights and Gather tables only)")
     return out
 
 

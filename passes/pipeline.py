@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -29,7 +29,7 @@ from bfc.errors import BfcError, ConfigError, UnsupportedError
 from bfc.passes.calibrate import calibrate
 from bfc.passes.distill import distill
 from bfc.passes.events import Event, SitesFound, StageStarted
-from bfc.passes.find_sites import find_model_sites
+from bfc.passes.find_sites import find_model_sites, other_constants
 from bfc.passes.fuse import fuse_stage
 from bfc.passes.guard import guard
 from bfc.passes.load import MIN_OPSET, check_output_path, load
@@ -85,6 +85,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     emit(StageStarted("sites"))
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))     # Sites
     emit(SitesFound(sites.eligible, len(sites.sites)))
+    loaded = replace(loaded, notes=loaded.notes + tuple(other_constants(loaded.model, sites.sites, cfg.min_size)))
     emit(StageStarted("calibrate"))
     stats = calibrate(loaded, sites, feeds, cfg)                          # Statistics
     trim()

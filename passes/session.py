@@ -17,6 +17,7 @@ import onnx.shape_inference
 import onnxruntime as ort
 
 from bfc.errors import ConfigError, ModelError
+from bfc.passes.stream import graphs
 from bfc.runtime import session  # noqa: F401 - the one session factory (calibration, verification)
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
@@ -185,14 +186,9 @@ _INDEXED = {("Gather", ""): [(1, 0, "axis")],
 
 
 def _all_nodes(graph: onnx.GraphProto):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
+    """Every node of ``graph`` and of its If/Loop/Scan bodies (``stream.graphs``: the one subgraph walk)."""
+    for g in graphs(graph):
+        yield from g.node
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict:

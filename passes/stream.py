@@ -191,20 +191,20 @@ def resolve(t: TensorProto, base) -> None:
     t.raw_data = data
 
 
-def _graphs(g: onnx.GraphProto):
+def graphs(g: onnx.GraphProto):
     yield g
     for n in g.node:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
+                yield from graphs(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for sub in a.graphs:
-                    yield from _graphs(sub)
+                    yield from graphs(sub)
 
 
 def initializers(model: onnx.ModelProto):
     """Every initializer of every graph (main graph first)."""
-    for g in _graphs(model.graph):
+    for g in graphs(model.graph):
         yield from g.initializer
 
 
@@ -583,7 +583,7 @@ def _shell(g, shell):
 
 
 def _write_inline(fh, model: onnx.ModelProto, base) -> None:
-    for g in list(_graphs(model.graph))[1:]:      # subgraph references: small in practice, read in
+    for g in list(graphs(model.graph))[1:]:      # subgraph references: small in practice, read in
         for t in g.initializer:
             if is_ref(t):
                 resolve(t, base)
@@ -617,7 +617,7 @@ def write_model(model: onnx.ModelProto, out: Path, base, data_name: str | None =
     name of the data file written beside it (in ``out``'s folder) or None (module doc).  ``model`` is
     changed: in the external layout its initializers become references into the new data file."""
     out = Path(out)
-    total = model_size(model, base) + sum(ref_of(t, base).length for g in list(_graphs(model.graph))[1:]
+    total = model_size(model, base) + sum(ref_of(t, base).length for g in list(graphs(model.graph))[1:]
                                             for t in g.initializer if is_ref(t))
     if total <= limit:
         with open(out, "wb") as fh:

@@ -70,3 +70,19 @@ def test_reasons_name_the_target_in_use():
     assert "target custom-op" in get_target("custom-op").lowbit_support(5, 21) or \
         "custom-op" in get_target("custom-op").lowbit_support(5, 21)
     assert "ort target" in get_target("ort").lowbit_support(3, 17)
+
+
+def test_other_large_constants_are_reported_with_a_reason():
+    """Issue 19 item 4: a large constant that is no MatMul/Gemm weight or Gather table is named in the report."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("MatMul", ["x", "W"], ["a"], name="mm"), h.make_node("Conv", ["img", "K"], ["c"], name="conv")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 64]),
+                                  h.make_tensor_value_info("img", T.FLOAT, [1, 8, 16, 16])],
+                     [h.make_tensor_value_info("a", T.FLOAT, [2, 128]), h.make_tensor_value_info("c", T.FLOAT, None)],
+                     [nh.from_array(rng.standard_normal((64, 128)).astype(np.float32), "W"),
+                      nh.from_array(rng.standard_normal((64, 8, 3, 3)).astype(np.float32), "K")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    _, rep = bfc.optimize(m, bfc.OptimizeConfig(verify=False))
+    assert [n for n in rep.notes if n.startswith("constant K [64, 8, 3, 3]") and "Conv" in n]
+    assert not [n for n in rep.notes if n.startswith("constant W ")]
