@@ -474,6 +474,7 @@ RSS_CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_resident_bytes_minilm_sized(tmp_path, target, bits):
     """30522 x 384, blocks of 32: the session's RSS grows by the stored bytes (+ <= 1 MB of graph)."""
+    pytest.importorskip("psutil", reason="measuring a child's RSS needs psutil (the heavy-extras CI step has it)")
     form = quantize_embedding(gaussian(30522, 384, seed=10), bits, 32, np.float16, search=False)
     if target == "ort" and ort_support(form):
         pytest.skip(ort_support(form))
