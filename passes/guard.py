@@ -25,7 +25,7 @@ from bfc.passes.events import StageStarted
 from bfc.passes.lowbit_plan import assign_rotation_owners
 from bfc.passes.products import LoadedModel, Plan
 from bfc.passes.rewrite import rewritten
-from bfc.passes.session import random_feeds, run, session
+from bfc.passes.session import MEASURE_BATCH, random_feeds, run, session
 from bfc.report import compared
 
 
@@ -53,7 +53,7 @@ def guard(loaded: LoadedModel, plan: Plan, feeds: dict | None, cfg: OptimizeConf
 
 
 def _back_off(loaded: LoadedModel, plan: Plan, feeds, cfg, target, budget) -> Plan:
-    feeds = feeds if feeds is not None else random_feeds(loaded.model, cfg.seed)
+    feeds = feeds if feeds is not None else random_feeds(loaded.model, cfg.seed, MEASURE_BATCH)
     folder = None if loaded.base is None else Path(loaded.base).absolute().parent
     sess = session(loaded.model, threads=0, external_folder=folder)
     names = [o.name for o in sess.get_outputs()]

@@ -39,7 +39,7 @@ from bfc.passes.products import LayerPlan, LoadedModel, RewrittenModel, Sites
 from bfc.passes.rewrite import rewrite_model
 from bfc.passes.save import save
 from bfc.passes.schedule import plan_layers
-from bfc.passes.session import load_feeds, random_feeds
+from bfc.passes.session import MEASURE_BATCH, load_feeds, random_feeds
 from bfc.passes.stream import materialize, trim
 from bfc.passes.targets import Target, get_target
 from bfc.passes.verify import verify_result
@@ -106,14 +106,15 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         why = "; ".join(f"{p.site.name}: {p.reason}" for p in plan.layers[:3]) or "no MatMul/Gemm node"
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     report = Report(model=loaded.name, target=target.name, layers=[_row(p) for p in plan.layers],
-                    model_bytes_before=loaded.nbytes, model_bytes_after=rewritten.nbytes,
+                    model_bytes_before=sum(Path(f).stat().st_size for f in loaded.files) or loaded.nbytes, model_bytes_after=rewritten.nbytes,
                     notes=list(notes), calibrated=feeds is not None)
     del plan
     trim()
     verify_feeds, why_no_feeds = feeds, None
     if cfg.verify and feeds is None:
-        try:                             # shaped by the output: --fix-batch pins its batch dimension
-            verify_feeds = random_feeds(rewritten.model, cfg.seed)
+        try:                 # ranged by the input (its tables); shaped by the output where --fix-batch pins it
+            verify_feeds = random_feeds(loaded.model, cfg.seed + 1, MEASURE_BATCH) if cfg.fix_batch is None \
+                else random_feeds(rewritten.model, cfg.seed + 1)
         except BfcError as e:
             why_no_feeds = str(e)
 

@@ -4,8 +4,7 @@
 temporary name in the output's folder (``load.save_model``); the written file is read back as a
 skeleton and passes the ONNX checker (``export.check_file``) before it is renamed to ``out``, so
 a failed check leaves nothing at ``out``.  A run that rewrote nothing (even when the opset was
-upgraded for planning) copies the input file's bytes unchanged (a model without external data; with external data the
-model is re-saved through ``stream.write_model``).
+upgraded for planning) copies the input's bytes unchanged, external-data files included (``_copy_input``).
 """
 from __future__ import annotations
 
@@ -24,9 +23,8 @@ from bfc.passes.products import LoadedModel, RewrittenModel, SavedModel
 
 def save(rewritten: RewrittenModel, out: Path, loaded: LoadedModel) -> SavedModel:
     """The save stage (see the module doc)."""
-    if not rewritten.changed and loaded.base is not None and len(loaded.files) == 1:
-        _copy_atomic(Path(loaded.source), out)
-        return SavedModel(out, out.stat().st_size)
+    if not rewritten.changed and not isinstance(loaded.source, onnx.ModelProto):
+        return _copy_input(loaded, out)
     model = rewritten.model
     if model is loaded.model:
         model = _copy(model)          # saving may move a skeleton's references to the output's data
@@ -34,6 +32,22 @@ def save(rewritten: RewrittenModel, out: Path, loaded: LoadedModel) -> SavedMode
     external = rewritten.nbytes > model_files.PROTO_LIMIT     # save_model wrote <out>.data beside it
     data = Path(str(out) + ".data")
     return SavedModel(out, out.stat().st_size + (data.stat().st_size if external else 0))
+
+
+def _copy_input(loaded: LoadedModel, out: Path) -> SavedModel:
+    """The input's bytes at ``out``; its external-data files beside it under their own names (the same
+    relative layout).  In the input's own folder those files are already there: the copy of the model
+    file refers to them (nothing the input reads is written)."""
+    src = Path(loaded.source)
+    folder = out.parent if str(out.parent) else Path(".")
+    total = 0
+    for data in loaded.files[1:]:
+        dst = folder / Path(data).relative_to(src.parent)
+        if not (dst.exists() and os.path.samefile(dst, data)):
+            _copy_atomic(Path(data), dst)
+        total += dst.stat().st_size
+    _copy_atomic(src, out)
+    return SavedModel(out, out.stat().st_size + total)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -30,7 +30,7 @@ from bfc.passes.measure import first_rows
 from bfc.passes.products import LayerPlan, LoadedModel, Plan, Sites, Statistics
 from bfc.passes.rewrite import rewritten
 from bfc.passes.sensitivity import layer_sensitivity
-from bfc.passes.session import random_feeds, run, session
+from bfc.passes.session import MEASURE_BATCH, random_feeds, run, session
 from bfc.passes.stream import materialize
 
 
@@ -192,7 +192,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
         return Plan(tuple(layers[i] for i in range(len(sites.sites))))
     model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)
     try:
-        run_feeds = feeds if feeds is not None else random_feeds(model, cfg.seed)
+        run_feeds = feeds if feeds is not None else random_feeds(model, cfg.seed, MEASURE_BATCH)
         reference = run(session(model, threads=0), run_feeds)
     except BfcError as e:
         why = (f"whole-model output error cannot be measured ({e}); give model inputs with --calibration "

@@ -273,8 +273,9 @@ class _Dims:
     when a member is the first axis of an input of rank >= 2 (the batch, by convention) or only
     the axis of rank-1 inputs, else 8."""
 
-    def __init__(self):
+    def __init__(self, batch: int = 2):
         self.parent, self.fixed, self.kinds = {}, {}, {}
+        self.batch = batch
 
     def find(self, k):
         self.parent.setdefault(k, k)
@@ -303,7 +304,7 @@ class _Dims:
         if r in self.fixed:
             return self.fixed[r]
         kinds = self.kinds.get(r, set())
-        return 2 if "first" in kinds or kinds == {"vector"} else 8
+        return self.batch if "first" in kinds or kinds == {"vector"} else 8
 
 
 def _attr(node, name, default):
@@ -313,10 +314,10 @@ def _attr(node, name, default):
     return default
 
 
-def _input_shapes(model: onnx.ModelProto, inputs) -> dict:
+def _input_shapes(model: onnx.ModelProto, inputs, batch: int = 2) -> dict:
     """{input name: concrete shape} for ``random_feeds``: one value per dimension name across all
     inputs, fixed dims as declared, recurrent states as their op needs (see ``_RECURRENT``)."""
-    dims = _Dims()
+    dims = _Dims(batch)
     declared = {}
     for vi in inputs:
         t = vi.type.tensor_type
@@ -408,12 +409,15 @@ class GeneratedFeeds(dict):
     run's message points to ``--calibration`` instead of the input shapes)."""
 
 
-def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
+MEASURE_BATCH = 32     # generated rows for a whole-model budget check: a 2-row draw let errors hide (fuzz seed 43)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict:
     """Seeded inputs shaped and ranged for ``model`` (verification without calibration data).
 
     Shapes: the declared rank; fixed dims as declared; each dimension name one size across all
-    inputs: 2 when it is the first axis of an input of rank >= 2 (or only the axis of rank-1
-    inputs), else 8; unnamed dims the same by their own axis;
+    inputs: ``batch`` (2; the budget checks use MEASURE_BATCH) when it is the first axis of an input of
+    rank >= 2 (or only the axis of rank-1 inputs), else 8; unnamed dims the same by their own axis;
     LSTM/GRU/RNN initial states ``[num_directions, batch, hidden_size]`` (from the op's
     attributes and its X input) and their ``sequence_lens`` the full sequence length.
     Values: floats standard normal; bools and inputs named like masks ones; integer inputs
@@ -429,7 +433,7 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
                     if vi.type.HasField("tensor_type") else vi.type.WhichOneof("value") or "unknown")
             raise ModelError(f"model input {vi.name!r} has an element type bfc cannot generate ({kind}); "
                              "give inputs with --calibration FILE.npz")
-    shapes, seq_len = _input_shapes(model, inputs)
+    shapes, seq_len = _input_shapes(model, inputs, batch)
     lens = _recurrent_seq_lens(model, shapes)
     bounds = index_bounds(model)
     feeds = GeneratedFeeds()
