@@ -43,8 +43,8 @@ from bfc.cli import main  # noqa: E402
 
 N_MODELS = int(os.environ.get("BFC_FUZZ_MODELS", "24"))
 BUDGET = 0.2               # bfc's default max_output_error; none of the configurations below changes it
-# bfc checks the budget on its own generated inputs: one draw (seed 0) with a batch of 2, i.e. 2 rows
-# for a [batch, features] input or a pooled output, 16 for [batch, seq, features].  The test draws the
+# bfc checks the budget on its own generated inputs: one draw (seed 0) with a batch of 32 (MEASURE_BATCH)
+# (the batch axis of every input; other symbolic dims 8).  The test draws the
 # same distribution (standard normal floats, ids within the table, masks ones) with another seed and a
 # batch of FRESH_BATCH, so that its own estimate of the expected error is tight: in a 60-model probe
 # (447 draws) the error at batch 16 was 0.83x..1.25x the error at batch 256 (5th..95th percentile).
@@ -63,20 +63,12 @@ CONFIGS = {
     "butterfly-int8": ["--structure", "butterfly", "--precision", "int8", "--no-max-error"],
 }
 
-# (seed, configuration) -> reason: real bfc bugs, each reported with a reproduction; nothing else.
-_SMALL_SAMPLE = ("bfc checks max_output_error on one generated draw of batch 2 (2 rows of a [batch, features] "
-                 "input or pooled output); on fresh inputs of the same distribution the error is > 1.5x the budget")
-_NOOP_COPY = ("a run that rewrites nothing does not write the input unchanged (issue 21 item 7): external data "
-              "inlined, transformer fusions or the opset upgrade kept")
-KNOWN_BUGS: dict[tuple[int, str], str] = {
-    **{k: _SMALL_SAMPLE for k in [(7, "rotated-b3"), (12, "butterfly-int8"), (32, "butterfly-int8"),
-                                  (41, "rotated-b3"), (43, "default"), (43, "monarch-r2"), (43, "rotated-b3"),
-                                  (43, "butterfly-int8"), (52, "monarch-r2")]},
-    **{k: _NOOP_COPY for k in [(1, "butterfly-int8"), (8, "rotated-b3"), (8, "butterfly-int8"), (15, "rotated-b3"),
-                               (20, "rotated-b3"), (27, "monarch-r2"), (27, "rotated-b3"), (27, "butterfly-int8"),
-                               (29, "monarch-r2"), (29, "butterfly-int8"), (38, "monarch-r2"), (38, "butterfly-int8"),
-                               (39, "butterfly-int8"), (45, "rotated-b3"), (50, "rotated-b3"), (50, "butterfly-int8")]},
-}
+# (seed, configuration) -> reason: real bfc bugs, each reported with a reproduction; nothing else.  The two
+# found by this fuzz (budgets checked on a 2-row draw; no-op runs not byte-identical) are fixed.
+_ONE_DRAW = ("the budget is estimated on one generated draw (32 rows); on this model the error on fresh inputs "
+             "is 1.5-1.6x the budget (seed 28: an If whose branch depends on the data; seed 36: 1.02x the test's "
+             "tolerance): a margin or several draws for uncalibrated checks is the open fix")
+KNOWN_BUGS: dict[tuple[int, str], str] = {(28, "rotated-b3"): _ONE_DRAW, (36, "rotated-b3"): _ONE_DRAW}
 
 
 def _digest(paths) -> dict:
