@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--calibration", type=Path, default=S, help=".npz of model inputs keyed by input name")
     op.add_argument("--quant-method", default=S, help="auto|rtn|pairwise|l2r|balanced (default auto)")
     op.add_argument("--target", default=S, help="where the layers run: " + "; ".join(
-        f"{t.name}: {t.summary}" for t in _targets()) + " (default portable)")
+        f"{t.name}: {t.summary}" for t in _targets()) + " (default ort)")
     op.add_argument("--no-verify", dest="verify", action="store_false", default=S, help="skip the verification run")
     op.add_argument("--evaluate", metavar="SPEC", default=None,
                     help="the user's metric (higher is better) as path/to/file.py:function (model path -> number), or "

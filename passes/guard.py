@@ -46,8 +46,9 @@ def guard(loaded: LoadedModel, plan: Plan, feeds: dict | None, cfg: OptimizeConf
     try:
         return _back_off(loaded, plan, feeds, cfg, target, budget)
     except BfcError as e:           # e.g. inputs bfc cannot generate, or no custom-op library
-        why = (f"whole-model output error cannot be measured ({e}); give model inputs with --calibration "
-               "FILE.npz, or accept an unmeasured model with --no-max-output-error")
+        why = (f"whole-model output error cannot be measured ({e.__class__.__name__}: {str(e).split('; ')[0]}); "
+               "give model inputs with --calibration FILE.npz, or accept an unmeasured model with "
+               "--no-max-output-error")
         return replace(plan, layers=tuple(p.kept_dense(why) if p.rewritten else p for p in plan.layers),
                        notes=plan.notes + (f"guard: nothing rewritten: {why}",))
 

@@ -195,8 +195,9 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
         run_feeds = feeds if feeds is not None else random_feeds(model, cfg.seed, MEASURE_BATCH)
         reference = run(session(model, threads=0), run_feeds)
     except BfcError as e:
-        why = (f"whole-model output error cannot be measured ({e}); give model inputs with --calibration "
-               "FILE.npz, or accept an unmeasured model with --no-max-output-error")
+        why = (f"whole-model output error cannot be measured ({e.__class__.__name__}: {str(e).split('; ')[0]}); "
+               "give model inputs with --calibration FILE.npz, or accept an unmeasured model with "
+               "--no-max-output-error")
         if cfg.max_output_error is not None:
             for i in todo:
                 layers[i] = LayerPlan(sites.sites[i], reason=why)
