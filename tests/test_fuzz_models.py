@@ -17,7 +17,7 @@ For each seeded model, the default run and three forced configurations, in proce
 
 N models: ``BFC_FUZZ_MODELS`` (CI's heavy step sets 200), default 24.  Each model is one test per
 configuration (test ids seedN-config); KNOWN_BUGS marks the (seed, configuration) pairs that fail
-on a reported bfc bug as strict xfails.  Runtime on the shared, loaded 2-core machine: about 10 s per
+on a reported bfc bug as xfails.  Runtime on the shared, loaded 2-core machine: about 10 s per
 model (four bfc runs, 9-15 s), 3.6 min at N=24, about 12.5 min at N=60; N=200 about 40 min.
 """
 from __future__ import annotations
@@ -107,7 +107,9 @@ def _params():
     for seed in range(N_MODELS):
         for name in CONFIGS:
             reason = KNOWN_BUGS.get((seed, name))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            # not strict: these sit near the test's tolerance (seed 36 at 1.02x), so another machine's
+            # rounding may pass them; an unexpected failure elsewhere still fails the run
+            marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
             yield pytest.param(seed, name, marks=marks, id=f"seed{seed}-{name}")
 
 
