@@ -223,18 +223,7 @@ def _heads(G: _Graph, t, perm=(0, 2, 1, 3)):
     tr = G.node(t, "Transpose")
     if tr is None or list(_attr(tr, "perm", [])) != list(perm):
         return None
-    rs = G.node(tr.input[0], "Reshape")
-    if rs is None:
-        return None
-    x3, d4, d3 = rs.input[0], G.dims(rs.output[0]), G.dims(rs.input[0])
-    if d4 is None or d3 is None or len(d4) != 4 or len(d3) != 3:
-        return None
-    h, d, width = d4[2], d4[3], d3[2]
-    if not all(isinstance(v, int) and v > 0 for v in (h, d, width)) or h * d != width:
-        return None
-    if not (_same(d4[0], d3[0]) and _same(d4[1], d3[1])):
-        return None
-    return x3, h, d
+    return _heads_from_reshape(G, tr)
 
 
 def _shape_entries(G: _Graph, name):
@@ -330,7 +319,8 @@ def _k_heads(G: _Graph, t):
 
 
 def _heads_from_reshape(G: _Graph, tr):
-    """Like _heads for a Transpose node not in the graph (perm (0,2,1,3) applied to tr.input[0])."""
+    """(x3, H, d) when tr.input[0] = Reshape(x3 [b, s, H*d]) to [b, s, H, d] (inferred dims), else None; the
+    Transpose ``tr`` itself is not checked (``_heads`` checks it; callers may pass one not in the graph)."""
     rs = G.node(tr.input[0], "Reshape")
     if rs is None:
         return None
