@@ -245,6 +245,11 @@ def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, score, cfg: O
 
 ALLOC_BITS = (2, 3, 4)               # rotated low-bit codes, folded to int8 compute
 ALLOC_GROUPS = (64,)                 # 128 saves ~3% of the bytes at ~5% more error: not worth its time
+KS_FAMILIES = ("monarch",)   # KS chains offered to the allocator (block ranks up to MAX_PARAM_FRACTION); chain3 and
+#                              butterfly measured dominated by monarch on MiniLM at 2x its time
+KS_PRECISIONS = (Precision.INT4, Precision.INT8, Precision.FP8_E4M3)   # their factor formats, lowest first
+KS_QUANT_SLACK = 0.02                # a format within 2% of the float chain's error: no wider one is tried
+KS_MAX_ERROR = 0.5                   # a family whose most accurate chain loses half the layer output is out
 EMBEDDING_FORMATS = ((8, None), (4, 64), (2, 64))   # (bits, block; None: one scale per row); blocks 32 and 128
 #                                                  differ from 64 by a few % of bytes or error, at ~3 s each
 
@@ -265,7 +270,7 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
     """Every candidate of one site that ``target`` can emit at ``opset``, unchanged first.  A matmul
     site: dense int8 per column, fp16, and for each bits x group the rotated low-bit codes of Q^T W
     (``rotation``: the site's shared Q; GPTQ with the rotated Gram under calibration, searched-scale
-    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``).  An embedding site: int8,
+    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``), and KS chains (``_ks_forms``).  An embedding site: int8,
     int4 and int2 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
     above it is dropped (a per-layer cap under the whole-model budget)."""
     w = site.weight
@@ -277,12 +282,12 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
             if block is not None and (table.shape[1] % block or block >= table.shape[1]):
                 continue
             q = quantize_embedding(table, bits, block, search=bits < 8)     # int8 rows: the extreme is enough
-            forms.append((q, q.error(table)))
+            forms.append((q.label, q, q.error(table)))
     else:
         w64 = np.asarray(w, np.float64)
         score = Scorer(w64, stats, target, cfg.seed)
         for q in (Int8Linear.from_weight(w64), HalfLinear.from_weight(w64)):
-            forms.append((q, None))
+            forms.append((q.label, q, score(q)))
         if rotation is not None:
             wr = rotation.rotate_weight(w64)                      # Q^T W, its Gram Q^T G Q and GPTQ's factor:
             gr = None if score.gram is None or score.gram.ndim != 2 else rotated_gram(rotation, score.gram)
@@ -294,14 +299,51 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
                     fmt = LowBitFormat(bits, group, True, target.lowbit_scale_dtype)
                     gq = gptq_quantize(wr, None, fmt, factor=factor) if factor is not None else \
                         quantize_groups(wr, fmt)                   # no (or only a diagonal) Gram: searched RTN
-                    forms.append((Int8Linear.from_codes(gq, rotation), None))
-        forms = [(q, score(q)) for q, _ in forms]
+                    q = Int8Linear.from_codes(gq, rotation)
+                    forms.append((q.label, q, score(q)))
+        forms += _ks_forms(w64, score, cfg, forms)
     out = [dense]
-    for q, err in forms:
+    for label, q, err in forms:
         if target.emitter(q).support(q, opset) is not None:
             continue
         if cfg.max_error is not None and err > cfg.max_error:
             continue
         if q.nbytes < dense.nbytes:
-            out.append(Candidate(q.label, q, int(q.nbytes), int(q.resident_nbytes), float(err)))
+            out.append(Candidate(label, q, int(q.nbytes), int(q.resident_nbytes), float(err)))
     return tuple(out)
+
+
+def _ks_forms(w: np.ndarray, score: Scorer, cfg: OptimizeConfig, others) -> list:
+    """The allocator's KS-chain candidates (label, form, error) of one matmul weight: per family of
+    ``KS_FAMILIES`` and block rank (at most ``MAX_PARAM_FRACTION`` of the dense parameters), the
+    activation-weighted factorization with its factors in the formats of ``KS_PRECISIONS``, lowest
+    first, up to the first whose error is within ``KS_QUANT_SLACK`` of the float chain's (a wider format
+    could only add bytes).  Pruned before any format is tried, since the error falls with the rank and
+    no format beats the float chain: the family's most accurate chain (its largest rank, float) has
+    error e_hi; above ``KS_MAX_ERROR`` the family is out, and so is a rank whose int4 bytes b and float
+    error e are both matched by another candidate (bytes <= b, error <= e: it cannot be on the
+    allocator's bytes/error hull).  Trained dense weights (KS errors 0.5-0.9) cost one factorization
+    per family."""
+    fams = _auto_candidates(cfg, *w.shape)
+    out = []
+    for fam in KS_FAMILIES:
+        chains = fams.get(fam, [])
+        if not chains:
+            continue
+        top = factorize(w, chains[-1][3], gram=score.gram, refine=False)
+        e_top = score(cast(top, "fp32"))
+        if e_top > KS_MAX_ERROR:
+            continue
+        for i, (s, r, k, ch) in enumerate(chains):
+            last = i == len(chains) - 1
+            f = top if last else factorize(w, ch, gram=score.gram, refine=False)
+            e_float = e_top if last else score(cast(f, "fp32"))
+            if any(q.nbytes <= ch.nnz // 2 and e <= e_float for _, q, e in others + out):
+                continue
+            for prec in KS_PRECISIONS:
+                q = _store(f, prec, cfg.seed, cfg.quant_method.value)
+                e = score(q)
+                out.append((f"{_label(s, r, k)} {prec.value}", q, e))
+                if e <= e_float * (1 + KS_QUANT_SLACK):
+                    break
+    return out

@@ -5,7 +5,9 @@ with the given config (the default: the allocator at the default budget) and ret
 site: the layer, its shape, the bytes it is stored in (an int8 weight behind a DequantizeLinear
 counts its int8 values, scales and zero points, not the float value the layer computes with),
 the best candidate of each family the allocator considered (the smallest one; its bytes and its
-own relative output error), and what the plan picks, or why the site is not rewritten.
+own relative output error; "-" where the family offered none: a KS family whose most accurate chain
+misses ``candidates.KS_MAX_ERROR`` or is beaten in bytes and error by another candidate), and what the
+plan picks, or why the site is not rewritten.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from bfc.passes.pipeline import run_passes
 from bfc.report import size_text
 
 FAMILIES = (("int8", ("int8 per-column",)), ("fp16", ("fp16",)), ("rotated", ("rotated",)),
-            ("rows", ("int8 rows", "int4 rows", "int2 rows")))
+            ("ks", ("monarch",)), ("rows", ("int8 rows", "int4 rows", "int2 rows")))
 
 
 def _stored_bytes(site) -> int:
@@ -55,8 +57,8 @@ def _best(alternatives, prefixes) -> str:
     if not found:
         return "-"
     label, nbytes, err = min(found, key=lambda a: a[1])
-    return f"{size_text(nbytes)} ({err:.2g})" + (f" {label.split(' (')[0]}" if prefixes == ("rotated",) or
-                                                    prefixes[0].endswith("rows") else "")
+    return f"{size_text(nbytes)} ({err:.2g})" + (f" {label.split(' (')[0]}" if prefixes != ("int8 per-column",) and
+                                                    prefixes != ("fp16",) else "")
 
 
 HEADER = ("layer", "shape", "stored") + tuple(f for f, _ in FAMILIES) + ("picked",)
