@@ -42,7 +42,7 @@ import numpy as np
 
 from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
-from bfc.factorize import candidates, chain_for, factorize, weighted_error
+from bfc.factorize import candidates, chain_for, factorize, relative_error, weighted_error
 from bfc.lowbit import LowBitFormat, rotated_gram
 from bfc.lowbit.gptq import gptq_factor, gptq_quantize
 from bfc.lowbit.groups import quantize_groups
@@ -82,7 +82,7 @@ class Scorer:
             if q.low_rank is not None:
                 u, v = (np.asarray(m, np.float64) for m in q.low_rank)
                 y = y + (self.rows @ u) @ v.T
-            return float(np.linalg.norm(y - self._ref) / max(np.linalg.norm(self._ref), 1e-30))
+            return relative_error(self._ref, y)
         # a KS factorization in column blocks (no dense M x N temporary); a rotated layer as its dense W_hat
         w_hat = q.dequantized().iter_columns() if isinstance(q, QuantizedFactorization) else q.to_dense()
         return weighted_error(self.w, w_hat, self.gram)

@@ -66,7 +66,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from bfc.passes.products import LoadedModel
-from bfc.passes.stream import materialize
+from bfc.passes.stream import graphs, materialize, node_subgraphs
 
 MS_DOMAIN = "com.microsoft"
 MODEL_TYPES = ("bert",)
@@ -408,12 +408,8 @@ def _prune(graph, keep_outputs) -> None:
         used = set(keep_outputs)
         for n in graph.node:
             used.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    used.update(_outer_names(a.g))
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        used.update(_outer_names(sg))
+            for sg in node_subgraphs(n):
+                used.update(_outer_names(sg))
         dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
         if not dead:
             break
@@ -428,13 +424,8 @@ def _prune(graph, keep_outputs) -> None:
 
 
 def _outer_names(g) -> set[str]:
-    names = set()
-    for n in g.node:
-        names.update(n.input)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _outer_names(a.g)
-    return names
+    """Every name read by a node of ``g`` or of a graph nested in it."""
+    return {x for sg in graphs(g) for n in sg.node for x in n.input}
 
 
 def fuse_sdpa(model: onnx.ModelProto, packed_bias: bool = False) -> int:

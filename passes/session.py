@@ -194,8 +194,7 @@ def _all_nodes(graph: onnx.GraphProto):
 def _static_shapes(model: onnx.ModelProto) -> dict:
     """{tensor name: dims} of the initializers and Constant outputs (all graphs)."""
     shapes = {}
-
-    def visit(graph):
+    for graph in graphs(model.graph):
         for t in graph.initializer:
             shapes[t.name] = list(t.dims)
         for n in graph.node:
@@ -203,10 +202,6 @@ def _static_shapes(model: onnx.ModelProto) -> dict:
                 for a in n.attribute:
                     if a.name == "value":
                         shapes[n.output[0]] = list(a.t.dims)
-            for a in n.attribute:
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    visit(g)
-    visit(model.graph)
     return shapes
 
 

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bfc import ops, runtime
 from bfc.errors import NativeLibraryError
+from bfc.factorize import relative_error
 from bfc.ks.chain import Chain, butterfly_chain, chainable_chain, monarch_chain
 
 pytestmark = pytest.mark.skipif(not runtime.is_available(),
@@ -44,10 +45,6 @@ INT8_VS_FLOAT_SQNR_DB = 25  # int8 path vs the unquantized-activation reference 
 
 
 ISAS = runtime.supported_isas() if runtime.is_available() else ["portable"]
-
-
-def rel(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def sqnr_db(y, ref):
@@ -86,7 +83,7 @@ def check(model, factors, chain, kw, x, fmts, threads=1, isa="auto"):
                                         emulate_int8=False)
         assert sqnr_db(y, exact) > INT8_VS_FLOAT_SQNR_DB
     else:
-        assert rel(y, ref) < (BF16_EMULATED_REL_TOL if bf16 else FLOAT_REL_TOL), (chain, fmts, rel(y, ref))
+        assert relative_error(ref, y) < (BF16_EMULATED_REL_TOL if bf16 else FLOAT_REL_TOL), (chain, fmts, relative_error(ref, y))
 
 
 def _bf16_isa():
@@ -213,9 +210,9 @@ def test_isas_agree():
             elif isa == "avx512bf16" and fmt.startswith("fp8"):   # bf16 activations: against their reference
                 ref = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"],
                                               fp8_bf16=True)
-                assert rel(ys[isa], ref) < BF16_EMULATED_REL_TOL, (fmt, isa)
+                assert relative_error(ref, ys[isa]) < BF16_EMULATED_REL_TOL, (fmt, isa)
             else:
-                assert rel(ys[isa], ys["portable"]) < ISA_FLOAT_REL_TOL, (fmt, isa)
+                assert relative_error(ys["portable"], ys[isa]) < ISA_FLOAT_REL_TOL, (fmt, isa)
 
 
 @pytest.mark.parametrize("shape", [(384, 1536), (1536, 384), (768, 3072), (1024, 1024)])
@@ -376,7 +373,7 @@ def test_attention_reshape_after_unknown_dims(fmt):
         if fmt == "int8":
             assert sqnr_db(h, ref) > INT8_EMULATED_SQNR_DB
         else:
-            assert rel(h, ref) < FLOAT_REL_TOL
+            assert relative_error(ref, h) < FLOAT_REL_TOL
 
 
 # ---- errors: ORT exceptions naming the op, the input and the shapes ------------------
