@@ -32,9 +32,9 @@ from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
 from bfc.passes.candidates import Scorer
 from bfc.passes.events import StageStarted
+from bfc.passes.model_io.feeds import load_feeds
+from bfc.passes.model_io.stream import materialize
 from bfc.passes.products import LoadedModel, Plan, Statistics
-from bfc.passes.session import load_feeds
-from bfc.passes.stream import materialize
 from bfc.quant import QuantizedFactorization
 
 TORCH_HINT = "pip install torch==2.13.0 (the CPU build; another version spec pulls a multi-GB CUDA build)"

@@ -65,8 +65,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from bfc.passes.model_io.stream import graphs, materialize, node_subgraphs
 from bfc.passes.products import LoadedModel
-from bfc.passes.stream import graphs, materialize, node_subgraphs
 
 MS_DOMAIN = "com.microsoft"
 MODEL_TYPES = ("bert",)

@@ -24,9 +24,10 @@ from bfc.errors import BfcError
 from bfc.factorize import relative_error
 from bfc.passes.events import StageStarted
 from bfc.passes.lowbit_plan import assign_rotation_owners
+from bfc.passes.model_io.feeds import MEASURE_BATCH, random_feeds
+from bfc.passes.model_io.session import run, session
 from bfc.passes.products import LoadedModel, Plan
 from bfc.passes.rewrite import rewritten
-from bfc.passes.session import MEASURE_BATCH, random_feeds, run, session
 from bfc.report import compared
 
 

@@ -18,7 +18,7 @@ from onnx import version_converter
 
 from bfc.errors import UnsupportedError
 from bfc.passes.export import keep_io_types
-from bfc.passes.load import MIN_OPSET, default_opset
+from bfc.passes.model_io.files import MIN_OPSET, default_opset
 from bfc.passes.products import LoadedModel
 
 

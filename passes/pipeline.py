@@ -6,7 +6,7 @@ for an in-memory ``onnx.ModelProto`` alike; ``bfc.optimize`` and ``bfc optimize`
 so the same config gives the same model bytes.  Each stage is a function in its own module
 that takes the products it needs and returns a small frozen product
 (``bfc.passes.products``); progress is reported as typed events (``bfc.passes.events``).
-A model path is read without its weights (``bfc.passes.stream``): the stages work on a
+A model path is read without its weights (``bfc.passes.model_io.stream``): the stages work on a
 skeleton whose weights are references into the input's files, a layer's weight is read while
 that layer is planned, untouched weights are copied from file to file.
 With ``output`` the result is written atomically and checked before it is moved into place
@@ -32,15 +32,15 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_model_sites, other_constants
 from bfc.passes.fuse import fuse_stage
 from bfc.passes.guard import guard
-from bfc.passes.load import MIN_OPSET, check_output_path, load
 from bfc.passes.lowbit_emit import UNPACK_OPSET
+from bfc.passes.model_io.feeds import MEASURE_BATCH, load_feeds, random_feeds
+from bfc.passes.model_io.files import MIN_OPSET, check_output_path, load
+from bfc.passes.model_io.stream import materialize, trim
 from bfc.passes.normalize import normalize
 from bfc.passes.products import LayerPlan, LoadedModel, RewrittenModel, Sites
 from bfc.passes.rewrite import rewrite_model
 from bfc.passes.save import save
 from bfc.passes.schedule import plan_layers
-from bfc.passes.session import MEASURE_BATCH, load_feeds, random_feeds
-from bfc.passes.stream import materialize, trim
 from bfc.passes.targets import Target, get_target
 from bfc.passes.verify import verify_result
 from bfc.report import LayerRow, OutputRow, Report

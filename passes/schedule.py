@@ -25,13 +25,14 @@ from bfc.passes.find_sites import Site
 from bfc.passes.guard import output_error
 from bfc.passes.latency import check_plan
 from bfc.passes.layer_runner import LayerTask, Runner
-from bfc.passes.load import save_model
-from bfc.passes.measure import first_rows
+from bfc.passes.model_io.feeds import MEASURE_BATCH, random_feeds
+from bfc.passes.model_io.files import save_model
+from bfc.passes.model_io.measure import first_rows
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import materialize
 from bfc.passes.products import LayerPlan, LoadedModel, Plan, Sites, Statistics
 from bfc.passes.rewrite import rewritten
 from bfc.passes.sensitivity import layer_sensitivity
-from bfc.passes.session import MEASURE_BATCH, random_feeds, run, session
-from bfc.passes.stream import materialize
 
 
 def _lowbit_bits(cfg: OptimizeConfig, target, opset) -> tuple[tuple[int, ...], str | None]:

@@ -58,8 +58,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bfc.passes.guard import output_error
-from bfc.passes.session import run, session
-from bfc.passes.stream import graphs
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import graphs
 
 RELATIVE_TO = ("output", "weight")
 ROW_BLOCK = 8192          # rows of X per product when measuring ||X D|| and ||X W||

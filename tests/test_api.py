@@ -9,7 +9,7 @@ import bfc
 from bfc.config import OptimizeConfig, Precision, Structure
 from bfc.errors import ConfigError, UnsupportedError
 from bfc.ks import monarch_chain
-from bfc.passes.session import session
+from bfc.passes.model_io.session import session
 
 RNG = np.random.default_rng(2)
 INT8_BUDGET = 0.02        # int8 factors of an exactly-Monarch weight stay within 2% (rtn/optimal scales)

@@ -14,7 +14,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from bfc.errors import ModelError
-from bfc.passes.session import run
+from bfc.passes.model_io.session import run
 
 BFC = [sys.executable, "-m", "bfc.cli"]
 

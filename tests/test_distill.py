@@ -18,7 +18,7 @@ from bfc.errors import ConfigError, UnsupportedError
 from bfc.factorize import factorize, relative_error
 from bfc.ks import monarch_chain
 from bfc.ops import ks_matmul_reference, patterns_attribute
-from bfc.passes.session import session
+from bfc.passes.model_io.session import session
 from bfc.quant import quantize
 from bfc.torch.onnx_module import OnnxModule
 

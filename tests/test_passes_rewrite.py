@@ -13,10 +13,10 @@ from bfc.factorize import chain_for, factorize, relative_error
 from bfc.ops import fp8_bf16_active, reference_evaluator
 from bfc.passes.export import export
 from bfc.passes.find_sites import find_sites
+from bfc.passes.model_io.session import session
 from bfc.passes.pipeline import run_passes
 from bfc.passes.products import LayerPlan
 from bfc.passes.rewrite import rewrite
-from bfc.passes.session import session
 from bfc.passes.targets import get_target
 from bfc.quant import cast
 

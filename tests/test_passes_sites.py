@@ -21,8 +21,8 @@ from bfc.factorize import relative_error
 from bfc.ops import reference_evaluator
 from bfc.passes import layer_runner
 from bfc.passes.find_sites import find_sites
+from bfc.passes.model_io.session import run, session
 from bfc.passes.pipeline import run_passes
-from bfc.passes.session import run, session
 
 REWRITE_RTOL = 2e-5          # rewritten graph vs the same W_hat as a dense MatMul, float32
 EVALUATOR_RTOL = 1e-5        # onnxruntime vs onnx's ReferenceEvaluator on the same rewritten model

@@ -24,8 +24,8 @@ from bfc.config import OptimizeConfig
 from bfc.factorize import chain_for, relative_error
 from bfc.ops import reference_evaluator
 from bfc.passes.find_sites import QUANTIZED_REASON, find_sites, node_key
+from bfc.passes.model_io.session import run, session
 from bfc.passes.pipeline import optimize, run_passes
-from bfc.passes.session import run, session
 
 RTOL = 2e-5
 RNG = np.random.default_rng(7)

@@ -12,8 +12,8 @@ from bfc.errors import UnsupportedError
 from bfc.factorize import relative_error
 from bfc.factorize.result import KSFactorization
 from bfc.ks import butterfly_chain, chainable_chain, monarch_chain
+from bfc.passes.model_io.session import session
 from bfc.passes.pipeline import run_passes
-from bfc.passes.session import session
 from bfc.passes.targets import get_target
 from bfc.quant import FORMATS, INT4, Kind, get_format, quantize
 from bfc.quant.scales import Granularity, absmax_scale, optimal_int_scale, to_groups

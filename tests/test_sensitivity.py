@@ -5,9 +5,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bfc.passes.guard import output_error
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import graphs
 from bfc.passes.sensitivity import PerturbedModel, layer_sensitivity, measure_sensitivity, noise
-from bfc.passes.session import run, session
-from bfc.passes.stream import graphs
 
 EXACT = 1e-6            # measured vs brute force (float32: the runs agree to the bit here)
 FP16 = 0.02            # fp16: measured vs brute force and vs the fp32 model (measured <= 0.005: fp16 output rounding)

@@ -29,7 +29,7 @@ from bfc.api import optimize
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
 from bfc.factorize import relative_error
-from bfc.passes.session import load_feeds, random_feeds
+from bfc.passes.model_io.feeds import load_feeds, random_feeds
 from bfc.runtime import latency_ms as median_ms
 from bfc.study.baselines import BASELINES, BUDGETED, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, session

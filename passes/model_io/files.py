@@ -1,11 +1,11 @@
-"""Safe load and atomic save of ONNX models.
+"""Model files: safe open and atomic save of ONNX models, the files a model reads, byte copies.
 
 Matches: a path to an ``.onnx`` file (with or without external data) or a ModelProto.
-Ensures on load (``open_model``): the file parses, every external-data location resolves
+Ensures on open (``open_skeleton``): the file parses, every external-data location resolves
 inside the model's own folder (absolute paths, ``..`` escapes and symlinks leaving the
 folder are rejected) and holds the bytes its tensor needs, the default-domain opset is in
 ``[MIN_OPSET, MAX_OPSET]``, the IR version is one onnx knows, and the graph passes
-``onnx.checker``.  The model is read without its weights (``bfc.passes.stream``: a
+``onnx.checker``.  The model is read without its weights (``model_io.stream``: a
 skeleton whose big initializers are references into the model or its data files); the
 checker sees each reference as a scalar of its type (it checks the graph; the references
 are checked against their files).  ``load_model`` reads the weights in as well.
@@ -19,6 +19,7 @@ No algebra: the graph is not changed except for ``ir_version``.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,9 +27,9 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bfc.errors import ModelError, UnsupportedError
-from bfc.passes import stream
+from bfc.passes.model_io import stream
+from bfc.passes.model_io.stream import PROTO_LIMIT, model_size, proto_size
 from bfc.passes.products import LoadedModel
-from bfc.passes.stream import PROTO_LIMIT, model_size, proto_size  # noqa: F401 - re-exported
 
 MIN_OPSET = 13      # per-axis DequantizeLinear, Reshape with -1, Gemm-13
 MIN_UPGRADE_OPSET = 7   # opsets 7..12 are read and upgraded to MIN_OPSET (bfc.passes.normalize)
@@ -38,7 +39,7 @@ MAX_IR = 13         # onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects
 
 def _check_external_inside(model: onnx.ModelProto, folder: Path, own: str | None = None) -> None:
     """Every external-data location resolves inside ``folder``; ``own``: the model file's name (a
-    reference to it is one of its own raw_data fields, ``bfc.passes.stream``)."""
+    reference to it is one of its own raw_data fields, ``bfc.passes.model_io.stream``)."""
     root = folder.resolve()
     tensors = list(onnx.external_data_helper._get_all_tensors(model))
     for t in tensors:
@@ -82,13 +83,8 @@ def check_versions(model: onnx.ModelProto, where: str = "model") -> None:
                                "re-export it with a current exporter")
 
 
-def open_model(path) -> onnx.ModelProto:
-    """``open_with_base(path)``'s skeleton (its references are relative to ``model_base(path)``)."""
-    return open_with_base(path)[0]
-
-
-def open_with_base(path) -> tuple[onnx.ModelProto, Path]:
-    """Read and check a model file without its weights: the skeleton of ``bfc.passes.stream`` (every
+def open_skeleton(path) -> tuple[onnx.ModelProto, Path]:
+    """Read and check a model file without its weights: the skeleton of ``bfc.passes.model_io.stream`` (every
     initializer of at least ``stream.STREAM_MIN`` bytes a reference), and the model file its
     references are relative to (``path``, or the file a symbolic link ``path`` points to: onnxruntime
     reads a reference to the model's own bytes through the real file); raises ModelError or
@@ -132,8 +128,8 @@ def open_with_base(path) -> tuple[onnx.ModelProto, Path]:
 
 
 def load_model(path) -> onnx.ModelProto:
-    """Load and check a model file with its weights (``open_model``, every reference read in)."""
-    return stream.materialize(*open_with_base(path))
+    """Load and check a model file with its weights (``open_skeleton``, every reference read in)."""
+    return stream.materialize(*open_skeleton(path))
 
 
 def as_model(model_or_path) -> onnx.ModelProto:
@@ -159,13 +155,13 @@ def output_ir_version(model: onnx.ModelProto) -> int:
 def input_files(path, model: onnx.ModelProto | None = None) -> list[Path]:
     """The files a model path reads: the model and every external-data file it references
     (resolved; unreadable models give just the path, and loading then reports the problem).
-    ``model``: the skeleton already read from ``path`` (``open_model``), so the file is parsed once."""
+    ``model``: the skeleton already read from ``path`` (``open_skeleton``), so the file is parsed once."""
     path = Path(path)
     files = [path]
     if model is None:
         try:
             model = stream.read_skeleton(path)
-        except Exception:  # noqa: BLE001 - open_model reports the exact problem
+        except Exception:  # noqa: BLE001 - open_skeleton reports the exact problem
             return files
     own = path.resolve().name
     for t in onnx.external_data_helper._get_all_tensors(model):
@@ -212,7 +208,7 @@ def save_model(model: onnx.ModelProto, out, protected=(), base=None, check=None)
     """Atomic write, tensor by tensor (``stream.write_model``); external data (``<name>.data``) when
     the model exceeds 2 GB.  ``protected``: the files the output may not replace (the input model and
     its data, see ``input_files``).  ``base``: the model file ``model``'s references are relative to
-    (a skeleton from ``open_model``; it is consumed: its initializers may point to the output's data
+    (a skeleton from ``open_skeleton``; it is consumed: its initializers may point to the output's data
     afterwards); None: an in-memory model, left unchanged.  ``check(path)``: called on the written file
     under its temporary name before it is moved into place (raising leaves nothing at ``out``)."""
     out = check_output_path(out, protected)
@@ -243,6 +239,43 @@ def save_model(model: onnx.ModelProto, out, protected=(), base=None, check=None)
     return out
 
 
+def copy_model_files(src: Path, files, out: Path) -> int:
+    """The model file ``src`` copied to ``out`` byte for byte, its external-data ``files`` (``input_files``
+    less the model) beside it under their own relative names; returns the bytes at the destination.
+    In ``src``'s own folder the data files are already there: the copy of the model file refers to
+    them, and nothing the input reads is written.  Each file is written atomically."""
+    folder = out.parent if str(out.parent) else Path(".")
+    total = 0
+    for data in files:
+        dst = folder / Path(data).relative_to(src.parent)
+        if not (dst.exists() and os.path.samefile(dst, data)):
+            _copy_atomic(Path(data), dst)
+        total += dst.stat().st_size
+    _copy_atomic(src, out)
+    return out.stat().st_size + total
+
+
+def _copy_atomic(src: Path, out: Path) -> None:
+    folder = out.parent if str(out.parent) else Path(".")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bfc-", dir=folder)
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise ModelError(f"cannot write {out} ({e.strerror}); check free space and permissions") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load(source, output: Path | None = None) -> LoadedModel:
     """The load stage: a model path (read as a skeleton, its weights left in their files) or a
     ModelProto (checked); ``output``, when given, may be none of the files the input reads."""
@@ -250,7 +283,7 @@ def load(source, output: Path | None = None) -> LoadedModel:
         model = as_model(source)          # a ModelProto (anything else: a typed error)
         return LoadedModel(model, source, None, (), model.graph.name or "model", model_size(model, None),
                            default_opset(model))
-    model, base = open_with_base(source)
+    model, base = open_skeleton(source)
     files = tuple(input_files(source, model))
     if output is not None:
         check_output_path(output, files)
