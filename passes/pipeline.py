@@ -32,9 +32,10 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_model_sites, other_constants
 from bfc.passes.fuse import fuse_stage
 from bfc.passes.guard import guard
+from bfc.passes.load import load
 from bfc.passes.lowbit_emit import UNPACK_OPSET
 from bfc.passes.model_io.feeds import MEASURE_BATCH, load_feeds, random_feeds
-from bfc.passes.model_io.files import MIN_OPSET, check_output_path, load
+from bfc.passes.model_io.files import MIN_OPSET, check_output_path
 from bfc.passes.model_io.stream import materialize, trim
 from bfc.passes.normalize import normalize
 from bfc.passes.products import LayerPlan, LoadedModel, RewrittenModel, Sites

@@ -28,8 +28,7 @@ from google.protobuf.message import DecodeError
 
 from bfc.errors import ModelError, UnsupportedError
 from bfc.passes.model_io import stream
-from bfc.passes.model_io.stream import PROTO_LIMIT, model_size, proto_size
-from bfc.passes.products import LoadedModel
+from bfc.passes.model_io.stream import PROTO_LIMIT, proto_size
 
 MIN_OPSET = 13      # per-axis DequantizeLinear, Reshape with -1, Gemm-13
 MIN_UPGRADE_OPSET = 7   # opsets 7..12 are read and upgraded to MIN_OPSET (bfc.passes.normalize)
@@ -274,17 +273,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def load(source, output: Path | None = None) -> LoadedModel:
-    """The load stage: a model path (read as a skeleton, its weights left in their files) or a
-    ModelProto (checked); ``output``, when given, may be none of the files the input reads."""
-    if not isinstance(source, (str, os.PathLike)):
-        model = as_model(source)          # a ModelProto (anything else: a typed error)
-        return LoadedModel(model, source, None, (), model.graph.name or "model", model_size(model, None),
-                           default_opset(model))
-    model, base = open_skeleton(source)
-    files = tuple(input_files(source, model))
-    if output is not None:
-        check_output_path(output, files)
-    return LoadedModel(model, source, base, files, str(source), model_size(model, base), default_opset(model))
