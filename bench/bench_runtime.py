@@ -118,7 +118,7 @@ def build_lowbit(ctx):
     gq = quantize_groups(rot.rotate_weight(ctx.weight), LowBitFormat(4, 32, True, "float16"), method="rtn")
     return ops.make_lowbit_matmul_model(gq.codes(), gq.scales, bits=4, group_size=gq.group_size,
                                         rot_values=[np.asarray(v, np.float32) for v in rot.values],
-                                        rot_patterns=rot.chain)
+                                        rot_patterns=rot.chain, onnx_opset=21)
 
 
 def build_ks(fmt, structure):
@@ -127,7 +127,7 @@ def build_ks(fmt, structure):
             return None
         chain, vals = ctx.chains[structure]
         qs = [ops.quantize_factor(v, fmt, "column") for v in vals]
-        return ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs])
+        return ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs], onnx_opset=21)
     return build
 
 

@@ -588,7 +588,7 @@ def _unchanged(model, note) -> FuseResult:
     return FuseResult(model, (), note)
 
 
-def fuse(model: onnx.ModelProto, model_type: str | None, opset: int | None = None, *,
+def fuse(model: onnx.ModelProto, model_type: str | None, opset: int, *,
          attention: bool = True, ort_pass: bool = True, block_skip: bool = True,
          packed_bias: bool = False) -> FuseResult:
     """Fuse a recognized transformer (``model_type`` from ``recognize``) for onnxruntime's CPU provider.
@@ -612,7 +612,7 @@ def fuse(model: onnx.ModelProto, model_type: str | None, opset: int | None = Non
         work = onnx.ModelProto()
         work.CopyFrom(model)
         before = Counter((n.domain, n.op_type) for n in work.graph.node)
-        min_opset = min(_default_opset(model), opset or 10 ** 6)
+        min_opset = min(_default_opset(model), opset)
         fused_attention = fuse_sdpa(work, packed_bias) if attention else 0
         if ort_pass:
             work = _ort_pass(work, model_type, layer_norm=min_opset >= 17)

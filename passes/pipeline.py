@@ -103,7 +103,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     del stats, sites
     trim()
 
-    if cfg.strict and not plan.rewritten:
+    if cfg.verification.strict and not plan.rewritten:
         why = "; ".join(f"{p.site.name}: {p.reason}" for p in plan.layers[:3]) or "no MatMul/Gemm node"
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     report = Report(model=loaded.name, target=target.name, layers=[_row(p) for p in plan.layers],
@@ -112,7 +112,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     del plan
     trim()
     verify_feeds, why_no_feeds = feeds, None
-    if cfg.verify and feeds is None:
+    if cfg.verification.enabled and feeds is None:
         try:                 # ranged by the input (its tables); shaped by the output where --fix-batch pins it
             verify_feeds = random_feeds(loaded.model, cfg.seed + 1, MEASURE_BATCH) if cfg.fix_batch is None \
                 else random_feeds(rewritten.model, cfg.seed + 1)
@@ -129,7 +129,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         out_model = materialize(out_model, loaded.base)                  # asked for in memory: the weights read in
         result = RewrittenModel(out_model, None, rewritten.nbytes, rewritten.changed)
     del rewritten
-    if cfg.verify:
+    if cfg.verification.enabled:
         emit(StageStarted("verify"))
         try:
             checked = verify_result(loaded, result, verify_feeds, "calibration" if feeds is not None else "random",
@@ -143,7 +143,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         report.verified_on = checked.verified_on if checked.not_verified is None else None
         report.not_verified = checked.not_verified
         report.resident_bytes, report.latency_ms = checked.resident, checked.latency_ms
-    report.objective = cfg.objective
+    report.objective = cfg.latency.objective.value
     report.seconds = time.perf_counter() - t0
     return out_model, report
 

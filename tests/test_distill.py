@@ -239,7 +239,7 @@ def test_config_and_missing_data(tmp_path):
         OptimizeConfig(distill_steps=0)
     with pytest.raises(ConfigError, match="distill_lr"):
         OptimizeConfig(distill_lr=-1.0)
-    assert OptimizeConfig.from_dict({"distill-match": "a"}).distill_match == ("a",)
+    assert OptimizeConfig.from_dict({"distill-match": "a"}).distillation.match == ("a",)
     model = dm.mlp()
     cal, _ = _files(tmp_path, model)
     with pytest.raises(ConfigError, match="does not exist"):

@@ -168,7 +168,7 @@ def test_config_validates_the_family_keys():
         OptimizeConfig(group_size=48)
     cfg = OptimizeConfig.from_dict({"structure": "rotated", "bits": 3, "group-size": 128, "learn-rotation": True,
                                     "correction-rank": 8})
-    assert (cfg.bits, cfg.group_size, cfg.learn_rotation, cfg.correction_rank) == (3, 128, True, 8)
+    assert (cfg.lowbit.bits, cfg.lowbit.group_size, cfg.lowbit.learn_rotation, cfg.lowbit.correction_rank) == (3, 128, True, 8)
 
 
 def test_cli_structure_rotated(tmp_path):

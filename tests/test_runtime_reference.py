@@ -52,7 +52,7 @@ def test_reference_evaluator_runs_model_and_int8_emulation_is_close():
     qs = [ops.quantize_factor(v, "int8") for v in vals]
     bias = rng.standard_normal(48)
     model = ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs], bias=bias,
-                                     x_shape=["B", "T", 64])
+                                     x_shape=["B", "T", 64], onnx_opset=21)
     x = rng.standard_normal((2, 3, 64)).astype(np.float32)
     y = ops.reference_evaluator(model).run(None, {"X": x})[0]
     assert y.shape == (2, 3, 48) and y.dtype == np.float32
@@ -67,7 +67,7 @@ def test_node_builder_and_checker():
 
     chain = butterfly_chain(8)
     vals = [v.astype(np.float32) for v in chain.random_values(0)]
-    model = ops.make_ks_matmul_model(chain, vals, [np.ones((1, 1, 1, 1))] * 3, in_perm=np.arange(8)[::-1])
+    model = ops.make_ks_matmul_model(chain, vals, [np.ones((1, 1, 1, 1))] * 3, in_perm=np.arange(8)[::-1], onnx_opset=21)
     onnx.checker.check_model(model)
     node = model.graph.node[0]
     assert (node.domain, node.op_type) == ("ai.bfc", "KSMatMul")

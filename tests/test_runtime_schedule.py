@@ -40,7 +40,7 @@ def _run(chain, fmts, batch, isa, threads, seed, perms=True):
     out_perm = rng.permutation(N) if perms else None
     bias = rng.standard_normal(N).astype(np.float32)
     model = ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs], in_perm=in_perm,
-                                     out_perm=out_perm, bias=bias)
+                                     out_perm=out_perm, bias=bias, onnx_opset=21)
     os.environ["BFC_KS_ISA"] = isa
     try:
         sess = runtime.session(model, threads=threads)

@@ -8,7 +8,7 @@ reference), what both share, and the reference evaluator.
 
 The names below are the public API (``bfc.ops.<name>``); each is defined once, in its module.
 """
-from bfc.ops.common import DEFAULT_IR_VERSION, DEFAULT_ONNX_OPSET, DOMAIN, OPSET_VERSION, opset_imports, quantize_rows
+from bfc.ops.common import DEFAULT_IR_VERSION, DOMAIN, OPSET_VERSION, opset_imports, quantize_rows
 from bfc.ops.evaluator import reference_evaluator, reference_op, reference_ops
 from bfc.ops.ks_matmul import (
     GRANULARITIES,
@@ -35,7 +35,7 @@ from bfc.ops.lowbit_matmul import (
     make_lowbit_matmul_model,
 )
 
-__all__ = ["DEFAULT_IR_VERSION", "DEFAULT_ONNX_OPSET", "DOMAIN", "OPSET_VERSION", "opset_imports", "quantize_rows",
+__all__ = ["DEFAULT_IR_VERSION", "DOMAIN", "OPSET_VERSION", "opset_imports", "quantize_rows",
            "reference_evaluator", "reference_op", "reference_ops",
            "GRANULARITIES", "OP_TYPE", "VALUE_TYPES", "dequantize_factor", "factor_initializers", "fp8_bf16_active",
            "fp8_uses_bf16", "ks_matmul_reference", "make_ks_matmul_model", "make_ks_matmul_node",

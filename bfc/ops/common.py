@@ -12,11 +12,10 @@ from onnx import helper
 
 DOMAIN = "ai.bfc"
 OPSET_VERSION = 1
-DEFAULT_ONNX_OPSET = 21
 DEFAULT_IR_VERSION = 10
 
 
-def opset_imports(onnx_opset: int = DEFAULT_ONNX_OPSET) -> list:
+def opset_imports(onnx_opset: int) -> list:
     """The ``opset_import`` of a model using ai.bfc ops: the default domain at ``onnx_opset``, ai.bfc at 1."""
     return [helper.make_opsetid("", onnx_opset), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
 

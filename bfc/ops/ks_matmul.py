@@ -66,7 +66,7 @@ from bfc.errors import ChainError, ConfigError, InvalidInputError
 from bfc.factorize.result import inverse_perm
 from bfc.ks.chain import Chain
 from bfc.ks.pattern import KSPattern
-from bfc.ops.common import DEFAULT_IR_VERSION, DEFAULT_ONNX_OPSET, DOMAIN, opset_imports, quantize_rows
+from bfc.ops.common import DEFAULT_IR_VERSION, DOMAIN, opset_imports, quantize_rows
 from bfc.quant.formats import FORMATS
 
 OP_TYPE = "KSMatMul"
@@ -169,7 +169,7 @@ def make_ks_matmul_node(x: str, y: str, patterns, factor_inputs: Sequence[str], 
 
 
 def make_ks_matmul_model(patterns, values: Sequence, scales: Sequence, *, bias=None, in_perm=None,
-                         out_perm=None, x_shape=None, onnx_opset: int = DEFAULT_ONNX_OPSET,
+                         out_perm=None, x_shape=None, onnx_opset: int,
                          ir_version: int = DEFAULT_IR_VERSION) -> onnx.ModelProto:
     """A one-node model ``Y = KSMatMul(X)`` (for tests, benchmarks and examples)."""
     chain = _patterns(patterns)

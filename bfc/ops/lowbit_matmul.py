@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bfc.errors import InvalidInputError
 from bfc.lowbit.packing import pack_bits, unpack_bits
 from bfc.lowbit.rotation import split_size
-from bfc.ops.common import DEFAULT_IR_VERSION, DEFAULT_ONNX_OPSET, DOMAIN, opset_imports, quantize_rows
+from bfc.ops.common import DEFAULT_IR_VERSION, DOMAIN, opset_imports, quantize_rows
 from bfc.ops.ks_matmul import factor_initializers, ks_matmul_reference, patterns_attribute
 
 LOWBIT_OP_TYPE = "LowBitMatMul"
@@ -110,7 +110,7 @@ def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int
 
 def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: int, group_size: int,
                              rot_values: Sequence = (), rot_patterns=None, rot_angles=None, bias=None,
-                             x_shape=None, onnx_opset: int = DEFAULT_ONNX_OPSET,
+                             x_shape=None, onnx_opset: int,
                              ir_version: int = DEFAULT_IR_VERSION) -> onnx.ModelProto:
     """A one-node model ``Y = LowBitMatMul(X)`` from unpacked codes u (K, N) and scales (n_groups, N);
     ``rot_values`` the rotation chain's (a, d, b, c) values (float32/float16, scale 1) with
