@@ -50,6 +50,8 @@ EVAL = textwrap.dedent("""
     import numpy as np
     import onnxruntime as ort
 
+    from bfc.factorize import relative_error
+
     X = np.random.default_rng(1).standard_normal((256, 64)).astype(np.float32)
     REF = ort.InferenceSession({ref!r}, providers=["CPUExecutionProvider"]).run(None, {{"x": X}})[0]
 
