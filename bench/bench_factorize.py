@@ -28,7 +28,7 @@ from scipy.linalg import hadamard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
-from bfc.factorize import factorize  # noqa: E402
+from bfc.factorize import factorize, relative_error  # noqa: E402
 from bfc.ks import butterfly_chain, monarch_chain  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -51,10 +51,6 @@ def peak_ratio(fn, w):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return peak / w.nbytes
-
-
-def rel(a, w):
-    return float(np.linalg.norm(a - w) / np.linalg.norm(w))
 
 
 def anchors():
@@ -192,7 +188,7 @@ def main(argv=None):
                 continue
             # the anchors' timings include forming the dense product (toarray) only for the error: time the call alone
             t0, dense = timed(fn, 1)
-            results[aname] = (t0, rel(dense, w), float("nan"))
+            results[aname] = (t0, relative_error(w, dense), float("nan"))
         fastest_anchor = min((v[0] for k, v in results.items() if not k.startswith("bfc")), default=float("nan"))
         for label, (t, err, mem) in results.items():
             ratio = fastest_anchor / t if label.startswith("bfc") else float("nan")

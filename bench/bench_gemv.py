@@ -133,7 +133,7 @@ def lowbit_model(k, n, bits, rng):
     ng = -(-k // GROUP)
     u = rng.integers(0, 1 << bits, size=(k, n), dtype=np.uint8)
     s = (rng.random((ng, n), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
-    m = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=GROUP, x_shape=["rows", k])
+    m = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=GROUP, x_shape=["rows", k], onnx_opset=21)
     nbytes = -(-ng * GROUP * n * bits // 8) + s.nbytes
     if bits == 3:
         nbytes = ng * GROUP * n // 8 * 3 + s.nbytes

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bfc.factorize import relative_error
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -140,7 +142,7 @@ def latency(sess: dict, x: np.ndarray, repeats: int, runs: int) -> dict:
 
 def errors(sess: dict, x: np.ndarray, w: np.ndarray) -> dict:
     ref = x.astype(np.float64) @ w.astype(np.float64)
-    return {m: float(np.linalg.norm(s.run(None, {"x": x})[0] - ref) / np.linalg.norm(ref)) for m, s in sess.items()}
+    return {m: relative_error(ref, s.run(None, {"x": x})[0]) for m, s in sess.items()}
 
 
 def main(argv=None):
@@ -171,7 +173,7 @@ def main(argv=None):
             x1 = rng.standard_normal((1, 128, k)).astype(np.float32)
             err = errors(sess, x1, weight(k, n))
             ref = x1.astype(np.float64) @ weight(k, n).astype(np.float64)
-            err_float3 = float(np.linalg.norm(x1.astype(np.float64) @ deq - ref) / np.linalg.norm(ref))
+            err_float3 = relative_error(ref, x1.astype(np.float64) @ deq)
             for bsz, seq in ROWS:
                 x = rng.standard_normal((bsz, seq, k)).astype(np.float32)
                 lat = latency(sess, x, args.repeats, args.runs if bsz == 1 else max(3, args.runs // 4))

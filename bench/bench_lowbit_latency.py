@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import write_result  # noqa: E402
 
 import bfc  # noqa: E402
+from bfc.factorize import relative_error  # noqa: E402
 from bfc.runtime import latency_ms, session  # noqa: E402
 from bfc.study.baselines import nbits  # noqa: E402
 
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
             x = np.random.default_rng(1).standard_normal((1, ROWS, k)).astype(np.float32)
             sess = {name: session(m, threads=1) for name, m in models.items()}
             ref = sess["dense fp32"].run(None, {"x": x})[0]
-            err = {name: float(np.linalg.norm(s.run(None, {"x": x})[0] - ref) / np.linalg.norm(ref))
-                   for name, s in sess.items()}
+            err = {name: relative_error(ref, s.run(None, {"x": x})[0]) for name, s in sess.items()}
             names = list(sess)
             per = {name: [] for name in names}
             for r in range(args.rounds):

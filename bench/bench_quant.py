@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bfc.factorize import relative_error  # noqa: E402
 from bfc.factorize.result import KSFactorization  # noqa: E402
 from bfc.ks import butterfly_chain, chainable_chain, monarch_chain  # noqa: E402
 from bfc.quant import quantize  # noqa: E402
@@ -54,7 +55,7 @@ def machine_line() -> str:
 
 
 def rel_err(chain, ref, factors) -> float:
-    return float(np.linalg.norm(ref - chain.to_dense(factors)) / np.linalg.norm(ref))
+    return relative_error(ref, chain.to_dense(factors))
 
 
 def best_time(fn, repeat=REPEAT):
@@ -243,16 +244,15 @@ def bench_int4(lines, minilm=True):
         k, n = w.shape
         f = factorize(w, monarch_chain(k, n, rank=4))
         w_f = f.to_dense()
-        wn = np.linalg.norm(w)
         for gran in ("channel", "block"):
             a = quantize(f, "int4", method="rtn", granularity=gran)
             o = quantize(f, "int4", method="l2r", granularity=gran)
             i8 = quantize(f, "int8", method="l2r", granularity=gran)
             ratios[gran].append(o.rel_error / a.rel_error)
             lines.append(f"| {name.replace('encoder.layer.', 'L').replace('attention.self.', '')} {k}x{n} | {gran} "
-                         f"| {np.linalg.norm(w - w_f) / wn:.4f} | {a.rel_error:.4f} | {o.rel_error:.4f} "
-                         f"| {o.rel_error / a.rel_error:.3f} | {np.linalg.norm(w - a.to_dense()) / wn:.4f} / "
-                         f"{np.linalg.norm(w - o.to_dense()) / wn:.4f} | {i8.rel_error:.2e} "
+                         f"| {relative_error(w, w_f):.4f} | {a.rel_error:.4f} | {o.rel_error:.4f} "
+                         f"| {o.rel_error / a.rel_error:.3f} | {relative_error(w, a.to_dense()):.4f} / "
+                         f"{relative_error(w, o.to_dense()):.4f} | {i8.rel_error:.2e} "
                          f"| {o.nbytes} / {i8.nbytes} / {4 * w.size} |")
             print(lines[-1], flush=True)
     lines += [""] + [f"- MiniLM Monarch r4, {g}: mean product-error ratio optimal/absmax {np.mean(r):.3f} "

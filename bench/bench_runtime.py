@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bfc import ops, runtime  # noqa: E402
+from bfc.factorize import relative_error  # noqa: E402
 from bfc.ks.chain import butterfly_chain, chainable_chain, monarch_chain, prime_factors  # noqa: E402
 
 SHAPES = [(384, 1536), (1536, 384), (768, 3072), (1024, 1024), (4096, 4096)]
@@ -117,7 +118,7 @@ def build_lowbit(ctx):
     gq = quantize_groups(rot.rotate_weight(ctx.weight), LowBitFormat(4, 32, True, "float16"), method="rtn")
     return ops.make_lowbit_matmul_model(gq.codes(), gq.scales, bits=4, group_size=gq.group_size,
                                         rot_values=[np.asarray(v, np.float32) for v in rot.values],
-                                        rot_patterns=rot.chain)
+                                        rot_patterns=rot.chain, onnx_opset=21)
 
 
 def build_ks(fmt, structure):
@@ -126,7 +127,7 @@ def build_ks(fmt, structure):
             return None
         chain, vals = ctx.chains[structure]
         qs = [ops.quantize_factor(v, fmt, "column") for v in vals]
-        return ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs])
+        return ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs], onnx_opset=21)
     return build
 
 
@@ -281,11 +282,8 @@ def fp8_accuracy(ctx, model, rng, rows=64):
     ref = ops.ks_matmul_reference(x, None, factors, chain, emulate_int8=False).astype(np.float64)
     ys = {isa: make_session(model, 1, isa).run(None, {"X": x})[0].astype(np.float64)
           for isa in ("auto", "avx512")}
-
-    def rel(a, b):
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-    return {"isa": ks_isa(), "bf16": rel(ys["auto"], ref), "fp32": rel(ys["avx512"], ref),
-            "bf16_vs_fp32": rel(ys["auto"], ys["avx512"])}
+    return {"isa": ks_isa(), "bf16": relative_error(ref, ys["auto"]), "fp32": relative_error(ref, ys["avx512"]),
+            "bf16_vs_fp32": relative_error(ys["avx512"], ys["auto"])}
 
 
 def write_report(args, shapes, bks, results, flops, fp8_acc=None):

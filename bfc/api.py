@@ -10,7 +10,7 @@ or, streaming to a file and verifying from it (the model is then not returned):
 from __future__ import annotations
 
 from bfc.config import OptimizeConfig
-from bfc.passes.load import save_model
+from bfc.passes.model_io.files import save_model
 from bfc.passes.pipeline import optimize as run
 
 

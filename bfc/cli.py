@@ -19,7 +19,7 @@ from bfc.errors import BfcError
 from bfc.passes.events import LayerPlanned, SitesFound, StageStarted
 from bfc.passes.inspect import HEADER as INSPECT_HEADER
 from bfc.passes.inspect import inspect_model
-from bfc.passes.load import check_output_path, input_files
+from bfc.passes.model_io.files import check_output_path, input_files
 from bfc.passes.targets import get_target, names
 from bfc.report import size_text
 from bfc.runtime import latency_ms, session

@@ -1,20 +1,25 @@
-"""Configuration of ``bfc optimize``: one frozen dataclass, validated on construction.
+"""Configuration of ``bfc optimize``: one frozen dataclass of frozen sections, validated on construction.
 
-The TOML file (``--config FILE.toml``) uses the same keys as the CLI options, with
-dashes or underscores (``max-error`` or ``max_error``); CLI options given explicitly
-override the file.
+``OptimizeConfig`` holds what to do to which layers and the budgets at its top level, and one
+section per concern (see its doc).  The same keys as the CLI options are accepted everywhere
+(``OptimizeConfig(bits=3)``, ``cfg.replace(distill_steps=10)``, a TOML file), with dashes or
+underscores; each flat key belongs to one section field (``FLAT_KEYS``).  A TOML file
+(``--config FILE.toml``) may hold ``version = 1`` and section tables (``[lowbit] bits = 3``) as well
+as the flat keys; a key given both ways is an error.  CLI options given explicitly override the file.
 """
 from __future__ import annotations
 
 import enum
 import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from bfc.errors import ConfigError
 from bfc.quant.chain import Method as QuantMethod
 from bfc.quant.formats import Format, get_format
+
+CONFIG_VERSION = 1      # the ``version`` key of a TOML config this bfc reads
 
 
 class Structure(str, enum.Enum):
@@ -45,6 +50,19 @@ class Precision(str, enum.Enum):
         return self.format.bits
 
 
+class Objective(enum.StrEnum):
+    """What the planner minimizes: model bytes, or bytes without slowing a layer down (``bfc.passes.latency``)."""
+    SIZE = "size"
+    LATENCY = "latency"
+
+
+class TargetName(enum.StrEnum):
+    """The graph targets of ``bfc.passes.targets`` (the registry; tests/test_config.py checks they agree)."""
+    CUSTOM_OP = "custom-op"
+    ORT = "ort"
+    PORTABLE = "portable"
+
+
 # The default whole-model budget: the relative output error that keeps STS-B within 0.3 point (MiniLM-L6,
 # all-mpnet-base-v2) and Fashion-MNIST top-1 within 0.3% (docs/default_budget.md).
 DEFAULT_MAX_OUTPUT_ERROR = 0.2
@@ -63,9 +81,190 @@ def _enum(cls, name, value):
         raise ConfigError(f"{name}={value!r} is not allowed; use one of {allowed}") from None
 
 
+def _int(name: str, v, lo: int, optional: bool = False) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
+
+
+def _positive(name: str, v, optional: bool = False):
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name}={v!r} must be a positive finite number (e.g. 0.05 for 5%)")
+    return float(v)
+
+
+def _flag(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name}={v!r} must be true or false")
+
+
+def _names(name: str, v, what: str) -> tuple[str, ...]:
+    v = (v,) if isinstance(v, str) else v
+    if not isinstance(v, (tuple, list)) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{name}={v!r} must be a list of {what}")
+    return tuple(v)
+
+
 @dataclass(frozen=True)
+class LowBit:
+    """The rotated low-bit family (``structure=rotated`` and the allocator's rotated candidates).
+
+    bits, group_size: the weight format (int2|3|4, one scale per group of 32|64|128 rows)
+    learn_rotation: learn each rotation on the calibration Gram (ButterflyQuant-style; needs torch),
+                 rotation_steps Adam steps; else the randomized Hadamard-like butterfly
+    correction_rank: rank of the int8 low-rank correction; 0 = per layer, only when it is the cheapest
+                 way to meet max_error
+    """
+    bits: int = 4
+    group_size: int = 64
+    learn_rotation: bool = False
+    rotation_steps: int = 100
+    correction_rank: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
+            raise ConfigError(f"bits={self.bits!r} is not allowed; use 2, 3 or 4 (rotated low-bit weights)")
+        if isinstance(self.group_size, bool) or self.group_size not in (32, 64, 128):
+            raise ConfigError(f"group_size={self.group_size!r} is not allowed; use 32, 64 or 128")
+        _flag("learn_rotation", self.learn_rotation)
+        _int("rotation_steps", self.rotation_steps, 0)
+        _int("correction_rank", self.correction_rank, 0)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """End-to-end training of the planned layers against the original model (``bfc.distill``; needs torch).
+
+    data:        .npz of unlabeled model inputs (flat key ``distill``); None: no distillation
+    steps, batch, lr: Adam steps, samples per step, peak step size (cosine decay)
+    match:       names of intermediate tensors matched as well as the outputs (e.g. each block's output)
+    layernorm:   also train the LayerNormalization scales and biases
+    """
+    data: Path | None = None
+    steps: int = 500
+    batch: int = 32
+    lr: float = 5e-4
+    match: tuple[str, ...] = ()
+    layernorm: bool = False
+
+    def __post_init__(self):
+        if self.data is not None:
+            object.__setattr__(self, "data", Path(self.data))
+        _int("distill_steps", self.steps, 1)
+        _int("distill_batch", self.batch, 1)
+        object.__setattr__(self, "lr", _positive("distill_lr", self.lr))
+        object.__setattr__(self, "match", _names("distill_match", self.match, "tensor names"))
+        _flag("distill_layernorm", self.layernorm)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Per-layer fine-tuning of the quantized factors to the layer's calibration outputs (``bfc.reconstruct``).
+
+    enabled (flat key ``reconstruct``); steps, lr: Adam steps per layer and step size (relative to each
+    factor's RMS)
+    """
+    enabled: bool = False
+    steps: int = 100
+    lr: float = 1e-2
+
+    def __post_init__(self):
+        _flag("reconstruct", self.enabled)
+        _int("reconstruct_steps", self.steps, 0)
+        object.__setattr__(self, "lr", _positive("reconstruct_lr", self.lr))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where the layers are planned (``bfc.passes.layer_runner``); the output bytes never depend on it.
+
+    workers:     processes planning layers; None: the usable cores (in process for small models), 1: in
+                 this process
+    cluster:     plan on a Dask distributed cluster at this scheduler address (``local``: a LocalCluster
+                 of ``workers`` processes); needs ``pip install 'bfc[cluster]'``
+    work_dir:    folder of finished layer plans (content-keyed): a rerun loads them instead of planning
+                 again, and the folder is kept; None: a folder in the system temp dir, removed once
+                 planning finishes (a killed run resumes from it)
+    """
+    workers: int | None = None
+    cluster: str | None = None
+    work_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ConfigError(f"workers={self.workers!r} must be an integer >= 1 (1: plan in this process)")
+        if self.cluster is not None and (not isinstance(self.cluster, str) or not self.cluster.strip()):
+            raise ConfigError(f"cluster={self.cluster!r} must be a Dask scheduler address such as "
+                              "tcp://host:8786, or local")
+        if self.work_dir is not None:
+            object.__setattr__(self, "work_dir", Path(self.work_dir))
+
+
+@dataclass(frozen=True)
+class Latency:
+    """The planning objective and the rows its latency measurement uses.
+
+    objective:   size (the smallest plan meeting the budgets) or latency (as size, but a layer whose
+                 rewrite runs slower than its dense MatMul in the target stays dense: bfc.passes.latency
+                 measures both in onnxruntime, 1 thread, at batch * seq rows)
+    batch, seq:  rows per call of the latency measurement = batch * sequence length (flat keys
+                 ``latency_batch``, ``latency_seq``)
+    """
+    objective: Objective = Objective.SIZE
+    batch: int = 1
+    seq: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "objective", _enum(Objective, "objective", self.objective))
+        _int("latency_batch", self.batch, 1)
+        _int("latency_seq", self.seq, 1)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What happens after the rewrite.
+
+    enabled:     run the original and the optimized model on the same inputs and report the output error
+                 (flat key ``verify``; the CLI's ``--no-verify`` turns it off)
+    strict:      a run that rewrites nothing is an error (default: the model is written unchanged)
+    """
+    enabled: bool = True
+    strict: bool = False
+
+    def __post_init__(self):
+        _flag("verify", self.enabled)
+        _flag("strict", self.strict)
+
+
+#: section name -> its class (the TOML table ``[name]`` and the attribute ``cfg.name``)
+SECTIONS = {"lowbit": LowBit, "distillation": Distillation, "reconstruction": Reconstruction,
+            "schedule": Schedule, "latency": Latency, "verification": Verification}
+
+#: flat key (the CLI option's name) -> (section, field), for every field that lives in a section
+FLAT_KEYS = {
+    "bits": ("lowbit", "bits"), "group_size": ("lowbit", "group_size"),
+    "learn_rotation": ("lowbit", "learn_rotation"), "rotation_steps": ("lowbit", "rotation_steps"),
+    "correction_rank": ("lowbit", "correction_rank"),
+    "distill": ("distillation", "data"), "distill_steps": ("distillation", "steps"),
+    "distill_batch": ("distillation", "batch"), "distill_lr": ("distillation", "lr"),
+    "distill_match": ("distillation", "match"), "distill_layernorm": ("distillation", "layernorm"),
+    "reconstruct": ("reconstruction", "enabled"), "reconstruct_steps": ("reconstruction", "steps"),
+    "reconstruct_lr": ("reconstruction", "lr"),
+    "workers": ("schedule", "workers"), "cluster": ("schedule", "cluster"), "work_dir": ("schedule", "work_dir"),
+    "objective": ("latency", "objective"), "latency_batch": ("latency", "batch"), "latency_seq": ("latency", "seq"),
+    "verify": ("verification", "enabled"), "strict": ("verification", "strict"),
+}
+
+
+@dataclass(frozen=True, init=False)
 class OptimizeConfig:
     """Options of ``bfc.optimize`` (the CLI flags have the same names with dashes).
+
+    Top level -- what is rewritten, how, and the budgets:
 
     structure:   auto or one fixed structure.  auto with precision auto (the default) is the allocator:
                  every family's candidates per layer (rotated 2/3/4-bit codes, int8, fp16, quantized
@@ -84,41 +283,31 @@ class OptimizeConfig:
                  error cannot be measured is left unchanged (None: no whole-model check).  Default
                  ``DEFAULT_MAX_OUTPUT_ERROR`` (docs: what it keeps of STS-B and Fashion-MNIST top-1)
     target_size: stop compressing once the model's weight bytes are at most this many bytes
-    min_size:    layers with fewer weight elements stay dense
-    include/exclude: fnmatch patterns on node names
-    target:      the graph target that emits the layers (``bfc.passes.targets``: portable, custom-op);
-                 its name is checked against the registry when the pipeline starts
-    calibration: .npz of model inputs (names as keys) used for calibration and verification
-    strict:      a run that rewrites nothing is an error (default: the model is written unchanged)
-    calibration_rows: at most this many activation rows per layer (seeded subsample) enter its Gram matrix
-    distill:     .npz of unlabeled model inputs: train the planned layers end to end against the original
-                 model before the rewrite (bfc.distill; needs torch); None: no distillation
-    distill_steps, distill_batch, distill_lr: Adam steps, samples per step, peak step size (cosine decay)
-    distill_match: names of intermediate tensors matched as well as the outputs (e.g. each block's output)
-    distill_layernorm: also train the LayerNormalization scales and biases
-    reconstruct: fine-tune each quantized layer's factors to its calibration outputs (bfc.reconstruct)
-    reconstruct_steps, reconstruct_lr: Adam steps per layer and step size (relative to each factor's RMS)
-    bits, group_size: the rotated family's weight format (int2|3|4, one scale per group of 32|64|128 rows)
-    learn_rotation: learn each rotation on the calibration Gram (ButterflyQuant-style; needs torch),
-                 rotation_steps Adam steps; else the randomized Hadamard-like butterfly
-    correction_rank: rank of the int8 low-rank correction of rotated layers; 0 = per layer, only when
-                 it is the cheapest way to meet max_error
-    objective:   size (the smallest plan meeting the budgets) or latency (as size, but a layer whose
-                 rewrite runs slower than its dense MatMul in the target stays dense: bfc.passes.latency
-                 measures both in onnxruntime, 1 thread, at latency_batch * latency_seq rows)
-    latency_batch, latency_seq: rows per call of the latency measurement = batch * sequence length
     max_metric_drop: with an ``evaluate`` function (``bfc.optimize(..., evaluate=fn)``, ``--evaluate``), the
                  largest drop of the user's metric the allocator may spend; its budget is searched against it
+    min_size:    layers with fewer weight elements stay dense
+    include/exclude: fnmatch patterns on node names
+    target:      the graph target that emits the layers (``TargetName``; ``bfc.passes.targets``: portable,
+                 ort, custom-op), checked against the registry when the pipeline starts
+    calibration: .npz of model inputs (names as keys) used for calibration and verification
+    calibration_rows: at most this many activation rows per layer (seeded subsample) enter its Gram matrix
+    fix_batch:   pin the output model's batch dimension to this size
+    seed:        every random choice of the run (the output bytes are a function of the inputs and the seed)
     fuse:        onnxruntime's transformer fusions (attention, LayerNormalization, Gelu) before the sites are
                  found (``bfc.passes.fuse``; the projections stay separate MatMuls); None: on for a recognized
                  transformer when the target runs in onnxruntime (ort, custom-op), off for portable
-    workers:     processes planning layers (bfc.passes.layer_runner); None: the usable cores (in process
-                 for small models), 1: in this process; the output bytes never depend on it
-    cluster:     plan on a Dask distributed cluster at this scheduler address (``local``: a LocalCluster
-                 of ``workers`` processes); needs ``pip install 'bfc[cluster]'``
-    work_dir:    folder of finished layer plans (content-keyed): a rerun loads them instead of planning
-                 again, and the folder is kept; None: a folder in the system temp dir, removed once
-                 planning finishes (a killed run resumes from it)
+
+    Sections (frozen dataclasses of their own; the flat keys of ``FLAT_KEYS`` reach their fields):
+
+    lowbit:         ``LowBit`` -- bits, group_size, learn_rotation, rotation_steps, correction_rank
+    distillation:   ``Distillation`` -- data (``distill``), steps, batch, lr, match, layernorm
+    reconstruction: ``Reconstruction`` -- enabled (``reconstruct``), steps, lr
+    schedule:       ``Schedule`` -- workers, cluster, work_dir
+    latency:        ``Latency`` -- objective, batch (``latency_batch``), seq (``latency_seq``)
+    verification:   ``Verification`` -- enabled (``verify``), strict
+
+    Construction takes top-level fields, sections (instances or dicts of their fields) and flat keys;
+    a flat key together with its field in a given section is an error.
     """
     structure: Structure = Structure.AUTO
     rank: int | None = None
@@ -128,38 +317,32 @@ class OptimizeConfig:
     max_error: float | None = None
     max_output_error: float | None = DEFAULT_MAX_OUTPUT_ERROR
     target_size: int | None = None
+    max_metric_drop: float | None = None
     min_size: int = 4096
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    target: TargetName = TargetName.ORT
     calibration: Path | None = None
     calibration_rows: int = 8192
-    target: str = "ort"
-    verify: bool = True
-    strict: bool = False
     fix_batch: int | None = None
     seed: int = 0
-    distill: Path | None = None
-    distill_steps: int = 500
-    distill_batch: int = 32
-    distill_lr: float = 5e-4
-    distill_match: tuple[str, ...] = ()
-    distill_layernorm: bool = False
-    reconstruct: bool = False
-    reconstruct_steps: int = 100
-    reconstruct_lr: float = 1e-2
-    bits: int = 4
-    group_size: int = 64
-    learn_rotation: bool = False
-    rotation_steps: int = 100
-    correction_rank: int = 0
-    objective: str = "size"
-    latency_batch: int = 1
-    latency_seq: int = 1
     fuse: bool | None = None
-    max_metric_drop: float | None = None
-    workers: int | None = None
-    cluster: str | None = None
-    work_dir: Path | None = None
+    lowbit: LowBit = LowBit()
+    distillation: Distillation = Distillation()
+    reconstruction: Reconstruction = Reconstruction()
+    schedule: Schedule = Schedule()
+    latency: Latency = Latency()
+    verification: Verification = Verification()
+
+    def __init__(self, **options):
+        grouped = _group(options, "OptimizeConfig")
+        for f in fields(self):
+            if f.name in SECTIONS:
+                value = SECTIONS[f.name](**grouped.get(f.name, {}))
+            else:
+                value = grouped.get(f.name, f.default)
+            object.__setattr__(self, f.name, value)
+        self.__post_init__()
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -167,68 +350,21 @@ class OptimizeConfig:
         set_("precision", _enum(Precision, "precision", self.precision))
         if not isinstance(self.target, str) or not self.target:
             raise ConfigError(f"target={self.target!r} must be a target name such as portable or custom-op")
-        set_("target", self.target.lower())
+        set_("target", _enum(TargetName, "target", self.target))
         set_("quant_method", _enum(QuantMethod, "quant_method", self.quant_method))
         for name, lo in (("rank", 1), ("residual_rank", 1), ("min_size", 0), ("target_size", 1),
-                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1), ("distill_steps", 1),
-                         ("distill_batch", 1),
-                         ("reconstruct_steps", 0), ("rotation_steps", 0), ("correction_rank", 0),
-                         ("latency_batch", 1), ("latency_seq", 1)):
-            v = getattr(self, name)
-            if v is None and name in ("rank", "target_size", "fix_batch"):
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{name}={v!r} must be an integer >= {lo}")
-        for name in ("max_error", "max_output_error", "reconstruct_lr", "distill_lr", "max_metric_drop"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{name}={v!r} must be a positive finite number (e.g. 0.05 for 5%)")
-            set_(name, float(v))
+                         ("fix_batch", 1), ("seed", 0), ("calibration_rows", 1)):
+            _int(name, getattr(self, name), lo, optional=name in ("rank", "target_size", "fix_batch"))
+        for name in ("max_error", "max_output_error", "max_metric_drop"):
+            set_(name, _positive(name, getattr(self, name), optional=True))
         for name in ("include", "exclude"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                v = (v,)
-            if not all(isinstance(p, str) and p for p in v):
-                raise ConfigError(f"{name}={v!r} must be a list of non-empty node-name patterns")
-            set_(name, tuple(v))
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
-                                         or self.workers < 1):
-            raise ConfigError(f"workers={self.workers!r} must be an integer >= 1 (1: plan in this process)")
-        if self.cluster is not None and (not isinstance(self.cluster, str) or not self.cluster.strip()):
-            raise ConfigError(f"cluster={self.cluster!r} must be a Dask scheduler address such as "
-                              "tcp://host:8786, or local")
-        if self.work_dir is not None:
-            set_("work_dir", Path(self.work_dir))
+            set_(name, _names(name, getattr(self, name), "non-empty node-name patterns"))
         if self.calibration is not None:
             set_("calibration", Path(self.calibration))
-        if self.distill is not None:
-            set_("distill", Path(self.distill))
-        v = (self.distill_match,) if isinstance(self.distill_match, str) else self.distill_match
-        if not isinstance(v, (tuple, list)) or not all(isinstance(n, str) and n for n in v):
-            raise ConfigError(f"distill_match={self.distill_match!r} must be a list of tensor names")
-        set_("distill_match", tuple(v))
-        if not isinstance(self.distill_layernorm, bool):
-            raise ConfigError(f"distill_layernorm={self.distill_layernorm!r} must be true or false")
-        if not isinstance(self.reconstruct, bool):
-            raise ConfigError(f"reconstruct={self.reconstruct!r} must be true or false")
-        if self.reconstruct and self.calibration is None:
-            raise ConfigError("reconstruct needs calibration data: pass --calibration FILE.npz of model inputs")
-        if isinstance(self.bits, bool) or self.bits not in (2, 3, 4):
-            raise ConfigError(f"bits={self.bits!r} is not allowed; use 2, 3 or 4 (rotated low-bit weights)")
-        if isinstance(self.group_size, bool) or self.group_size not in (32, 64, 128):
-            raise ConfigError(f"group_size={self.group_size!r} is not allowed; use 32, 64 or 128")
-        if not isinstance(self.learn_rotation, bool):
-            raise ConfigError(f"learn_rotation={self.learn_rotation!r} must be true or false")
         if self.fuse is not None and not isinstance(self.fuse, bool):
             raise ConfigError(f"fuse={self.fuse!r} must be true, false or absent (auto)")
-        for name in ("verify", "strict"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
-        if not isinstance(self.objective, str) or self.objective.lower() not in ("size", "latency"):
-            raise ConfigError(f"objective={self.objective!r} is not allowed; use size or latency")
-        set_("objective", self.objective.lower())
+        if self.reconstruction.enabled and self.calibration is None:
+            raise ConfigError("reconstruct needs calibration data: pass --calibration FILE.npz of model inputs")
         if self.allocating:
             if self.max_output_error is None and self.max_error is None and self.target_size is None:
                 raise ConfigError("structure=auto with precision=auto needs a budget: max_output_error (e.g. "
@@ -246,15 +382,25 @@ class OptimizeConfig:
         return self.structure is Structure.AUTO and self.precision is Precision.AUTO
 
     def replace(self, **changes) -> "OptimizeConfig":
-        return replace(self, **changes)
+        """A copy with ``changes`` (top-level fields, sections or flat keys) applied; the rest is kept."""
+        current = _group({f.name: getattr(self, f.name) for f in fields(self)}, "OptimizeConfig")
+        return OptimizeConfig(**_merge(current, _group(changes, "replace")))
+
+    def flat(self) -> dict:
+        """{flat key: value} of every option (the CLI's names with underscores; e.g. for hashing)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS}
+        out.update({key: getattr(getattr(self, sec), fld) for key, (sec, fld) in FLAT_KEYS.items()})
+        return out
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        """The flat keys: the CLI options' names with underscores (top-level fields and ``FLAT_KEYS``)."""
+        return tuple(f.name for f in fields(cls) if f.name not in SECTIONS) + tuple(FLAT_KEYS)
 
     @classmethod
     def from_toml(cls, path, **overrides) -> "OptimizeConfig":
-        """Config from a TOML file (same keys as the CLI); ``overrides`` win over the file."""
+        """Config from a TOML file (``version = 1``, section tables and/or the flat CLI keys);
+        ``overrides`` (flat keys) win over the file."""
         path = Path(path)
         try:
             with path.open("rb") as fh:
@@ -263,18 +409,65 @@ class OptimizeConfig:
             raise ConfigError(f"config file {path} does not exist; check the --config path") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
-        return cls.from_dict({**raw, **overrides}, source=str(path))
+        return cls.from_dict(raw, source=str(path), overrides=overrides)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "OptimizeConfig":
-        known = set(cls.keys())
-        out = {}
-        for key, value in raw.items():
-            name = key.replace("-", "_")
-            if name == "no_verify":
-                name, value = "verify", not value
-            if name not in known:
-                raise ConfigError(f"{source}: unknown key {key!r}; allowed keys: "
-                                  + ", ".join(k.replace("_", "-") for k in sorted(known)))
+    def from_dict(cls, raw: dict, source: str = "config", overrides: dict | None = None) -> "OptimizeConfig":
+        """Config from a parsed TOML document (see ``from_toml``); ``no_verify`` is read as ``verify = not``."""
+        raw = dict(raw)
+        version = raw.pop("version", CONFIG_VERSION)
+        if isinstance(version, bool) or version != CONFIG_VERSION:
+            raise ConfigError(f"{source}: version = {version!r} is not a config version this bfc reads; "
+                              f"write version = {CONFIG_VERSION} (or leave the key out)")
+        grouped = _group(raw, source)
+        return cls(**_merge(grouped, _group(overrides or {}, "command line")))
+
+
+def _group(raw: dict, source: str) -> dict:
+    """{top-level field: value, section: {field: value}} from top-level fields, sections (instances or
+    dicts) and flat keys; unknown keys and a key given twice are ConfigErrors that name ``source``."""
+    top = {f.name for f in fields(OptimizeConfig)} - set(SECTIONS)
+    out: dict = {}
+    sections: dict[str, dict] = {}
+    from_flat: dict[tuple[str, str], str] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name == "no_verify":
+            name, value = "verify", not value
+        if name in SECTIONS:
+            if isinstance(value, SECTIONS[name]):
+                value = {f.name: getattr(value, f.name) for f in fields(value)}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be a table of its options ([{name}] in TOML)")
+            own = {f.name for f in fields(SECTIONS[name])}
+            for k, v in value.items():
+                field_name = k.replace("-", "_")
+                if field_name not in own:
+                    raise ConfigError(f"{source}: unknown key {k!r} in [{name}]; allowed keys: "
+                                      + ", ".join(sorted(x.replace("_", "-") for x in own)))
+                if (name, field_name) in from_flat:
+                    raise ConfigError(f"{source}: {from_flat[(name, field_name)]!r} and [{name}] {k} set the same "
+                                      "option; keep one")
+                sections.setdefault(name, {})[field_name] = v
+        elif name in FLAT_KEYS:
+            sec, field_name = FLAT_KEYS[name]
+            if field_name in sections.get(sec, {}):
+                raise ConfigError(f"{source}: {key!r} and [{sec}] {field_name} set the same option; keep one")
+            from_flat[(sec, field_name)] = key
+            sections.setdefault(sec, {})[field_name] = value
+        elif name in top:
             out[name] = value
-        return cls(**out)
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r}; allowed keys: "
+                              + ", ".join(k.replace("_", "-") for k in sorted(OptimizeConfig.keys()))
+                              + "; sections: " + ", ".join(f"[{s}]" for s in SECTIONS))
+    out.update(sections)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` applied on ``base`` (both from ``_group``): top-level values replaced, section fields updated."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = {**base.get(key, {}), **value} if key in SECTIONS else value
+    return out

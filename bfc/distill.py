@@ -18,7 +18,7 @@ so every target emits exactly what was trained.
 Numerics of the forward, per target (``emulate_rows``):
   * float product (portable; custom-op with float factors): x[..., row_perm] @ K_1 ... K_L,
     scattered by col_perm, in float32;
-  * custom-op int8: each factor's input h is quantized per row as ``bfc.ops._quantize_rows``
+  * custom-op int8: each factor's input h is quantized per row as ``bfc.ops.quantize_rows``
     (amax per row, r = h * (127/amax), q = rint(clip(r, -127, 127))), acc = q @ values
     (exact integers in float32 for b * 127^2 < 2^24), y = (acc * amax/127) * scale —
     the same float32 operations in the same order as ``bfc.ops.ks_matmul_reference``;

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from bfc.errors import InvalidInputError
+from bfc.factorize import relative_error
 from bfc.quant import QuantizedFactor, QuantizedFactorization, get_format
 from bfc.quant.rounding import round_nearest, to_storage
 
@@ -122,5 +123,5 @@ def reconstruct(qf: QuantizedFactorization, w, x=None, *, gram=None, steps: int 
                     for qv, s, f in zip(best_q, scales, qf.factors))
     out = replace(qf, factors=factors)
     dense = out.to_dense()
-    object.__setattr__(out, "rel_error", float(np.linalg.norm(w - dense) / (np.linalg.norm(w) or 1.0)))
+    object.__setattr__(out, "rel_error", relative_error(w, dense))
     return ReconstructionResult(out, float(np.sqrt(first)), float(np.sqrt(best)), steps)

@@ -135,7 +135,7 @@ def session(model, threads: int = 1, *, arena: bool = True, providers=None, opti
     ``threads`` is the intra-op thread count (the ai.bfc kernels parallelize only through
     onnxruntime's intra-op pool; 0 lets onnxruntime decide); ``arena=False`` returns
     activation memory after each run.  ``external_folder``: where the external data of an
-    in-memory model lies (a weightless skeleton, ``bfc.passes.stream``).  A model onnxruntime
+    in-memory model lies (a weightless skeleton, ``bfc.passes.model_io.stream``).  A model onnxruntime
     refuses raises ModelError, one that needs the missing bfc library NativeLibraryError.
     """
     import onnxruntime as ort

@@ -31,11 +31,11 @@ Bounded memory:
     (a larger unit is a group of its own); each group is one pass of onnxruntime over the
     calibration inputs, asking for that group's tensors only;
   * each finished statistic is written (float32) to a spill folder and kept as a
-    ``FileArray`` (``bfc.passes.stream``), read again only while its layer is planned; the
+    ``FileArray`` (``bfc.passes.model_io.stream``), read again only while its layer is planned; the
     folder is removed once no statistic refers to it.
 Row subsamples are drawn from one generator per input tensor (``default_rng([seed, i])``, i
 its position among the collected tensors), so they do not depend on the grouping.
-For a model read as a skeleton (``bfc.passes.stream``), ``base`` is its file: onnxruntime
+For a model read as a skeleton (``bfc.passes.model_io.stream``), ``base`` is its file: onnxruntime
 reads the weights from there.
 """
 from __future__ import annotations
@@ -50,10 +50,10 @@ import onnx
 from bfc.config import OptimizeConfig
 from bfc.factorize.calibrated import weighted_error
 from bfc.passes.find_sites import Site
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import FileArray, trim
 from bfc.passes.products import LoadedModel, Sites, Statistics
 from bfc.passes.schedule import skip_reason
-from bfc.passes.session import run, session
-from bfc.passes.stream import FileArray, trim
 
 CHUNK = 4           # samples per onnxruntime run while collecting activations
 SAMPLE_ROWS = 512   # activation rows kept per site for target-exact error measurements

@@ -42,7 +42,7 @@ import numpy as np
 
 from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
-from bfc.factorize import candidates, chain_for, factorize, weighted_error
+from bfc.factorize import candidates, chain_for, factorize, relative_error, weighted_error
 from bfc.lowbit import LowBitFormat, rotated_gram
 from bfc.lowbit.gptq import gptq_factor, gptq_quantize
 from bfc.lowbit.groups import quantize_groups
@@ -82,7 +82,7 @@ class Scorer:
             if q.low_rank is not None:
                 u, v = (np.asarray(m, np.float64) for m in q.low_rank)
                 y = y + (self.rows @ u) @ v.T
-            return float(np.linalg.norm(y - self._ref) / max(np.linalg.norm(self._ref), 1e-30))
+            return relative_error(self._ref, y)
         # a KS factorization in column blocks (no dense M x N temporary); a rotated layer as its dense W_hat
         w_hat = q.dequantized().iter_columns() if isinstance(q, QuantizedFactorization) else q.to_dense()
         return weighted_error(self.w, w_hat, self.gram)
@@ -222,7 +222,7 @@ def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=No
                                               f"{found[0][0].nbytes} bytes, the dense weight {plan.bytes_before}")
     if found:
         plan = keep(weights=found[0][0], structure=found[0][1], precision=found[0][2], error=found[0][3])
-        if cfg.reconstruct and gram is not None and plan.precision not in ("fp32", "fp16") \
+        if cfg.reconstruction.enabled and gram is not None and plan.precision not in ("fp32", "fp16") \
                 and plan.structure != "rotated":
             plan = _reconstruct(plan, w, gram, score, cfg)
         return plan
@@ -233,7 +233,7 @@ def plan_site(site: Site, cfg: OptimizeConfig, target, stats=None, precisions=No
 def _reconstruct(plan: LayerPlan, w: np.ndarray, gram: np.ndarray, score, cfg: OptimizeConfig) -> LayerPlan:
     """Fine-tune the planned layer's quantized factors on its calibration Gram (bfc.reconstruct);
     kept only when the target's error improves."""
-    res = reconstruct(plan.weights, w, gram=gram, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr)
+    res = reconstruct(plan.weights, w, gram=gram, steps=cfg.reconstruction.steps, lr=cfg.reconstruction.lr)
     err = score(res.factorization)
     if err < plan.error:
         return replace(plan, weights=res.factorization, error=err,
@@ -265,8 +265,8 @@ class Candidate:
     error: float
 
 
-def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotation=None,
-                     opset: int = 0) -> tuple[Candidate, ...]:
+def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotation=None, *,
+                     opset: int) -> tuple[Candidate, ...]:
     """Every candidate of one site that ``target`` can emit at ``opset``, unchanged first.  A matmul
     site: dense int8 per column, fp16, and for each bits x group the rotated low-bit codes of Q^T W
     (``rotation``: the site's shared Q; GPTQ with the rotated Gram under calibration, searched-scale

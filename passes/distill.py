@@ -2,7 +2,7 @@
 
 ``distill(loaded, plan, stats, feeds, cfg, target, emit)`` -> Plan (with ``distill_layernorm``,
 the new values of LayerNormalization scale/bias constants go in ``Plan.tensor_updates``, which the
-rewrite applies).  Runs only with ``config.distill`` (a .npz of model inputs, keys = input
+rewrite applies).  Runs only with ``config.distillation.data`` (a .npz of model inputs, keys = input
 names); otherwise it returns the plan as it is.
 Algebra (``bfc.distill``): the student is the original graph in the torch interpreter with
 every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer
@@ -32,9 +32,9 @@ from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
 from bfc.passes.candidates import Scorer
 from bfc.passes.events import StageStarted
+from bfc.passes.model_io.feeds import load_feeds
+from bfc.passes.model_io.stream import materialize
 from bfc.passes.products import LoadedModel, Plan, Statistics
-from bfc.passes.session import load_feeds
-from bfc.passes.stream import materialize
 from bfc.quant import QuantizedFactorization
 
 TORCH_HINT = "pip install torch==2.13.0 (the CPU build; another version spec pulls a multi-GB CUDA build)"
@@ -73,11 +73,11 @@ def match_tensors(model, match) -> tuple[str, ...]:
 
 def _checkpoint(cfg, taken, data, emulate):
     """``work_dir/distill-<key>.pt`` (resumable training state), keyed by everything that defines the run."""
-    work = getattr(cfg, "work_dir", None)
+    work = cfg.schedule.work_dir
     if work is None:
         return None
-    h = hashlib.sha256(repr((cfg.distill_steps, cfg.distill_batch, cfg.distill_lr, cfg.distill_match,
-                             cfg.distill_layernorm, cfg.seed, emulate)).encode())
+    d = cfg.distillation
+    h = hashlib.sha256(repr((d.steps, d.batch, d.lr, d.match, d.layernorm, cfg.seed, emulate)).encode())
     for k in sorted(data):
         h.update(k.encode())
         h.update(np.ascontiguousarray(data[k]).tobytes())
@@ -94,7 +94,7 @@ def _checkpoint(cfg, taken, data, emulate):
 def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
             target, emit) -> Plan:
     """The distill stage (see the module doc)."""
-    path = cfg.distill
+    path = cfg.distillation.data
     if path is None:
         return plan
 
@@ -112,7 +112,7 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
         return noted("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
                      "(the torch interpreter runs the main graph only)")
     d = _torch_distill()
-    emit(StageStarted("distill", f"{cfg.distill_steps} steps on {path}"))
+    emit(StageStarted("distill", f"{cfg.distillation.steps} steps on {path}"))
     data = load_feeds(path, loaded.model)
     emulate = target.name == "custom-op"
     for p in taken:
@@ -121,15 +121,15 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
             raise BfcError(f"distill: target {target.name} computes layer {p.site.name} with numerics "
                            "the distillation does not emulate; run without --distill")
     layers = [(p.site.nodes, p.weights) for p in taken]
-    every = max(1, cfg.distill_steps // 20)
+    every = max(1, cfg.distillation.steps // 20)
 
     def progress(step, loss):
-        if step % every == 0 or step == cfg.distill_steps:
-            emit(StageStarted("distill", f"step {step}/{cfg.distill_steps}, loss {loss:.4g}"))
+        if step % every == 0 or step == cfg.distillation.steps:
+            emit(StageStarted("distill", f"step {step}/{cfg.distillation.steps}, loss {loss:.4g}"))
     model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)   # weights read in
-    res = d.distill(model, layers, data, steps=cfg.distill_steps, batch=cfg.distill_batch,
-                    lr=cfg.distill_lr, match=match_tensors(loaded.model, cfg.distill_match),
-                    layernorm=cfg.distill_layernorm,
+    res = d.distill(model, layers, data, steps=cfg.distillation.steps, batch=cfg.distillation.batch,
+                    lr=cfg.distillation.lr, match=match_tensors(loaded.model, cfg.distillation.match),
+                    layernorm=cfg.distillation.layernorm,
                     seed=cfg.seed, eval_data=feeds, emulate_rows=emulate,
                     checkpoint=_checkpoint(cfg, taken, data, emulate), on_step=progress)
     where = "calibration inputs" if feeds is not None else "a held-out batch of the distillation data"
@@ -142,7 +142,7 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
         note = f"distilled: layer error {p.error:.3g} -> {err:.3g}" if p.error is not None else "distilled"
         trained[id(p)] = replace(p, weights=q, error=err, note=note if p.note is None else f"{p.note}; {note}")
     note = (f"distill: whole-model output error {res.error_before:.3g} -> {res.error_after:.3g} "
-            f"on {where} ({res.steps} steps, batch {cfg.distill_batch}, lr {cfg.distill_lr:g}, "
+            f"on {where} ({res.steps} steps, batch {cfg.distillation.batch}, lr {cfg.distillation.lr:g}, "
             f"{res.seconds:.0f} s{', LayerNorm trained' if res.layernorm else ''})")
     return replace(plan, layers=tuple(trained.get(id(p), p) for p in plan.layers), notes=plan.notes + (note,),
                    tensor_updates={**plan.tensor_updates, **(res.layernorm or {})})

@@ -15,8 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from bfc.passes import stream
-from bfc.passes.load import output_ir_version
+from bfc.passes.model_io import stream
+from bfc.passes.model_io.files import output_ir_version
 
 
 def _export_light(graph: gs.Graph) -> onnx.ModelProto:
@@ -44,7 +44,7 @@ def _export_light(graph: gs.Graph) -> onnx.ModelProto:
 
 def export(graph: gs.Graph, template: onnx.ModelProto, layers: list[str], base=None) -> onnx.ModelProto:
     """The rewritten graph as a model with ``template``'s metadata; weights still in their files stay
-    references relative to ``base`` (``bfc.passes.stream``)."""
+    references relative to ``base`` (``bfc.passes.model_io.stream``)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = _export_light(graph)
     model.ir_version = output_ir_version(template)

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from bfc.errors import ModelError
 from bfc.passes.embedding_emit import gather_reason
 from bfc.passes.fold import Folded, fold_weight
-from bfc.passes.stream import LazyArray, graphs, import_graph, initializers
+from bfc.passes.model_io.stream import LazyArray, graphs, import_graph, initializers
 
 BFC_PREFIX = "bfc/"      # names of nodes and tensors bfc creates; such layers are never re-factorized
 FLOAT_TYPES = (np.float32, np.float16)
@@ -69,7 +69,7 @@ def node_key(node: gs.Node) -> str:
 class Site:
     """A group of nodes sharing one constant weight W (y = x @ W, W of shape (K, N))."""
     weight_name: str
-    weight: np.ndarray | None    # or a LazyArray (bfc.passes.stream): read from its file when planned
+    weight: np.ndarray | None    # or a LazyArray (bfc.passes.model_io.stream): read from its file when planned
     nodes: list[SiteNode] = field(default_factory=list)
     reason: str | None = None     # why it cannot be rewritten (None: eligible)
     subgraph: str | None = None   # label of the subgraph of the first node (None: main graph)

@@ -11,7 +11,7 @@ changed: the rewrite replaces the MatMul node and its input edge, after which gr
 cleanup removes the chain unless another node still reads it.  (Not rewiring also
 means a site that stays dense leaves the model byte-identical: no float copy of an
 int8 DequantizeLinear weight is ever added.)
-Weights read as references (``bfc.passes.stream``) stay on disk: a plain initializer's
+Weights read as references (``bfc.passes.model_io.stream``) stay on disk: a plain initializer's
 value is a ``FileArray``; a chain over one is evaluated once (for its shape and type) and
 kept as a ``ComputedArray`` that re-reads its sources and re-evaluates the chain when used.
 A folded weight's group key is the chain itself (op types, attributes, source tensor
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from bfc.passes.stream import ComputedArray, LazyArray, lazy_value
+from bfc.passes.model_io.stream import ComputedArray, LazyArray, lazy_value
 
 FOLDABLE = ("Identity", "Transpose", "Cast", "Reshape", "Flatten", "Unsqueeze", "Squeeze",
             "DequantizeLinear", "Mul", "Div")
@@ -36,7 +36,7 @@ SMALL = 64            # constants of at most this many values are keyed by value
 
 @dataclass(frozen=True)
 class Folded:
-    value: np.ndarray          # or a LazyArray (bfc.passes.stream) when a source weight is still on disk
+    value: np.ndarray          # or a LazyArray (bfc.passes.model_io.stream) when a source weight is still on disk
     key: tuple                 # hashable description of the chain (group key)
     ops: tuple[str, ...]       # op types of the chain, source first ("" for a plain constant)
     sources: tuple[str, ...]   # names of the large source constants

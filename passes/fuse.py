@@ -65,8 +65,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from bfc.passes.model_io.stream import graphs, materialize, node_subgraphs
 from bfc.passes.products import LoadedModel
-from bfc.passes.stream import materialize
 
 MS_DOMAIN = "com.microsoft"
 MODEL_TYPES = ("bert",)
@@ -408,12 +408,8 @@ def _prune(graph, keep_outputs) -> None:
         used = set(keep_outputs)
         for n in graph.node:
             used.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    used.update(_outer_names(a.g))
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        used.update(_outer_names(sg))
+            for sg in node_subgraphs(n):
+                used.update(_outer_names(sg))
         dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
         if not dead:
             break
@@ -428,13 +424,8 @@ def _prune(graph, keep_outputs) -> None:
 
 
 def _outer_names(g) -> set[str]:
-    names = set()
-    for n in g.node:
-        names.update(n.input)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _outer_names(a.g)
-    return names
+    """Every name read by a node of ``g`` or of a graph nested in it."""
+    return {x for sg in graphs(g) for n in sg.node for x in n.input}
 
 
 def fuse_sdpa(model: onnx.ModelProto, packed_bias: bool = False) -> int:
@@ -597,7 +588,7 @@ def _unchanged(model, note) -> FuseResult:
     return FuseResult(model, (), note)
 
 
-def fuse(model: onnx.ModelProto, model_type: str | None, opset: int | None = None, *,
+def fuse(model: onnx.ModelProto, model_type: str | None, opset: int, *,
          attention: bool = True, ort_pass: bool = True, block_skip: bool = True,
          packed_bias: bool = False) -> FuseResult:
     """Fuse a recognized transformer (``model_type`` from ``recognize``) for onnxruntime's CPU provider.
@@ -621,7 +612,7 @@ def fuse(model: onnx.ModelProto, model_type: str | None, opset: int | None = Non
         work = onnx.ModelProto()
         work.CopyFrom(model)
         before = Counter((n.domain, n.op_type) for n in work.graph.node)
-        min_opset = min(_default_opset(model), opset or 10 ** 6)
+        min_opset = min(_default_opset(model), opset)
         fused_attention = fuse_sdpa(work, packed_bias) if attention else 0
         if ort_pass:
             work = _ort_pass(work, model_type, layer_norm=min_opset >= 17)

@@ -21,18 +21,19 @@ import numpy as np
 
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError
+from bfc.factorize import relative_error
 from bfc.passes.events import StageStarted
 from bfc.passes.lowbit_plan import assign_rotation_owners
+from bfc.passes.model_io.feeds import MEASURE_BATCH, random_feeds
+from bfc.passes.model_io.session import run, session
 from bfc.passes.products import LoadedModel, Plan
 from bfc.passes.rewrite import rewritten
-from bfc.passes.session import MEASURE_BATCH, random_feeds, run, session
 from bfc.report import compared
 
 
 def output_error(ref: list, got: list) -> float:
     """max over float outputs of the relative error ||got - ref|| / ||ref||."""
-    errs = [float(np.linalg.norm(np.asarray(g, np.float64) - r) / max(np.linalg.norm(r), 1e-30))
-            for r, g in zip(ref, got) if np.asarray(r).dtype.kind == "f"]
+    errs = [relative_error(r, g) for r, g in zip(ref, got) if np.asarray(r).dtype.kind == "f"]
     return max(errs, default=0.0)
 
 

@@ -27,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
+from bfc.config import Objective
 from bfc.passes.export import export
 from bfc.passes.find_sites import find_sites
 from bfc.passes.lowbit_plan import assign_rotation_owners
@@ -126,9 +127,9 @@ def measure(w: np.ndarray, q, structure: str, precision: str, target, rows: int,
 
 def check_plan(plan: LayerPlan, cfg, target, opset: int) -> LayerPlan:
     """objective=latency: ``plan``, kept dense when its rewrite is slower than the dense layer."""
-    if cfg.objective != "latency" or not plan.rewritten:
+    if cfg.latency.objective is not Objective.LATENCY or not plan.rewritten:
         return plan
-    rows = cfg.latency_batch * cfg.latency_seq
+    rows = cfg.latency.batch * cfg.latency.seq
     dense_ms, cand_ms = measure(np.asarray(plan.site.weight), plan.weights, plan.structure, plan.precision, target, rows, opset)
     what = f"{plan.structure} {plan.precision}"
     if cand_ms > dense_ms:

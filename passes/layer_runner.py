@@ -36,7 +36,7 @@ Resume (``WorkFolder``): each finished layer is written atomically to the work f
 ``<key>.pkl``, key = sha256 of the planner's source code, the weight (dtype, shape, bytes),
 the statistics' bytes, the config fields that affect planning (``NOT_PLANNING`` are left
 out), the target, the precisions, the rotation and bits; a rerun loads finished layers
-instead of planning them.  ``cfg.work_dir`` is kept; without it the folder is
+instead of planning them.  ``cfg.schedule.work_dir`` is kept; without it the folder is
 ``<tempdir>/bfc-work/<hash of every task key>`` and is removed once planning finishes.
 """
 from __future__ import annotations
@@ -85,13 +85,13 @@ class LayerTask:
     config: object               # OptimizeConfig
     target: object               # a target name (shipped) or a Target (in process)
     precisions: tuple
+    opset: int                   # the model's opset (candidates the target cannot emit there are dropped)
     rotation: object | None = None
     bits: tuple = ()
     seed: int = 0
     origin_pid: int = 0          # the process that made the task (not part of the record key)
     mode: str = "plan"           # "plan": plan_site's choice; "candidates": every candidate (the allocator)
     op: str = "MatMul"           # the site's node type (Gather: an embedding table)
-    opset: int = 0               # the model's opset (candidates the target cannot emit there are dropped)
 
 
 @dataclass
@@ -141,7 +141,7 @@ def run_task(task: LayerTask) -> LayerResult:
     t0, c0 = time.perf_counter(), time.thread_time()
     if task.mode == "candidates":
         cands = layer_candidates(Site(task.key, task.weight, [SiteNode(task.key, task.op)]), cfg, target, task.stats,
-                                 task.rotation, task.opset)
+                                 task.rotation, opset=task.opset)
         return LayerResult(None, "allocated", "-", None, "output", None, None, time.perf_counter() - t0,
                            _worker_id(), cpu_seconds=time.thread_time() - c0, candidates=cands)
     p = plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
@@ -223,7 +223,7 @@ def task_key(task: LayerTask) -> str:
     h = hashlib.sha256(f"bfc-layer-record v{RECORD_VERSION}\0{code_fingerprint()}\0".encode())
     target = task.target if isinstance(task.target, str) else \
         f"{type(task.target).__module__}.{type(task.target).__qualname__}:{task.target.name}"
-    _feed(h, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_PLANNING})
+    _feed(h, {k: v for k, v in cfg.flat().items() if k not in NOT_PLANNING})
     for part in (target, tuple(task.precisions), task.bits, task.seed, task.weight, task.stats, task.rotation,
                  task.mode, task.op, task.opset):
         _feed(h, part)
@@ -262,8 +262,8 @@ class WorkFolder:
 
 
 def work_folder(cfg, keys) -> WorkFolder:
-    if getattr(cfg, "work_dir", None) is not None:
-        return WorkFolder(Path(cfg.work_dir))
+    if cfg.schedule.work_dir is not None:
+        return WorkFolder(Path(cfg.schedule.work_dir))
     h = hashlib.sha256("\0".join(keys).encode()).hexdigest()[:24]
     return WorkFolder(Path(tempfile.gettempdir()) / "bfc-work" / h, temporary=True)
 
@@ -315,8 +315,8 @@ class Runner:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.workers = getattr(cfg, "workers", None)
-        self.cluster = getattr(cfg, "cluster", None)
+        self.workers = cfg.schedule.workers
+        self.cluster = cfg.schedule.cluster
         self.engine = "in process"
         self.folder: WorkFolder | None = None
         self.planned = 0

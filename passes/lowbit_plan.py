@@ -11,8 +11,8 @@ same X for every site of the group) -- the randomized Hadamard-like butterfly, o
 minimizes the sum of the group's activation-weighted rounding errors.  Q's values are
 rounded to the target's storage (float16: the graph stores what the planner used), so
 Q is orthogonal to ~1e-3 and every error below is measured with the stored Q.
-Candidates per site: (bits, correction rank) pairs; bits is ``cfg.bits`` for the fixed
-family (2/3/4 for auto), rank ``cfg.correction_rank`` or, when it is 0, {0, 4, 8, 16}.
+Candidates per site: (bits, correction rank) pairs; bits is ``cfg.lowbit.bits`` for the fixed
+family (2/3/4 for auto), rank ``cfg.lowbit.correction_rank`` or, when it is 0, {0, 4, 8, 16}.
 They are tried cheapest first (bytes: packed codes, scales in the target's scale type,
 the int8 correction); the first whose error (``Scorer``: with calibration
 ||X W - X W_hat|| / ||X W||, the float function the portable and ort targets compute)
@@ -69,13 +69,13 @@ def _rotation(members, stats, cfg, bits, kronecker: bool = False):
     if kronecker:
         return KroneckerRotation.random(k, cfg.seed)
     rot = ButterflyRotation.hadamard_like(k, cfg.seed)
-    if not cfg.learn_rotation or cfg.rotation_steps == 0:
+    if not cfg.lowbit.learn_rotation or cfg.lowbit.rotation_steps == 0:
         return rot
     st = None if stats is None else stats.get(members[0].weight_name)
     gram = None if st is None else np.asarray(st.gram, np.float64)
     w = np.concatenate([m.weight.astype(np.float64) for m in members], axis=1)
-    fmt = LowBitFormat(bits, cfg.group_size, True, "float16")
-    params, _ = learn_rotation(w, gram, fmt, init=rot.params, steps=cfg.rotation_steps, seed=cfg.seed)
+    fmt = LowBitFormat(bits, cfg.lowbit.group_size, True, "float16")
+    params, _ = learn_rotation(w, gram, fmt, init=rot.params, steps=cfg.lowbit.rotation_steps, seed=cfg.seed)
     return ButterflyRotation.from_params(params)
 
 
@@ -86,9 +86,9 @@ def _bytes(k: int, n: int, bits: int, group: int, scale_bytes: int, rank: int) -
 
 
 def candidates(k: int, n: int, cfg, bits_options, scale_bytes: int):
-    ranks = (cfg.correction_rank,) if cfg.correction_rank else AUTO_CORRECTION_RANKS
-    ranks = [r for r in ranks if r <= min(k, n) // 4 or r == cfg.correction_rank]
-    cands = [(_bytes(k, n, b, cfg.group_size, scale_bytes, r), b, r) for b in bits_options for r in ranks]
+    ranks = (cfg.lowbit.correction_rank,) if cfg.lowbit.correction_rank else AUTO_CORRECTION_RANKS
+    ranks = [r for r in ranks if r <= min(k, n) // 4 or r == cfg.lowbit.correction_rank]
+    cands = [(_bytes(k, n, b, cfg.lowbit.group_size, scale_bytes, r), b, r) for b in bits_options for r in ranks]
     return sorted(cands)
 
 
@@ -101,7 +101,7 @@ def plan_rotated(w, gram, score, cfg, target, rotation, bits_options, budget):
     best = (float("inf"), "")
     for _nb, bits, rank in candidates(k, n, cfg, bits_options, sdt.itemsize):
         if bits not in bases:
-            bases[bits] = rotate_quantize(w, gram, bits=bits, group_size=cfg.group_size, rotation=rotation,
+            bases[bits] = rotate_quantize(w, gram, bits=bits, group_size=cfg.lowbit.group_size, rotation=rotation,
                                           scale_dtype=sdt.name, gptq=gram is not None, seed=cfg.seed)
         layer = bases[bits]
         if rank:

@@ -1,8 +1,8 @@
 """Normalize: bring a model to the form the later passes match (opset upgrade; constant weight chains).
 
-``normalize(loaded)`` -> LoadedModel (an upgraded model is a new ModelProto; the input is never
+``normalize(loaded, preferred_opset)`` -> LoadedModel (an upgraded model is a new ModelProto; the input is never
 modified).
-Opsets: a model below ``load.MIN_OPSET`` (13) but at least ``load.MIN_UPGRADE_OPSET`` (7)
+Opsets: a model below ``model_io.files.MIN_OPSET`` (13) but at least ``model_io.files.MIN_UPGRADE_OPSET`` (7)
 is upgraded with ``onnx.version_converter.convert_version`` to opset 13;
 the LoadedModel's ``model`` becomes the upgraded copy (calibration, export and the output use it)
 and its notes say so.  When the converter fails the run stops with a one-line
@@ -18,7 +18,7 @@ from onnx import version_converter
 
 from bfc.errors import UnsupportedError
 from bfc.passes.export import keep_io_types
-from bfc.passes.load import MIN_OPSET, default_opset
+from bfc.passes.model_io.files import MIN_OPSET, default_opset
 from bfc.passes.products import LoadedModel
 
 
@@ -41,7 +41,7 @@ def upgrade_opset(model: onnx.ModelProto, where: str = "model") -> tuple[onnx.Mo
     return new, f"upgraded from ONNX opset {op} to {got} (onnx.version_converter); the output has opset {got}"
 
 
-def normalize(loaded: LoadedModel, preferred_opset: int = MIN_OPSET) -> LoadedModel:
+def normalize(loaded: LoadedModel, preferred_opset: int) -> LoadedModel:
     """The normalize stage: the opset upgrade to MIN_OPSET (see the module doc), and further to
     ``preferred_opset`` when the run's layer forms need it (rotated low-bit codes unpacked in the
     graph: opset 18); a failed upgrade to the preferred opset is a note (those forms are then not

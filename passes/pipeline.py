@@ -6,7 +6,7 @@ for an in-memory ``onnx.ModelProto`` alike; ``bfc.optimize`` and ``bfc optimize`
 so the same config gives the same model bytes.  Each stage is a function in its own module
 that takes the products it needs and returns a small frozen product
 (``bfc.passes.products``); progress is reported as typed events (``bfc.passes.events``).
-A model path is read without its weights (``bfc.passes.stream``): the stages work on a
+A model path is read without its weights (``bfc.passes.model_io.stream``): the stages work on a
 skeleton whose weights are references into the input's files, a layer's weight is read while
 that layer is planned, untouched weights are copied from file to file.
 With ``output`` the result is written atomically and checked before it is moved into place
@@ -32,15 +32,16 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_model_sites, other_constants
 from bfc.passes.fuse import fuse_stage
 from bfc.passes.guard import guard
-from bfc.passes.load import MIN_OPSET, check_output_path, load
+from bfc.passes.load import load
 from bfc.passes.lowbit_emit import UNPACK_OPSET
+from bfc.passes.model_io.feeds import MEASURE_BATCH, load_feeds, random_feeds
+from bfc.passes.model_io.files import MIN_OPSET, check_output_path
+from bfc.passes.model_io.stream import materialize, trim
 from bfc.passes.normalize import normalize
 from bfc.passes.products import LayerPlan, LoadedModel, RewrittenModel, Sites
 from bfc.passes.rewrite import rewrite_model
 from bfc.passes.save import save
 from bfc.passes.schedule import plan_layers
-from bfc.passes.session import MEASURE_BATCH, load_feeds, random_feeds
-from bfc.passes.stream import materialize, trim
 from bfc.passes.targets import Target, get_target
 from bfc.passes.verify import verify_result
 from bfc.report import LayerRow, OutputRow, Report
@@ -102,7 +103,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     del stats, sites
     trim()
 
-    if cfg.strict and not plan.rewritten:
+    if cfg.verification.strict and not plan.rewritten:
         why = "; ".join(f"{p.site.name}: {p.reason}" for p in plan.layers[:3]) or "no MatMul/Gemm node"
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     report = Report(model=loaded.name, target=target.name, layers=[_row(p) for p in plan.layers],
@@ -111,7 +112,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     del plan
     trim()
     verify_feeds, why_no_feeds = feeds, None
-    if cfg.verify and feeds is None:
+    if cfg.verification.enabled and feeds is None:
         try:                 # ranged by the input (its tables); shaped by the output where --fix-batch pins it
             verify_feeds = random_feeds(loaded.model, cfg.seed + 1, MEASURE_BATCH) if cfg.fix_batch is None \
                 else random_feeds(rewritten.model, cfg.seed + 1)
@@ -128,7 +129,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         out_model = materialize(out_model, loaded.base)                  # asked for in memory: the weights read in
         result = RewrittenModel(out_model, None, rewritten.nbytes, rewritten.changed)
     del rewritten
-    if cfg.verify:
+    if cfg.verification.enabled:
         emit(StageStarted("verify"))
         try:
             checked = verify_result(loaded, result, verify_feeds, "calibration" if feeds is not None else "random",
@@ -142,7 +143,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         report.verified_on = checked.verified_on if checked.not_verified is None else None
         report.not_verified = checked.not_verified
         report.resident_bytes, report.latency_ms = checked.resident, checked.latency_ms
-    report.objective = cfg.objective
+    report.objective = cfg.latency.objective.value
     report.seconds = time.perf_counter() - t0
     return out_model, report
 

@@ -29,7 +29,7 @@ from bfc.passes.find_sites import Site
 @dataclass(frozen=True)
 class LoadedModel:
     """The input model: for a path, a skeleton whose weights are references relative to ``base``
-    (``bfc.passes.stream``); for a ModelProto, the proto itself (``base`` None).  Never modified."""
+    (``bfc.passes.model_io.stream``); for a ModelProto, the proto itself (``base`` None).  Never modified."""
     model: onnx.ModelProto
     source: object                       # the path or ModelProto as given (what verification compares with)
     base: Path | None                    # the model file the skeleton's references are relative to
@@ -153,5 +153,5 @@ class Verification:
     outputs: tuple = ()                         # OutputCheck per model output
     verified_on: str | None = None              # "calibration" | "random"
     not_verified: str | None = None             # why it could not run
-    resident: tuple[int, int] | None = None     # session resident bytes (input, output), measured (measure.py)
+    resident: tuple[int, int] | None = None     # session resident bytes (input, output), measured (model_io/measure.py)
     latency_ms: tuple[float, float] | None = None   # median ms per run at batch 1, 1 thread (input, output)

@@ -34,8 +34,8 @@ from bfc.passes.export import export, pin_batch
 from bfc.passes.find_sites import BFC_PREFIX, find_sites
 from bfc.passes.graph_builder import GraphBuilder
 from bfc.passes.lowbit_plan import assign_rotation_owners
+from bfc.passes.model_io.stream import import_graph, model_size
 from bfc.passes.products import LoadedModel, Plan, RewrittenModel
-from bfc.passes.stream import import_graph, model_size
 from bfc.quant.embedding import QuantizedEmbedding
 from bfc.quant.formats import format_of_dtype
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bfc.config import AUTO_PRECISIONS, OptimizeConfig, Precision, Structure
+from bfc.config import AUTO_PRECISIONS, Objective, OptimizeConfig, Precision, Structure
 from bfc.errors import BfcError
 from bfc.passes import allocate, lowbit_plan
 from bfc.passes.candidates import ALLOC_BITS
@@ -25,19 +25,20 @@ from bfc.passes.find_sites import Site
 from bfc.passes.guard import output_error
 from bfc.passes.latency import check_plan
 from bfc.passes.layer_runner import LayerTask, Runner
-from bfc.passes.load import save_model
-from bfc.passes.measure import first_rows
+from bfc.passes.model_io.feeds import MEASURE_BATCH, random_feeds
+from bfc.passes.model_io.files import save_model
+from bfc.passes.model_io.measure import first_rows
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import materialize
 from bfc.passes.products import LayerPlan, LoadedModel, Plan, Sites, Statistics
 from bfc.passes.rewrite import rewritten
 from bfc.passes.sensitivity import layer_sensitivity
-from bfc.passes.session import MEASURE_BATCH, random_feeds, run, session
-from bfc.passes.stream import materialize
 
 
 def _lowbit_bits(cfg: OptimizeConfig, target, opset) -> tuple[tuple[int, ...], str | None]:
     """Bits of the rotated family this plan tries (none: the reason)."""
     if cfg.structure is Structure.ROTATED:
-        wanted = (cfg.bits,)
+        wanted = (cfg.lowbit.bits,)
     elif cfg.structure is Structure.AUTO and cfg.precision is Precision.AUTO and cfg.max_error is not None:
         wanted = lowbit_plan.AUTO_BITS
     else:
@@ -114,7 +115,7 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
     count[3] = sum(int(sites[i].weight.size) for i in todo)
     tasks = [LayerTask(i, sites[i].weight_name, sites[i].weight,
                        None if stats is None else stats.get(sites[i].weight_name), cfg, target, tuple(precisions),
-                       rots.get(sites[i].weight_name), tuple(bits), cfg.seed) for i in todo]
+                       opset, rotation=rots.get(sites[i].weight_name), bits=tuple(bits), seed=cfg.seed) for i in todo]
     cut = f"target size {cfg.target_size} bytes already reached"
     ready, nxt = {}, 0
     runs = Runner(cfg).run(tasks)
@@ -151,12 +152,12 @@ def plan_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds: dic
     if cfg.allocating:
         plan = allocate_layers(loaded, sites, stats, feeds, cfg, target, on_event, evaluate)
         layers = plan.layers
-        if cfg.objective == "latency":        # a layer measured slower than its dense MatMul stays dense
+        if cfg.latency.objective is Objective.LATENCY:        # a layer measured slower than its dense MatMul stays dense
             layers = tuple(p if p.is_embedding else check_plan(p, cfg, target, loaded.opset) for p in layers)
         return replace(plan, layers=tuple(_with_site_note(p) for p in layers))
     layers = plan_sites(list(sites.sites), cfg, target, stats.layers, on_event, loaded.nbytes,
                         precisions or None, opset=loaded.opset)
-    if cfg.objective == "latency":
+    if cfg.latency.objective is Objective.LATENCY:
         layers = [check_plan(p, cfg, target, loaded.opset) for p in layers]
     return Plan(tuple(_with_site_note(p) for p in layers))
 
@@ -206,8 +207,8 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     matmuls = [sites.sites[i] for i in todo if sites.sites[i].nodes[0].op != "Gather"]
     rots = lowbit_plan.rotations(matmuls, stats.layers, cfg, target, max(ALLOC_BITS), kronecker=True)
     tasks = [LayerTask(i, sites.sites[i].weight_name, sites.sites[i].weight, stats.get(sites.sites[i].weight_name),
-                       cfg, target, (), rots.get(sites.sites[i].weight_name), (), cfg.seed, mode="candidates",
-                       op=sites.sites[i].nodes[0].op, opset=loaded.opset)
+                       cfg, target, (), loaded.opset, rotation=rots.get(sites.sites[i].weight_name), seed=cfg.seed,
+                       mode="candidates", op=sites.sites[i].nodes[0].op)
              for i in sorted(todo, key=lambda i: -sites.sites[i].weight.size)]
     cands, meta = {}, {}
     clock = [time.perf_counter()]

@@ -58,7 +58,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bfc.passes.guard import output_error
-from bfc.passes.session import run, session
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import graphs
 
 RELATIVE_TO = ("output", "weight")
 ROW_BLOCK = 8192          # rows of X per product when measuring ||X D|| and ||X W||
@@ -118,21 +119,9 @@ def _norm(a: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- graph rewriting
 
-def _graphs(graph: onnx.GraphProto, inside: bool = False):
-    """(graph, is_subgraph) for ``graph`` and every nested If/Loop/Scan body, depth first."""
-    yield graph, inside
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g, True)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _graphs(g, True)
-
-
 def _all_names(model: onnx.ModelProto) -> set[str]:
     names = set()
-    for g, _ in _graphs(model.graph):
+    for g in graphs(model.graph):
         names.update(t.name for t in g.initializer)
         names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
         for n in g.node:
@@ -171,7 +160,8 @@ class _Use:
 def _uses(model: onnx.ModelProto, name: str) -> tuple[list[_Use], str | None]:
     """The consumers of ``name`` usable for the output normalization, or why there are none."""
     uses = []
-    for g, sub in _graphs(model.graph):
+    for g in graphs(model.graph):
+        sub = g is not model.graph
         for n in g.node:
             for slot, x in enumerate(n.input):
                 if x != name:
@@ -231,9 +221,8 @@ class PerturbedModel:
         self.found: dict[str, onnx.TensorProto] = {}       # the tensors of ``model`` (read, never changed)
         self.uses: dict[str, list[_Use]] = {}
         self.no_uses: dict[str, str] = {}
-        graphs = [g for g, _ in _graphs(model.graph)]
         where = {}
-        for gi, g in enumerate(graphs):
+        for gi, g in enumerate(graphs(model.graph)):
             for t in g.initializer:
                 where.setdefault(t.name, (gi, t))
         main_names = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
@@ -259,9 +248,8 @@ class PerturbedModel:
                     self.no_uses[name] = why
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        graphs = [g for g, _ in _graphs(m.graph)]
         inputs = {v.name for v in m.graph.input}
-        for g in graphs[1:]:                                  # hoist the found body initializers
+        for g in list(graphs(m.graph))[1:]:                                  # hoist the found body initializers
             keep = [t for t in g.initializer if t.name not in self.found]
             if len(keep) != len(g.initializer):
                 m.graph.initializer.extend(t for t in g.initializer if t.name in self.found)
@@ -278,7 +266,7 @@ class PerturbedModel:
                                if x not in graph_inputs and x not in self.inits and x not in self.outputs)
         m.graph.output.extend(onnx.ValueInfoProto(name=x) for x in self.captured)
         self.sess = session(m, threads=threads)
-        del m, graphs
+        del m
         self.feeds = dict(feeds)
         self.ref = [np.asarray(r, np.float64) if np.asarray(r).dtype.kind == "f" else np.asarray(r)
                     for r in run(self.sess, self.feeds, self.outputs)]

@@ -16,11 +16,11 @@ import onnx
 
 from bfc.errors import BfcError, ModelError, NativeLibraryError
 from bfc.passes.calibrate import split_feeds
-from bfc.passes.load import open_with_base
-from bfc.passes.measure import first_rows, measure_file
+from bfc.passes.model_io.files import open_skeleton
+from bfc.passes.model_io.measure import first_rows, measure_file
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import trim
 from bfc.passes.products import LoadedModel, RewrittenModel, SavedModel, Verification
-from bfc.passes.session import run, session
-from bfc.passes.stream import trim
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ CHUNK = 8     # samples per onnxruntime run (activation memory stays bounded for
 
 
 def verify(original, optimized, feeds: dict, *, original_base=None, optimized_base=None) -> list[OutputCheck]:
-    """original/optimized: ModelProtos or model paths.  A skeleton (``bfc.passes.stream``) comes with
+    """original/optimized: ModelProtos or model paths.  A skeleton (``bfc.passes.model_io.stream``) comes with
     its ``*_base``, the model file its weight references are relative to: onnxruntime then reads the
     weights from the files once (a path makes it parse the whole file and copy the weights out of it).
     The inputs run CHUNK samples at a time when they share a batch axis; the errors are accumulated
@@ -108,7 +108,7 @@ def verify_result(loaded: LoadedModel, result: SavedModel | RewrittenModel, feed
     else:
         original, original_base = loaded.model, loaded.base
     if isinstance(result, SavedModel):
-        optimized, optimized_base = open_with_base(result.path)   # the written files, read by onnxruntime
+        optimized, optimized_base = open_skeleton(result.path)   # the written files, read by onnxruntime
     else:
         optimized, optimized_base = result.model, None
     try:

@@ -9,7 +9,7 @@ import bfc
 from bfc.config import OptimizeConfig, Precision, Structure
 from bfc.errors import ConfigError, UnsupportedError
 from bfc.ks import monarch_chain
-from bfc.passes.session import session
+from bfc.passes.model_io.session import session
 
 RNG = np.random.default_rng(2)
 INT8_BUDGET = 0.02        # int8 factors of an exactly-Monarch weight stay within 2% (rtn/optimal scales)
@@ -146,7 +146,7 @@ def test_config_toml(tmp_path):
     p = tmp_path / "bfc.toml"
     p.write_text('structure = "monarch"\nrank = 2\nmax-error = 0.2\nexclude = ["head.*"]\nno-verify = true\n')
     c = OptimizeConfig.from_toml(p, rank=4)
-    assert (c.structure, c.rank, c.max_error, c.exclude, c.verify) == (Structure.MONARCH, 4, 0.2, ("head.*",), False)
+    assert (c.structure, c.rank, c.max_error, c.exclude, c.verification.enabled) == (Structure.MONARCH, 4, 0.2, ("head.*",), False)
     p.write_text("colour = 3\n")
     with pytest.raises(ConfigError, match="unknown key 'colour'"):
         OptimizeConfig.from_toml(p)

@@ -11,14 +11,11 @@ from onnx import numpy_helper as nh
 
 import bfc
 from bfc.cli import main
+from bfc.factorize import relative_error
 from bfc.report import OutputRow, Report
 
 DEMO = str(files("bfc") / "data" / "demo_mlp.onnx")
 DATA = dict(np.load(str(files("bfc") / "data" / "demo_data.npz")))
-
-
-def rel_error(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
 
 def test_no_max_error_keeps_the_whole_model_budget(tmp_path, capsys):
@@ -29,7 +26,7 @@ def test_no_max_error_keeps_the_whole_model_budget(tmp_path, capsys):
     x = DATA["test_images"][:256]
     y0 = ort.InferenceSession(DEMO).run(None, {"image": x})[0]
     y1 = ort.InferenceSession(str(out)).run(None, {"image": x})[0]
-    assert rel_error(y0, y1) <= 0.01 * 1.5          # bfc measured on its own (generated) inputs
+    assert relative_error(y0, y1) <= 0.01 * 1.5          # bfc measured on its own (generated) inputs
 
 
 def test_summary_warns_about_flops_and_slowdowns():

@@ -8,7 +8,7 @@ from onnx import numpy_helper as nh
 from bfc.factorize import chain_for, factorize
 from bfc.passes import calibrate as C
 from bfc.passes.find_sites import find_sites
-from bfc.passes.stream import import_graph
+from bfc.passes.model_io.stream import import_graph
 
 K = 256                 # a moderate width: the exact Gram is cheap, the diagonal is the bounded form
 IID_TOLERANCE = 0.05    # independent features: the diagonal estimate within 5% of the exact one

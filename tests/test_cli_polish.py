@@ -14,7 +14,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from bfc.errors import ModelError
-from bfc.passes.session import run
+from bfc.passes.model_io.session import run
 
 BFC = [sys.executable, "-m", "bfc.cli"]
 
@@ -219,6 +219,7 @@ def test_inspect_cli_help_and_min_size(tmp_path, capsys):
 
 
 # ---- item 10: the demo -----------------------------------------------------------------------
+@pytest.mark.slow            # 35 s on the loaded 2-core dev machine (the demo's full comparison)
 def test_demo_one_size_per_model_and_a_command_that_runs_here(tmp_path, capsys, monkeypatch):
     """The summary and the comparison print the same size for each model (the file written); the
     printed commands, run from another folder, redo the optimization."""

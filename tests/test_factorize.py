@@ -5,7 +5,7 @@ import pytest
 from scipy.linalg import hadamard  # declared in the test extra
 
 from bfc.errors import BfcError, ChainError, InvalidInputError
-from bfc.factorize import bitrev_perm, chain_for, cheapest, factorize, inverse_perm, weighted_error
+from bfc.factorize import bitrev_perm, chain_for, cheapest, factorize, inverse_perm, relative_error, weighted_error
 from bfc.ks import Chain, butterfly_chain, chainable_chain, monarch_chain
 
 EXACT = 1e-12
@@ -246,3 +246,17 @@ def test_refinement_only_under_the_dense_cap():
     x = rng.standard_normal((200, 64)) @ rng.standard_normal((64, 64))
     small = factorize(w, monarch_chain(64, 96), calibration=x)
     assert small.info["calibration"] == "refined"
+
+
+def test_relative_error_is_the_plain_weighted_error():
+    """relative_error(ref, got) = ||got - ref|| / ||ref|| in float64 (float32 inputs are widened first),
+    equal to weighted_error without a Gram matrix; a zero reference gives the absolute error."""
+    rng = np.random.default_rng(31)
+    ref, got = rng.standard_normal((40, 24)), rng.standard_normal((40, 24))
+    want = np.sqrt(np.sum((got - ref) ** 2) / np.sum(ref ** 2))
+    assert relative_error(ref, got) == pytest.approx(want, rel=1e-12)
+    assert relative_error(ref, got) == pytest.approx(weighted_error(ref, got), rel=1e-12)
+    r32, g32 = ref.astype(np.float32), got.astype(np.float32)
+    wide = np.linalg.norm(g32.astype(np.float64) - r32) / np.linalg.norm(r32.astype(np.float64))
+    assert relative_error(r32, g32) == wide
+    assert relative_error(np.zeros(5), np.full(5, 2.0)) == pytest.approx(np.sqrt(20.0), rel=1e-12)

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bfc.errors import ConfigError
-from bfc.passes.session import index_bounds, load_feeds, random_feeds
+from bfc.passes.model_io.feeds import index_bounds, load_feeds, random_feeds
 
 ROWS, TYPES, POS, HID, OUT = 4, 2, 16, 8, 6
 

@@ -104,8 +104,7 @@ def test_stsb_subset_matches_torch(encoder):
     assert abs(ours - ref) < 0.05 and ours > 85, (ours, ref)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("BFC_SLOW"), reason="full STS-B dev (~40 s): set BFC_SLOW=1")
+@pytest.mark.slow            # full STS-B dev: 35 s on the loaded 2-core dev machine
 def test_stsb_dev_full_matches_published_figure(encoder):
     try:
         eval_sts.stsb_dir()

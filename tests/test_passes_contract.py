@@ -82,7 +82,7 @@ def test_events_are_typed():
     assert [e.done for e in events if isinstance(e, LayerPlanned)] == [1, 2]
 
 
-CORE = ("bfc/ks", "bfc/factorize", "bfc/quant", "bfc/lowbit", "bfc/config.py", "bfc/errors.py", "bfc/ops.py",
+CORE = ("bfc/ks", "bfc/factorize", "bfc/quant", "bfc/lowbit", "bfc/config.py", "bfc/errors.py", "bfc/ops",
         "bfc/runtime.py", "bfc/report.py", "bfc/reconstruct.py")
 FRONT = ("bfc.api", "bfc.cli", "bfc.study", "bfc.torch")
 

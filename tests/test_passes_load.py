@@ -9,7 +9,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from bfc.errors import ModelError, UnsupportedError
-from bfc.passes import load as L
+from bfc.passes.model_io import files as L
 
 
 def tiny(opset=21, ir=None, n=64):

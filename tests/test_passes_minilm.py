@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import bfc
-from bfc.passes.session import session
+from bfc.passes.model_io.session import session
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM_DEFAULT_SECONDS = 300     # the 60 s target is measured by bench/bench_default.py on a quiet machine

@@ -9,14 +9,14 @@ from onnx import numpy_helper as nh
 
 from bfc import runtime
 from bfc.config import OptimizeConfig
-from bfc.factorize import chain_for, factorize
+from bfc.factorize import chain_for, factorize, relative_error
 from bfc.ops import fp8_bf16_active, reference_evaluator
 from bfc.passes.export import export
 from bfc.passes.find_sites import find_sites
+from bfc.passes.model_io.session import session
 from bfc.passes.pipeline import run_passes
 from bfc.passes.products import LayerPlan
 from bfc.passes.rewrite import rewrite
-from bfc.passes.session import session
 from bfc.passes.targets import get_target
 from bfc.quant import cast
 
@@ -44,10 +44,6 @@ def rewrite_with(mod, q, target="portable"):
     return export(graph, mod, [site.name])
 
 
-def rel(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8-e4m3", "fp8-e5m2"])
 def test_precisions_match_numpy_reference(precision, target):
@@ -63,9 +59,9 @@ def test_precisions_match_numpy_reference(precision, target):
     y = session(out).run(None, {"x": x})[0]
     simulate = get_target(target).simulate(q)
     want = q.apply(x.astype(np.float64)) if simulate is None else simulate(x)
-    assert rel(y, want) < (1e-3 if precision == "fp16" else FP32_RTOL)
+    assert relative_error(want, y) < (1e-3 if precision == "fp16" else FP32_RTOL)
     bf16 = target == "custom-op" and precision.startswith("fp8") and fp8_bf16_active()   # the kernel's numerics
-    assert rel(y, reference_evaluator(out, fp8_bf16=bf16).run(None, {"x": x})[0]) < FP32_RTOL
+    assert relative_error(reference_evaluator(out, fp8_bf16=bf16).run(None, {"x": x})[0], y) < FP32_RTOL
     stored = {t.data_type for t in out.graph.initializer if "/q_" in t.name or "/w_" in t.name
               or "/values" in t.name}
     want = {"fp32": T.FLOAT, "fp16": T.FLOAT16, "int8": T.INT8, "fp8-e4m3": T.FLOAT8E4M3FN,
@@ -83,7 +79,7 @@ def test_structures_match_factorization_apply(structure, m, n, rank, target):
     out = rewrite_with(mod, cast(f, "fp32"), target)
     x = RNG.standard_normal((5, m))
     y = session(out).run(None, {"x": x.astype(np.float32)})[0]
-    assert rel(y, f.apply(x)) < FP32_RTOL
+    assert relative_error(f.apply(x), y) < FP32_RTOL
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -97,7 +93,7 @@ def test_permutations_and_low_rank_are_folded(target):
     out = rewrite_with(mod, cast(f, "fp32"), target)
     x = RNG.standard_normal((9, m))
     y = session(out).run(None, {"x": x.astype(np.float32)})[0]
-    assert rel(y, f.apply(x)) < FP32_RTOL
+    assert relative_error(f.apply(x), y) < FP32_RTOL
     ops = [nd.op_type for nd in out.graph.node]
     if target == "portable":
         assert ops.count("Transpose") == 2              # only the entry and exit 2-D transposes
@@ -117,7 +113,7 @@ def test_int8_on_opset_13_uses_per_axis_dequantize():
     assert dq and all({a.name for a in nd.attribute} <= {"axis"} for nd in dq)
     x = RNG.standard_normal((3, 64))
     y = session(out).run(None, {"x": x.astype(np.float32)})[0]
-    assert rel(y, plans[0].weights.apply(x)) < FP32_RTOL
+    assert relative_error(plans[0].weights.apply(x), y) < FP32_RTOL
 
 
 def test_output_is_checked_and_loadable_by_ort_ir():

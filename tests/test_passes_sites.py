@@ -17,11 +17,12 @@ from onnx import numpy_helper as nh
 from bfc import runtime
 from bfc.config import OptimizeConfig
 from bfc.errors import ModelError, UnsupportedError
+from bfc.factorize import relative_error
 from bfc.ops import reference_evaluator
 from bfc.passes import layer_runner
 from bfc.passes.find_sites import find_sites
+from bfc.passes.model_io.session import run, session
 from bfc.passes.pipeline import run_passes
-from bfc.passes.session import run, session
 
 REWRITE_RTOL = 2e-5          # rewritten graph vs the same W_hat as a dense MatMul, float32
 EVALUATOR_RTOL = 1e-5        # onnxruntime vs onnx's ReferenceEvaluator on the same rewritten model
@@ -72,11 +73,6 @@ def reference_model(m, plans):
     return ref
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def check_equivalent(m, feeds, cfg=CFG, rtol=REWRITE_RTOL):
     out, plans = optimize_parts(m, cfg)
     assert any(p.rewritten for p in plans)
@@ -85,8 +81,8 @@ def check_equivalent(m, feeds, cfg=CFG, rtol=REWRITE_RTOL):
     evaluated = reference_evaluator(out).run(None, feeds)
     for g, r, e in zip(got, want, evaluated):
         assert g.shape == r.shape == e.shape
-        assert rel(g, r) < rtol
-        assert rel(g, e) < max(rtol, EVALUATOR_RTOL)
+        assert relative_error(r, g) < rtol
+        assert relative_error(e, g) < max(rtol, EVALUATOR_RTOL)
     return out, plans
 
 
@@ -212,12 +208,13 @@ def test_int8_layers_match_the_reference_evaluator(target, shape):
               [nh.from_array(w((48, 80)), "W")])
     out, _ = optimize_parts(m, INT8_CFG.replace(target=target))
     x = w(shape)
-    assert rel(session(out).run(None, {"x": x})[0], reference_evaluator(out).run(None, {"x": x})[0]) < 1e-5
+    got = session(out).run(None, {"x": x})[0]
+    assert relative_error(reference_evaluator(out).run(None, {"x": x})[0], got) < 1e-5
 
 
 def _layer_error(out, m, x) -> float:
     """Verified relative output error of the whole (one-layer) model on inputs x, in onnxruntime."""
-    return rel(session(out).run(None, {"x": x})[0], session(m).run(None, {"x": x})[0])
+    return relative_error(session(m).run(None, {"x": x})[0], session(out).run(None, {"x": x})[0])
 
 
 @pytest.mark.parametrize("target", TARGETS)

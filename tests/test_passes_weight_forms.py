@@ -21,11 +21,11 @@ from onnx import numpy_helper as nh
 
 from bfc import runtime
 from bfc.config import OptimizeConfig
-from bfc.factorize import chain_for
+from bfc.factorize import chain_for, relative_error
 from bfc.ops import reference_evaluator
 from bfc.passes.find_sites import QUANTIZED_REASON, find_sites, node_key
+from bfc.passes.model_io.session import run, session
 from bfc.passes.pipeline import optimize, run_passes
-from bfc.passes.session import run, session
 
 RTOL = 2e-5
 RNG = np.random.default_rng(7)
@@ -48,11 +48,6 @@ def vi(name, shape, dtype=T.FLOAT):
 
 def w(shape, dtype=np.float32):
     return RNG.standard_normal(shape).astype(dtype)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _all_nodes(graph):
@@ -97,8 +92,8 @@ def check(m, feeds, cfg=CFG, rtol=RTOL, evaluator=True):
     evaluated = reference_evaluator(out).run(None, feeds) if evaluator else got
     for g, r, e in zip(got, want, evaluated):
         assert g.shape == r.shape == e.shape
-        assert rel(g, r) < rtol
-        assert rel(g, e) < max(rtol, 1e-5)
+        assert relative_error(r, g) < rtol
+        assert relative_error(e, g) < max(rtol, 1e-5)
     return out, plans, state
 
 
@@ -214,7 +209,7 @@ def test_exact_monarch_behind_a_chain_is_recovered(form, target):
     out, plans, _ = check(m, {"x": x}, CFG.replace(target=target))
     assert plans[0].error < 1e-5
     # against x @ W in float64: onnxruntime runs the original DequantizeLinear -> MatMul with int8 activations
-    assert rel(session(out).run(None, {"x": x})[0], x.astype(np.float64) @ dense) < 1e-5
+    assert relative_error(x.astype(np.float64) @ dense, session(out).run(None, {"x": x})[0]) < 1e-5
 
 
 def test_quantized_matmuls_get_the_reason():

@@ -9,10 +9,11 @@ from onnx import numpy_helper as nh
 
 from bfc.config import OptimizeConfig, Precision
 from bfc.errors import UnsupportedError
+from bfc.factorize import relative_error
 from bfc.factorize.result import KSFactorization
 from bfc.ks import butterfly_chain, chainable_chain, monarch_chain
+from bfc.passes.model_io.session import session
 from bfc.passes.pipeline import run_passes
-from bfc.passes.session import session
 from bfc.passes.targets import get_target
 from bfc.quant import FORMATS, INT4, Kind, get_format, quantize
 from bfc.quant.scales import Granularity, absmax_scale, optimal_int_scale, to_groups
@@ -124,10 +125,6 @@ def _model(m, n, opset=21, seed=0, structured=False):
     return mod
 
 
-def _rel(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
 def test_checks():
     assert get_target("portable").check(INT4, 21) is None
     assert get_target("ort").check(INT4, 21) is None
@@ -153,7 +150,7 @@ def test_planner_int4_end_to_end(target, structure, rank, gran_budget):
     onnx.checker.check_model(out)
     x = np.random.default_rng(7).standard_normal((9, m)).astype(np.float32)
     y = session(out).run(None, {"x": x})[0]
-    assert _rel(y, q.apply(x.astype(np.float64))) < ORT_RTOL
+    assert relative_error(q.apply(x.astype(np.float64)), y) < ORT_RTOL
     vals = [t for t in out.graph.initializer if t.data_type == T.INT4]
     assert len(vals) == len(q.chain)
     # packed two per byte: the INT4 initializers' bytes are the values' share of q.nbytes

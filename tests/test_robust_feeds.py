@@ -12,7 +12,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from bfc.errors import ConfigError, ModelError
-from bfc.passes.session import MAX_ABS_VALUE, load_feeds, random_feeds
+from bfc.passes.model_io.feeds import MAX_ABS_VALUE, load_feeds, random_feeds
 
 RNG = np.random.default_rng(5)
 
@@ -237,7 +237,7 @@ def test_calibration_nan_through_the_cli_is_exit_2_without_warnings(tmp_path):
 def test_generated_inputs_that_do_not_run_point_to_calibration():
     """A model whose declared shapes cannot be honoured (a fixed Reshape): the failed run's message
     is addressed to a user who gave no inputs (--calibration), not 'check the input shapes'."""
-    from bfc.passes.session import run
+    from bfc.passes.model_io.session import run
     m = _model([h.make_node("Reshape", ["x", "shape"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, ["N", 5])],
                [h.make_tensor_value_info("y", T.FLOAT, [3, "k"])], [nh.from_array(np.array([3, -1], np.int64), "shape")])
     feeds = random_feeds(m, 0)

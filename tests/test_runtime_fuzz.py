@@ -145,7 +145,7 @@ def _case(data):
     graph = helper.make_graph(
         [node], "fuzz", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None] * len(lead) + [None])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    model = helper.make_model(graph, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
     ref = None
     if mut == "none":
         factors = [t for v, s in zip(values, scales) for t in (v, s)]
@@ -285,7 +285,7 @@ def _graph_case(seed):
     graph = helper.make_graph(nodes, "graph_fuzz", [helper.make_tensor_value_info("X", TensorProto.FLOAT, declared)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("H", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    model = helper.make_model(graph, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
     # a huge declared dim: session creation and shape inference only (X errors show at run time)
     run = "huge" not in kinds or mut.startswith("x_")
 
@@ -362,7 +362,7 @@ def _lowbit_case(seed):
     if sdt is np.float32 and rng.integers(0, 2):
         s = s.astype(np.float16).astype(np.float32)        # float16-exact float32 scales
     bias = rng.standard_normal(n).astype(np.float32) if rng.integers(0, 2) else None
-    model = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, bias=bias, x_shape=None)
+    model = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, bias=bias, x_shape=None, onnx_opset=21)
     for vi in (model.graph.input[0], model.graph.output[0]):   # any rank (shape inference from the op)
         vi.type.tensor_type.ClearField("shape")
     node = model.graph.node[0]

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bfc import ops, runtime
 from bfc.errors import NativeLibraryError
+from bfc.factorize import relative_error
 from bfc.ks.chain import Chain, butterfly_chain, chainable_chain, monarch_chain
 
 pytestmark = pytest.mark.skipif(not runtime.is_available(),
@@ -46,10 +47,6 @@ INT8_VS_FLOAT_SQNR_DB = 25  # int8 path vs the unquantized-activation reference 
 ISAS = runtime.supported_isas() if runtime.is_available() else ["portable"]
 
 
-def rel(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def sqnr_db(y, ref):
     noise = float(np.sum((y.astype(np.float64) - ref) ** 2))
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
@@ -63,7 +60,7 @@ def build(chain, fmt, rng, gran="column", perms=True, bias=True, fmts=None, lead
     kw = dict(in_perm=rng.permutation(M) if perms else None, out_perm=rng.permutation(N) if perms else None,
               bias=rng.standard_normal(N) if bias else None)
     model = ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs],
-                                     x_shape=[f"d{i}" for i in range(lead)] + [M], **kw)
+                                     x_shape=[f"d{i}" for i in range(lead)] + [M], **kw, onnx_opset=21)
     factors = [t for q, s in qs for t in (q, s)]
     return model, factors, kw
 
@@ -86,7 +83,7 @@ def check(model, factors, chain, kw, x, fmts, threads=1, isa="auto"):
                                         emulate_int8=False)
         assert sqnr_db(y, exact) > INT8_VS_FLOAT_SQNR_DB
     else:
-        assert rel(y, ref) < (BF16_EMULATED_REL_TOL if bf16 else FLOAT_REL_TOL), (chain, fmts, rel(y, ref))
+        assert relative_error(ref, y) < (BF16_EMULATED_REL_TOL if bf16 else FLOAT_REL_TOL), (chain, fmts, relative_error(ref, y))
 
 
 def _bf16_isa():
@@ -180,7 +177,7 @@ def test_scale_granularities_and_mixed_formats(gran):
     chain2 = monarch_chain(16, 24)
     vals = [v.astype(np.float32) for v in chain2.random_values(rng)]
     scales = [rng.random((1, 1, 1, p.c)) + 0.5 for p in chain2]
-    m2 = ops.make_ks_matmul_model(chain2, vals, scales)
+    m2 = ops.make_ks_matmul_model(chain2, vals, scales, onnx_opset=21)
     kw2 = dict(bias=None, in_perm=None, out_perm=None)
     check(m2, [t for v, s in zip(vals, scales) for t in (v, s)], chain2, kw2,
           rng.standard_normal((9, 16)).astype(np.float32), ["fp32"])
@@ -213,9 +210,9 @@ def test_isas_agree():
             elif isa == "avx512bf16" and fmt.startswith("fp8"):   # bf16 activations: against their reference
                 ref = ops.ks_matmul_reference(x, kw["bias"], factors, chain, kw["in_perm"], kw["out_perm"],
                                               fp8_bf16=True)
-                assert rel(ys[isa], ref) < BF16_EMULATED_REL_TOL, (fmt, isa)
+                assert relative_error(ref, ys[isa]) < BF16_EMULATED_REL_TOL, (fmt, isa)
             else:
-                assert rel(ys[isa], ys["portable"]) < ISA_FLOAT_REL_TOL, (fmt, isa)
+                assert relative_error(ys["portable"], ys[isa]) < ISA_FLOAT_REL_TOL, (fmt, isa)
 
 
 @pytest.mark.parametrize("shape", [(384, 1536), (1536, 384), (768, 3072), (1024, 1024)])
@@ -230,7 +227,7 @@ def test_int8_monarch_bit_identical_across_isas(shape):
     vals = [rng.integers(-128, 128, size=v.shape).astype(np.int8) for v in chain.random_values(rng)]
     scales = [(rng.random((p.a, p.d, 1, p.c)) + 0.5).astype(np.float32) / (127 * np.sqrt(p.b)) for p in chain]
     model = ops.make_ks_matmul_model(chain, vals, scales, in_perm=rng.permutation(shape[0]),
-                                     out_perm=rng.permutation(shape[1]), bias=rng.standard_normal(shape[1]))
+                                     out_perm=rng.permutation(shape[1]), bias=rng.standard_normal(shape[1]), onnx_opset=21)
     for batch in (1, 7, 37, 64):
         x = rng.standard_normal((batch, shape[0])).astype(np.float32)
         x[0, :5] *= 100.0          # an outlier row
@@ -257,7 +254,7 @@ def test_int8_monarch_fused_passes_bit_identical(shape, perm):
     vals = [rng.integers(-128, 128, size=v.shape).astype(np.int8) for v in chain.random_values(rng)]
     scales = [(rng.random((p.a, p.d, 1, p.c)) + 0.5).astype(np.float32) / (127 * np.sqrt(p.b)) for p in chain]
     in_perm = None if perm == "none" else (4 * rng.permutation(shape[0] // 4)[:, None] + np.arange(4)).reshape(-1)
-    model = ops.make_ks_matmul_model(chain, vals, scales, in_perm=in_perm, bias=rng.standard_normal(shape[1]))
+    model = ops.make_ks_matmul_model(chain, vals, scales, in_perm=in_perm, bias=rng.standard_normal(shape[1]), onnx_opset=21)
     for batch in (5, 16, 37, 300):
         x = rng.standard_normal((batch, shape[0])).astype(np.float32)
         x[0, :5] *= 100.0
@@ -315,7 +312,7 @@ VIT_MLP_CHILD = """
              helper.make_node("Slice", ["H", "st", "en", "ax"], ["Y"])]
     g = helper.make_graph(nodes, "vit_mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, None, 384])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    m = helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    m = helper.make_model(g, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
     x = rng.standard_normal((2, 197, 384)).astype(np.float32)
     ref = ops.ks_matmul_reference(x, bias, [t for q, s in qs for t in (q, s)], chain)[:, 0:1]
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
@@ -352,7 +349,7 @@ def _attention_projection(rng, fmt):
     g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, None, 256])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
                            helper.make_tensor_value_info("H", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    model = helper.make_model(g, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
     return model, chain, [t for q, s in qs for t in (q, s)]
 
 
@@ -376,7 +373,7 @@ def test_attention_reshape_after_unknown_dims(fmt):
         if fmt == "int8":
             assert sqnr_db(h, ref) > INT8_EMULATED_SQNR_DB
         else:
-            assert rel(h, ref) < FLOAT_REL_TOL
+            assert relative_error(ref, h) < FLOAT_REL_TOL
 
 
 # ---- errors: ORT exceptions naming the op, the input and the shapes ------------------
@@ -388,7 +385,7 @@ def _model(patterns, inits, x_shape, attrs=None, bias="", n_factor_inputs=None):
     node = helper.make_node("KSMatMul", ["X", bias, *names], ["Y"], domain="ai.bfc", **attrs)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    return helper.make_model(g, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
 
 
 def _t(name, arr):
@@ -450,7 +447,7 @@ def test_non_constant_values_rejected():
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 8]),
                                         helper.make_tensor_value_info("v0", TensorProto.FLOAT, [1, 2, 4, 3])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], ok[1:])
-    m = helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    m = helper.make_model(g, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
     _creation_error(m, "values_0", "constant initializer")
 
 
@@ -462,7 +459,7 @@ def test_run_errors():
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 8]),
                                         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N"])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], _ok_inits())
-    m = helper.make_model(g, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    m = helper.make_model(g, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
     sess = runtime.session(m)
     y = sess.run(None, {"X": np.ones((2, 8), np.float32), "b": np.arange(12, dtype=np.float32)})[0]
     assert np.allclose(y, 8 + np.arange(12))
@@ -492,7 +489,7 @@ def _lowbit_case(rng, k, n, bits, g, scale_dtype):
     u = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
     s = (rng.standard_normal((-(-k // g), n)) * 0.02).astype(scale_dtype)   # float32: not float16-exact
     bias = rng.standard_normal(n).astype(np.float32)
-    model = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, bias=bias, x_shape=["rows", k])
+    model = ops.make_lowbit_matmul_model(u, s, bits=bits, group_size=g, bias=bias, x_shape=["rows", k], onnx_opset=21)
     codes = ops.lowbit_codes_stream(u, g, bits)
     w = (u.astype(np.float64) - (1 << (bits - 1))) * np.repeat(s.astype(np.float64), g, axis=0)[:k]
 

@@ -40,8 +40,8 @@ def _cfg(**kw):
 
 
 def test_config_checks():
-    assert OptimizeConfig().objective == "size"
-    assert OptimizeConfig(objective="LATENCY", latency_batch=4, latency_seq=8).objective == "latency"
+    assert OptimizeConfig().latency.objective == "size"
+    assert OptimizeConfig(objective="LATENCY", latency_batch=4, latency_seq=8).latency.objective == "latency"
     for bad in ({"objective": "speed"}, {"latency_batch": 0}, {"latency_seq": -1}, {"objective": 3}):
         with pytest.raises(ConfigError):
             OptimizeConfig(**bad)

@@ -218,7 +218,7 @@ def test_record_key(inputs):
 
     def key(**kw):
         base = dict(index=0, key="W", weight=w, stats=None, config=cfg, target="portable",
-                    precisions=(cfg.precision,), seed=0)
+                    precisions=(cfg.precision,), opset=21, seed=0)
         return layer_runner.task_key(layer_runner.LayerTask(**{**base, **kw}))
 
     k = key()
@@ -248,7 +248,7 @@ def test_config_and_cli(inputs, tmp_path, capsys):
     for bad in (dict(workers=0), dict(workers=True), dict(cluster="")):
         with pytest.raises(ConfigError):
             OptimizeConfig(**bad)
-    assert OptimizeConfig.from_dict({"workers": 2, "work-dir": "w", "cluster": "local"}).work_dir == Path("w")
+    assert OptimizeConfig.from_dict({"workers": 2, "work-dir": "w", "cluster": "local"}).schedule.work_dir == Path("w")
     src, calib = inputs
     rc = cli_main(["optimize", str(src), "-o", str(tmp_path / "a.onnx"), "--structure", "monarch", "--no-max-error", "--no-max-output-error",
                    "--workers", "2", "--work-dir", str(tmp_path / "work"), "-q", "--no-verify",

@@ -5,8 +5,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bfc.passes.guard import output_error
+from bfc.passes.model_io.session import run, session
+from bfc.passes.model_io.stream import graphs
 from bfc.passes.sensitivity import PerturbedModel, layer_sensitivity, measure_sensitivity, noise
-from bfc.passes.session import run, session
 
 EXACT = 1e-6            # measured vs brute force (float32: the runs agree to the bit here)
 FP16 = 0.02            # fp16: measured vs brute force and vs the fp32 model (measured <= 0.005: fp16 output rounding)
@@ -41,20 +42,12 @@ def _feeds(n_in, dtype=np.float32, rows=64):
     return {"x": np.random.default_rng(1).standard_normal((rows, n_in)).astype(dtype)}
 
 
-def _graphs(g):
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-
-
 def _brute(model, feeds, scales: dict, seed=0) -> float:
     """Rebuild ``model`` with W + s * noise(W) as constants; its relative output error."""
     ref = [np.asarray(r, np.float64) for r in run(session(model), feeds)]
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    for g in _graphs(m.graph):
+    for g in graphs(m.graph):
         for t in g.initializer:
             if t.name in scales:
                 w = numpy_helper.to_array(t)

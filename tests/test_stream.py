@@ -1,4 +1,4 @@
-"""Streaming load/save (bfc.passes.stream): the same bytes as an in-memory run, inputs untouched,
+"""Streaming load/save (bfc.passes.model_io.stream): the same bytes as an in-memory run, inputs untouched,
 an aligned external-data layout above the size limit, and a peak memory below the weights' size."""
 import hashlib
 import os
@@ -13,8 +13,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import bfc
-from bfc.passes import load as L
-from bfc.passes import stream as S
+from bfc.passes.model_io import files as L
+from bfc.passes.model_io import stream as S
 
 CFG = dict(structure="monarch", rank=2, precision="int8", max_error=None, max_output_error=None, workers=1, seed=3)
 
@@ -74,7 +74,7 @@ def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, layout):
 def test_skeleton_holds_references_not_weights(tmp_path):
     src = tmp_path / "model.onnx"
     onnx.save_model(fixture_model(), str(src))
-    sk = L.open_model(src)
+    sk = L.open_skeleton(src)[0]
     refs = {t.name for t in S.refs(sk)}
     assert refs == {"table", "W1", "B2", "W3t"}                 # >= STREAM_MIN bytes; c2 and shape inline
     assert S.proto_size(sk) < 4096
@@ -149,7 +149,7 @@ def test_streamed_peak_memory_is_below_the_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     peak = int(proc.stdout.split()[-1])
     assert peak < 0.6 * weights, f"peak RSS {peak / 2**20:.0f} MiB vs weights {weights / 2**20:.0f} MiB"
-    table = S.file_array(next(t for t in L.open_model(out).graph.initializer if t.name == "table"), out)
+    table = S.file_array(next(t for t in L.open_skeleton(out)[0].graph.initializer if t.name == "table"), out)
     np.testing.assert_array_equal(table.read()[-3:], np.fromfile(data, np.float32, 3 * k,
                                                                  offset=(TABLE_ROWS - 3) * k * 4).reshape(3, k))
 

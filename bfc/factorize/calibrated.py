@@ -64,6 +64,19 @@ def refine_fits(chain: Chain, cap: int = DENSE_CAP) -> bool:
     return True
 
 
+def relative_error(ref, got) -> float:
+    """||got - ref||_F / ||ref||_F in float64 or complex128 (the absolute ||got - ref||_F when ref = 0).
+
+    The one relative-error formula of the project: ``weighted_error`` with C = I for any two
+    arrays of one shape (layer outputs, model outputs, weights)."""
+    ref, got = np.asarray(ref), np.asarray(got)
+    dtype = np.result_type(ref.dtype, got.dtype, np.float64)        # float64, or complex128
+    ref = ref.astype(dtype, copy=False)
+    diff = float(np.linalg.norm(got.astype(dtype, copy=False) - ref))
+    norm = float(np.linalg.norm(ref))
+    return diff / norm if norm > 0 else diff
+
+
 def weighted_error(w: np.ndarray, w_hat, gram: np.ndarray | None = None) -> float:
     """||X (W - W_hat)||_F / ||X W||_F computed from C = X^T X (or its 1-D diagonal form,
     then sum_i C_ii ||e_i||^2; None: the plain ||W - W_hat||_F / ||W||_F).

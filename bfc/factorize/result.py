@@ -12,6 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
+from bfc.factorize.calibrated import relative_error
 from bfc.factorize.hierarchical import dense_column_chunks, product_values
 from bfc.ks import Chain
 
@@ -58,10 +59,7 @@ class KSFactorization:
         """||W - W_hat||_F / ||W||_F against ``source`` (computed on first use; nan without it)."""
         if self.source is None:
             return float("nan")
-        w = self.source
-        diff = np.linalg.norm(w - self.to_dense())
-        norm = np.linalg.norm(w)
-        return float(diff / norm) if norm > 0 else float(diff)
+        return relative_error(self.source, self.to_dense())
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -28,7 +28,8 @@ import onnx
 from bfc.api import optimize
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
-from bfc.passes.session import load_feeds, random_feeds
+from bfc.factorize import relative_error
+from bfc.passes.model_io.feeds import load_feeds, random_feeds
 from bfc.runtime import latency_ms as median_ms
 from bfc.study.baselines import BASELINES, BUDGETED, linear_bytes, linear_sites, run_baseline
 from bfc.study.evaluators import Evaluator, session
@@ -167,10 +168,6 @@ def _first_output(path, feed):
     return np.asarray(session(path, threads=1).run(None, feed)[0], np.float64)
 
 
-def _rel(a, b) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def _layer_inputs(model: onnx.ModelProto, feed: dict, sites) -> dict:
     """{weight name: input rows (n, K)} of the linear sites, running a copy of ``model``."""
     probe = onnx.ModelProto()
@@ -262,7 +259,7 @@ class Study:
             rec["metrics"], rec["metric"] = metrics, metrics[self.evaluator.metric]
             if self._ref_out is None:
                 self._ref_out = _first_output(self.model, self._feed)
-            rec["output_error"] = _rel(_first_output(path, self._feed), self._ref_out)
+            rec["output_error"] = relative_error(self._ref_out, _first_output(path, self._feed))
             rec["latency_ms"] = latency_ms(path, self._feed, self.latency_runs)
             rec["status"] = "ok"
         except BfcError as e:
@@ -325,7 +322,7 @@ class Study:
             else:
                 continue
             x = self._acts.get(s.weight)
-            errs.append(_rel(x @ w_hat, x @ w) if x is not None else _rel(w_hat, w))
+            errs.append(relative_error(x @ w, x @ w_hat) if x is not None else relative_error(w, w_hat))
         if not errs:
             return {}
         return {"layer_error": float(np.mean(errs)), "layer_error_max": float(np.max(errs)), "error_kind": "output"}

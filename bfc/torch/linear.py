@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bfc.errors import ChainError, InvalidInputError
-from bfc.factorize import factorize
+from bfc.factorize import factorize, relative_error
 from bfc.factorize.result import KSFactorization
 from bfc.ks import Chain, KSPattern, chainable_chain, parse_chain, prime_factors
 from bfc.torch.fake_quant import FakeQuant, fake_quant
@@ -248,9 +248,7 @@ class KSLinear(nn.Module):
         fac = factorize(w, chain, **factorize_kwargs)
         layer = cls.from_factorization(fac, linear.bias, quant=quant, dtype=linear.weight.dtype)
         layer.to(linear.weight.device)
-        diff = np.linalg.norm(w - fac.to_dense())
-        norm = np.linalg.norm(w)
-        layer.init_rel_error = float(diff / norm) if norm > 0 else float(diff)
+        layer.init_rel_error = relative_error(w, fac.to_dense())
         return layer
 
     @property

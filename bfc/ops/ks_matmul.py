@@ -51,36 +51,6 @@ Numerics (what the native kernel computes, and :func:`ks_matmul_reference` emula
       -127, 127))`` in float32 (round half to even; ``q = 0`` when ``amax = 0``),
       ``acc = q @ values`` exactly in int32, and the factor output is
       ``(float(acc) * (amax/127)) * scale``.  Activations between factors are float32.
-
-``LowBitMatMul`` (domain ``ai.bfc``, version 1): a rotated low-bit layer in one op::
-
-    Y = quant_rows(X Q) @ (s * (u - 2^(b-1))) + bias
-
-Inputs
-    0 ``X``       float32 ``[..., K]``.
-    1 ``bias``    optional float32 ``[N]``.
-    2 ``codes``   uint8 1-D: the b-bit codes u (K x N, row-major, rows padded to whole
-        groups with the zero level 2^(b-1)) packed LSB first (``bfc.lowbit.packing``).
-    3 ``scales``  float16 or float32 ``(n_groups, N)``, n_groups = ceil(K / group_size).
-    4.. optional rotation Q, one of two forms:
-        ``rot_patterns``: ``values_l``, ``scale_l`` per factor, as KSMatMul's factors
-        (float32/float16 values; a chain K -> K);
-        ``rot_angles = 1`` (the butterfly rotation of ``bfc.lowbit.rotation`` as stored,
-        K = m 2^k, m odd): ``block`` (1, 2^k, m, m) = factor 0's values, then ``angles_l``
-        (m 2^(l-1), 2^(k-l)) for l = 1..k, float16/float32; stage l is the factor
-        (m 2^(l-1), 2, 2, 2^(k-l)) with blocks [[cos t, sin t], [sin t, -cos t]], cos and
-        sin evaluated in float64 and rounded to float32 once.
-Attributes ``K``, ``N``, ``bits`` (2, 3, 4), ``group_size`` (1..K) int64;
-    ``rot_patterns`` int64 list (4 per rotation factor) or ``rot_angles`` int (0/1);
-    neither = no rotation.
-Numerics (native kernel = :func:`lowbit_matmul_reference`)
-    ``xr = X Q`` in float32 (KSMatMul's float chain; float rounding may differ from the
-    reference in the last bits), then per row ``amax = max|xr|``, ``q = rint(clip(xr *
-    (127/amax), -127, 127))`` (KSMatMul's int8 scheme), per group ``isum = sum_k q (u - z)``
-    exactly in int32, ``acc = 0; acc = acc + float32(isum) * s[group]`` in float32 over
-    the groups in order (two roundings, no FMA), ``Y = acc * (amax/127) (+ bias)``.  Without
-    a rotation the whole op is integer math up to that float epilogue: the kernel (every ISA)
-    equals the reference bit for bit.
 """
 from __future__ import annotations
 
@@ -96,17 +66,10 @@ from bfc.errors import ChainError, ConfigError, InvalidInputError
 from bfc.factorize.result import inverse_perm
 from bfc.ks.chain import Chain
 from bfc.ks.pattern import KSPattern
-from bfc.lowbit.packing import pack_bits, unpack_bits
-from bfc.lowbit.rotation import split_size
+from bfc.ops.common import DEFAULT_IR_VERSION, DOMAIN, opset_imports, quantize_rows
 from bfc.quant.formats import FORMATS
 
-DOMAIN = "ai.bfc"
 OP_TYPE = "KSMatMul"
-LOWBIT_OP_TYPE = "LowBitMatMul"
-LOWBIT_BITS = (2, 3, 4)
-OPSET_VERSION = 1
-DEFAULT_ONNX_OPSET = 21
-DEFAULT_IR_VERSION = 10
 
 #: value formats accepted by the op (names of bfc's one format table) -> ONNX element type
 VALUE_TYPES = {name: FORMATS[name].onnx_type for name in ("int8", "fp8-e4m3", "fp8-e5m2", "fp16", "fp32")}
@@ -205,12 +168,8 @@ def make_ks_matmul_node(x: str, y: str, patterns, factor_inputs: Sequence[str], 
     return helper.make_node(OP_TYPE, [x, bias or "", *factor_inputs], [y], name=name, domain=DOMAIN, **attrs)
 
 
-def opset_imports(onnx_opset: int = DEFAULT_ONNX_OPSET) -> list:
-    return [helper.make_opsetid("", onnx_opset), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
-
-
 def make_ks_matmul_model(patterns, values: Sequence, scales: Sequence, *, bias=None, in_perm=None,
-                         out_perm=None, x_shape=None, onnx_opset: int = DEFAULT_ONNX_OPSET,
+                         out_perm=None, x_shape=None, onnx_opset: int,
                          ir_version: int = DEFAULT_IR_VERSION) -> onnx.ModelProto:
     """A one-node model ``Y = KSMatMul(X)`` (for tests, benchmarks and examples)."""
     chain = _patterns(patterns)
@@ -240,18 +199,6 @@ def _check_perm(name: str, perm, n: int) -> np.ndarray | None:
         raise InvalidInputError(f"KSMatMul attribute {name!r} must be a permutation of 0..{n - 1} "
                                 f"(length {n}), got length {p.size}")
     return p
-
-
-def _quantize_rows(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row symmetric int8 quantization as the kernel does it (float32 arithmetic)."""
-    h = h.astype(np.float32, copy=False)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        amax = np.max(np.abs(h), axis=-1, keepdims=True) if h.shape[-1] else np.zeros(h.shape[:-1] + (1,), np.float32)
-        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-        r = h * inv
-        r = np.where(np.isnan(r), np.float32(0), r)
-        q = np.rint(np.clip(r, -127, 127))
-    return q.astype(np.int64), (amax / np.float32(127)).astype(np.float32)
 
 
 def round_bf16(h) -> np.ndarray:
@@ -286,7 +233,7 @@ def _apply_factor(p: KSPattern, values, scale, h: np.ndarray, emulate_int8: bool
                                 f"broadcastable to {p.value_shape}, with dim 2 equal to 1")
     s_acd = np.broadcast_to(scale, (a, d, 1, c))[:, :, 0, :].transpose(0, 2, 1)  # (a, c, d)
     if values.dtype == np.int8 and emulate_int8:
-        q, cs = _quantize_rows(h)
+        q, cs = quantize_rows(h)
         acc = np.einsum("...ijl,iljk->...ikl", q.reshape(lead + (a, b, d)), values.astype(np.int64))
         y = (acc.astype(np.float32) * cs[..., None, None]) * s_acd
     else:
@@ -330,107 +277,6 @@ def ks_matmul_reference(x, bias, factors: Sequence, patterns, in_perm=None, out_
     return h.astype(np.float32)
 
 
-# ---- LowBitMatMul ------------------------------------------------------------------------
-def lowbit_codes_stream(codes: np.ndarray, group_size: int, bits: int) -> np.ndarray:
-    """The ``codes`` input: u (K, N) padded to whole groups with 2^(b-1), packed (``pack_bits``)."""
-    k, n = codes.shape
-    ng = -(-k // group_size)
-    full = np.full((ng * group_size, n), 1 << (bits - 1), np.uint8)
-    full[:k] = codes
-    return pack_bits(full, bits)
-
-
-def angle_rotation_factors(k_dim: int, block, angles: Sequence) -> tuple[list, list]:
-    """(KSMatMul factor inputs [values, scale, ...], patterns) of the ``rot_angles`` form (spec above)."""
-    m, k = split_size(int(k_dim))
-    pats = [(1, m, m, 2 ** k)] + [(m * 2 ** (l - 1), 2, 2, 2 ** (k - l)) for l in range(1, k + 1)]
-    if len(angles) != k or np.shape(block) != (1, 2 ** k, m, m):
-        raise InvalidInputError(f"LowBitMatMul rot_angles: K={k_dim} needs a (1, {2 ** k}, {m}, {m}) block and {k} "
-                                f"angle tensors, got {np.shape(block)} and {len(angles)}")
-    one = np.ones((1, 1, 1, 1), np.float32)
-    vals = [np.asarray(block).astype(np.float32)]
-    for (a, _, _, d), t in zip(pats[1:], angles):
-        t = np.asarray(t).astype(np.float64)
-        if t.shape != (a, d):
-            raise InvalidInputError(f"LowBitMatMul rot_angles: angles of shape {t.shape}, expected {(a, d)}")
-        c, s = np.cos(t).astype(np.float32), np.sin(t).astype(np.float32)
-        vals.append(np.stack([np.stack([c, s], -1), np.stack([s, -c], -1)], -2))
-    return [t for v in vals for t in (v, one)], pats
-
-
-def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int, group_size: int,
-                            rot_factors: Sequence = (), rot_patterns=None, rot_angles: bool = False) -> np.ndarray:
-    """numpy LowBitMatMul (spec above).  ``codes``: the packed stream; ``scales`` (n_groups, N);
-    ``rot_factors``: the rotation inputs (values/scale pairs with ``rot_patterns``, or block + angles
-    with ``rot_angles``)."""
-    if rot_angles:
-        rot_factors, rot_patterns = angle_rotation_factors(K, rot_factors[0], list(rot_factors[1:]))
-    if bits not in LOWBIT_BITS or not 1 <= group_size <= K:
-        raise InvalidInputError(f"LowBitMatMul: bits={bits} (allowed {LOWBIT_BITS}), group_size={group_size} "
-                                f"must lie in [1, K={K}]")
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim < 1 or x.shape[-1] != K:
-        raise InvalidInputError(f"LowBitMatMul input X has shape {x.shape}; its last dimension must be K = {K}")
-    ng = -(-K // group_size)
-    s = np.asarray(scales).astype(np.float32)
-    if s.shape != (ng, N):
-        raise InvalidInputError(f"LowBitMatMul scales have shape {s.shape}, expected ({ng}, {N})")
-    u = unpack_bits(codes, bits, ng * group_size * N).reshape(ng * group_size, N)[:K]
-    lead = x.shape[:-1]
-    h = x.reshape(-1, K)
-    if rot_patterns is not None and len(rot_patterns):
-        h = ks_matmul_reference(h, None, rot_factors, rot_patterns)
-    q, cs = _quantize_rows(h)
-    w = u.astype(np.int64) - (1 << (bits - 1))
-    acc = np.zeros((h.shape[0], N), np.float32)
-    for g in range(ng):
-        k0, k1 = g * group_size, min(K, (g + 1) * group_size)
-        isum = q[:, k0:k1] @ w[k0:k1]
-        acc = acc + isum.astype(np.float32) * s[g]
-    y = acc * cs
-    if bias is not None:
-        y = y + np.asarray(bias, np.float32).reshape(N)
-    return y.astype(np.float32).reshape(lead + (N,))
-
-
-def make_lowbit_matmul_model(codes_u: np.ndarray, scales: np.ndarray, *, bits: int, group_size: int,
-                             rot_values: Sequence = (), rot_patterns=None, rot_angles=None, bias=None,
-                             x_shape=None, onnx_opset: int = DEFAULT_ONNX_OPSET,
-                             ir_version: int = DEFAULT_IR_VERSION) -> onnx.ModelProto:
-    """A one-node model ``Y = LowBitMatMul(X)`` from unpacked codes u (K, N) and scales (n_groups, N);
-    ``rot_values`` the rotation chain's (a, d, b, c) values (float32/float16, scale 1) with
-    ``rot_patterns``, or ``rot_angles = (block, [angles_1, ...])``."""
-    k, n = codes_u.shape
-    x_shape = list(x_shape) if x_shape is not None else ["batch", k]
-    inits = [numpy_helper.from_array(lowbit_codes_stream(codes_u, group_size, bits), "lb_codes"),
-             numpy_helper.from_array(np.asarray(scales), "lb_scales")]
-    names = ["lb_codes", "lb_scales"]
-    if rot_angles is not None:
-        block, angles = rot_angles
-        for i, t in enumerate([block, *angles]):
-            inits.append(numpy_helper.from_array(np.asarray(t), f"lb_rot_{i}"))
-            names.append(f"lb_rot_{i}")
-    elif rot_patterns is not None and len(rot_patterns):
-        ri, rn = factor_initializers("lb_rot", list(rot_values), [np.ones((1, 1, 1, 1), np.float32)] * len(rot_values))
-        inits += ri
-        names += rn
-    bias_name = ""
-    if bias is not None:
-        bias_name = "lb_bias"
-        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), bias_name))
-    attrs = {"K": k, "N": n, "bits": bits, "group_size": group_size}
-    if rot_angles is not None:
-        attrs["rot_angles"] = 1
-    elif rot_patterns is not None and len(rot_patterns):
-        attrs["rot_patterns"] = patterns_attribute(rot_patterns)
-    node = helper.make_node(LOWBIT_OP_TYPE, ["X", bias_name, *names], ["Y"], name="lowbit", domain=DOMAIN, **attrs)
-    graph = helper.make_graph([node], "lowbit_matmul",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, x_shape[:-1] + [n])], inits)
-    return helper.make_model(graph, opset_imports=opset_imports(onnx_opset), ir_version=ir_version,
-                             producer_name="bfc")
-
-
 def fp8_bf16_active() -> bool:
     """Whether KSMatMul nodes created now run fp8 factors as bf16 dot products (the library's ISA for
     the current ``BFC_KS_ISA`` is avx512bf16); False without the library."""
@@ -440,64 +286,3 @@ def fp8_bf16_active() -> bool:
         return False
     fn.restype = ctypes.c_char_p
     return fn() == b"avx512bf16"
-
-
-def _make_op_run():
-    from onnx.reference.op_run import OpRun
-
-    class KSMatMul(OpRun):
-        """``onnx.reference`` implementation of ai.bfc.KSMatMul (see :mod:`bfc.ops`)."""
-
-        op_domain = DOMAIN
-        emulate_int8 = True
-        fp8_bf16 = False        # the AVX512_BF16 fp8 numerics (reference_evaluator(..., fp8_bf16=True))
-
-        def _run(self, X, bias=None, *factors, patterns=None, in_perm=None, out_perm=None):
-            if patterns is None:
-                raise InvalidInputError("KSMatMul attribute 'patterns' is required")
-            y = ks_matmul_reference(X, bias, factors, patterns, in_perm, out_perm,
-                                    emulate_int8=self.emulate_int8, fp8_bf16=self.fp8_bf16)
-            return (y,)
-
-    class LowBitMatMul(OpRun):
-        """``onnx.reference`` implementation of ai.bfc.LowBitMatMul (see :mod:`bfc.ops`)."""
-
-        op_domain = DOMAIN
-
-        def _run(self, X, bias=None, codes=None, scales=None, *rot, K=None, N=None, bits=None, group_size=None,
-                 rot_patterns=None, rot_angles=None):
-            if None in (K, N, bits, group_size):
-                raise InvalidInputError("LowBitMatMul attributes 'K', 'N', 'bits', 'group_size' are required")
-            return (lowbit_matmul_reference(X, bias, codes, scales, K=K, N=N, bits=bits, group_size=group_size,
-                                            rot_factors=rot, rot_patterns=rot_patterns,
-                                            rot_angles=bool(rot_angles)),)
-
-    return KSMatMul, LowBitMatMul
-
-
-_OP_RUN = None
-
-
-def reference_ops():
-    """The OpRun classes (KSMatMul, LowBitMatMul) for ``ReferenceEvaluator(model, new_ops=[...])``."""
-    global _OP_RUN
-    if _OP_RUN is None:
-        _OP_RUN = _make_op_run()
-    return _OP_RUN
-
-
-def reference_op():
-    """The KSMatMul OpRun class (see :func:`reference_ops`)."""
-    return reference_ops()[0]
-
-
-def reference_evaluator(model, fp8_bf16: bool = False, **kwargs):
-    """``ReferenceEvaluator`` that runs ai.bfc ops with the numpy reference; ``fp8_bf16``: fp8 factors
-    with the AVX512_BF16 kernels' bf16 activations (``fp8_bf16_active()`` says whether the library does)."""
-    from onnx.reference import ReferenceEvaluator
-
-    ks_op, lb_op = reference_ops()
-    if fp8_bf16:
-        ks_op = type("KSMatMul", (ks_op,), {"fp8_bf16": True})
-    new_ops = list(kwargs.pop("new_ops", [])) + [ks_op, lb_op]
-    return ReferenceEvaluator(model, new_ops=new_ops, **kwargs)

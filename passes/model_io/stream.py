@@ -191,15 +191,21 @@ def resolve(t: TensorProto, base) -> None:
     t.raw_data = data
 
 
+def node_subgraphs(node: onnx.NodeProto):
+    """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies), in attribute order."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
 def graphs(g: onnx.GraphProto):
+    """``g`` and every graph nested in it, depth first (main graph first): the one subgraph walk."""
     yield g
     for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from graphs(sub)
+        for sub in node_subgraphs(n):
+            yield from graphs(sub)
 
 
 def initializers(model: onnx.ModelProto):
