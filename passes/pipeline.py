@@ -1,5 +1,5 @@
 """The one pipeline, top to bottom: load -> normalize -> fuse -> sites -> calibrate -> plan -> guard ->
-distill -> rewrite -> save -> verify.
+distill -> rewrite -> save -> verify (a rewrite larger than the input is dropped: ``rewrite.never_larger``).
 
 ``optimize(source, config, output=None, on_event=None)`` owns this order, for a model file and
 for an in-memory ``onnx.ModelProto`` alike; ``bfc.optimize`` and ``bfc optimize`` both call it,
@@ -39,7 +39,7 @@ from bfc.passes.model_io.files import MIN_OPSET, check_output_path
 from bfc.passes.model_io.stream import materialize, trim
 from bfc.passes.normalize import normalize
 from bfc.passes.products import LayerPlan, LoadedModel, RewrittenModel, Sites
-from bfc.passes.rewrite import rewrite_model
+from bfc.passes.rewrite import never_larger, rewrite_model
 from bfc.passes.save import save
 from bfc.passes.schedule import plan_layers
 from bfc.passes.targets import Target, get_target
@@ -99,6 +99,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     plan = distill(loaded, plan, stats, feeds, cfg, target, emit)         # Plan (optional training)
     emit(StageStarted("rewrite"))
     rewritten = rewrite_model(loaded, plan, target, cfg.fix_batch)        # RewrittenModel
+    plan, rewritten = never_larger(loaded, plan, rewritten, target, cfg.fix_batch)   # else the input unchanged
     notes = loaded.notes + stats.notes + plan.notes
     del stats, sites
     trim()
@@ -164,6 +165,7 @@ def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> Planned:
     plan = guard(loaded, plan, feeds, cfg, target, emit)
     plan = distill(loaded, plan, stats, feeds, cfg, target, emit)
     rewritten = rewrite_model(loaded, plan, target, cfg.fix_batch)
+    plan, rewritten = never_larger(loaded, plan, rewritten, target, cfg.fix_batch)
     return Planned(loaded, plan.layers, rewritten.model, loaded.notes + stats.notes + plan.notes, rewritten)
 
 

@@ -26,6 +26,7 @@ weight, planned without calibration), so the report says how the weight was foun
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -158,3 +159,20 @@ def rewrite_model(loaded: LoadedModel, plan: Plan, target, fix_batch: int | None
         out = pin_batch(out, fix_batch, loaded.base)
     return RewrittenModel(out, loaded.base, model_size(out, loaded.base),
                           changed=bool(plan.rewritten) or fix_batch is not None)
+
+
+def never_larger(loaded: LoadedModel, plan: Plan, rewritten: RewrittenModel, target,
+                 fix_batch: int | None) -> tuple[Plan, RewrittenModel]:
+    """The input, unchanged, where the rewrite would be larger than it (``RewrittenModel.nbytes`` against
+    the input's files, or its bytes in memory): the layers' savings were smaller than what their forms add
+    (rotations, scales, graph nodes) -- seen on models of a few small layers with fixed structures.
+    Every layer is then reported dense with that reason; a pinned batch (``fix_batch``) is kept."""
+    before = sum(Path(f).stat().st_size for f in loaded.files) or loaded.nbytes
+    if not plan.rewritten or rewritten.nbytes <= before:
+        return plan, rewritten
+    why = (f"not written: the rewritten model ({rewritten.nbytes} bytes) would be larger than the input "
+           f"({before} bytes); its layers are too small for the formats' overhead")
+    plan = replace(plan, layers=tuple(p.kept_dense(why) if p.rewritten else p for p in plan.layers),
+                   notes=plan.notes + (why,))
+    return plan, rewrite_model(loaded, plan, target, fix_batch)
+

@@ -258,7 +258,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     search_notes = ()
     if evaluate is not None and cfg.max_metric_drop is not None:
         budget, search_notes = metric_budget(loaded, table, planned, target, evaluate, cfg.max_metric_drop)
-    result = allocate.allocate_verified(table, budget, measure, objective="bytes")
+    result = allocate.allocate_verified(table, budget * VERIFIED_SHARE, measure, objective="bytes")
     clock.append(time.perf_counter())
     choice = result.allocation.choice if result.met else (0,) * len(order)     # the budget always holds
     for i, p in zip(order, planned(choice)):
@@ -266,7 +266,7 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     where = "calibration" if feeds is not None else "generated"
     measured = result.measured[-1] if result.met else 0.0
     notes = (f"allocator: {sum(k > 0 for k in choice)} of {len(order)} layers compressed; whole-model output error "
-             f"{measured:.3g} on {where} inputs (budget {budget:g}; predicted {result.allocation.predicted_error:.3g}; "
+             f"{measured:.3g} on {where} inputs (budget {budget:g}, planned to {budget * VERIFIED_SHARE:.3g}; predicted {result.allocation.predicted_error:.3g}; "
              f"{len(result.rounds)} verification run{'s' if len(result.rounds) > 1 else ''}); time: candidates "
              f"{clock[1] - clock[0]:.0f} s, sensitivities {clock[2] - clock[1]:.0f} s, allocation and verification "
              f"{clock[3] - clock[2]:.0f} s",)
@@ -289,6 +289,11 @@ def _sensitivities(model, sites, feeds, calibrated: bool) -> dict:
         return layer_sensitivity(model, sites, feeds, relative_to=kind)
 
 
+# The allocator verifies its plan in its own session on the model in memory; the written file is verified
+# again from disk (bfc.passes.verify), whose kernels may round the int8 activations differently: measured
+# 0.2000 here and 0.2025 there on all-mpnet-base-v2 at the default budget.  A plan is accepted at this
+# share of the budget so that the written model keeps it.
+VERIFIED_SHARE = 0.97
 SENSITIVITY_SAMPLES = 8      # inputs per sensitivity run: a ratio of errors, stable on few samples (one run per layer)
 BUDGET_LADDER = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
 

@@ -165,6 +165,8 @@ def test_fuzz_model(seed, config, models, tmp_path, capfd, monkeypatch):
         assert same, (f"{where}: nothing rewritten, but the output is not the input unchanged "
                       f"({src.stat().st_size} -> {out.stat().st_size} bytes, files {left}; notes {report['notes']})")
         return
+    sizes = [sum(f.stat().st_size for f in d.iterdir()) for d in (src.parent, out.parent)]
+    assert sizes[1] <= sizes[0], f"{where}: the output files ({sizes[1]} bytes) are larger than the input's ({sizes[0]})"
     monkeypatch.setattr(fuzz_models, "BATCH", FRESH_BATCH)
     e = _fresh_error(src, out, case.feeds(FRESH_SEED + seed))
     assert e <= BUDGET * FRESH_INPUT_FACTOR, (

@@ -232,11 +232,11 @@ def proto_size(model: onnx.ModelProto) -> int:
 
 
 def model_size(model: onnx.ModelProto, base=None) -> int:
-    """``proto_size`` of the model with every main-graph reference resolved (its real size in memory)."""
+    """``proto_size`` of the model with every reference resolved, subgraphs' included (its real size in
+    memory, within the few bytes of the enclosing messages' length prefixes)."""
     size = proto_size(model)
-    for t in model.graph.initializer:
-        if is_ref(t) and base is not None:
-            size += _inline_size(t, ref_of(t, base)) - t.ByteSize()
+    if base is not None:
+        size += sum(_inline_size(t, ref_of(t, base)) - t.ByteSize() for t in refs(model))
     return size
 
 
