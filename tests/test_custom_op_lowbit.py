@@ -9,7 +9,8 @@
 * fuzzed attributes, shapes and dtypes never crash the process (subprocess) and come back
   as onnxruntime errors;
 * end to end: ``bfc optimize --structure rotated --target custom-op`` emits one LowBitMatMul
-  per layer and onnxruntime computes what the planner scored (``CustomOp.simulate``).
+  per layer (one RotateQuantize per input tensor, tests/test_custom_op_rotate_quantize.py) and
+  onnxruntime computes what the planner scored (``CustomOp.simulate``).
 """
 from __future__ import annotations
 
@@ -234,7 +235,11 @@ def test_cli_optimize_rotated_custom_op_runs_in_onnxruntime(tmp_path, monkeypatc
                "0", "-q"])
     assert rc == 0
     m = onnx.load(str(out))
-    assert [n.op_type for n in m.graph.node].count("LowBitMatMul") == 2
+    types = [n.op_type for n in m.graph.node]
+    # q and k read the same x: one RotateQuantize shared by two prequantized LowBitMatMul nodes
+    assert types.count("LowBitMatMul") == 2 and types.count("RotateQuantize") == 1, types
+    assert all(a.i == 1 for n in m.graph.node if n.op_type == "LowBitMatMul" for a in n.attribute
+               if a.name == "prequantized")
     got = _session(m).run(None, x)[0]
     cfg = OptimizeConfig(structure="rotated", bits=4, target="custom-op", calibration=cal, max_error=10.0,
                          max_output_error=None, min_size=0, verify=False)

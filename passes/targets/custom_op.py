@@ -11,16 +11,24 @@ multiplied in float32 (the float product), except fp8 factors on CPUs with AVX51
 input activations are rounded to bf16 (``bfc.ops``); ``simulate`` scores fp8 layers with that
 rounding on every machine (the float32 path elsewhere is the more accurate one).
 
-Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, 2/3/4 bits): ONE ``ai.bfc.LowBitMatMul``
-node per layer computes ``quant_rows(x Q) deq(W_r)`` (the rotation chain, per-row int8
-activations, the packed codes unpacked in registers, exact int32 group sums, float32 group
-scales; spec in :mod:`bfc.ops`), then the int8 correction and the bias as the portable target
-(``bfc.passes.lowbit_emit.finish``).  Each node applies Q itself (fused); Q is stored as the
+Rotated low-bit layers (``bfc.lowbit.RotatedLayer``, 2/3/4 bits) compute
+``quant_rows(x Q) deq(W_r) + bias`` (the rotation chain, per-row int8 activations, the packed
+codes unpacked in registers, exact int32 group sums, float32 group scales; spec in
+:mod:`bfc.ops`).  The rotation and the activation quantization happen once per input tensor and
+rotation, shared by the layers that read it (Q, K and V read the same LayerNorm output):
+
+    q, s = RotateQuantize(x; Q)                       once per (x, Q): int8 [..., K], float32 [..., 1]
+    y_j  = LowBitMatMul(q, bias_j, codes_j, scales_j, s; prequantized = 1)     one node per layer
+
+which equals the one-node form ``LowBitMatMul(x, bias_j, codes_j, scales_j, Q)`` bit for bit (the
+same kernels compute both halves), so the planner scores the layer with
+``bfc.ops.lowbit_matmul_reference`` (+ the correction in float64): the activation quantization is
+part of the score.  The bias is the node's ``bias`` input (float32 (N,) biases; others stay an
+Add); X keeps its rank (both ops take ``[..., K]``), except with an int8 correction, which runs
+on the 2-D rows as the portable target (``bfc.passes.lowbit_emit.finish``).  Q is stored as the
 rotation's own numbers (``rot_angles``: the fp16 m x m blocks of factor 0 and one fp16 angle per
-2 x 2 block, i.e. ``rotation.nbytes``), graph constants shared by the layers reading the same x;
-the kernel rebuilds the chain's values at session creation.  The planner scores the layer with
-``bfc.ops.lowbit_matmul_reference`` (+ the correction in float64): the activation quantization
-is part of the score.
+2 x 2 block, i.e. ``rotation.nbytes``); the kernel rebuilds the chain's values at session
+creation.  Unrotated layers take x directly (one LowBitMatMul node).
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from bfc.ops import (
     LOWBIT_BITS,
     LOWBIT_OP_TYPE,
     OP_TYPE,
+    ROTATE_QUANTIZE_OP_TYPE,
     VALUE_TYPES,
     ks_matmul_reference,
     lowbit_codes_stream,
@@ -166,8 +175,33 @@ class LowBitMatMulNode(FormEmitter):
             inputs += cache[key]
         return (inputs, attrs), correction_tensors(b, layer.correction)
 
+    @staticmethod
+    def _rotate_quantize(b, x, layer, inputs, attrs):
+        """(q, s) = RotateQuantize(x; Q), one node per graph, x and rotation (the layers reading x share it)."""
+        cache = b.graph.__dict__.setdefault("_bfc_rotate_quantize", {})
+        key = (x.name, id(layer.rotation))
+        if key not in cache:
+            rot_attrs = {k: v for k, v in attrs.items() if k in ("rot_angles", "rot_patterns")}
+            cache[key] = b.op_outputs(ROTATE_QUANTIZE_OP_TYPE, [x, *inputs[2:]], [np.int8, np.float32],
+                                      {"K": attrs["K"], **rot_attrs}, domain=DOMAIN)
+        return cache[key]
+
     def emit(self, b, x, rank, tensors, layer, bias, rotated):
         (inputs, attrs), corr = tensors
-        x2 = b.reshape(x, [-1, attrs["K"]]) if rank != 2 else x
-        y2 = b.op(LOWBIT_OP_TYPE, [x2, gs.Variable.empty(), *inputs], dict(attrs), domain=DOMAIN)
-        return finish(b, x, rank, layer, y2, corr, bias)
+        k, n = attrs["K"], attrs["N"]
+        # the bias as the node's input when it is the float32 (N,) vector the kernel takes
+        fuse_bias = (bias is not None and getattr(bias, "dtype", None) is not None
+                     and np.dtype(bias.dtype) == np.float32 and getattr(bias, "shape", None) is not None
+                     and tuple(bias.shape) == (n,))
+        b_in = bias if fuse_bias else gs.Variable.empty()
+        xin = x if corr is None or rank == 2 else b.reshape(x, [-1, k])
+        if layer.rotation is None:
+            y = b.op(LOWBIT_OP_TYPE, [xin, b_in, *inputs], dict(attrs), domain=DOMAIN)
+        else:
+            q, s = self._rotate_quantize(b, xin, layer, inputs, attrs)
+            plain = {a: v for a, v in attrs.items() if a not in ("rot_angles", "rot_patterns")}
+            y = b.op(LOWBIT_OP_TYPE, [q, b_in, *inputs[:2], s], {**plain, "prequantized": 1}, domain=DOMAIN)
+        rest = None if fuse_bias else bias
+        if corr is None:
+            return y if rest is None else b.op("Add", [y, rest])
+        return finish(b, x, rank, layer, y, corr, rest)

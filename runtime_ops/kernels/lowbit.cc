@@ -493,7 +493,7 @@ std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc&
               (p.prequantized ? "int8" : "float32") + " with last dim K = " + std::to_string(p.K));
   if (p.prequantized) {
     ks::TensorDesc s = x_scale;
-    if (s.present && (!s.rank_known || s.data == nullptr)) s.present = false;
+    if (s.present && !s.rank_known) s.present = false;
     std::string e = check_x_scale(x, s, "x_scale (input 4)");
     if (e.empty() && s.dims.back() != 1) e = "x_scale (input 4) must have last dim 1";
     if (!e.empty()) return op(e);
@@ -508,6 +508,7 @@ std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc&
       return op("X (input 0) shape " + ks::shape_str(x.dims) + " is negative or too large");
     r *= v;
   }
+  if (p.prequantized && r > 0 && x_scale.data == nullptr) return op("x_scale (input 4) has no data");
   *rows = r;
   return "";
 }
