@@ -10,7 +10,8 @@ Sections (each a table of medians of interleaved rounds, ratios within one proce
      dynamic) vs bfc's default run (``bfc optimize model.onnx -o X --calibration calibration.npz``)
      on ``ort`` and with ``--target custom-op``; Monarch rank-4 int8 on the custom op
      (``models/configs/minilm-l6.toml``; no distillation: no --distill data); the rotated low-bit config
-     (``models/configs/minilm-l6-lowbit.toml`` on custom-op: RotateQuantize shared by Q/K/V) and
+     (``models/configs/minilm-l6-lowbit.toml`` on custom-op, rotations not learned: RotateQuantize
+     shared by Q/K/V) and
      the same model with every layer's rotation inside its own LowBitMatMul (one-node form, the
      previous emission) -- at 1x128 and 32x128 tokens (``bench_default.interleaved_latency``).
   3. KS kernel rate: Monarch rank-4 int8 KSMatMul vs ``quantize_dynamic``'s MatMulInteger on
@@ -158,7 +159,10 @@ def minilm_section(work: Path, rounds: dict, log) -> tuple[list[str], list[tuple
                                                            work / "monarch_cop.onnx")
     log(f"monarch {time.perf_counter() - t:.0f} s")
     t = time.perf_counter()
-    lb = bfc_config_model(CONFIGS / "minilm-l6-lowbit.toml", "custom-op", work / "lowbit_cop.onnx")
+    # the config's butterfly rotations unlearned (the randomized Hadamard-like butterfly: same nodes and
+    # kernels, the learning only changes the angles and takes minutes)
+    lb = bfc_config_model(CONFIGS / "minilm-l6-lowbit.toml", "custom-op", work / "lowbit_cop.onnx",
+                          learn_rotation=False)
     paths["rotated 3-bit config, custom-op (shared RotateQuantize)"] = lb
     n_unf = unfuse_rotate_quantize(lb, work / "lowbit_cop_onenode.onnx")
     paths["same, one-node LowBitMatMul (rotation per layer)"] = work / "lowbit_cop_onenode.onnx"

@@ -113,9 +113,12 @@ OrtStatus* infer_shape(const CustomOp*, OrtShapeInferContext* ctx) {
     size_t nin = 0;
     if (OrtStatus* st = api.ShapeInferContext_GetInputCount(ctx, &nin)) return st;
     std::vector<std::string> xsym;
-    d.rot.resize(nin > 4 ? nin - 4 : 0);
+    // prequantized: input 4 is x_scale (inputs after it count as rotation inputs: rejected)
+    const size_t first_rot = d.prequantized == 1 ? 5 : 4;
+    d.rot.resize(nin > first_rot ? nin - first_rot : 0);
     for (size_t i = 0; i < nin && e.empty(); ++i) {
-      ks::TensorDesc& t = i == 0 ? d.x : i == 1 ? d.bias : i == 2 ? d.codes : i == 3 ? d.scales : d.rot[i - 4];
+      ks::TensorDesc& t = i == 0 ? d.x : i == 1 ? d.bias : i == 2 ? d.codes : i == 3 ? d.scales
+                        : i < first_rot ? d.x_scale : d.rot[i - first_rot];
       e = infer_input(api, ctx, i, i == 1, &t, i == 0 ? &xsym : nullptr);
     }
     if (e.empty() && nin < 4) e = "LowBitMatMul: the node needs X, bias, codes and scales (4 inputs at least)";
