@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import bench_default as bd  # noqa: E402
 import bench_gemv as gemv  # noqa: E402
 import bench_rotation as brot  # noqa: E402
+import bench_runtime as brt  # noqa: E402
 from common import load_average, write_result  # noqa: E402
 
 import bfc  # noqa: E402
@@ -148,7 +150,6 @@ def minilm_section(work: Path, rounds: dict, log) -> tuple[list[str], list[tuple
     t = time.perf_counter()
     cmd = bd.bfc_command() + ["optimize", str(src), "-o", str(work / "default_cop.onnx"), "--calibration",
                               str(MINILM / "calibration.npz"), "--target", "custom-op"]
-    import subprocess
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bfc optimize --target custom-op failed: {proc.stderr[-500:]}")
@@ -199,7 +200,6 @@ def minilm_section(work: Path, rounds: dict, log) -> tuple[list[str], list[tuple
 
 # ---- 3. KS kernel rate ---------------------------------------------------------------------------
 def ks_rate_section(rounds: int, repeats: int) -> tuple[list[str], list[tuple]]:
-    import bench_runtime as brt
     bd.quiet_onnxruntime_quantization()
     rng = np.random.default_rng(3)
     lines = ["| layer | rows | int8 dynamic ms | KS Monarch r4 int8 ms | int8 dynamic GMAC/s | KS GMAC/s (nonzeros) "
@@ -262,7 +262,6 @@ def gemv_section(tmp: Path, rounds: int, repeats: int, cold_gb: float) -> tuple[
 
 # ---- 5. decoder tokens/s -------------------------------------------------------------------------
 def decoder_section(work: Path, rounds: int, log) -> tuple[list[str], list[tuple]]:
-    import subprocess
     src = work / "decoder.onnx"
     subprocess.run([sys.executable, str(ROOT / "models" / "synthetic_decoder.py"), str(src)]
                    + [f"--{k}={v}" for k, v in DECODER.items()], check=True, capture_output=True)
