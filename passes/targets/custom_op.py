@@ -20,6 +20,11 @@ rotation, shared by the layers that read it (Q, K and V read the same LayerNorm 
     q, s = RotateQuantize(x; Q)                       once per (x, Q): int8 [..., K], float32 [..., 1]
     y_j  = LowBitMatMul(q, bias_j, codes_j, scales_j, s; prequantized = 1)     one node per layer
 
+A tensor read by one layer keeps the one-node form (the rotation inside the LowBitMatMul: one
+node less, no int8 round trip through memory; measured 3-6% faster than its own RotateQuantize at
+128 and 4096 rows of a 1536 x 384 layer, where three 384 x 384 readers of one tensor ran 1.3-1.4x
+faster sharing one).
+
 which equals the one-node form ``LowBitMatMul(x, bias_j, codes_j, scales_j, Q)`` bit for bit (the
 same kernels compute both halves), so the planner scores the layer with
 ``bfc.ops.lowbit_matmul_reference`` (+ the correction in float64): the activation quantization is
@@ -176,15 +181,34 @@ class LowBitMatMulNode(FormEmitter):
         return (inputs, attrs), correction_tensors(b, layer.correction)
 
     @staticmethod
-    def _rotate_quantize(b, x, layer, inputs, attrs):
-        """(q, s) = RotateQuantize(x; Q), one node per graph, x and rotation (the layers reading x share it)."""
-        cache = b.graph.__dict__.setdefault("_bfc_rotate_quantize", {})
+    def _prequantized(node, q, s):
+        """Turn a one-node LowBitMatMul (X, bias, codes, scales, rotation...) into the prequantized form."""
+        ins = [q, node.inputs[1], node.inputs[2], node.inputs[3], s]
+        node.inputs.clear()
+        node.inputs.extend(ins)
+        for a in ("rot_angles", "rot_patterns"):
+            node.attrs.pop(a, None)
+        node.attrs["prequantized"] = 1
+
+    def _lowbit_node(self, b, x, b_in, layer, inputs, attrs):
+        """The layer's LowBitMatMul.  The first layer reading (x, Q) gets the one-node form (rotation inside);
+        a second one adds RotateQuantize(x; Q) and switches both to its (q, s), as every later reader
+        (one rotation and activation quantization per tensor; a tensor read once keeps one node)."""
+        shared = b.graph.__dict__.setdefault("_bfc_rotate_quantize", {})
+        first = b.graph.__dict__.setdefault("_bfc_lowbit_first_reader", {})
         key = (x.name, id(layer.rotation))
-        if key not in cache:
+        if key not in shared and key not in first:
+            y = b.op(LOWBIT_OP_TYPE, [x, b_in, *inputs], dict(attrs), domain=DOMAIN)
+            first[key] = y.inputs[0]
+            return y
+        if key not in shared:
             rot_attrs = {k: v for k, v in attrs.items() if k in ("rot_angles", "rot_patterns")}
-            cache[key] = b.op_outputs(ROTATE_QUANTIZE_OP_TYPE, [x, *inputs[2:]], [np.int8, np.float32],
-                                      {"K": attrs["K"], **rot_attrs}, domain=DOMAIN)
-        return cache[key]
+            shared[key] = b.op_outputs(ROTATE_QUANTIZE_OP_TYPE, [x, *inputs[2:]], [np.int8, np.float32],
+                                       {"K": attrs["K"], **rot_attrs}, domain=DOMAIN)
+            self._prequantized(first.pop(key), *shared[key])
+        q, s = shared[key]
+        plain = {a: v for a, v in attrs.items() if a not in ("rot_angles", "rot_patterns")}
+        return b.op(LOWBIT_OP_TYPE, [q, b_in, *inputs[:2], s], {**plain, "prequantized": 1}, domain=DOMAIN)
 
     def emit(self, b, x, rank, tensors, layer, bias, rotated):
         (inputs, attrs), corr = tensors
@@ -198,9 +222,7 @@ class LowBitMatMulNode(FormEmitter):
         if layer.rotation is None:
             y = b.op(LOWBIT_OP_TYPE, [xin, b_in, *inputs], dict(attrs), domain=DOMAIN)
         else:
-            q, s = self._rotate_quantize(b, xin, layer, inputs, attrs)
-            plain = {a: v for a, v in attrs.items() if a not in ("rot_angles", "rot_patterns")}
-            y = b.op(LOWBIT_OP_TYPE, [q, b_in, *inputs[:2], s], {**plain, "prequantized": 1}, domain=DOMAIN)
+            y = self._lowbit_node(b, xin, b_in, layer, inputs, attrs)
         rest = None if fuse_bias else bias
         if corr is None:
             return y if rest is None else b.op("Add", [y, rest])
