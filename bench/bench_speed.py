@@ -209,7 +209,7 @@ def ks_rate_section(rounds: int, repeats: int) -> tuple[list[str], list[tuple]]:
         chain = monarch_chain(k, n, rank=4)
         vals = [v / np.sqrt(p.b) for v, p in zip(chain.random_values(rng), chain)]
         qs = [ops.quantize_factor(v, "int8", "column") for v in vals]
-        ks = ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs])
+        ks = ops.make_ks_matmul_model(chain, [q for q, _ in qs], [s for _, s in qs], onnx_opset=21)
         ctx = brt.Ctx(k, n, (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), {})
         dyn = brt.build_dyn_int8(ctx)
         nnz = sum(p.a * p.b * p.c * p.d for p in chain)

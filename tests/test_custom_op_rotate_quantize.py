@@ -76,7 +76,7 @@ def _graph(k, layers, rot, rot_attrs, shared):
         outs.append(helper.make_tensor_value_info(f"Y{j}", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "r", k])],
                               outs, inits)
-    return helper.make_model(graph, opset_imports=ops.opset_imports(), ir_version=ops.DEFAULT_IR_VERSION)
+    return helper.make_model(graph, opset_imports=ops.opset_imports(21), ir_version=ops.DEFAULT_IR_VERSION)
 
 
 def _debug_outputs(model):
