@@ -176,8 +176,10 @@ def resident_bytes(path: Path, repeats: int) -> float:
     return float(statistics.median(deltas))
 
 
-def interleaved_latency(sessions: dict, feeds: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms of one ``run`` per session; each round runs every session once, in a rotated order."""
+def interleaved_latency(sessions: dict, feeds: dict, rounds: int, warmup: int = 2,
+                        stat=statistics.median) -> dict[str, float]:
+    """``stat`` (median) of the ms of one ``run`` per session; each round runs every session once, in a
+    rotated order."""
     names = list(sessions)
     for name in names:
         for _ in range(warmup):
@@ -188,7 +190,7 @@ def interleaved_latency(sessions: dict, feeds: dict, rounds: int, warmup: int = 
             t = time.perf_counter()
             sessions[name].run(None, feeds)
             times[name].append(time.perf_counter() - t)
-    return {n: 1e3 * statistics.median(v) for n, v in times.items()}
+    return {n: 1e3 * stat(v) for n, v in times.items()}
 
 
 # ---- building the variants ------------------------------------------------------------------

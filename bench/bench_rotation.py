@@ -69,11 +69,12 @@ def build(k: int, n: int, rotation, seed: int = 0, accuracy_level: int = 4, dens
     x = gs.Variable("x", dtype=np.float32, shape=[1, ROWS, k])
     graph = gs.Graph(inputs=[x], opset=21)
     b = GraphBuilder(graph, "bench", np.float32, 21)
-    x2 = b.reshape(x, [-1, k])
     if dense_q:
-        x2 = b.op("MatMul", [x2, b.const("q", rotation.to_dense().astype(np.float32))])
+        x2 = b.op("MatMul", [b.reshape(x, [-1, k]), b.const("q", rotation.to_dense().astype(np.float32))])
     elif rotation is not None:
-        x2 = emit_rotation(b, x2, rotation)
+        x2 = emit_rotation(b, x, rotation, 3)       # its first Reshape is the layer's Reshape(x, [-1, K])
+    else:
+        x2 = b.reshape(x, [-1, k])
     y2 = b.op("MatMulNBits", [x2, b.const("B", mw.B), b.const("scales", mw.scales)],
               mw.attributes(accuracy_level), domain="com.microsoft")
     y = b.reshape(y2, [1, ROWS, n])

@@ -32,6 +32,13 @@ class GraphBuilder:
                                         attrs=attrs or {}, domain=domain))
         return out
 
+    def op_outputs(self, op: str, inputs, dtypes, attrs=None, domain=None) -> list[gs.Variable]:
+        """One node ``op(inputs)`` with one output per entry of ``dtypes``."""
+        outs = [gs.Variable(self.name(f"{op.lower()}_out{i}"), dtype=np.dtype(dt)) for i, dt in enumerate(dtypes)]
+        self.graph.nodes.append(gs.Node(op, name=self.name(op), inputs=list(inputs), outputs=outs,
+                                        attrs=attrs or {}, domain=domain))
+        return outs
+
     def reshape(self, x, shape) -> gs.Variable:
         return self.op("Reshape", [x, self.const("shape", np.array(shape, np.int64))])
 

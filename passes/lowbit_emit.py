@@ -59,9 +59,9 @@ def rotate(b, x, rank, rotation):
     (the canonical values of these patterns, ``bfc.lowbit.rotation``); Cos/Sin of the constant angles are
     folded by the runtime at load.  Without parameters: the portable target's KS chain code."""
     k_dim = rotation.size
+    if isinstance(rotation, KroneckerRotation):         # two batched MatMuls (bfc.passes.rotation_emit); its
+        return emit_rotation(b, x, rotation, rank)      # first Reshape reads x in any rank
     x2 = b.reshape(x, [-1, k_dim]) if rank != 2 else x
-    if isinstance(rotation, KroneckerRotation):
-        return emit_rotation(b, x2, rotation)              # two batched MatMuls (bfc.passes.rotation_emit)
     if rotation.params is None:
         q = rotation_factorization(rotation)
         return emit_chain(b, x2, q, factor_tensors(b, q))

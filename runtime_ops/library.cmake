@@ -52,7 +52,12 @@ if(_bfc_proc MATCHES "^(x86_64|amd64|x64|i[3-6]86)$" AND CMAKE_CXX_COMPILER_ID M
   endif()
 endif()
 
-add_library(bfc_ops MODULE "${CMAKE_CURRENT_LIST_DIR}/ort/ks_matmul_op.cc")
+# one file per op (ort/*_op.cc) and the shared adapter code and registration (ort/op_common.cc)
+add_library(bfc_ops MODULE
+  "${CMAKE_CURRENT_LIST_DIR}/ort/op_common.cc"
+  "${CMAKE_CURRENT_LIST_DIR}/ort/ks_matmul_op.cc"
+  "${CMAKE_CURRENT_LIST_DIR}/ort/lowbit_matmul_op.cc"
+  "${CMAKE_CURRENT_LIST_DIR}/ort/rotate_quantize_op.cc")
 target_link_libraries(bfc_ops PRIVATE bfc_ks_kernels)
 set_target_properties(bfc_ops PROPERTIES
   PREFIX "lib"

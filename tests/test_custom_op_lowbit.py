@@ -9,7 +9,8 @@
 * fuzzed attributes, shapes and dtypes never crash the process (subprocess) and come back
   as onnxruntime errors;
 * end to end: ``bfc optimize --structure rotated --target custom-op`` emits one LowBitMatMul
-  per layer and onnxruntime computes what the planner scored (``CustomOp.simulate``).
+  per layer (one RotateQuantize per input tensor, tests/test_custom_op_rotate_quantize.py) and
+  onnxruntime computes what the planner scored (``CustomOp.simulate``).
 """
 from __future__ import annotations
 
@@ -234,7 +235,11 @@ def test_cli_optimize_rotated_custom_op_runs_in_onnxruntime(tmp_path, monkeypatc
                "0", "-q"])
     assert rc == 0
     m = onnx.load(str(out))
-    assert [n.op_type for n in m.graph.node].count("LowBitMatMul") == 2
+    types = [n.op_type for n in m.graph.node]
+    # q and k read the same x: one RotateQuantize shared by two prequantized LowBitMatMul nodes
+    assert types.count("LowBitMatMul") == 2 and types.count("RotateQuantize") == 1, types
+    assert all(a.i == 1 for n in m.graph.node if n.op_type == "LowBitMatMul" for a in n.attribute
+               if a.name == "prequantized")
     got = _session(m).run(None, x)[0]
     cfg = OptimizeConfig(structure="rotated", bits=4, target="custom-op", calibration=cal, max_error=10.0,
                          max_output_error=None, min_size=0, verify=False)
@@ -245,3 +250,38 @@ def test_cli_optimize_rotated_custom_op_runs_in_onnxruntime(tmp_path, monkeypatc
     ideal = sum(lay.apply(xs) for lay in layers).reshape(got.shape)
     assert relative_error(want, got) < ROT_REL_TOL
     assert relative_error(ideal, got) < 0.02     # per-row int8 activations of x Q
+
+
+
+def test_shared_and_single_readers(tmp_path, monkeypatch):
+    """q and k read x0 (one RotateQuantize, two prequantized nodes), w reads x1 alone (one node, rotation
+    inside); onnxruntime computes the planner's simulation of the three layers."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_passes_lowbit import K, _model
+
+    import bfc
+    from bfc.config import OptimizeConfig
+    from bfc.passes.pipeline import run_passes
+    from bfc.passes.targets import get_target
+    path, cal, x = _model(tmp_path, names=("q", "k", "w"), inputs=2)
+    monkeypatch.chdir(tmp_path)
+    cfg = OptimizeConfig(structure="rotated", bits=4, target="custom-op", calibration=cal, max_error=10.0,
+                         max_output_error=None, min_size=0, verify=False)
+    out = tmp_path / "m.onnx"
+    bfc.optimize(str(path), cfg, output=str(out))
+    m = onnx.load(str(out))
+    lb = [n for n in m.graph.node if n.op_type == "LowBitMatMul"]
+    rq = [n for n in m.graph.node if n.op_type == "RotateQuantize"]
+    assert len(lb) == 3 and len(rq) == 1 and list(rq[0].input)[0] == "x0"
+    pre = {n.name: {a.name for a in n.attribute} for n in lb}
+    assert sorted(n.input[0] == rq[0].output[0] for n in lb) == [False, True, True]
+    one = [n for n in lb if n.input[0] == "x1"]
+    assert len(one) == 1
+    attrs_one = pre[one[0].name]
+    assert "prequantized" not in attrs_one and {"rot_angles", "rot_patterns"} & attrs_one, attrs_one
+    got = _session(m).run(None, x)[0]
+    sim = get_target("custom-op")
+    plans = {p.site.nodes[0].name: p.weights for p in run_passes(str(path), cfg).plans}
+    want = sum(sim.simulate(plans[f"mm_{n}"])(x["x1" if n == "w" else "x0"].reshape(-1, K))
+               for n in ("q", "k", "w")).reshape(got.shape)
+    assert relative_error(want, got) < ROT_REL_TOL

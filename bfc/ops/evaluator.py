@@ -1,6 +1,6 @@
 """onnx's ``ReferenceEvaluator`` running the ``ai.bfc`` ops with their numpy references.
 
-``reference_evaluator(model)`` runs any model holding KSMatMul and LowBitMatMul nodes (the
+``reference_evaluator(model)`` runs any model holding KSMatMul, LowBitMatMul and RotateQuantize nodes (the
 ``OpRun`` classes of ``reference_ops`` call ``ks_matmul_reference`` and ``lowbit_matmul_reference``);
 ``fp8_bf16=True`` gives fp8 KSMatMul factors the AVX512_BF16 kernels' bf16 activations.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from bfc.errors import InvalidInputError
 from bfc.ops.common import DOMAIN
 from bfc.ops.ks_matmul import ks_matmul_reference
-from bfc.ops.lowbit_matmul import lowbit_matmul_reference
+from bfc.ops.lowbit_matmul import lowbit_matmul_reference, rotate_quantize_reference
 
 
 def _make_op_run():
@@ -35,21 +35,38 @@ def _make_op_run():
         op_domain = DOMAIN
 
         def _run(self, X, bias=None, codes=None, scales=None, *rot, K=None, N=None, bits=None, group_size=None,
-                 rot_patterns=None, rot_angles=None):
+                 rot_patterns=None, rot_angles=None, prequantized=None):
             if None in (K, N, bits, group_size):
                 raise InvalidInputError("LowBitMatMul attributes 'K', 'N', 'bits', 'group_size' are required")
+            if prequantized:
+                if len(rot) != 1:
+                    raise InvalidInputError("LowBitMatMul prequantized = 1 takes 5 inputs (X, bias, codes, scales, "
+                                            "x_scale)")
+                return (lowbit_matmul_reference(X, bias, codes, scales, K=K, N=N, bits=bits, group_size=group_size,
+                                                x_scale=rot[0]),)
             return (lowbit_matmul_reference(X, bias, codes, scales, K=K, N=N, bits=bits, group_size=group_size,
                                             rot_factors=rot, rot_patterns=rot_patterns,
                                             rot_angles=bool(rot_angles)),)
 
-    return KSMatMul, LowBitMatMul
+    class RotateQuantize(OpRun):
+        """``onnx.reference`` implementation of ai.bfc.RotateQuantize (see :mod:`bfc.ops.lowbit_matmul`)."""
+
+        op_domain = DOMAIN
+
+        def _run(self, X, *rot, K=None, rot_patterns=None, rot_angles=None):
+            if K is None:
+                raise InvalidInputError("RotateQuantize attribute 'K' is required")
+            return rotate_quantize_reference(X, K=K, rot_factors=rot, rot_patterns=rot_patterns,
+                                             rot_angles=bool(rot_angles))
+
+    return KSMatMul, LowBitMatMul, RotateQuantize
 
 
 _OP_RUN = None
 
 
 def reference_ops():
-    """The OpRun classes (KSMatMul, LowBitMatMul) for ``ReferenceEvaluator(model, new_ops=[...])``."""
+    """The OpRun classes (KSMatMul, LowBitMatMul, RotateQuantize) for ``ReferenceEvaluator(model, new_ops=[...])``."""
     global _OP_RUN
     if _OP_RUN is None:
         _OP_RUN = _make_op_run()
@@ -66,8 +83,8 @@ def reference_evaluator(model, fp8_bf16: bool = False, **kwargs):
     with the AVX512_BF16 kernels' bf16 activations (``fp8_bf16_active()`` says whether the library does)."""
     from onnx.reference import ReferenceEvaluator
 
-    ks_op, lb_op = reference_ops()
+    ks_op, lb_op, rq_op = reference_ops()
     if fp8_bf16:
         ks_op = type("KSMatMul", (ks_op,), {"fp8_bf16": True})
-    new_ops = list(kwargs.pop("new_ops", [])) + [ks_op, lb_op]
+    new_ops = list(kwargs.pop("new_ops", [])) + [ks_op, lb_op, rq_op]
     return ReferenceEvaluator(model, new_ops=new_ops, **kwargs)

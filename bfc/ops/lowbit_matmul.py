@@ -27,6 +27,18 @@ Numerics (native kernel = :func:`lowbit_matmul_reference`)
     the groups in order (two roundings, no FMA), ``Y = acc * (amax/127) (+ bias)``.  Without
     a rotation the whole op is integer math up to that float epilogue: the kernel (every ISA)
     equals the reference bit for bit.
+Prequantized form (attribute ``prequantized = 1``): inputs ``X`` = q int8 ``[..., K]``, ``bias``,
+    ``codes``, ``scales``, ``x_scale`` float32 ``[..., 1]`` (no rotation inputs or attributes): the
+    GEMM and epilogue above with ``q`` and ``amax/127 = x_scale`` given, i.e. the outputs of
+    ai.bfc.RotateQuantize.  ``LowBitMatMul(RotateQuantize(X; Q), bias, codes, scales; prequantized=1)
+    = LowBitMatMul(X, bias, codes, scales, Q)`` bit for bit (the same kernels compute both halves).
+
+``RotateQuantize`` (domain ``ai.bfc``, version 1): the first half of LowBitMatMul alone, computed once
+per input tensor and shared by the layers that read it (Q, K and V read the same LayerNorm output):
+    inputs ``X`` float32 ``[..., K]``, then the rotation inputs (LowBitMatMul's inputs 4.., same
+    attributes ``rot_patterns`` / ``rot_angles``; a rotation is required); attribute ``K``.
+    outputs ``Q`` int8 ``[..., K]`` = ``q`` and ``S`` float32 ``[..., 1]`` = ``amax/127`` of
+    ``xr = X Q`` as above (:func:`rotate_quantize_reference`).
 """
 from __future__ import annotations
 
@@ -43,6 +55,7 @@ from bfc.ops.common import DEFAULT_IR_VERSION, DOMAIN, opset_imports, quantize_r
 from bfc.ops.ks_matmul import factor_initializers, ks_matmul_reference, patterns_attribute
 
 LOWBIT_OP_TYPE = "LowBitMatMul"
+ROTATE_QUANTIZE_OP_TYPE = "RotateQuantize"
 LOWBIT_BITS = (2, 3, 4)
 
 
@@ -73,31 +86,49 @@ def angle_rotation_factors(k_dim: int, block, angles: Sequence) -> tuple[list, l
     return [t for v in vals for t in (v, one)], pats
 
 
-def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int, group_size: int,
-                            rot_factors: Sequence = (), rot_patterns=None, rot_angles: bool = False) -> np.ndarray:
-    """numpy LowBitMatMul (module doc).  ``codes``: the packed stream; ``scales`` (n_groups, N);
-    ``rot_factors``: the rotation inputs (values/scale pairs with ``rot_patterns``, or block + angles
-    with ``rot_angles``)."""
+def rotate_quantize_reference(x, *, K: int, rot_factors: Sequence = (), rot_patterns=None,
+                              rot_angles: bool = False, op: str = "RotateQuantize") -> tuple[np.ndarray, np.ndarray]:
+    """numpy RotateQuantize (module doc): ``(q int8 [..., K], amax/127 float32 [..., 1])`` of ``xr = x Q``
+    per row; no rotation when neither ``rot_patterns`` nor ``rot_angles``."""
     if rot_angles:
         rot_factors, rot_patterns = angle_rotation_factors(K, rot_factors[0], list(rot_factors[1:]))
-    if bits not in LOWBIT_BITS or not 1 <= group_size <= K:
-        raise InvalidInputError(f"LowBitMatMul: bits={bits} (allowed {LOWBIT_BITS}), group_size={group_size} "
-                                f"must lie in [1, K={K}]")
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 1 or x.shape[-1] != K:
-        raise InvalidInputError(f"LowBitMatMul input X has shape {x.shape}; its last dimension must be K = {K}")
-    ng = -(-K // group_size)
-    s = np.asarray(scales).astype(np.float32)
-    if s.shape != (ng, N):
-        raise InvalidInputError(f"LowBitMatMul scales have shape {s.shape}, expected ({ng}, {N})")
-    u = unpack_bits(codes, bits, ng * group_size * N).reshape(ng * group_size, N)[:K]
-    lead = x.shape[:-1]
+        raise InvalidInputError(f"{op} input X has shape {x.shape}; its last dimension must be K = {K}")
     h = x.reshape(-1, K)
     if rot_patterns is not None and len(rot_patterns):
         h = ks_matmul_reference(h, None, rot_factors, rot_patterns)
     q, cs = quantize_rows(h)
+    return q.astype(np.int8).reshape(x.shape), cs.reshape(x.shape[:-1] + (1,))
+
+
+def lowbit_matmul_reference(x, bias, codes, scales, *, K: int, N: int, bits: int, group_size: int,
+                            rot_factors: Sequence = (), rot_patterns=None, rot_angles: bool = False,
+                            x_scale=None) -> np.ndarray:
+    """numpy LowBitMatMul (module doc).  ``codes``: the packed stream; ``scales`` (n_groups, N);
+    ``rot_factors``: the rotation inputs (values/scale pairs with ``rot_patterns``, or block + angles
+    with ``rot_angles``).  ``x_scale`` given: the prequantized form, ``x`` the int8 rows q and
+    ``x_scale`` their scales ``[..., 1]`` (RotateQuantize's outputs)."""
+    if bits not in LOWBIT_BITS or not 1 <= group_size <= K:
+        raise InvalidInputError(f"LowBitMatMul: bits={bits} (allowed {LOWBIT_BITS}), group_size={group_size} "
+                                f"must lie in [1, K={K}]")
+    ng = -(-K // group_size)
+    s = np.asarray(scales).astype(np.float32)
+    if s.shape != (ng, N):
+        raise InvalidInputError(f"LowBitMatMul scales have shape {s.shape}, expected ({ng}, {N})")
+    if x_scale is None:
+        q, cs = rotate_quantize_reference(x, K=K, rot_factors=rot_factors, rot_patterns=rot_patterns,
+                                          rot_angles=rot_angles, op="LowBitMatMul")
+    else:
+        q, cs = np.asarray(x), np.asarray(x_scale, np.float32)
+        if q.dtype != np.int8 or q.ndim < 1 or q.shape[-1] != K or cs.shape != q.shape[:-1] + (1,):
+            raise InvalidInputError(f"LowBitMatMul prequantized input X {q.dtype} {q.shape} / x_scale {cs.shape}: "
+                                    f"X must be int8 [..., K = {K}] and x_scale float32 X.shape[:-1] + (1,)")
+    lead = q.shape[:-1]
+    q, cs = q.reshape(-1, K).astype(np.int64), cs.reshape(-1, 1)
+    u = unpack_bits(codes, bits, ng * group_size * N).reshape(ng * group_size, N)[:K]
     w = u.astype(np.int64) - (1 << (bits - 1))
-    acc = np.zeros((h.shape[0], N), np.float32)
+    acc = np.zeros((q.shape[0], N), np.float32)
     for g in range(ng):
         k0, k1 = g * group_size, min(K, (g + 1) * group_size)
         isum = q[:, k0:k1] @ w[k0:k1]

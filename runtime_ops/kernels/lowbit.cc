@@ -19,6 +19,7 @@ namespace lowbit {
 namespace {
 
 constexpr int kTypeUint8 = 2;
+constexpr int kTypeInt8 = 3;
 
 std::string op(const std::string& m) { return "LowBitMatMul: " + m; }
 
@@ -155,18 +156,18 @@ std::string check_angles(const Desc& d, bool need_constants) {
     for (size_t i = 0; i < shapes.size() && e.str().empty(); ++i) {
       const ks::TensorDesc& t = d.rot[i];
       if (t.dtype != ks::kTypeUnknown && t.dtype != ks::kTypeFloat && t.dtype != ks::kTypeFloat16)
-        e << "rotation input " << 4 + i << " must be float16 or float32, got ONNX element type " << t.dtype;
+        e << "rotation input " << d.rot_first + i << " must be float16 or float32, got ONNX element type " << t.dtype;
       else if (t.rank_known && t.dims != shapes[i]) {
         bool ok = t.dims.size() == shapes[i].size();
         for (size_t j = 0; ok && j < t.dims.size(); ++j) ok = t.dims[j] == ks::kUnknownDim || t.dims[j] == shapes[i][j];
-        if (!ok) e << "rotation input " << 4 + i << " has shape " << ks::shape_str(t.dims) << ", expected "
+        if (!ok) e << "rotation input " << d.rot_first + i << " has shape " << ks::shape_str(t.dims) << ", expected "
                    << ks::shape_str(shapes[i]);
       }
       if (e.str().empty() && need_constants && (t.data == nullptr || !t.rank_known || t.dtype == ks::kTypeUnknown))
-        e << "rotation input " << 4 + i << " must be a constant initializer";
+        e << "rotation input " << d.rot_first + i << " must be a constant initializer";
     }
   }
-  return e.str().empty() ? "" : op(e.str());
+  return e.str().empty() ? "" : std::string(d.op_name) + ": " + e.str();
 }
 
 
@@ -239,8 +240,115 @@ void rotate_rows(const Plan& p, const float* x, int64_t r0, int64_t r1, float* x
   }
 }
 
+// The rotation attributes and inputs of d (none, rot_patterns or rot_angles); messages name d.op_name.
+std::string check_rotation(const Desc& d, bool need_constants) {
+  std::ostringstream e;
+  const std::string name = std::string(d.op_name) + ": ";
+  if (d.has_angles && d.rot_angles != 0 && d.rot_angles != 1) {
+    e << "attribute 'rot_angles' must be 0 or 1, got " << d.rot_angles;
+    return name + e.str();
+  }
+  if (d.rot_angles == 1) return check_angles(d, need_constants);
+  if (!d.has_rot || d.rot_patterns.empty()) {
+    if (!d.rot.empty()) {
+      e << "without 'rot_patterns' or 'rot_angles' the node takes " << d.rot_first << " inputs, got "
+        << d.rot_first + d.rot.size();
+      return name + e.str();
+    }
+    return "";
+  }
+  ks::ChainDims cd;
+  std::string r = ks::validate_node(rotation_desc(d), need_constants, &cd);
+  if (!r.empty())
+    return name + "rotation (inputs " + std::to_string(d.rot_first) +
+           ".., values_l/scale_l numbered from input 2 in this message): " + r;
+  if (cd.M != d.K || cd.N != d.K) {
+    e << "rotation chain 'rot_patterns' maps " << cd.M << " -> " << cd.N << " features but must map K -> K = " << d.K;
+    return name + e.str();
+  }
+  return "";
+}
+
+// x_scale of a known X: float32 X.shape[:-1] + (1,)
+std::string check_x_scale(const ks::TensorDesc& x, const ks::TensorDesc& s, const char* what) {
+  std::ostringstream e;
+  if (!s.present) return std::string(what) + " is missing (input 4 of the prequantized form)";
+  if (s.dtype != ks::kTypeUnknown && s.dtype != ks::kTypeFloat) {
+    e << what << " must be float32, got ONNX element type " << s.dtype;
+  } else if (s.rank_known && x.rank_known) {
+    bool ok = s.dims.size() == x.dims.size() && !s.dims.empty() &&
+              (s.dims.back() == 1 || s.dims.back() == ks::kUnknownDim);
+    for (size_t i = 0; ok && i + 1 < s.dims.size(); ++i)
+      ok = s.dims[i] == x.dims[i] || s.dims[i] == ks::kUnknownDim || x.dims[i] == ks::kUnknownDim;
+    if (!ok) e << what << " has shape " << ks::shape_str(s.dims) << " but X (input 0) has shape "
+               << ks::shape_str(x.dims) << ": it must be X.shape[:-1] + (1,)";
+  }
+  return e.str();
+}
+
+std::string check_prequantized(const Desc& d) {
+  if ((d.has_rot && !d.rot_patterns.empty()) || d.rot_angles != 0)
+    return op("prequantized = 1 takes X already rotated (RotateQuantize): no 'rot_patterns' or 'rot_angles'");
+  if (!d.rot.empty())
+    return op("prequantized = 1 takes 5 inputs (X, bias, codes, scales, x_scale), got " +
+              std::to_string(4 + d.rot.size() + (d.x_scale.present ? 1 : 0)));
+  if (!d.x_scale.present) return "";  // shape inference without the input: validate_run checks it
+  const std::string e = check_x_scale(d.x, d.x_scale, "x_scale (input 4)");
+  return e.empty() ? e : op(e);
+}
+
+// Plan::rotate, rot, rt, rot_inputs from the rotation attributes and inputs of the validated d.
+std::string build_rotation(const Desc& d, const char* isa_override, Plan* p) {
+  std::string e;
+  p->rotate = d.rot_angles == 1 || (d.has_rot && !d.rot_patterns.empty());
+  p->rot_inputs = d.rot.size();
+  if (d.rot_angles == 1) {  // the chain's values from the block and the angles
+    Desc c = d;
+    std::vector<std::vector<int64_t>> shapes;
+    angle_chain(d.K, &c.rot_patterns, &shapes);
+    std::vector<std::vector<float>> vals(shapes.size());
+    static const float one = 1.f;
+    c.rot.clear();
+    for (size_t l = 0; l < shapes.size(); ++l) {
+      const ks::TensorDesc& t = d.rot[l];
+      const int64_t* pt = &c.rot_patterns[4 * l];
+      if (l == 0) {
+        vals[0].resize(size_t(pt[3] * pt[1] * pt[2]));
+        for (size_t i = 0; i < vals[0].size(); ++i) vals[0][i] = float_at(t, int64_t(i));
+      } else {
+        vals[l].resize(size_t(pt[0] * pt[3] * 4));
+        for (int64_t i = 0; i < pt[0] * pt[3]; ++i) {
+          const double ang = double(float_at(t, i));
+          const float cs = float(std::cos(ang)), sn = float(std::sin(ang));
+          vals[l][size_t(4 * i)] = cs, vals[l][size_t(4 * i + 1)] = sn;
+          vals[l][size_t(4 * i + 2)] = sn, vals[l][size_t(4 * i + 3)] = -cs;
+        }
+      }
+      c.rot.push_back(ks::TensorDesc{true, ks::kTypeFloat, true, {pt[0], pt[3], pt[1], pt[2]}, vals[l].data()});
+      c.rot.push_back(ks::TensorDesc{true, ks::kTypeFloat, true, {1, 1, 1, 1}, &one});
+    }
+    e = ks::build_plan(rotation_desc(c), isa_override, &p->rot);
+    if (!e.empty()) return std::string(d.op_name) + ": rotation: " + e;
+    row_wise_values(c, p);
+  } else if (p->rotate) {
+    e = ks::build_plan(rotation_desc(d), isa_override, &p->rot);
+    if (!e.empty()) return std::string(d.op_name) + ": rotation: " + e;
+    row_wise_values(d, p);
+  }
+  return "";
+}
+
 }  // namespace
 
+size_t rotation_inputs(const Desc& d) {
+  if (d.prequantized == 1) return 0;
+  size_t nrot = 2 * (d.rot_patterns.size() / 4);
+  if (d.rot_angles == 1) {  // block + one angle tensor per butterfly stage (K = m 2^k)
+    nrot = 1;
+    for (int64_t K = d.K; K > 0 && K % 2 == 0; K /= 2) ++nrot;
+  }
+  return nrot;
+}
 
 std::string validate(const Desc& d, bool need_constants) {
   std::ostringstream e;
@@ -277,9 +385,13 @@ std::string validate(const Desc& d, bool need_constants) {
                                 c.dtype == ks::kTypeUnknown || s.dtype == ks::kTypeUnknown)) {
     e << (c.data == nullptr ? "codes (input 2)" : "scales (input 3)")
       << " must be a constant initializer (prepacked at session creation)";
+  } else if (d.has_prequantized && d.prequantized != 0 && d.prequantized != 1) {
+    e << "attribute 'prequantized' must be 0 or 1, got " << d.prequantized;
   } else if (d.x.rank_known) {
-    if (d.x.dtype != ks::kTypeUnknown && d.x.dtype != ks::kTypeFloat)
-      e << "X (input 0) must be float32, got ONNX element type " << d.x.dtype;
+    const int want = d.prequantized == 1 ? kTypeInt8 : ks::kTypeFloat;
+    if (d.x.dtype != ks::kTypeUnknown && d.x.dtype != want)
+      e << "X (input 0) must be " << (want == kTypeInt8 ? "int8 (prequantized = 1)" : "float32")
+        << ", got ONNX element type " << d.x.dtype;
     else if (d.x.dims.empty() || (d.x.dims.back() != ks::kUnknownDim && d.x.dims.back() != d.K))
       e << "X (input 0) has shape " << ks::shape_str(d.x.dims) << " but needs rank >= 1 and last dim K = " << d.K;
   }
@@ -292,27 +404,8 @@ std::string validate(const Desc& d, bool need_constants) {
         << " and ONNX element type " << d.bias.dtype << "; it must be float32 (" << d.N << ",)";
   }
   if (!e.str().empty()) return op(e.str());
-  if (d.has_angles && d.rot_angles != 0 && d.rot_angles != 1) {
-    e << "attribute 'rot_angles' must be 0 or 1, got " << d.rot_angles;
-    return op(e.str());
-  }
-  if (d.rot_angles == 1) return check_angles(d, need_constants);
-  if (!d.has_rot || d.rot_patterns.empty()) {
-    if (!d.rot.empty()) {
-      e << "without 'rot_patterns' the node takes 4 inputs (X, bias, codes, scales), got " << 4 + d.rot.size();
-      return op(e.str());
-    }
-    return "";
-  }
-  ks::ChainDims cd;
-  std::string r = ks::validate_node(rotation_desc(d), need_constants, &cd);
-  if (!r.empty())
-    return op("rotation (inputs 4.., values_l/scale_l numbered from input 2 in this message): " + r);
-  if (cd.M != d.K || cd.N != d.K) {
-    e << "rotation chain 'rot_patterns' maps " << cd.M << " -> " << cd.N << " features but must map K -> K = " << d.K;
-    return op(e.str());
-  }
-  return "";
+  if (d.prequantized == 1) return check_prequantized(d);
+  return check_rotation(d, need_constants);
 }
 
 std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
@@ -383,52 +476,28 @@ std::string build_plan(const Desc& d, const char* isa_override, Plan* p) {
       }
     }
   }
-  p->rotate = d.rot_angles == 1 || (d.has_rot && !d.rot_patterns.empty());
-  p->rot_inputs = d.rot.size();
-  if (d.rot_angles == 1) {  // the chain's values from the block and the angles
-    Desc c = d;
-    std::vector<std::vector<int64_t>> shapes;
-    angle_chain(d.K, &c.rot_patterns, &shapes);
-    std::vector<std::vector<float>> vals(shapes.size());
-    static const float one = 1.f;
-    c.rot.clear();
-    for (size_t l = 0; l < shapes.size(); ++l) {
-      const ks::TensorDesc& t = d.rot[l];
-      const int64_t* pt = &c.rot_patterns[4 * l];
-      if (l == 0) {
-        vals[0].resize(size_t(pt[3] * pt[1] * pt[2]));
-        for (size_t i = 0; i < vals[0].size(); ++i) vals[0][i] = float_at(t, int64_t(i));
-      } else {
-        vals[l].resize(size_t(pt[0] * pt[3] * 4));
-        for (int64_t i = 0; i < pt[0] * pt[3]; ++i) {
-          const double ang = double(float_at(t, i));
-          const float cs = float(std::cos(ang)), sn = float(std::sin(ang));
-          vals[l][size_t(4 * i)] = cs, vals[l][size_t(4 * i + 1)] = sn;
-          vals[l][size_t(4 * i + 2)] = sn, vals[l][size_t(4 * i + 3)] = -cs;
-        }
-      }
-      c.rot.push_back(ks::TensorDesc{true, ks::kTypeFloat, true, {pt[0], pt[3], pt[1], pt[2]}, vals[l].data()});
-      c.rot.push_back(ks::TensorDesc{true, ks::kTypeFloat, true, {1, 1, 1, 1}, &one});
-    }
-    e = ks::build_plan(rotation_desc(c), isa_override, &p->rot);
-    if (!e.empty()) return op("rotation: " + e);
-    row_wise_values(c, p);
-  } else if (p->rotate) {
-    e = ks::build_plan(rotation_desc(d), isa_override, &p->rot);
-    if (!e.empty()) return op("rotation: " + e);
-    row_wise_values(d, p);
-  }
+  p->prequantized = d.prequantized == 1;
+  e = build_rotation(d, isa_override, p);
+  if (!e.empty()) return e;
   return "";
 }
 
 std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc& x, const ks::TensorDesc& bias,
-                         int64_t* rows) {
+                         const ks::TensorDesc& x_scale, int64_t* rows) {
   *rows = 0;
-  const size_t want = 4 + p.rot_inputs;
+  const size_t want = 4 + (p.prequantized ? 1 : p.rot_inputs);
   if (num_inputs != want) return op("the node needs " + std::to_string(want) + " inputs, got " + std::to_string(num_inputs));
-  if (!x.present || !x.rank_known || x.dims.empty() || x.dims.back() != p.K || x.dtype != ks::kTypeFloat)
-    return op("X (input 0) has shape " + (x.rank_known ? ks::shape_str(x.dims) : std::string("?")) +
-              "; it must be float32 with last dim K = " + std::to_string(p.K));
+  const int xtype = p.prequantized ? kTypeInt8 : ks::kTypeFloat;
+  if (!x.present || !x.rank_known || x.dims.empty() || x.dims.back() != p.K || x.dtype != xtype)
+    return op("X (input 0) has shape " + (x.rank_known ? ks::shape_str(x.dims) : std::string("?")) + "; it must be " +
+              (p.prequantized ? "int8" : "float32") + " with last dim K = " + std::to_string(p.K));
+  if (p.prequantized) {
+    ks::TensorDesc s = x_scale;
+    if (s.present && !s.rank_known) s.present = false;
+    std::string e = check_x_scale(x, s, "x_scale (input 4)");
+    if (e.empty() && s.dims.back() != 1) e = "x_scale (input 4) must have last dim 1";
+    if (!e.empty()) return op(e);
+  }
   if (bias.present && (bias.dtype != ks::kTypeFloat || bias.dims.size() != 1 || bias.dims[0] != p.N))
     return op("bias (input 1) must be float32 (" + std::to_string(p.N) + ",), got shape " + ks::shape_str(bias.dims));
   int64_t r = 1;
@@ -439,6 +508,7 @@ std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc&
       return op("X (input 0) shape " + ks::shape_str(x.dims) + " is negative or too large");
     r *= v;
   }
+  if (p.prequantized && r > 0 && x_scale.data == nullptr) return op("x_scale (input 4) has no data");
   *rows = r;
   return "";
 }
@@ -595,14 +665,10 @@ bool run_items(ks::ParallelFor pfor, void* ctx, void (*fn)(void*, size_t), size_
   return pfor(ctx, fn, n, e);
 }
 
-}  // namespace
+const char* const kPforFailed = "LowBitMatMul: onnxruntime's parallel-for failed";
 
-std::string run(const Plan& p, const float* x, const float* bias, float* y, int64_t rows, ks::ParallelFor pfor,
-                void* ctx) {
-  if (rows <= 0) return "";
-  Exec e{};
-  e.p = &p;
-  e.gemm =
+GemmFn gemm_fn_of(const Plan& p) {
+  return
 #if defined(BFC_HAVE_AVX512)
       p.isa >= 2 ? gemm_avx512 :
 #endif
@@ -610,6 +676,34 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
       p.isa >= 1 ? gemm_avx2 :
 #endif
                  gemm_portable;
+}
+
+// x Q into xr (rows x K; tmp: 2K + 16 floats, used row by row up to kRowWiseRows rows), or x itself
+// without a rotation; *out the rotated rows
+std::string rotate(const Plan& p, const float* x, int64_t rows, float* xr, float* tmp, ks::ParallelFor pfor,
+                   void* ctx, const float** out) {
+  *out = x;
+  if (!p.rotate) return "";
+  if (!p.rt.empty() && rows <= kRowWiseRows) {
+    rotate_rows(p, x, 0, rows, xr, tmp);
+  } else {
+    std::string err = ks::run_chain(p.rot, x, nullptr, xr, rows, pfor, ctx);
+    if (!err.empty()) return err;
+  }
+  *out = xr;
+  return "";
+}
+
+std::string gemm(Exec* ep, const float* bias, float* y, ks::ParallelFor pfor, void* ctx);
+
+}  // namespace
+
+std::string run(const Plan& p, const float* x, const float* bias, float* y, int64_t rows, ks::ParallelFor pfor,
+                void* ctx) {
+  if (rows <= 0) return "";
+  Exec e{};
+  e.p = &p;
+  e.gemm = gemm_fn_of(p);
   // scratch: xr (rotation output), q, gsum, cs
   const size_t xr_f = p.rotate ? size_t(rows) * size_t(p.K) : 0;
   const size_t q_f = (size_t(rows) * size_t(p.Kp) + 3) / 4 + 16;
@@ -625,20 +719,51 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
   e.q = reinterpret_cast<int8_t*>(base + xr_f + 16);
   e.gsum = reinterpret_cast<int32_t*>(base + xr_f + 16 + q_f);
   e.cs = base + xr_f + 16 + q_f + g_f;
-  if (row_wise) {
-    rotate_rows(p, x, 0, rows, xr, e.cs + rows + 16);
-    e.xr = xr;
-  } else if (p.rotate) {
-    std::string err = ks::run_chain(p.rot, x, nullptr, xr, rows, pfor, ctx);
-    if (!err.empty()) return op(err);
-    e.xr = xr;
-  } else {
-    e.xr = x;
-  }
+  std::string err = rotate(p, x, rows, xr, e.cs + rows + 16, pfor, ctx, &e.xr);
+  if (!err.empty()) return op(err);
   e.rows = rows;
   e.qrows = 16;
-  const char* fail = "LowBitMatMul: onnxruntime's parallel-for failed";
-  if (!run_items(pfor, ctx, quant_fn, size_t((rows + e.qrows - 1) / e.qrows), &e)) return fail;
+  if (!run_items(pfor, ctx, quant_fn, size_t((rows + e.qrows - 1) / e.qrows), &e)) return kPforFailed;
+  return gemm(&e, bias, y, pfor, ctx);
+}
+
+std::string run_quantized(const Plan& p, const int8_t* q, const float* cs, const float* bias, float* y,
+                          int64_t rows, ks::ParallelFor pfor, void* ctx) {
+  if (rows <= 0) return "";
+  Exec e{};
+  e.p = &p;
+  e.gemm = gemm_fn_of(p);
+  // the kernel layout of q (groups padded to Kp, zeros) and its group sums; the row scales as given
+  const size_t q_f = (size_t(rows) * size_t(p.Kp) + 3) / 4 + 16;
+  const size_t g_f = size_t(rows) * size_t(p.ngroups) + 16;
+  std::unique_lock<std::mutex> lock(p.scratch_mu, std::try_to_lock);
+  ks::ScratchBuf local;
+  float* base = (lock.owns_lock() ? p.scratch : local).get(q_f + g_f);
+  int8_t* qp = reinterpret_cast<int8_t*>(base);
+  int32_t* gsum = reinterpret_cast<int32_t*>(base + q_f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = q + r * p.K;
+    int8_t* qr = qp + r * p.Kp;
+    std::memset(qr, 0, size_t(p.Kp));
+    for (int64_t gi = 0; gi < p.ngroups; ++gi) {
+      const int64_t k0 = gi * p.group, len = std::min(p.group, p.K - k0);
+      std::memcpy(qr + p.gstart[size_t(gi)], src + k0, size_t(len));
+      int32_t sum = 0;
+      for (int64_t k = 0; k < len; ++k) sum += src[k0 + k];
+      gsum[r * p.ngroups + gi] = sum;
+    }
+  }
+  e.q = qp, e.gsum = gsum, e.cs = const_cast<float*>(cs);
+  e.rows = rows;
+  return gemm(&e, bias, y, pfor, ctx);
+}
+
+namespace {
+// GEMM items of a prepared Exec (q, gsum, cs, rows set)
+std::string gemm(Exec* ep, const float* bias, float* y, ks::ParallelFor pfor, void* ctx) {
+  Exec& e = *ep;
+  const Plan& p = *e.p;
+  const int64_t rows = e.rows;
   e.act = Act{e.q, e.gsum, e.cs};
   e.bias = bias, e.y = y;
   // items: panels (64 outputs) x row chunks of 64 rows; up to kGemvRows rows are one row chunk
@@ -647,7 +772,79 @@ std::string run(const Plan& p, const float* x, const float* bias, float* y, int6
   e.nchunk = 1;
   e.ritems = (rows + e.rchunk - 1) / e.rchunk;
   const int64_t nitems = (p.npanel + e.nchunk - 1) / e.nchunk;
-  if (!run_items(pfor, ctx, gemm_fn, size_t(e.ritems * nitems), &e)) return fail;
+  if (!run_items(pfor, ctx, gemm_fn, size_t(e.ritems * nitems), &e)) return kPforFailed;
+  return "";
+}
+}  // namespace
+
+// ---- RotateQuantize ------------------------------------------------------------------------------
+std::string validate_rotate_quantize(const Desc& d, bool need_constants) {
+  const std::string name = std::string(d.op_name) + ": ";
+  std::ostringstream e;
+  if (!d.has_k) return name + "attribute 'K' (int64) is required";
+  if (d.K < 1 || d.K >= ks::kMaxDim) {
+    e << "K = " << d.K << " must be positive and below 2^31";
+  } else if (d.rot_angles != 1 && (!d.has_rot || d.rot_patterns.empty())) {
+    e << "give the rotation: 'rot_patterns' or 'rot_angles' = 1 (LowBitMatMul quantizes unrotated rows itself)";
+  } else if (d.x.rank_known) {
+    if (d.x.dtype != ks::kTypeUnknown && d.x.dtype != ks::kTypeFloat)
+      e << "X (input 0) must be float32, got ONNX element type " << d.x.dtype;
+    else if (d.x.dims.empty() || (d.x.dims.back() != ks::kUnknownDim && d.x.dims.back() != d.K))
+      e << "X (input 0) has shape " << ks::shape_str(d.x.dims) << " but needs rank >= 1 and last dim K = " << d.K;
+  }
+  if (!e.str().empty()) return name + e.str();
+  return check_rotation(d, need_constants);
+}
+
+std::string build_rotate_quantize(const Desc& d, const char* isa_override, Plan* p) {
+  std::string e = validate_rotate_quantize(d, true);
+  if (!e.empty()) return e;
+  p->isa = ks::resolve_isa(isa_override, &e);
+  if (p->isa < 0) return e;
+  // one group of K inputs, unpadded: quantize_rows / quantize_avx512 write q rows of K bytes
+  p->K = p->Kp = p->group = d.K;
+  p->ngroups = 1;
+  p->gstart = {0, d.K};
+  return build_rotation(d, isa_override, p);
+}
+
+std::string validate_rotate_quantize_run(const Plan& p, size_t num_inputs, const ks::TensorDesc& x, int64_t* rows) {
+  *rows = 0;
+  const std::string name = "RotateQuantize: ";
+  if (num_inputs != 1 + p.rot_inputs)
+    return name + "the node needs " + std::to_string(1 + p.rot_inputs) + " inputs, got " + std::to_string(num_inputs);
+  if (!x.present || !x.rank_known || x.dims.empty() || x.dims.back() != p.K || x.dtype != ks::kTypeFloat)
+    return name + "X (input 0) has shape " + (x.rank_known ? ks::shape_str(x.dims) : std::string("?")) +
+           "; it must be float32 with last dim K = " + std::to_string(p.K);
+  int64_t r = 1;
+  for (size_t i = 0; i + 1 < x.dims.size(); ++i) {
+    const int64_t v = x.dims[i];
+    if (v < 0 || (v != 0 && r > ks::kMaxElems / v) || (r * v != 0 && r * v > ks::kMaxElems / p.K))
+      return name + "X (input 0) shape " + ks::shape_str(x.dims) + " is negative or too large";
+    r *= v;
+  }
+  *rows = r;
+  return "";
+}
+
+std::string rotate_quantize(const Plan& p, const float* x, int8_t* q, float* cs, int64_t rows, ks::ParallelFor pfor,
+                            void* ctx) {
+  if (rows <= 0) return "";
+  Exec e{};
+  e.p = &p;
+  const size_t xr_f = size_t(rows) * size_t(p.K);
+  const size_t total = xr_f + 16 + size_t(rows) + 16 + 2 * size_t(p.K) + 16;
+  std::unique_lock<std::mutex> lock(p.scratch_mu, std::try_to_lock);
+  ks::ScratchBuf local;
+  float* base = (lock.owns_lock() ? p.scratch : local).get(total);
+  e.gsum = reinterpret_cast<int32_t*>(base + xr_f + 16);  // one group: the row sums (not an output)
+  std::string err = rotate(p, x, rows, base, base + xr_f + 16 + rows + 16, pfor, ctx, &e.xr);
+  if (!err.empty()) return "RotateQuantize: " + err;
+  e.q = q, e.cs = cs;
+  e.rows = rows;
+  e.qrows = 16;
+  if (!run_items(pfor, ctx, quant_fn, size_t((rows + e.qrows - 1) / e.qrows), &e))
+    return "RotateQuantize: onnxruntime's parallel-for failed";
   return "";
 }
 

@@ -57,7 +57,13 @@ struct Desc {                 // what the adapter knows about a LowBitMatMul nod
   std::vector<int64_t> rot_patterns;   // empty / absent: no rotation (unless rot_angles)
   bool has_angles = false;
   int64_t rot_angles = 0;              // 1: the butterfly rotation as its stored parameters (below)
+  bool has_prequantized = false;
+  int64_t prequantized = 0;            // 1: X is int8 q with row scales x_scale (RotateQuantize's outputs)
   ks::TensorDesc x, bias, codes, scales;
+  ks::TensorDesc x_scale;              // prequantized: input 4, float32 X.shape[:-1] + (1,)
+  // messages: the op named and the input number of the first rotation input (RotateQuantize: 1)
+  const char* op_name = "LowBitMatMul";
+  size_t rot_first = 4;
   // rot_patterns: values_l, scale_l per rotation factor.  rot_angles = 1 (K = m 2^k, m odd; see
   // bfc/lowbit/rotation.py): block (1, 2^k, m, m) = factor 0's values, then angles_l of shape
   // (m 2^(l-1), 2^(k-l)) for l = 1..k; stage l is the KS factor (m 2^(l-1), 2, 2, 2^(k-l)) with
@@ -88,6 +94,7 @@ struct Plan {
   size_t w_bytes = 0;                 // bytes of the stream
   int zero = 0;                     // z = 2^(b-1)
   bool rotate = false;
+  bool prequantized = false;        // X is int8 q + row scales (run_quantized)
   ks::Plan rot;                     // the rotation chain (rotate only)
   size_t rot_inputs = 0;            // node inputs after scales
   // small batches (rows <= kRowWiseRows): the rotation applied row by row from transposed float
@@ -114,11 +121,27 @@ inline int64_t group_chunks(const Plan& p, int64_t gi) { return (p.gstart[size_t
 // rotation factors must carry data).  Returns "" or a message naming the input.
 std::string validate(const Desc& d, bool need_constants);
 std::string build_plan(const Desc& d, const char* isa_override, Plan* out);
-// rows of x: validated X and bias of one run
+// number of rotation inputs the attributes of d call for (0 in the prequantized form)
+size_t rotation_inputs(const Desc& d);
+// rows of x: validated X, bias (and x_scale in the prequantized form) of one run
 std::string validate_run(const Plan& p, size_t num_inputs, const ks::TensorDesc& x, const ks::TensorDesc& bias,
-                         int64_t* rows);
+                         const ks::TensorDesc& x_scale, int64_t* rows);
 std::string run(const Plan& p, const float* x, const float* bias, float* y, int64_t rows, ks::ParallelFor pfor,
                 void* pfor_ctx);
+// The prequantized form: q (rows x K int8) and cs (rows) as quantize_rows computes them from x Q
+// (RotateQuantize), then the same GEMM: y = run(x) bit for bit when q, cs come from the same x.
+std::string run_quantized(const Plan& p, const int8_t* q, const float* cs, const float* bias, float* y,
+                          int64_t rows, ks::ParallelFor pfor, void* pfor_ctx);
+
+// ---- RotateQuantize (ai.bfc): the rotation and row quantization of LowBitMatMul, alone ----------
+//   xr = x Q;  cs[r] = amax_r / 127;  q[r, k] = rint(clip(xr[r, k] * 127/amax_r, -127, 127))
+// d: K, the rotation attributes and inputs (rot_first = 1), X.  The plan is a LowBitMatMul plan
+// with one group of K unpadded inputs (Kp = K) and no weights.
+std::string validate_rotate_quantize(const Desc& d, bool need_constants);
+std::string build_rotate_quantize(const Desc& d, const char* isa_override, Plan* out);
+std::string validate_rotate_quantize_run(const Plan& p, size_t num_inputs, const ks::TensorDesc& x, int64_t* rows);
+std::string rotate_quantize(const Plan& p, const float* x, int8_t* q, float* cs, int64_t rows, ks::ParallelFor pfor,
+                            void* pfor_ctx);
 
 // ---- per-ISA GEMM on prepared activations -------------------------------------------------
 // q: rows x Kp int8 (row-major, padded 0), gsum: rows x ngroups, cs: rows.  Computes the output

@@ -3,7 +3,7 @@
 // ORT's C API is an append-only table of function pointers (OrtApi); the numbers
 // below are zero-based slot indices in that table (byte offset = index * sizeof(void*)),
 // checked against the API version 29 header and the onnxruntime 1.31.1 wheel.  Every
-// slot listed here is used by ks_matmul_op.cc and exercised by tests/test_runtime_*.py
+// slot listed here is used by the ops in ort/ (op_common.cc) and exercised by tests/test_runtime_*.py
 // through a real session.  If you have ORT's headers, build with
 // -DBFC_ORT_INCLUDE_DIR=<dir> to check every index against offsetof(OrtApi, name).
 #pragma once
