@@ -13,14 +13,16 @@ import bfc.distill
 from bfc import runtime
 from bfc.config import OptimizeConfig
 from bfc.distill import SiteLayer, export_layers, trainable_layers
+from bfc.factorize import relative_error
 from bfc.lowbit import rotate_quantize
 from bfc.lowbit.correction import fit_correction
 from bfc.lowbit.kron_rotation import KroneckerRotation
 from bfc.lowbit.layer import RotatedLayer
-from bfc.passes.session import session
+from bfc.passes.model_io.session import session
+from bfc.passes.pipeline import fuse_setting
 from bfc.passes.targets import get_target
 from bfc.torch.onnx_module import OnnxModule
-from bfc.torch.rotated import TrainableRotated, TrainableRotation
+from bfc.torch.rotated import BIN, TrainableRotated, TrainableRotation, latent_codes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distill_models as dm
@@ -35,8 +37,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _rel(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    return relative_error(ref, got)
 
 
 def _layer(k=96, n=40, bits=2, kron=True, rank=0, seed=0):
@@ -172,7 +173,6 @@ def test_distilled_model_runs_as_trained(tmp_path, monkeypatch, target):
 def test_latent_codes_start_in_the_planned_bins():
     """From the float weight: round(u) is the planned code (step 0 = the planned layer), |u - q| <= BIN, and u
     lies on the float weight's side of q (codes near a bin edge flip first)."""
-    from bfc.torch.rotated import BIN, latent_codes
     layer, w, _ = _layer()
     q = layer.weight.values.astype(np.float64)
     u = latent_codes(layer, w).astype(np.float64)
@@ -190,7 +190,6 @@ def test_latent_codes_start_in_the_planned_bins():
 
 def test_distill_turns_auto_fusion_off(tmp_path):
     """The torch interpreter runs standard ops: fuse auto (None) is off with distill, an explicit choice stays."""
-    from bfc.passes.pipeline import fuse_setting
     data = tmp_path / "d.npz"
     assert fuse_setting(OptimizeConfig()) is None
     assert fuse_setting(OptimizeConfig(distill=data)) is False
