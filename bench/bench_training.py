@@ -82,7 +82,8 @@ def build_one(args) -> dict:
            "load_avg": os.getloadavg()}
     if args.build == "trained":
         secs = [float(m) for n in rec["notes"] for m in re.findall(r"(\d+) s[,)]", n)]
-        rec.update(steps=cfg.distill_steps, batch=cfg.distill_batch, lr=cfg.distill_lr,
+        d = cfg.distillation
+        rec.update(steps=d.steps, batch=d.batch, lr=d.lr,
                    distill_data=str(args.distill), distill_wall_s=secs[0] if secs else None)
     return rec
 
