@@ -160,15 +160,19 @@ def write(int8: int) -> None:
         table(recs, int8),
         f"int8 dynamic linear-weight bytes: {int8 / 1e6:.3f} MB.  STS-B: the fixed split of models/stsb_split.py; "
         "steps and learning rates were chosen on the tuning half only; the held-out half is the figure to quote. "
-        "Build time is the whole `bfc optimize` (planning + distillation + rewrite), CPU time of the build process; "
-        "peak RSS of the child process (GB = 2^30 bytes), including the scoring sessions.  "
+        "Build time is the whole `bfc optimize` (planning + distillation + rewrite); CPU time of the build process "
+        "and its reaped children (the planner's pool workers run under a forkserver and are not counted, so "
+        "planning's CPU is undercounted; training runs in the build process and is counted); peak RSS of the child "
+        "process (GB = 2^30 bytes), including the scoring sessions.  A configuration without a trained row was "
+        "not trained in this run (minilm-l6: its 600-step, batch-32 schedule did not fit the session).  "
         f"Plot: `{PLOT.relative_to(ROOT)}`."])
     if TUNING.exists():
         rows = ["| run | steps | batch | lr | LayerNorm outputs matched | LayerNorm trained | STS-B tuning half | "
                 "build wall s | whole-model output error (calibration) |", "|---|---|---|---|---|---|---|---|---|"]
         for t in json.loads(TUNING.read_text()):
             err = re.findall(r"error ([\d.]+ -> [\d.]+)", " ".join(t["notes"]))
-            rows.append(f"| {t['name']} | {t['steps']} | {t['batch']} | {t['lr']:g} | {t['match_layernorm_outputs']} | "
+            kept = " (not kept: the planned layers stayed)" if "did not improve" in " ".join(t["notes"]) else ""
+            rows.append(f"| {t['name']}{kept} | {t['steps']} | {t['batch']} | {t['lr']:g} | {t['match_layernorm_outputs']} | "
                         f"{t['train_layernorm']} | {t['tuning']:.2f} | {t['build_wall_s']} | {err[0] if err else '-'} |")
         body += ("\n\nChoosing the schedule (minilm-l6-2bit's plan; tuning half only, fp32 87.23; "
                  "`bench/results/training_tuning.json`, each a `bfc.optimize` run with torch on 1 thread):\n\n"
