@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="also match this intermediate tensor of the original (repeatable)")
     op.add_argument("--distill-layernorm", action="store_true", default=S,
                     help="also train the LayerNormalization scales and biases")
+    op.add_argument("--distill-rotation", action="store_true", default=S,
+                    help="also train the Kronecker rotations of rotated low-bit layers (orthogonal by construction)")
     op.add_argument("--reconstruct", action="store_true", default=S,
                     help="fine-tune each quantized layer's factors to its calibration outputs (needs --calibration)")
     op.add_argument("--reconstruct-steps", type=int, default=S, help="reconstruction steps per layer (default 100)")
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--group-size", type=int, default=S, help="rotated layers: rows per scale 32|64|128 (default 64)")
     op.add_argument("--learn-rotation", action="store_true", default=S,
                     help="rotated layers: learn each rotation on the calibration data (needs torch)")
+    op.add_argument("--kronecker-rotation", action="store_true", default=S,
+                    help="rotated layers: a Kronecker rotation P1 (x) P2 (two MatMuls) instead of the butterfly")
     op.add_argument("--rotation-steps", type=int, default=S, help="Adam steps of a learned rotation (default 100)")
     op.add_argument("--correction-rank", type=int, default=S,
                     help="rotated layers: rank of the int8 correction (default 0: per layer, when it pays)")

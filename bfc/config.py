@@ -115,6 +115,8 @@ class LowBit:
     bits, group_size: the weight format (int2|3|4, one scale per group of 32|64|128 rows)
     learn_rotation: learn each rotation on the calibration Gram (ButterflyQuant-style; needs torch),
                  rotation_steps Adam steps; else the randomized Hadamard-like butterfly
+    kronecker_rotation: structure=rotated uses the Kronecker rotation P1 (x) P2 (bfc.lowbit.kron_rotation, two
+                 batched MatMuls; the allocator's) instead of the butterfly (learn_rotation does not apply)
     correction_rank: rank of the int8 low-rank correction; 0 = per layer, only when it is the cheapest
                  way to meet max_error
     """
@@ -122,6 +124,7 @@ class LowBit:
     group_size: int = 64
     learn_rotation: bool = False
     rotation_steps: int = 100
+    kronecker_rotation: bool = False
     correction_rank: int = 0
 
     def __post_init__(self):
@@ -131,6 +134,7 @@ class LowBit:
             raise ConfigError(f"group_size={self.group_size!r} is not allowed; use 32, 64 or 128")
         _flag("learn_rotation", self.learn_rotation)
         _int("rotation_steps", self.rotation_steps, 0)
+        _flag("kronecker_rotation", self.kronecker_rotation)
         _int("correction_rank", self.correction_rank, 0)
 
 
@@ -142,6 +146,8 @@ class Distillation:
     steps, batch, lr: Adam steps, samples per step, peak step size (cosine decay)
     match:       names of intermediate tensors matched as well as the outputs (e.g. each block's output)
     layernorm:   also train the LayerNormalization scales and biases
+    rotation:    also train the Kronecker rotations of rotated low-bit layers (Cayley map, stays orthogonal;
+                 flat key ``distill_rotation``)
     """
     data: Path | None = None
     steps: int = 500
@@ -149,6 +155,7 @@ class Distillation:
     lr: float = 5e-4
     match: tuple[str, ...] = ()
     layernorm: bool = False
+    rotation: bool = False
 
     def __post_init__(self):
         if self.data is not None:
@@ -158,6 +165,7 @@ class Distillation:
         object.__setattr__(self, "lr", _positive("distill_lr", self.lr))
         object.__setattr__(self, "match", _names("distill_match", self.match, "tensor names"))
         _flag("distill_layernorm", self.layernorm)
+        _flag("distill_rotation", self.rotation)
 
 
 @dataclass(frozen=True)
@@ -248,10 +256,11 @@ SECTIONS = {"lowbit": LowBit, "distillation": Distillation, "reconstruction": Re
 FLAT_KEYS = {
     "bits": ("lowbit", "bits"), "group_size": ("lowbit", "group_size"),
     "learn_rotation": ("lowbit", "learn_rotation"), "rotation_steps": ("lowbit", "rotation_steps"),
-    "correction_rank": ("lowbit", "correction_rank"),
+    "correction_rank": ("lowbit", "correction_rank"), "kronecker_rotation": ("lowbit", "kronecker_rotation"),
     "distill": ("distillation", "data"), "distill_steps": ("distillation", "steps"),
     "distill_batch": ("distillation", "batch"), "distill_lr": ("distillation", "lr"),
     "distill_match": ("distillation", "match"), "distill_layernorm": ("distillation", "layernorm"),
+    "distill_rotation": ("distillation", "rotation"),
     "reconstruct": ("reconstruction", "enabled"), "reconstruct_steps": ("reconstruction", "steps"),
     "reconstruct_lr": ("reconstruction", "lr"),
     "workers": ("schedule", "workers"), "cluster": ("schedule", "cluster"), "work_dir": ("schedule", "work_dir"),

@@ -1,8 +1,10 @@
-"""End-to-end distillation of planned KS layers against the original model (needs torch).
+"""End-to-end distillation of planned KS and rotated low-bit layers against the original model (needs torch).
 
 The student is the ORIGINAL graph run by the torch interpreter (``bfc.torch.onnx_module``)
 with each planned MatMul/Gemm node replaced by a ``SiteLayer``: the layer's
-``QuantizedFactorization`` as trainable tensors with target-exact fake quantization.
+``QuantizedFactorization`` (below) or ``RotatedLayer`` (``bfc.torch.rotated``: learned group scales,
+straight-through rounding, optionally the Kronecker rotation) as trainable tensors with target-exact
+fake quantization.
 The teacher is onnxruntime on the original model (outputs, plus the named intermediate
 tensors to match), computed once per batch and cached.
 
@@ -43,12 +45,14 @@ from torch import nn
 
 from bfc.errors import BfcError, UnsupportedError
 from bfc.factorize import inverse_perm
+from bfc.lowbit.layer import RotatedLayer
 from bfc.quant import QuantizedFactorization
 from bfc.quant.api import QuantizedFactor
 from bfc.quant.formats import get_format
 from bfc.runtime import session
 from bfc.torch.linear import _ks_apply
 from bfc.torch.onnx_module import OnnxModule
+from bfc.torch.rotated import TrainableRotated, TrainableRotation
 
 FORMATS = ("int8", "fp8-e4m3", "fp8-e5m2", "fp16", "fp32")
 INTERPRETER_TOLERANCE = 1e-5      # relative; the dense interpreter must match onnxruntime to this
@@ -153,6 +157,43 @@ class QuantizedKS(nn.Module):
         low = None if self.lr_u is None else (self.lr_u.detach().numpy().copy(), self.lr_v.detach().numpy().copy())
         return replace(self.q0, factors=tuple(factors), low_rank=low, method=f"{self.q0.method}+distill",
                        rel_error=float("nan"))
+
+
+def trainable_layers(weights: list, emulate_rows: bool = False, train_rotation: bool = False,
+                     floats: list | None = None) -> list[nn.Module]:
+    """One trainable module per planned layer: ``QuantizedKS`` for a ``QuantizedFactorization``,
+    ``TrainableRotated`` for a ``RotatedLayer`` (``bfc.torch.rotated``; layers sharing a rotation object
+    share one ``TrainableRotation``, trained with ``train_rotation``; ``floats``: the layers' float weights
+    (K, N) or None, where rotated latent codes start, ``bfc.torch.rotated.latent_codes``)."""
+    rots: dict[int, TrainableRotation] = {}
+    out = []
+    floats = [None] * len(weights) if floats is None else floats
+    for q, w in zip(weights, floats):
+        if isinstance(q, RotatedLayer):
+            r = q.rotation
+            if r is not None and id(r) not in rots:
+                rots[id(r)] = TrainableRotation(r, train=train_rotation)
+            out.append(TrainableRotated(q, None if r is None else rots[id(r)], emulate_rows, w))
+        else:
+            out.append(QuantizedKS(q, emulate_rows))
+    return out
+
+
+def export_layers(mods: list[nn.Module]) -> list:
+    """The trained forms of ``trainable_layers``' modules; a shared rotation is exported once (one object)."""
+    rots: dict[int, object] = {}
+    out = []
+    for m in mods:
+        if isinstance(m, TrainableRotated):
+            r = None
+            if m.rot is not None:
+                if id(m.rot) not in rots:
+                    rots[id(m.rot)] = m.rot.export()
+                r = rots[id(m.rot)]
+            out.append(m.export(r))
+        else:
+            out.append(m.export())
+    return out
 
 
 class SiteLayer(nn.Module):
@@ -284,6 +325,7 @@ def layernorm_params(model: onnx.ModelProto) -> list[str]:
 def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 500, batch: int = 32,
             lr: float = 5e-4, match=(), cosine: float = 0.0, layernorm: bool = False, seed: int = 0,
             eval_data: dict | None = None, emulate_rows: bool = False, checkpoint: Path | None = None,
+            train_rotation: bool = False, floats: list | None = None,
             on_step: Callable[[int, float], None] | None = None) -> DistillResult:
     """Train the planned layers of ``model`` end to end (module doc).
 
@@ -292,10 +334,11 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
     ``data``: model inputs (first axis = samples); ``eval_data``: where the before/after
     output error is measured (default: the first batch of ``data``, held out of training).
     ``checkpoint``: a file to save the trainable state to every 100 steps and to resume from.
+    ``floats``: per layer its float weight (K, N) or None (where rotated layers' latent codes start).
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    kss = [QuantizedKS(q, emulate_rows) for _, q in layers]
+    kss = trainable_layers([q for _, q in layers], emulate_rows, train_rotation, floats)
     overrides = {sn.name: SiteLayer(ks, sn) for (nodes, _), ks in zip(layers, kss) for sn in nodes}
     student = OnnxModule(model, overrides)
     dense = OnnxModule(model)
@@ -371,6 +414,6 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
                         "losses": losses}, tmp)
             tmp.replace(checkpoint)
     after = output_error(student, teacher, eval_batches, ekeys)
-    return DistillResult([ks.export() for ks in kss], before, after, interp, steps - start,
+    return DistillResult(export_layers(kss), before, after, interp, steps - start,
                          time.perf_counter() - t0, losses,
                          {n: p.detach().numpy().copy() for n, p in ln.items()})

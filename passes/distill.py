@@ -5,11 +5,13 @@ the new values of LayerNormalization scale/bias constants go in ``Plan.tensor_up
 rewrite applies).  Runs only with ``config.distillation.data`` (a .npz of model inputs, keys = input
 names); otherwise it returns the plan as it is.
 Algebra (``bfc.distill``): the student is the original graph in the torch interpreter with
-every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer
-with target-exact fake quantization (custom-op int8: per-row int8 activations); the
+every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer (KS chain or
+rotated low-bit, ``bfc.torch.rotated``) with target-exact fake quantization (custom-op int8 KS and
+LowBitMatMul: per-row int8 activations); the
 teacher is onnxruntime on the original.  Loss: relative MSE of the graph outputs (+ the
 ``distill_match`` tensors).  Each trained layer is written back on its format's grid
-(values, trained scales) into ``plan.weights``, so the rewrite emits it for any target.
+(values or codes, trained scales, a trained rotation as stored) into ``plan.weights``, so the
+rewrite emits it for any target.
 Acceptance: the whole-model output error (max over float outputs, relative) is measured
 before and after on the calibration inputs (or, without them, on a held-out batch of the
 distillation data); when training does not lower it, the planned layers are kept and a
@@ -30,6 +32,7 @@ import numpy as np
 
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
+from bfc.lowbit import RotatedLayer
 from bfc.passes.candidates import Scorer
 from bfc.passes.events import StageStarted
 from bfc.passes.model_io.feeds import load_feeds
@@ -77,15 +80,17 @@ def _checkpoint(cfg, taken, data, emulate):
     if work is None:
         return None
     d = cfg.distillation
-    h = hashlib.sha256(repr((d.steps, d.batch, d.lr, d.match, d.layernorm, cfg.seed, emulate)).encode())
+    h = hashlib.sha256(repr((d.steps, d.batch, d.lr, d.match, d.layernorm, d.rotation, cfg.seed, emulate)).encode())
     for k in sorted(data):
         h.update(k.encode())
         h.update(np.ascontiguousarray(data[k]).tobytes())
     for p in taken:
         h.update(p.site.name.encode())
-        for f in p.weights.factors:
-            h.update(np.ascontiguousarray(f.values).tobytes())
-            h.update(np.ascontiguousarray(f.scale).tobytes())
+        q = p.weights
+        arrays = ([a for f in q.factors for a in (f.values, f.scale)] if isinstance(q, QuantizedFactorization)
+                  else [q.weight.values, q.weight.scales])
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     return work / f"distill-{h.hexdigest()[:16]}.pt"
@@ -101,12 +106,12 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
     def noted(note: str) -> Plan:
         return replace(plan, notes=plan.notes + (note,))
 
-    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, QuantizedFactorization)]
+    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, (QuantizedFactorization, RotatedLayer))]
     other = len(plan.rewritten) - len(taken)
     if not taken:
-        return noted("distill: no planned KS layer to train")
+        return noted("distill: no planned KS or rotated low-bit layer to train")
     if other:
-        plan = noted(f"distill: {other} planned layers of another family (e.g. rotated low-bit) are not "
+        plan = noted(f"distill: {other} planned layers of another family (e.g. int8 linear) are not "
                      "trained and enter the student with their dense weights")
     if any(sn.scope is not None for p in taken for sn in p.site.nodes):
         return noted("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
@@ -117,7 +122,8 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
     emulate = target.name == "custom-op"
     for p in taken:
         sim = target.simulate(p.weights)
-        if sim is not None and not (emulate and p.weights.fmt == "int8"):
+        emulated = isinstance(p.weights, RotatedLayer) or p.weights.fmt == "int8"
+        if sim is not None and not (emulate and emulated):
             raise BfcError(f"distill: target {target.name} computes layer {p.site.name} with numerics "
                            "the distillation does not emulate; run without --distill")
     layers = [(p.site.nodes, p.weights) for p in taken]
@@ -131,11 +137,13 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
                     lr=cfg.distillation.lr, match=match_tensors(loaded.model, cfg.distillation.match),
                     layernorm=cfg.distillation.layernorm,
                     seed=cfg.seed, eval_data=feeds, emulate_rows=emulate,
-                    checkpoint=_checkpoint(cfg, taken, data, emulate), on_step=progress)
+                    checkpoint=_checkpoint(cfg, taken, data, emulate), train_rotation=cfg.distillation.rotation,
+                    floats=[p.site.weight if isinstance(p.weights, RotatedLayer) else None for p in taken],
+                    on_step=progress)
     where = "calibration inputs" if feeds is not None else "a held-out batch of the distillation data"
     if not res.error_after < res.error_before:
         return noted(f"distill: output error {res.error_before:.3g} -> {res.error_after:.3g} on {where} "
-                     f"after {res.steps} steps did not improve; the planned layers were kept")
+                     f"after {res.steps} steps ({res.seconds:.0f} s) did not improve; the planned layers were kept")
     trained = {}
     for p, q in zip(taken, res.weights):
         err = Scorer(p.site.weight.astype(np.float64), stats.get(p.site.weight_name), target, cfg.seed)(q)

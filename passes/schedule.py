@@ -77,7 +77,7 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
     rots = {}
     if bits:
         todo = [s for s in sites if skip_reason(s, cfg) is None]
-        rots = lowbit_plan.rotations(todo, stats, cfg, target, max(bits))
+        rots = lowbit_plan.rotations(todo, stats, cfg, target, max(bits), kronecker=cfg.lowbit.kronecker_rotation)
     order = sorted(range(len(sites)), key=lambda i: -(sites[i].weight.size if sites[i].weight is not None else 0))
     total = model_bytes if model_bytes is not None else sum(s.weight.nbytes for s in sites if s.weight is not None)
     if precisions is None:
