@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -35,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import write_result  # noqa: E402
 
 CONFIGS = {"minilm-l6-2bit": ROOT / "models" / "configs" / "minilm-l6-2bit.toml",
            "minilm-l6": ROOT / "models" / "configs" / "minilm-l6.toml"}
@@ -42,7 +43,8 @@ RESULTS = ROOT / "bench" / "results" / "training.json"
 TUNING = ROOT / "bench" / "results" / "training_tuning.json"     # the runs that chose steps / lr (tuning half only)
 PLOT = ROOT / "docs" / "study" / "training.png"
 FP32 = {"tuning": 87.23, "held-out": 86.27}      # fp32 MiniLM-L6 (models/eval_sts.py --threads 1)
-SECTION = "## MiniLM-L6: training closes the gap (bench_training)"
+TITLE = "MiniLM-L6: training closes the gap (bench_training)"
+COMMAND = "python bench/bench_training.py && python bench/bench_training.py --write"
 
 
 def build_one(args) -> dict:
@@ -152,11 +154,8 @@ def write(int8: int) -> None:
     recs = load()
     plot(recs, int8)
     body = "\n\n".join([
-        SECTION,
-        "Command: `python bench/bench_training.py && python bench/bench_training.py --write`  \n"
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores SHARED with other engineers' "
-        f"jobs (load average in each record of bench/results/training.json), Python {platform.python_version()}; "
-        "torch 1 thread, onnxruntime 1 thread for scoring.",
+        "The 2-core machine was SHARED with other engineers' jobs (load average in each record of "
+        "bench/results/training.json); torch 1 thread, onnxruntime 1 thread for scoring.",
         table(recs, int8),
         f"int8 dynamic linear-weight bytes: {int8 / 1e6:.3f} MB.  STS-B: the fixed split of models/stsb_split.py; "
         "steps and learning rates were chosen on the tuning half only; the held-out half is the figure to quote. "
@@ -177,15 +176,7 @@ def write(int8: int) -> None:
         body += ("\n\nChoosing the schedule (minilm-l6-2bit's plan; tuning half only, fp32 87.23; "
                  "`bench/results/training_tuning.json`, each a `bfc.optimize` run with torch on 1 thread):\n\n"
                  + "\n".join(rows))
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("\n" + text[nxt:] if nxt >= 0 else "\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    path.write_text(text)
+    write_result("training", TITLE, COMMAND, body)          # bench/results/training.md + BENCHMARKS.md
 
 
 def main(argv=None) -> int:
