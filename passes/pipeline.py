@@ -156,8 +156,8 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
 
 
 def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> Planned:
-    """The stages load -> rewrite (no save, no verification), for tests and benches that look at the
-    plans; for a path, ``output`` is a skeleton whose references are relative to ``loaded.base``."""
+    """The stages load -> rewrite (no save, no verification, no ``never_larger``), for tests and benches
+    that look at the plans; for a path, ``output`` is a skeleton whose references are relative to ``loaded.base``."""
     emit = emit or _ignore
     target = get_target(cfg.target)
     loaded = load(source, None if output is None else Path(output))
@@ -171,7 +171,6 @@ def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> Planned:
     plan = guard(loaded, plan, feeds, cfg, target, emit)
     plan = distill(loaded, plan, stats, feeds, cfg, target, emit)
     rewritten = rewrite_model(loaded, plan, target, cfg.fix_batch)
-    plan, rewritten = never_larger(loaded, plan, rewritten, target, cfg.fix_batch)
     return Planned(loaded, plan.layers, rewritten.model, loaded.notes + stats.notes + plan.notes, rewritten)
 
 

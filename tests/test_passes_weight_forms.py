@@ -313,3 +313,17 @@ def test_site_key_is_node_key():
     """Reports name unnamed nodes op:first-output; the reference above relies on it."""
     n = gs.Node("MatMul", inputs=[gs.Variable("a"), gs.Variable("b")], outputs=[gs.Variable("o")])
     assert node_key(n) == "MatMul:o"
+
+
+def test_a_rewrite_larger_than_the_input_is_not_written(tmp_path):
+    """An int8 weight behind DequantizeLinear (48x80: 3.8 kB) rewritten as a float32 Monarch chain would grow the
+    file: ``optimize`` writes the input's own bytes and every layer is reported dense with the reason."""
+    nodes, inits = FORMS["dq-per-axis"]
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(matmul_model(nodes, inits), str(src))
+    _, report = optimize(str(src), CFG, output=out)
+    assert out.read_bytes() == src.read_bytes()
+    assert report.model_bytes_after == report.model_bytes_before
+    assert all(r.structure == "dense" and "larger than the input" in r.reason for r in report.layers)
+    planned = run_passes(str(src), CFG)                # the plan itself did rewrite it (and grew the model)
+    assert planned.plans[0].rewritten and planned.rewritten.nbytes > src.stat().st_size
