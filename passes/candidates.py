@@ -270,8 +270,8 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
     """Every candidate of one site that ``target`` can emit at ``opset``, unchanged first.  A matmul
     site: dense int8 per column, fp16, and for each bits x group the rotated low-bit codes of Q^T W
     (``rotation``: the site's shared Q; GPTQ with the rotated Gram under calibration, searched-scale
-    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``), and with calibration KS chains (``_ks_forms``).  An embedding site: int8,
-    int4 and int2 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
+    rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``), and with calibration KS
+    chains (``_ks_forms``).  An embedding site: int8, int4 and int2 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
     above it is dropped (a per-layer cap under the whole-model budget)."""
     w = site.weight
     dense = Candidate("unchanged", None, int(w.nbytes), int(w.nbytes), 0.0)

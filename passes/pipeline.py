@@ -88,7 +88,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     emit(StageStarted("normalize"))
     loaded = normalize(loaded, preferred_opset(cfg))                      # LoadedModel (opset upgraded)
     emit(StageStarted("fuse"))
-    loaded = fuse_stage(loaded, fuse_setting(cfg), target.name)                   # LoadedModel (transformer fusions)
+    loaded = fuse_stage(loaded, fuse_setting(cfg), target.name)           # LoadedModel (transformer fusions)
     emit(StageStarted("sites"))
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))     # Sites
     emit(SitesFound(sites.eligible, len(sites.sites)))
@@ -114,7 +114,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
         why = "; ".join(f"{p.site.name}: {p.reason}" for p in plan.layers[:3]) or "no MatMul/Gemm node"
         raise UnsupportedError(f"nothing to rewrite ({why}); without --strict the model is written unchanged")
     report = Report(model=loaded.name, target=target.name, layers=[_row(p) for p in plan.layers],
-                    model_bytes_before=sum(Path(f).stat().st_size for f in loaded.files) or loaded.nbytes, model_bytes_after=rewritten.nbytes,
+                    model_bytes_before=loaded.input_bytes, model_bytes_after=rewritten.nbytes,
                     notes=list(notes), calibrated=feeds is not None)
     del plan
     trim()

@@ -40,6 +40,11 @@ class LoadedModel:
     upgraded: bool = False               # ``model`` is a changed copy of the input (opset upgrade, fusions)
     notes: tuple[str, ...] = ()
 
+    @property
+    def input_bytes(self) -> int:
+        """What the user compares: the bytes of the input's files (model + external data), else ``nbytes``."""
+        return sum(Path(f).stat().st_size for f in self.files) or self.nbytes
+
 
 @dataclass(frozen=True)
 class Sites:

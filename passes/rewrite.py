@@ -26,7 +26,6 @@ weight, planned without calibration), so the report says how the weight was foun
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -167,7 +166,7 @@ def never_larger(loaded: LoadedModel, plan: Plan, rewritten: RewrittenModel, tar
     the input's files, or its bytes in memory): the layers' savings were smaller than what their forms add
     (rotations, scales, graph nodes) -- seen on models of a few small layers with fixed structures.
     Every layer is then reported dense with that reason; a pinned batch (``fix_batch``) is kept."""
-    before = sum(Path(f).stat().st_size for f in loaded.files) or loaded.nbytes
+    before = loaded.input_bytes
     if not plan.rewritten or rewritten.nbytes <= before:
         return plan, rewritten
     why = (f"not written: the rewritten model ({rewritten.nbytes} bytes) would be larger than the input "
