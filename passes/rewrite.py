@@ -164,13 +164,15 @@ def never_larger(loaded: LoadedModel, plan: Plan, rewritten: RewrittenModel, tar
                  fix_batch: int | None) -> tuple[Plan, RewrittenModel]:
     """The input, unchanged, where the rewrite would be larger than it (``RewrittenModel.nbytes`` against
     the input's files, or its bytes in memory): the layers' savings were smaller than what their forms add
-    (rotations, scales, graph nodes) -- seen on models of a few small layers with fixed structures.
+    (rotations, scales, graph nodes) -- seen on models of a few small layers with fixed structures, and on
+    inputs whose weights are already stored as int8 or float16.
     Every layer is then reported dense with that reason; a pinned batch (``fix_batch``) is kept."""
     before = loaded.input_bytes
     if not plan.rewritten or rewritten.nbytes <= before:
         return plan, rewritten
     why = (f"not written: the rewritten model ({rewritten.nbytes} bytes) would be larger than the input "
-           f"({before} bytes); its layers are too small for the formats' overhead")
+           f"({before} bytes): the chosen forms add more (rotations, scales, nodes) than they save, or the input "
+           "already stores its weights compactly")
     plan = replace(plan, layers=tuple(p.kept_dense(why) if p.rewritten else p for p in plan.layers),
                    notes=plan.notes + (why,))
     return plan, rewrite_model(loaded, plan, target, fix_batch)
