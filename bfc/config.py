@@ -148,6 +148,10 @@ class Distillation:
     layernorm:   also train the LayerNormalization scales and biases
     rotation:    also train the Kronecker rotations of rotated low-bit layers (Cayley map, stays orthogonal;
                  flat key ``distill_rotation``)
+    headroom:    with the allocator (structure and precision auto), the plan before training is allocated to
+                 headroom x the whole-model error budget (smaller, lower-bit layers than post-training would
+                 take); the trained model must measure within the budget itself, else the post-training
+                 allocation is written (flat key ``distill_headroom``; 1 = the post-training plan, trained)
     """
     data: Path | None = None
     steps: int = 500
@@ -156,6 +160,7 @@ class Distillation:
     match: tuple[str, ...] = ()
     layernorm: bool = False
     rotation: bool = False
+    headroom: float = 2.0
 
     def __post_init__(self):
         if self.data is not None:
@@ -166,6 +171,9 @@ class Distillation:
         object.__setattr__(self, "match", _names("distill_match", self.match, "tensor names"))
         _flag("distill_layernorm", self.layernorm)
         _flag("distill_rotation", self.rotation)
+        object.__setattr__(self, "headroom", _positive("distill_headroom", self.headroom))
+        if self.headroom < 1:
+            raise ConfigError(f"distill_headroom must be >= 1 (a multiple of the error budget), got {self.headroom}")
 
 
 @dataclass(frozen=True)
@@ -260,7 +268,7 @@ FLAT_KEYS = {
     "distill": ("distillation", "data"), "distill_steps": ("distillation", "steps"),
     "distill_batch": ("distillation", "batch"), "distill_lr": ("distillation", "lr"),
     "distill_match": ("distillation", "match"), "distill_layernorm": ("distillation", "layernorm"),
-    "distill_rotation": ("distillation", "rotation"),
+    "distill_rotation": ("distillation", "rotation"), "distill_headroom": ("distillation", "headroom"),
     "reconstruct": ("reconstruction", "enabled"), "reconstruct_steps": ("reconstruction", "steps"),
     "reconstruct_lr": ("reconstruction", "lr"),
     "workers": ("schedule", "workers"), "cluster": ("schedule", "cluster"), "work_dir": ("schedule", "work_dir"),

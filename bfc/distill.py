@@ -45,6 +45,7 @@ from torch import nn
 
 from bfc.errors import BfcError, UnsupportedError
 from bfc.factorize import inverse_perm
+from bfc.lowbit.int8_layer import Int8Linear
 from bfc.lowbit.layer import RotatedLayer
 from bfc.quant import QuantizedFactorization
 from bfc.quant.api import QuantizedFactor
@@ -52,7 +53,7 @@ from bfc.quant.formats import get_format
 from bfc.runtime import session
 from bfc.torch.linear import _ks_apply
 from bfc.torch.onnx_module import OnnxModule
-from bfc.torch.rotated import TrainableRotated, TrainableRotation
+from bfc.torch.rotated import TrainableInt8, TrainableRotated, TrainableRotation
 
 FORMATS = ("int8", "fp8-e4m3", "fp8-e5m2", "fp16", "fp32")
 INTERPRETER_TOLERANCE = 1e-5      # relative; the dense interpreter must match onnxruntime to this
@@ -162,18 +163,21 @@ class QuantizedKS(nn.Module):
 def trainable_layers(weights: list, emulate_rows: bool = False, train_rotation: bool = False,
                      floats: list | None = None) -> list[nn.Module]:
     """One trainable module per planned layer: ``QuantizedKS`` for a ``QuantizedFactorization``,
-    ``TrainableRotated`` for a ``RotatedLayer`` (``bfc.torch.rotated``; layers sharing a rotation object
+    ``TrainableRotated`` for a ``RotatedLayer``, ``TrainableInt8`` for an ``Int8Linear`` (the allocator's int8
+    per-column and rotated "int8 compute" forms) (``bfc.torch.rotated``; layers sharing a rotation object
     share one ``TrainableRotation``, trained with ``train_rotation``; ``floats``: the layers' float weights
     (K, N) or None, where rotated latent codes start, ``bfc.torch.rotated.latent_codes``)."""
     rots: dict[int, TrainableRotation] = {}
     out = []
     floats = [None] * len(weights) if floats is None else floats
     for q, w in zip(weights, floats):
-        if isinstance(q, RotatedLayer):
+        if isinstance(q, (RotatedLayer, Int8Linear)):
             r = q.rotation
             if r is not None and id(r) not in rots:
                 rots[id(r)] = TrainableRotation(r, train=train_rotation)
-            out.append(TrainableRotated(q, None if r is None else rots[id(r)], emulate_rows, w))
+            rot = None if r is None else rots[id(r)]
+            out.append(TrainableRotated(q, rot, emulate_rows, w) if isinstance(q, RotatedLayer)
+                       else TrainableInt8(q, rot, w))
         else:
             out.append(QuantizedKS(q, emulate_rows))
     return out
@@ -184,7 +188,7 @@ def export_layers(mods: list[nn.Module]) -> list:
     rots: dict[int, object] = {}
     out = []
     for m in mods:
-        if isinstance(m, TrainableRotated):
+        if isinstance(m, (TrainableRotated, TrainableInt8)):
             r = None
             if m.rot is not None:
                 if id(m.rot) not in rots:

@@ -33,11 +33,14 @@ import numpy as np
 from bfc.config import OptimizeConfig
 from bfc.errors import BfcError, ConfigError
 from bfc.lowbit import RotatedLayer
+from bfc.lowbit.int8_layer import Int8Linear
 from bfc.passes.candidates import Scorer
 from bfc.passes.events import StageStarted
-from bfc.passes.model_io.feeds import load_feeds
+from bfc.passes.model_io.feeds import MEASURE_BATCH, load_feeds, random_feeds
+from bfc.passes.model_io.session import run, session
 from bfc.passes.model_io.stream import materialize
 from bfc.passes.products import LoadedModel, Plan, Statistics
+from bfc.passes.schedule import VERIFIED_SHARE, plan_error
 from bfc.quant import QuantizedFactorization
 
 TORCH_HINT = "pip install torch==2.13.0 (the CPU build; another version spec pulls a multi-GB CUDA build)"
@@ -74,6 +77,18 @@ def match_tensors(model, match) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+TRAINED_FORMS = (QuantizedFactorization, RotatedLayer, Int8Linear)
+
+
+def _arrays(form) -> list:
+    """The stored arrays of a trainable form (what keys its checkpoint)."""
+    if isinstance(form, QuantizedFactorization):
+        return [a for f in form.factors for a in (f.values, f.scale)]
+    if isinstance(form, Int8Linear):
+        return [form.w_s8, form.col_scale] if form.codes is None else [form.codes.values, form.codes.scales]
+    return [form.weight.values, form.weight.scales]
+
+
 def _checkpoint(cfg, taken, data, emulate):
     """``work_dir/distill-<key>.pt`` (resumable training state), keyed by everything that defines the run."""
     work = cfg.schedule.work_dir
@@ -86,10 +101,7 @@ def _checkpoint(cfg, taken, data, emulate):
         h.update(np.ascontiguousarray(data[k]).tobytes())
     for p in taken:
         h.update(p.site.name.encode())
-        q = p.weights
-        arrays = ([a for f in q.factors for a in (f.values, f.scale)] if isinstance(q, QuantizedFactorization)
-                  else [q.weight.values, q.weight.scales])
-        for a in arrays:
+        for a in _arrays(p.weights):
             h.update(np.ascontiguousarray(a).tobytes())
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +110,51 @@ def _checkpoint(cfg, taken, data, emulate):
 
 def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
             target, emit) -> Plan:
-    """The distill stage (see the module doc)."""
+    """The distill stage (see the module doc); a plan allocated with headroom (``Plan.post_training``) is
+    kept only when the trained model measures within the budget (``within_budget``)."""
+    trained = _train(loaded, plan, stats, feeds, cfg, target, emit)
+    return trained if plan.post_training is None else within_budget(loaded, trained, plan.post_training, feeds, cfg,
+                                                                    target)
+
+
+def within_budget(loaded: LoadedModel, trained: Plan, post: Plan, feeds: dict | None, cfg: OptimizeConfig,
+                  target) -> Plan:
+    """The trained plan (allocated to ``distill_headroom`` x the budget before training) when the model it
+    writes measures within the allocator's share of the budget in onnxruntime (``schedule.plan_error``, the
+    allocator's own verification: calibration inputs, or its generated ones); else the post-training
+    allocation ``post``.  Each layer's note names its post-training choice where training changed it
+    (the report's before/after per layer)."""
+    model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)
+    run_feeds = feeds if feeds is not None else random_feeds(model, cfg.seed, MEASURE_BATCH)
+    reference = run(session(model, threads=0), run_feeds)
+    err = plan_error(loaded, trained.layers, target, reference, run_feeds, trained.tensor_updates)
+    budget = cfg.max_output_error * VERIFIED_SHARE
+    where = "calibration" if feeds is not None else "generated"
+    if err > budget:
+        return replace(post, notes=trained.notes + (
+            f"distill: the trained model (allocated to {cfg.distillation.headroom:g}x the budget) measures output "
+            f"error {err:.3g} on {where} inputs, over the budget {cfg.max_output_error:g} (planned to {budget:.3g}): "
+            "the post-training allocation is written, untrained",))
+    before = {p.site.name: p for p in post.layers}
+    layers = []
+    for p in trained.layers:
+        b = before[p.site.name]
+        if b.precision != p.precision:
+            was = (f"post-training: {b.precision} ({b.error:.3g})" if b.rewritten
+                   else "post-training: unchanged")
+            p = replace(p, note=was if p.note is None else f"{p.note}; {was}")
+        layers.append(p)
+    changed = sum(before[p.site.name].precision != p.precision for p in trained.layers)
+    return replace(trained, layers=tuple(layers), output_error=err, post_training=None, notes=trained.notes + (
+        f"distill: the trained model measures output error {err:.3g} on {where} inputs, within the budget "
+        f"{cfg.max_output_error:g} (planned to {budget:.3g}); {changed} layers take a smaller form than "
+        f"post-training ({sum(p.bytes_after for p in post.layers)} -> {sum(p.bytes_after for p in trained.layers)} "
+        "weight bytes)",))
+
+
+def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
+           target, emit) -> Plan:
+    """Distillation of the planned layers (the module doc)."""
     path = cfg.distillation.data
     if path is None:
         return plan
@@ -106,12 +162,12 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
     def noted(note: str) -> Plan:
         return replace(plan, notes=plan.notes + (note,))
 
-    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, (QuantizedFactorization, RotatedLayer))]
+    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, TRAINED_FORMS)]
     other = len(plan.rewritten) - len(taken)
     if not taken:
-        return noted("distill: no planned KS or rotated low-bit layer to train")
+        return noted("distill: no planned KS, rotated low-bit or int8 layer to train")
     if other:
-        plan = noted(f"distill: {other} planned layers of another family (e.g. int8 linear) are not "
+        plan = noted(f"distill: {other} planned layers of another family (fp16, embedding rows) are not "
                      "trained and enter the student with their dense weights")
     if any(sn.scope is not None for p in taken for sn in p.site.nodes):
         return noted("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
@@ -120,10 +176,11 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
     emit(StageStarted("distill", f"{cfg.distillation.steps} steps on {path}"))
     data = load_feeds(path, loaded.model)
     emulate = target.name == "custom-op"
-    for p in taken:
+    for p in taken:       # Int8Linear: TrainableInt8 computes the integer graph every target emits for it
         sim = target.simulate(p.weights)
-        emulated = isinstance(p.weights, RotatedLayer) or p.weights.fmt == "int8"
-        if sim is not None and not (emulate and emulated):
+        emulated = isinstance(p.weights, RotatedLayer) or (isinstance(p.weights, QuantizedFactorization)
+                                                           and p.weights.fmt == "int8")
+        if sim is not None and not isinstance(p.weights, Int8Linear) and not (emulate and emulated):
             raise BfcError(f"distill: target {target.name} computes layer {p.site.name} with numerics "
                            "the distillation does not emulate; run without --distill")
     layers = [(p.site.nodes, p.weights) for p in taken]
@@ -138,7 +195,8 @@ def distill(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | No
                     layernorm=cfg.distillation.layernorm,
                     seed=cfg.seed, eval_data=feeds, emulate_rows=emulate,
                     checkpoint=_checkpoint(cfg, taken, data, emulate), train_rotation=cfg.distillation.rotation,
-                    floats=[p.site.weight if isinstance(p.weights, RotatedLayer) else None for p in taken],
+                    floats=[p.site.weight if isinstance(p.weights, (RotatedLayer, Int8Linear)) else None
+                            for p in taken],
                     on_step=progress)
     where = "calibration inputs" if feeds is not None else "a held-out batch of the distillation data"
     if not res.error_after < res.error_before:

@@ -131,6 +131,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     output_error: float | None = None            # whole-model output error measured by the guard
     tensor_updates: dict = field(default_factory=dict)   # graph tensor name -> new value (distilled LayerNorm)
+    post_training: Plan | None = None            # allocated with distillation headroom: the plan to fall back to
 
     @property
     def rewritten(self) -> tuple[LayerPlan, ...]:

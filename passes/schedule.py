@@ -250,31 +250,54 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     def measure(alloc: allocate.Allocation) -> float:
         if run_feeds is None:
             return 0.0
-        trial = rewritten(loaded.model, [p for p in planned(alloc.choice) if p.rewritten], target, loaded.opset,
-                          loaded.base)
-        folder = None if loaded.base is None else Path(loaded.base).absolute().parent
-        return output_error(reference, run(session(trial, threads=0, external_folder=folder), run_feeds))
+        return plan_error(loaded, planned(alloc.choice), target, reference, run_feeds)
 
     search_notes = ()
     if evaluate is not None and cfg.max_metric_drop is not None:
         budget, search_notes = metric_budget(loaded, table, planned, target, evaluate, cfg.max_metric_drop)
-    result = allocate.allocate_verified(table, budget * VERIFIED_SHARE, measure, objective="bytes")
+    where = "calibration" if feeds is not None else "generated"
+
+    def allocated(share: float, what: str) -> tuple[tuple, tuple[str, ...], float]:
+        """(choice, notes, measured error) of the allocation verified at ``share`` x the budget."""
+        result = allocate.allocate_verified(table, budget * share, measure, objective="bytes")
+        choice = result.allocation.choice if result.met else (0,) * len(order)     # the budget always holds
+        measured = result.measured[-1] if result.met else 0.0
+        notes = (f"allocator{what}: {sum(k > 0 for k in choice)} of {len(order)} layers compressed; whole-model "
+                 f"output error {measured:.3g} on {where} inputs (budget {budget:g}, planned to {budget * share:.3g}; "
+                 f"predicted {result.allocation.predicted_error:.3g}; {len(result.rounds)} verification "
+                 f"run{'s' if len(result.rounds) > 1 else ''})",)
+        if not result.met:
+            notes += (f"allocator{what}: no allocation met the budget within {len(result.rounds)} verification runs "
+                      f"(errors {', '.join(f'{m:.3g}' for m in result.measured)}); the model is left unchanged",)
+        return choice, notes, measured
+
+    choice, notes, measured = allocated(VERIFIED_SHARE, "")
+    post_training = None
+    headroom = cfg.distillation.headroom
+    if (cfg.distillation.data is not None and headroom > 1 and run_feeds is not None and budget < float("inf")
+            and evaluate is None):
+        post = planned(choice)
+        post_training = Plan(tuple({**layers, **dict(zip(order, post))}[i] for i in range(len(sites.sites))),
+                             search_notes + notes, output_error=measured)
+        choice, pre_notes, measured = allocated(VERIFIED_SHARE * headroom, f" (before training, {headroom:g}x the budget)")
+        notes += pre_notes
     clock.append(time.perf_counter())
-    choice = result.allocation.choice if result.met else (0,) * len(order)     # the budget always holds
     for i, p in zip(order, planned(choice)):
         layers[i] = p
-    where = "calibration" if feeds is not None else "generated"
-    measured = result.measured[-1] if result.met else 0.0
-    notes = (f"allocator: {sum(k > 0 for k in choice)} of {len(order)} layers compressed; whole-model output error "
-             f"{measured:.3g} on {where} inputs (budget {budget:g}, planned to {budget * VERIFIED_SHARE:.3g}; predicted {result.allocation.predicted_error:.3g}; "
-             f"{len(result.rounds)} verification run{'s' if len(result.rounds) > 1 else ''}); time: candidates "
-             f"{clock[1] - clock[0]:.0f} s, sensitivities {clock[2] - clock[1]:.0f} s, allocation and verification "
-             f"{clock[3] - clock[2]:.0f} s",)
-    notes = search_notes + notes
-    if not result.met:
-        notes += (f"allocator: no allocation met the budget within {len(result.rounds)} verification runs (errors "
-                  f"{', '.join(f'{m:.3g}' for m in result.measured)}); the model is left unchanged",)
-    return Plan(tuple(layers[i] for i in range(len(sites.sites))), notes, output_error=measured)
+    timing = (f"; time: candidates {clock[1] - clock[0]:.0f} s, sensitivities {clock[2] - clock[1]:.0f} s, "
+              f"allocation and verification {clock[3] - clock[2]:.0f} s")
+    notes = search_notes + (notes[0] + timing,) + notes[1:]
+    return Plan(tuple(layers[i] for i in range(len(sites.sites))), notes, output_error=measured,
+                post_training=post_training)
+
+
+def plan_error(loaded: LoadedModel, layers, target, reference: dict, feeds: dict, updates=None) -> float:
+    """The whole-model output error (``guard.output_error`` against ``reference``, the original's outputs on
+    ``feeds``) of the model with ``layers`` rewritten by ``target`` (and ``updates``: new graph tensor values),
+    run in onnxruntime."""
+    trial = rewritten(loaded.model, [p for p in layers if p.rewritten], target, loaded.opset, loaded.base, updates)
+    folder = None if loaded.base is None else Path(loaded.base).absolute().parent
+    return output_error(reference, run(session(trial, threads=0, external_folder=folder), feeds))
 
 
 def _sensitivities(model, sites, feeds, calibrated: bool) -> dict:

@@ -16,13 +16,14 @@ from bfc.distill import SiteLayer, export_layers, trainable_layers
 from bfc.factorize import relative_error
 from bfc.lowbit import rotate_quantize
 from bfc.lowbit.correction import fit_correction
+from bfc.lowbit.int8_layer import Int8Linear
 from bfc.lowbit.kron_rotation import KroneckerRotation
 from bfc.lowbit.layer import RotatedLayer
 from bfc.passes.model_io.session import session
 from bfc.passes.pipeline import fuse_setting
 from bfc.passes.targets import get_target
 from bfc.torch.onnx_module import OnnxModule
-from bfc.torch.rotated import BIN, TrainableRotated, TrainableRotation, latent_codes
+from bfc.torch.rotated import BIN, TrainableInt8, TrainableRotated, TrainableRotation, latent_codes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distill_models as dm
@@ -194,3 +195,46 @@ def test_distill_turns_auto_fusion_off(tmp_path):
     assert fuse_setting(OptimizeConfig()) is None
     assert fuse_setting(OptimizeConfig(distill=data)) is False
     assert fuse_setting(OptimizeConfig(distill=data, fuse=True)) is True
+
+
+# ---- the allocator's int8-compute forms (Int8Linear: int8 per column, rotated codes folded to int8) --------
+def _int8_layer(codes: bool, seed=0):
+    layer, w, x = _layer(bits=3, seed=seed)
+    if codes:
+        return Int8Linear.from_codes(layer.weight, layer.rotation), w, x
+    return Int8Linear.from_weight(w), w, x
+
+
+@pytest.mark.parametrize("codes", [True, False])
+def test_int8_forward_is_onnxruntime_arithmetic(codes):
+    """TrainableInt8 at step 0 computes ``int8_matmul(x Q, W8, c)`` (DynamicQuantizeLinear, MatMulInteger, the
+    float32 rescaling: what the ort graph computes, ``Int8Linear.apply``)."""
+    layer, _, x = _int8_layer(codes)
+    with torch.no_grad():
+        got = TrainableInt8(layer)(torch.from_numpy(x.astype(np.float32))).numpy()
+    assert _rel(got, layer.apply(x)) <= FLOAT_TOL
+
+
+@pytest.mark.parametrize("codes", [True, False])
+def test_trained_int8_layer_exports_on_the_grid(codes):
+    """Trained codes / int8 weights and scales move, stay in their levels, and the exported Int8Linear computes
+    what the trained module computed (the fold of the trained codes re-done by ``Int8Linear.from_codes``)."""
+    torch.manual_seed(0)
+    layer, w, x = _int8_layer(codes, seed=1)
+    rot = None if layer.rotation is None else TrainableRotation(layer.rotation, train=True)
+    mod = TrainableInt8(layer, rot, w)
+    before = _rel(layer.apply(x), x @ w)
+    _train(mod, x, w, lr=3e-3)
+    out = mod.export(None if rot is None else rot.export())
+    if codes:
+        assert out.codes.values.min() >= -4 and out.codes.values.max() <= 3
+        assert out.codes.scales.dtype == np.float16
+        assert not np.array_equal(out.codes.values, layer.codes.values)
+    else:
+        assert np.abs(out.w_s8.astype(int)).max() <= 127
+        assert not np.array_equal(out.w_s8, layer.w_s8)
+    xt = torch.from_numpy(x.astype(np.float32))
+    with torch.no_grad():
+        trained = mod(xt).numpy()
+    assert _rel(out.apply(x), trained) <= FLOAT_TOL
+    assert _rel(out.apply(x), x @ w) < before

@@ -41,6 +41,7 @@ from torch import nn
 from bfc.errors import UnsupportedError
 from bfc.lowbit.correction import LowRankCorrection
 from bfc.lowbit.groups import GroupQuantized
+from bfc.lowbit.int8_layer import Int8Linear
 from bfc.lowbit.kron_rotation import KroneckerRotation
 from bfc.lowbit.layer import RotatedLayer
 from bfc.lowbit.rotation import ButterflyRotation
@@ -230,3 +231,69 @@ class TrainableRotated(nn.Module):
                                      qv.numpy().astype(np.int8), sv.numpy().astype(np.float32))
         rot = self.layer0.rotation if rotation is None else rotation
         return replace(self.layer0, rotation=rot, weight=weight, correction=corr)
+
+
+class TrainableInt8(nn.Module):
+    """An ``Int8Linear`` (``bfc.lowbit.int8_layer``: the allocator's int8 per-column and rotated low-bit
+    "int8 compute" forms) as trainable tensors, computing what onnxruntime computes:
+        xr  = x Q                                         (TrainableRotation; float32)
+        W   = s * clamp(round(u s0 / s), qmin, qmax)      codes: b-bit groups (``_LSQ``, as TrainableRotated);
+                                                          no codes: int8 per column, s = col_scale
+        c   = max(max_k |W[k, n]| / 127, tiny), W8 = round(W / c)   the load-time fold (codes only;
+                                                          ``int8_fold.fold_codes``), straight-through
+        xq  = clip(round(xr / sx) + zp, 0, 255)           DynamicQuantizeLinear over the whole call's tensor
+                                                          (sx, zp from its min/max: no gradient), straight-through
+        y   = ((xq - zp) @ W8) * (sx * c)                 MatMulInteger and the float32 rescaling
+    The integer product runs in float32 (exact below 2^24; beyond, float32 rounding of a sum of integers:
+    relative 6e-8).  ``export()`` gives the ``Int8Linear`` on the same grid (codes and fp16 scales, folded
+    again by ``Int8Linear.from_codes``; or the int8 weight and its trained column scales)."""
+
+    def __init__(self, layer: Int8Linear, rotation: TrainableRotation | None = None,
+                 weight: np.ndarray | None = None):
+        super().__init__()
+        self.layer0 = layer
+        self.rot = rotation if rotation is not None or layer.rotation is None else TrainableRotation(layer.rotation)
+        gq = layer.codes
+        if gq is None:
+            self.w = _LSQ(layer.w_s8.astype(np.float32), layer.col_scale, -127, 127, torch.float32,
+                          lambda s: s.reshape(1, -1))
+            return
+        if not gq.symmetric:
+            raise UnsupportedError("distillation trains symmetric group formats only (bfc's rotated layers are)")
+        self.register_buffer("rows", torch.from_numpy(np.arange(gq.shape[0]) // gq.group_size))
+        start = latent_codes(RotatedLayer(layer.rotation, gq, None), weight)
+        self.w = _LSQ(start, gq.scales, -(1 << (gq.bits - 1)), (1 << (gq.bits - 1)) - 1,
+                      _STORE[np.dtype(gq.scales.dtype).name], lambda s: s.index_select(0, self.rows))
+
+    def weight8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W8 as float32 integers, straight-through; c (N,)): the integer MatMul's weight and column scales."""
+        if self.layer0.codes is None:
+            _, q, s = self.w.codes()
+            return q, s.reshape(-1)
+        deq = self.w.dequantized()
+        c = torch.clamp(deq.detach().abs().amax(dim=0) / 127.0, min=float(np.finfo(np.float32).tiny))
+        return torch.clamp(_round_ste(deq / c), -127.0, 127.0), c
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        xr = x2 if self.rot is None else self.rot(x2)
+        with torch.no_grad():
+            lo = torch.clamp(xr.min(), max=0.0)
+            hi = torch.clamp(xr.max(), min=0.0)
+            sx = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+            zp = torch.round(torch.clamp(-lo / sx, 0.0, 255.0))
+        xq = torch.clamp(_round_ste(xr / sx) + zp, 0.0, 255.0)
+        w8, c = self.weight8()
+        return ((xq - zp) @ w8) * (sx * c)
+
+    @torch.no_grad()
+    def export(self, rotation=None) -> Int8Linear:
+        """The trained ``Int8Linear`` (``rotation``: the exported shared Q)."""
+        l0 = self.layer0
+        _, q, s = self.w.codes()
+        if l0.codes is None:
+            return replace(l0, w_s8=q.numpy().astype(np.int8), col_scale=s.numpy().reshape(-1).astype(np.float32))
+        gq = l0.codes
+        codes = GroupQuantized(q.numpy().astype(np.int8), s.numpy().astype(gq.scales.dtype), None,
+                               gq.bits, gq.group_size, True)
+        trained = Int8Linear.from_codes(codes, l0.rotation if rotation is None else rotation)
+        return replace(trained, owns_rotation=l0.owns_rotation)
