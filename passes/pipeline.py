@@ -57,12 +57,6 @@ class Planned:
     rewritten: RewrittenModel
 
 
-def fuse_setting(cfg) -> bool | None:
-    """``cfg.fuse``; auto (None) with ``--distill`` is off: the torch interpreter of the distill stage runs
-    standard ONNX ops, not onnxruntime's fused com.microsoft attention."""
-    return False if cfg.fuse is None and cfg.distillation.data is not None else cfg.fuse
-
-
 def optimize(source, config: OptimizeConfig | None = None, *, output=None,
              on_event: Callable[[Event], None] | None = None,
              evaluate: Callable[[str], float] | None = None) -> tuple[onnx.ModelProto | None, Report]:
@@ -88,7 +82,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     emit(StageStarted("normalize"))
     loaded = normalize(loaded, preferred_opset(cfg))                      # LoadedModel (opset upgraded)
     emit(StageStarted("fuse"))
-    loaded = fuse_stage(loaded, fuse_setting(cfg), target.name)           # LoadedModel (transformer fusions)
+    loaded = fuse_stage(loaded, cfg.fuse, target.name)                    # LoadedModel (transformer fusions)
     emit(StageStarted("sites"))
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))     # Sites
     emit(SitesFound(sites.eligible, len(sites.sites)))
@@ -164,7 +158,7 @@ def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> Planned:
     precisions = supported_precisions(cfg, target, loaded.opset)
     feeds = None if cfg.calibration is None else load_feeds(cfg.calibration, loaded.model)
     loaded = normalize(loaded, preferred_opset(cfg))
-    loaded = fuse_stage(loaded, fuse_setting(cfg), target.name)
+    loaded = fuse_stage(loaded, cfg.fuse, target.name)
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))
     stats = calibrate(loaded, sites, feeds, cfg)
     plan = plan_layers(loaded, sites, stats, feeds, cfg, target, precisions, emit)

@@ -81,7 +81,7 @@ def test_every_flat_key_reaches_its_section_field():
     base = OptimizeConfig(structure="monarch", calibration="c.npz")
     values = {"bits": 2, "group_size": 32, "learn_rotation": True, "rotation_steps": 3, "correction_rank": 4,
               "kronecker_rotation": True, "distill_rotation": True, "distill": "d.npz", "distill_steps": 9, "distill_batch": 5, "distill_lr": 0.25, "distill_match": ("t",),
-              "distill_layernorm": True, "reconstruct": True, "reconstruct_steps": 6, "reconstruct_lr": 0.5,
+              "distill_layernorm": True, "distill_headroom": 1.5, "reconstruct": True, "reconstruct_steps": 6, "reconstruct_lr": 0.5,
               "workers": 3, "cluster": "local", "work_dir": "w", "objective": "latency", "latency_batch": 2,
               "latency_seq": 7, "verify": False, "strict": True}
     assert set(values) == set(FLAT_KEYS)

@@ -82,6 +82,30 @@ def test_interpreter_shape_ops_match_onnxruntime():
         np.testing.assert_allclose(got[name].numpy(), r, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_interpreter_multi_head_attention_matches_onnxruntime(with_bias):
+    """com.microsoft MultiHeadAttention as bfc's fusion emits it (separate Q/K/V, scale, attention_bias of
+    shape (B, 1, S, L)): the interpreter's softmax attention equals onnxruntime's kernel."""
+    b_, s_, heads, d = 3, 7, 4, 8
+    ins = ["q", "k", "v"] + (["", "", "bias"] if with_bias else [])
+    node = helper.make_node("MultiHeadAttention", ins, ["y"], domain="com.microsoft", num_heads=heads, scale=0.3)
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [b_, s_, heads * d]) for n in ("q", "k", "v")]
+    if with_bias:
+        vi.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [b_, 1, s_, s_]))
+    g = helper.make_graph([node], "mha", vi, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    rng = np.random.default_rng(4)
+    feeds = {n: rng.standard_normal((b_, s_, heads * d)).astype(np.float32) for n in ("q", "k", "v")}
+    if with_bias:
+        mask = rng.random((b_, 1, s_, s_)) < 0.3
+        feeds["bias"] = np.where(mask, np.float32(-1e4), np.float32(0)).astype(np.float32)
+    ref = session(model).run(None, feeds)
+    with torch.no_grad():
+        got = OnnxModule(model)(feeds)["y"].numpy()
+    assert _rel([got], ref) <= INTERPRETER_TOL
+
+
 def test_unsupported_op_is_named():
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv0")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],

@@ -20,7 +20,6 @@ from bfc.lowbit.int8_layer import Int8Linear
 from bfc.lowbit.kron_rotation import KroneckerRotation
 from bfc.lowbit.layer import RotatedLayer
 from bfc.passes.model_io.session import session
-from bfc.passes.pipeline import fuse_setting
 from bfc.passes.targets import get_target
 from bfc.torch.onnx_module import OnnxModule
 from bfc.torch.rotated import BIN, TrainableInt8, TrainableRotated, TrainableRotation, latent_codes
@@ -187,14 +186,6 @@ def test_latent_codes_start_in_the_planned_bins():
         a = TrainableRotated(layer, weight=w)(x)
         b = TrainableRotated(layer)(x)
     assert torch.equal(a, b)
-
-
-def test_distill_turns_auto_fusion_off(tmp_path):
-    """The torch interpreter runs standard ops: fuse auto (None) is off with distill, an explicit choice stays."""
-    data = tmp_path / "d.npz"
-    assert fuse_setting(OptimizeConfig()) is None
-    assert fuse_setting(OptimizeConfig(distill=data)) is False
-    assert fuse_setting(OptimizeConfig(distill=data, fuse=True)) is True
 
 
 # ---- the allocator's int8-compute forms (Int8Linear: int8 per column, rotated codes folded to int8) --------

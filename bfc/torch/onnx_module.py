@@ -12,7 +12,9 @@ and return its output tensor(s): that is how bfc puts trainable KS layers in pla
 planned MatMul/Gemm while the rest of the graph stays the original.
 
 An op outside ``OPS``, a subgraph (If/Loop/Scan) or a node of another domain is an
-``UnsupportedError`` naming the op and the node, raised when the module is built.
+``UnsupportedError`` naming the op and the node, raised when the module is built; of the
+com.microsoft domain ``OPS`` has what ``bfc.passes.fuse`` emits (MultiHeadAttention), so a fused
+model trains as it runs.
 """
 from __future__ import annotations
 
@@ -90,6 +92,27 @@ def _gemm(x, a):
 def _softmax(x, a, log=False):
     axis = a.get("axis", -1)
     return F.log_softmax(x[0], dim=axis) if log else F.softmax(x[0], dim=axis)
+
+
+def _multi_head_attention(x, a):
+    """com.microsoft MultiHeadAttention as ``bfc.passes.fuse`` emits it: query (B, S, H d), key (B, L, H d),
+    value (B, L, H dv), no packed bias or key padding mask, optional additive attention_bias broadcastable to
+    (B, H, S, L):  out = merge_heads(softmax(Q K^T scale + bias) V), scale = attribute or 1/sqrt(d)."""
+    if (len(x) > 3 and x[3] is not None) or (len(x) > 4 and x[4] is not None) or len(x) > 6 \
+            or a.get("unidirectional", 0):
+        raise UnsupportedError("the torch interpreter runs MultiHeadAttention with separate Q/K/V and an "
+                               "attention_bias only (no packed bias, key padding mask, past state or causal mask)")
+    q, k, v = x[0], x[1], x[2]
+    h = int(a["num_heads"])
+    b, s, _ = q.shape
+    d = q.shape[-1] // h
+    heads = [t.reshape(t.shape[0], t.shape[1], h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v)]
+    scale = a.get("scale", 0.0) or 1.0 / float(np.sqrt(d))
+    scores = torch.matmul(heads[0], heads[1].transpose(-1, -2)) * scale
+    if len(x) > 5 and x[5] is not None:
+        scores = scores + x[5]
+    out = torch.matmul(torch.softmax(scores, dim=-1), heads[2])
+    return out.transpose(1, 2).reshape(b, s, -1)
 
 
 def _layer_norm(x, a):
@@ -372,6 +395,7 @@ OPS = {
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
     "Mean": lambda x, a: _variadic(torch.add)(x, a) / len(x),
     "Clip": _clip, "Einsum": _einsum, "Trilu": _trilu, "CumSum": _cumsum,
+    "com.microsoft.MultiHeadAttention": _multi_head_attention,
 }
 
 
@@ -381,21 +405,26 @@ def _prod(v, axes, keep):
     return v
 
 
+def op_name(node) -> str:
+    """The ``OPS`` key of a node: its op type, prefixed by its domain outside the standard one."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
 def check_supported(model: onnx.ModelProto, overrides=()) -> None:
     """UnsupportedError naming the first ops the interpreter cannot run (outside ``overrides``)."""
     bad = {}
     for node in model.graph.node:
         if node_key(node) in overrides:
             continue
-        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS or any(
+        op = op_name(node)
+        if op not in OPS or any(
                 at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute):
-            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             bad.setdefault(op, node_key(node))
     if bad:
         ops = ", ".join(f"{op} (node {name!r})" for op, name in list(bad.items())[:5])
         raise UnsupportedError(f"the torch interpreter (bfc.torch.onnx_module) does not support op {ops}; "
                                "distillation needs a model made of the ops in bfc.torch.onnx_module.OPS "
-                               "(no subgraphs, no custom domains)")
+                               "(no subgraphs; of the com.microsoft domain only what bfc's fusions emit)")
 
 
 class OnnxModule(nn.Module):
@@ -411,7 +440,7 @@ class OnnxModule(nn.Module):
         overrides = dict(overrides or {})
         check_supported(model, overrides)
         g = model.graph
-        self._nodes = [(node_key(n), n.op_type, list(n.input), list(n.output),
+        self._nodes = [(node_key(n), op_name(n), list(n.input), list(n.output),
                         {a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in g.node]
         for key, op, ins, outs, attrs in self._nodes:
             if op == "Split":
