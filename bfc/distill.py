@@ -45,10 +45,11 @@ from torch import nn
 
 from bfc.errors import BfcError, UnsupportedError
 from bfc.factorize import inverse_perm
-from bfc.lowbit.int8_layer import Int8Linear
+from bfc.lowbit.int8_layer import HalfLinear, Int8Linear
 from bfc.lowbit.layer import RotatedLayer
 from bfc.quant import QuantizedFactorization
 from bfc.quant.api import QuantizedFactor
+from bfc.quant.embedding import QuantizedEmbedding
 from bfc.quant.formats import get_format
 from bfc.runtime import session
 from bfc.torch.linear import _ks_apply
@@ -160,11 +161,33 @@ class QuantizedKS(nn.Module):
                        rel_error=float("nan"))
 
 
+class FrozenForm(nn.Module):
+    """A planned layer distillation does not train (``HalfLinear``: fp16 weights; ``QuantizedEmbedding``: quantized
+    rows): the weight the target computes with (W16 as float32, the dequantized table), frozen, so the student
+    carries the target's error and the trained layers can compensate for it; ``export()`` gives the form back."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        w = form.dequantized(np.float32) if isinstance(form, QuantizedEmbedding) else form.to_dense()
+        self.register_buffer("w", torch.from_numpy(np.ascontiguousarray(w, np.float32)))
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 @ self.w
+
+    def export(self):
+        return self.form
+
+
+FROZEN_FORMS = (HalfLinear, QuantizedEmbedding)
+
+
 def trainable_layers(weights: list, emulate_rows: bool = False, train_rotation: bool = False,
                      floats: list | None = None) -> list[nn.Module]:
     """One trainable module per planned layer: ``QuantizedKS`` for a ``QuantizedFactorization``,
     ``TrainableRotated`` for a ``RotatedLayer``, ``TrainableInt8`` for an ``Int8Linear`` (the allocator's int8
-    per-column and rotated "int8 compute" forms) (``bfc.torch.rotated``; layers sharing a rotation object
+    per-column and rotated "int8 compute" forms), ``FrozenForm`` for ``FROZEN_FORMS`` (``bfc.torch.rotated``;
+    layers sharing a rotation object
     share one ``TrainableRotation``, trained with ``train_rotation``; ``floats``: the layers' float weights
     (K, N) or None, where rotated latent codes start, ``bfc.torch.rotated.latent_codes``)."""
     rots: dict[int, TrainableRotation] = {}
@@ -178,6 +201,8 @@ def trainable_layers(weights: list, emulate_rows: bool = False, train_rotation: 
             rot = None if r is None else rots[id(r)]
             out.append(TrainableRotated(q, rot, emulate_rows, w) if isinstance(q, RotatedLayer)
                        else TrainableInt8(q, rot, w))
+        elif isinstance(q, FROZEN_FORMS):
+            out.append(FrozenForm(q))
         else:
             out.append(QuantizedKS(q, emulate_rows))
     return out
@@ -198,6 +223,24 @@ def export_layers(mods: list[nn.Module]) -> list:
         else:
             out.append(m.export())
     return out
+
+
+class GatherLayer(nn.Module):
+    """A planned Gather node (an embedding table, axis 0): rows of the layer's frozen table (``FrozenForm``)."""
+
+    def __init__(self, frozen: FrozenForm):
+        super().__init__()
+        self.frozen = frozen
+
+    def forward(self, args):
+        table, idx = self.frozen.w, args[1].long()
+        idx = torch.where(idx < 0, idx + table.shape[0], idx)
+        return nn.functional.embedding(idx, table)
+
+
+def site_layer(mod: nn.Module, node) -> nn.Module:
+    """The interpreter override of one site node: ``GatherLayer`` for an embedding, else ``SiteLayer``."""
+    return GatherLayer(mod) if node.op == "Gather" else SiteLayer(mod, node)
 
 
 class SiteLayer(nn.Module):
@@ -343,7 +386,7 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     kss = trainable_layers([q for _, q in layers], emulate_rows, train_rotation, floats)
-    overrides = {sn.name: SiteLayer(ks, sn) for (nodes, _), ks in zip(layers, kss) for sn in nodes}
+    overrides = {sn.name: site_layer(ks, sn) for (nodes, _), ks in zip(layers, kss) for sn in nodes}
     student = OnnxModule(model, overrides)
     dense = OnnxModule(model)
     teacher = Teacher(model, match)

@@ -266,12 +266,13 @@ class Candidate:
 
 
 def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotation=None, *,
-                     opset: int) -> tuple[Candidate, ...]:
+                     opset: int, prerotated: bool = False) -> tuple[Candidate, ...]:
     """Every candidate of one site that ``target`` can emit at ``opset``, unchanged first.  A matmul
     site: dense int8 per column, fp16, and for each bits x group the rotated low-bit codes of Q^T W
     (``rotation``: the site's shared Q; GPTQ with the rotated Gram under calibration, searched-scale
     rounding otherwise), folded to int8 compute (``bfc.lowbit.int8_layer``), and with calibration KS
-    chains (``_ks_forms``).  An embedding site: int8, int4 and int2 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
+    chains (``_ks_forms``); ``prerotated``: the input arrives rotated (``bfc.passes.head_rotation``), the low-bit
+    codes are of W itself with no Q.  An embedding site: int8, int4 and int2 rows with block scales (``bfc.quant.embedding``).  With ``cfg.max_error`` a candidate
     above it is dropped (a per-layer cap under the whole-model budget)."""
     w = site.weight
     dense = Candidate("unchanged", None, int(w.nbytes), int(w.nbytes), 0.0)
@@ -288,9 +289,10 @@ def layer_candidates(site: Site, cfg: OptimizeConfig, target, stats=None, rotati
         score = Scorer(w64, stats, target, cfg.seed)
         for q in (Int8Linear.from_weight(w64), HalfLinear.from_weight(w64)):
             forms.append((q.label, q, score(q)))
-        if rotation is not None:
-            wr = rotation.rotate_weight(w64)                      # Q^T W, its Gram Q^T G Q and GPTQ's factor:
-            gr = None if score.gram is None or score.gram.ndim != 2 else rotated_gram(rotation, score.gram)
+        if rotation is not None or prerotated:
+            wr = w64 if rotation is None else rotation.rotate_weight(w64)   # Q^T W, Q^T G Q and GPTQ's factor:
+            gr = None if score.gram is None or score.gram.ndim != 2 else \
+                score.gram if rotation is None else rotated_gram(rotation, score.gram)
             factor = None if gr is None else gptq_factor(gr)     # once for every format
             for bits in ALLOC_BITS:
                 for group in ALLOC_GROUPS:

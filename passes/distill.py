@@ -77,7 +77,7 @@ def match_tensors(model, match) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-TRAINED_FORMS = (QuantizedFactorization, RotatedLayer, Int8Linear)
+TRAINED_FORMS = (QuantizedFactorization, RotatedLayer, Int8Linear)   # trained; ``bfc.distill.FROZEN_FORMS``: fixed
 
 
 def _arrays(form) -> list:
@@ -86,7 +86,9 @@ def _arrays(form) -> list:
         return [a for f in form.factors for a in (f.values, f.scale)]
     if isinstance(form, Int8Linear):
         return [form.w_s8, form.col_scale] if form.codes is None else [form.codes.values, form.codes.scales]
-    return [form.weight.values, form.weight.scales]
+    if isinstance(form, RotatedLayer):
+        return [form.weight.values, form.weight.scales]
+    return [v for v in vars(form).values() if isinstance(v, np.ndarray)]       # a frozen form's arrays
 
 
 def _checkpoint(cfg, taken, data, emulate):
@@ -162,17 +164,17 @@ def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | Non
     def noted(note: str) -> Plan:
         return replace(plan, notes=plan.notes + (note,))
 
-    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, TRAINED_FORMS)]
+    d = _torch_distill()
+    taken = [p for p in plan.layers if p.rewritten and isinstance(p.weights, TRAINED_FORMS + d.FROZEN_FORMS)]
     other = len(plan.rewritten) - len(taken)
-    if not taken:
+    if not any(isinstance(p.weights, TRAINED_FORMS) for p in taken):
         return noted("distill: no planned KS, rotated low-bit or int8 layer to train")
     if other:
-        plan = noted(f"distill: {other} planned layers of another family (fp16, embedding rows) are not "
-                     "trained and enter the student with their dense weights")
+        plan = noted(f"distill: {other} planned layers of another family are not trained and enter the student "
+                     "with their dense weights")
     if any(sn.scope is not None for p in taken for sn in p.site.nodes):
         return noted("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
                      "(the torch interpreter runs the main graph only)")
-    d = _torch_distill()
     emit(StageStarted("distill", f"{cfg.distillation.steps} steps on {path}"))
     data = load_feeds(path, loaded.model)
     emulate = target.name == "custom-op"
@@ -204,6 +206,8 @@ def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | Non
                      f"after {res.steps} steps ({res.seconds:.0f} s) did not improve; the planned layers were kept")
     trained = {}
     for p, q in zip(taken, res.weights):
+        if q is p.weights:            # a frozen form (fp16, embedding rows): in the student as the target computes it
+            continue
         err = Scorer(p.site.weight.astype(np.float64), stats.get(p.site.weight_name), target, cfg.seed)(q)
         note = f"distilled: layer error {p.error:.3g} -> {err:.3g}" if p.error is not None else "distilled"
         trained[id(p)] = replace(p, weights=q, error=err, note=note if p.note is None else f"{p.note}; {note}")

@@ -93,6 +93,7 @@ class LayerTask:
     origin_pid: int = 0          # the process that made the task (not part of the record key)
     mode: str = "plan"           # "plan": plan_site's choice; "candidates": every candidate (the allocator)
     op: str = "MatMul"           # the site's node type (Gather: an embedding table)
+    prerotated: bool = False     # the site's input arrives rotated (bfc.passes.head_rotation): low-bit, no Q
 
 
 @dataclass
@@ -142,7 +143,7 @@ def run_task(task: LayerTask) -> LayerResult:
     t0, c0 = time.perf_counter(), time.thread_time()
     if task.mode == "candidates":
         cands = layer_candidates(Site(task.key, task.weight, [SiteNode(task.key, task.op)]), cfg, target, task.stats,
-                                 task.rotation, opset=task.opset)
+                                 task.rotation, opset=task.opset, prerotated=task.prerotated)
         return LayerResult(None, "allocated", "-", None, "output", None, None, time.perf_counter() - t0,
                            _worker_id(), cpu_seconds=time.thread_time() - c0, candidates=cands)
     p = plan_site(Site(task.key, task.weight), cfg, target, task.stats, task.precisions,
@@ -226,7 +227,7 @@ def task_key(task: LayerTask) -> str:
         f"{type(task.target).__module__}.{type(task.target).__qualname__}:{task.target.name}"
     _feed(h, {k: v for k, v in cfg.flat().items() if k not in NOT_PLANNING})
     for part in (target, tuple(task.precisions), task.bits, task.seed, task.weight, task.stats, task.rotation,
-                 task.mode, task.op, task.opset):
+                 task.mode, task.op, task.opset, task.prerotated):
         _feed(h, part)
     return h.hexdigest()
 

@@ -1,5 +1,5 @@
-"""The one pipeline, top to bottom: load -> normalize -> fuse -> sites -> calibrate -> plan -> guard ->
-distill -> rewrite -> save -> verify (a rewrite larger than the input is dropped: ``rewrite.never_larger``).
+"""The one pipeline, top to bottom: load -> normalize -> fuse -> head rotations -> sites -> calibrate -> plan ->
+guard -> distill -> rewrite -> save -> verify (a rewrite larger than the input is dropped: ``rewrite.never_larger``).
 
 ``optimize(source, config, output=None, on_event=None)`` owns this order, for a model file and
 for an in-memory ``onnx.ModelProto`` alike; ``bfc.optimize`` and ``bfc optimize`` both call it,
@@ -32,6 +32,7 @@ from bfc.passes.events import Event, SitesFound, StageStarted
 from bfc.passes.find_sites import find_model_sites, other_constants
 from bfc.passes.fuse import fuse_stage
 from bfc.passes.guard import guard
+from bfc.passes.head_rotation import fold_head_rotations
 from bfc.passes.load import load
 from bfc.passes.lowbit_emit import UNPACK_OPSET
 from bfc.passes.model_io.feeds import MEASURE_BATCH, load_feeds, random_feeds
@@ -83,6 +84,7 @@ def optimize(source, config: OptimizeConfig | None = None, *, output=None,
     loaded = normalize(loaded, preferred_opset(cfg))                      # LoadedModel (opset upgraded)
     emit(StageStarted("fuse"))
     loaded = fuse_stage(loaded, cfg.fuse, target.name)                    # LoadedModel (transformer fusions)
+    loaded = fold_head_rotations(loaded, cfg.allocating, cfg.seed)         # LoadedModel (O's rotation in V)
     emit(StageStarted("sites"))
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))     # Sites
     emit(SitesFound(sites.eligible, len(sites.sites)))
@@ -159,6 +161,7 @@ def run_passes(source, cfg: OptimizeConfig, emit=None, output=None) -> Planned:
     feeds = None if cfg.calibration is None else load_feeds(cfg.calibration, loaded.model)
     loaded = normalize(loaded, preferred_opset(cfg))
     loaded = fuse_stage(loaded, cfg.fuse, target.name)
+    loaded = fold_head_rotations(loaded, cfg.allocating, cfg.seed)
     sites = Sites(tuple(find_model_sites(loaded.model, loaded.base)))
     stats = calibrate(loaded, sites, feeds, cfg)
     plan = plan_layers(loaded, sites, stats, feeds, cfg, target, precisions, emit)

@@ -39,6 +39,7 @@ class LoadedModel:
     opset: int
     upgraded: bool = False               # ``model`` is a changed copy of the input (opset upgrade, fusions)
     notes: tuple[str, ...] = ()
+    prerotated: frozenset = frozenset()  # tensors that arrive rotated (``bfc.passes.head_rotation``)
 
     @property
     def input_bytes(self) -> int:

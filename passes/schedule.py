@@ -205,10 +205,13 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
             return Plan(tuple(layers[i] for i in range(len(sites.sites))))
         run_feeds = reference = None
     matmuls = [sites.sites[i] for i in todo if sites.sites[i].nodes[0].op != "Gather"]
-    rots = lowbit_plan.rotations(matmuls, stats.layers, cfg, target, max(ALLOC_BITS), kronecker=True)
+    prerotated = {s.weight_name for s in matmuls if _reads_prerotated(s, loaded)}   # bfc.passes.head_rotation
+    rots = lowbit_plan.rotations([s for s in matmuls if s.weight_name not in prerotated], stats.layers, cfg, target,
+                                 max(ALLOC_BITS), kronecker=True)
     tasks = [LayerTask(i, sites.sites[i].weight_name, sites.sites[i].weight, stats.get(sites.sites[i].weight_name),
                        cfg, target, (), loaded.opset, rotation=rots.get(sites.sites[i].weight_name), seed=cfg.seed,
-                       mode="candidates", op=sites.sites[i].nodes[0].op)
+                       mode="candidates", op=sites.sites[i].nodes[0].op,
+                       prerotated=sites.sites[i].weight_name in prerotated)
              for i in sorted(todo, key=lambda i: -sites.sites[i].weight.size)]
     cands, meta = {}, {}
     clock = [time.perf_counter()]
@@ -289,6 +292,11 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     notes = search_notes + (notes[0] + timing,) + notes[1:]
     return Plan(tuple(layers[i] for i in range(len(sites.sites))), notes, output_error=measured,
                 post_training=post_training)
+
+
+def _reads_prerotated(site: Site, loaded: LoadedModel) -> bool:
+    """Every node of the site reads a tensor that arrives rotated (``LoadedModel.prerotated``)."""
+    return bool(loaded.prerotated) and all(sn.input in loaded.prerotated and not sn.trans_a for sn in site.nodes)
 
 
 def plan_error(loaded: LoadedModel, layers, target, reference: dict, feeds: dict, updates=None) -> float:

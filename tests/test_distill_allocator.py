@@ -6,14 +6,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 torch = pytest.importorskip("torch", reason="distillation needs PyTorch (pip install 'bfc[torch]')")
 
 import bfc
 import bfc.distill
 from bfc.config import OptimizeConfig
-from bfc.distill import SiteLayer, trainable_layers
+from bfc.distill import SiteLayer, site_layer, trainable_layers
 from bfc.errors import ConfigError
 from bfc.factorize import relative_error
 from bfc.lowbit.int8_layer import Int8Linear
@@ -30,6 +32,7 @@ from bfc.passes.products import Sites
 from bfc.passes.rewrite import rewritten
 from bfc.passes.schedule import VERIFIED_SHARE, plan_layers
 from bfc.passes.targets import get_target
+from bfc.quant.embedding import QuantizedEmbedding
 from bfc.torch.onnx_module import OnnxModule
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -141,3 +144,44 @@ def test_allocated_forms_run_as_trained(block, monkeypatch):
     got = session(out).run(None, test)
     for o, g in zip(model.graph.output, got):
         assert relative_error(torch_out[o.name].numpy(), g) <= EMITTED_TOL
+
+
+def _embedding_model(vocab=512, d=64, n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((vocab, d)).astype(np.float32), "table"),
+             onnx.numpy_helper.from_array((rng.standard_normal((d, n)) / np.sqrt(d)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    g = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def test_frozen_embedding_rows_enter_the_student_as_quantized(tmp_path, monkeypatch):
+    """An embedding table the allocator stores as quantized rows is not trained, but the student reads the
+    dequantized rows (``FrozenForm`` / ``GatherLayer``), not the float table: the torch student built from the
+    result equals onnxruntime on the written model (EMITTED_TOL)."""
+    model = _embedding_model()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "cal.npz", ids=rng.integers(0, 512, (32, 8)))
+    np.savez(tmp_path / "d.npz", ids=rng.integers(0, 512, (256, 8)))
+    seen = {}
+    real = bfc.distill.distill
+
+    def spy(model, layers, data, **kw):
+        res = real(model, layers, data, **kw)
+        seen.update(model=model, layers=layers, res=res)
+        return res
+    monkeypatch.setattr(bfc.distill, "distill", spy)
+    out, rep = bfc.optimize(model, _cfg(tmp_path / "cal.npz", max_output_error=0.3, distill=tmp_path / "d.npz",
+                                        distill_steps=30, distill_lr=3e-4, distill_headroom=1))
+    forms = [q for _, q in seen["layers"]]
+    assert any(isinstance(q, QuantizedEmbedding) for q in forms), [type(q).__name__ for q in forms]
+    trained = any(n.startswith("distill: whole-model output error") for n in rep.notes)   # else the plan is kept
+    mods = trainable_layers(seen["res"].weights if trained else forms)
+    student = OnnxModule(seen["model"], {sn.name: site_layer(m, sn) for (nodes, _), m in zip(seen["layers"], mods)
+                                         for sn in nodes})
+    test = {"ids": rng.integers(0, 512, (4, 8))}
+    with torch.no_grad():
+        got = student(test)["y"].numpy()
+    assert relative_error(got, session(out).run(None, test)[0]) <= EMITTED_TOL

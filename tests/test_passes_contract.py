@@ -57,7 +57,8 @@ def test_pipeline_reads_top_to_bottom():
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "optimize")
     calls = [c.func.id for c in sorted((c for c in ast.walk(fn) if isinstance(c, ast.Call)
                                         and isinstance(c.func, ast.Name)), key=lambda c: (c.lineno, c.col_offset))]
-    stages = ["load", "normalize", "find_model_sites", "calibrate", "plan_layers", "guard", "distill",
+    stages = ["load", "normalize", "fuse_stage", "fold_head_rotations", "find_model_sites", "calibrate", "plan_layers",
+              "guard", "distill",
               "rewrite_model", "save", "verify_result"]
     assert [c for c in calls if c in stages] == stages
 
