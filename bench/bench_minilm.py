@@ -29,9 +29,10 @@ from bfc.study.baselines import int4_nbits, int8_dynamic, linear_bytes  # noqa: 
 from bfc.study.evaluators import _tokenizer, encode_sentences, spearman  # noqa: E402
 
 
-def stsb(path: Path, limit: int | None) -> float:
-    """STS-B dev Spearman x100 (mean pooling + cosine), library registered for ai.bfc nodes."""
-    s1, s2, gold = load_stsb()
+def stsb(path: Path, limit: int | None, half: str | None = None) -> float:
+    """STS-B dev Spearman x100 (mean pooling + cosine), library registered for ai.bfc nodes; ``half``: the
+    tuning or held-out half of ``models/stsb_split.py`` (None: all of dev)."""
+    s1, s2, gold = load_stsb(half=half)
     if limit:
         s1, s2, gold = s1[:limit], s2[:limit], gold[:limit]
     uniq = sorted(set(s1) | set(s2))

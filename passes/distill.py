@@ -123,20 +123,22 @@ def within_budget(loaded: LoadedModel, trained: Plan, post: Plan, feeds: dict | 
                   target) -> Plan:
     """The trained plan (allocated to ``distill_headroom`` x the budget before training) when the model it
     writes measures within the allocator's share of the budget in onnxruntime (``schedule.plan_error``, the
-    allocator's own verification: calibration inputs, or its generated ones); else the post-training
-    allocation ``post``.  Each layer's note names its post-training choice where training changed it
-    (the report's before/after per layer)."""
+    allocator's own verification: calibration inputs, or its generated ones) and its layers are smaller than
+    post-training's; else the post-training allocation ``post``.  Each layer's note names its post-training
+    choice where the two differ (the report's before/after per layer)."""
     model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)
     run_feeds = feeds if feeds is not None else random_feeds(model, cfg.seed, MEASURE_BATCH)
     reference = run(session(model, threads=0), run_feeds)
     err = plan_error(loaded, trained.layers, target, reference, run_feeds, trained.tensor_updates)
     budget = cfg.max_output_error * VERIFIED_SHARE
     where = "calibration" if feeds is not None else "generated"
-    if err > budget:
+    size = {name: sum(p.bytes_after for p in plan.layers) for name, plan in (("post", post), ("trained", trained))}
+    if err > budget or size["trained"] >= size["post"]:
+        why = (f"over the budget {cfg.max_output_error:g} (planned to {budget:.3g})" if err > budget else
+               f"but its layers are no smaller ({size['trained']} >= {size['post']} weight bytes)")
         return replace(post, notes=trained.notes + (
             f"distill: the trained model (allocated to {cfg.distillation.headroom:g}x the budget) measures output "
-            f"error {err:.3g} on {where} inputs, over the budget {cfg.max_output_error:g} (planned to {budget:.3g}): "
-            "the post-training allocation is written, untrained",))
+            f"error {err:.3g} on {where} inputs, {why}: the post-training allocation is written, untrained",))
     before = {p.site.name: p for p in post.layers}
     layers = []
     for p in trained.layers:
@@ -149,9 +151,8 @@ def within_budget(loaded: LoadedModel, trained: Plan, post: Plan, feeds: dict | 
     changed = sum(before[p.site.name].precision != p.precision for p in trained.layers)
     return replace(trained, layers=tuple(layers), output_error=err, post_training=None, notes=trained.notes + (
         f"distill: the trained model measures output error {err:.3g} on {where} inputs, within the budget "
-        f"{cfg.max_output_error:g} (planned to {budget:.3g}); {changed} layers take a smaller form than "
-        f"post-training ({sum(p.bytes_after for p in post.layers)} -> {sum(p.bytes_after for p in trained.layers)} "
-        "weight bytes)",))
+        f"{cfg.max_output_error:g} (planned to {budget:.3g}); {changed} layers take another form than "
+        f"post-training ({size['post']} -> {size['trained']} weight bytes)",))
 
 
 def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | None, cfg: OptimizeConfig,
