@@ -186,7 +186,11 @@ def allocate_layers(loaded: LoadedModel, sites: Sites, stats: Statistics, feeds:
     the budget itself is searched (``metric_budget``): the largest budget of ``BUDGET_LADDER`` whose
     allocation keeps the metric within the drop, by bisection (the metric is taken as monotone in
     the budget), each point written to a temporary file and evaluated (Intel Neural Compressor's
-    accuracy-driven tuning, on the allocator's budget)."""
+    accuracy-driven tuning, on the allocator's budget).
+    With distillation data and ``distill_headroom`` > 1 the plan returned is allocated to headroom x the budget
+    (the layers training starts from) and ``Plan.post_training`` holds the allocation at the budget, the plan
+    the distill stage falls back to (``bfc.passes.distill.within_budget``).  Sites reading a tensor that
+    arrives rotated (``bfc.passes.head_rotation``) get low-bit codes without a rotation of their own."""
     todo = [i for i, s in enumerate(sites.sites) if skip_reason(s, cfg) is None]
     layers = {i: LayerPlan(s, reason=skip_reason(s, cfg)) for i, s in enumerate(sites.sites) if i not in todo}
     if not todo:
