@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="also train the Kronecker rotations of rotated low-bit layers (orthogonal by construction)")
     op.add_argument("--distill-headroom", type=float, default=S, metavar="X",
                     help="with the allocator: plan to X times the error budget before training; the trained model "
-                         "must meet the budget, else the post-training plan is written (default 2)")
+                         "must meet the budget, else the post-training plan is written (default 1: train the post-training plan)")
     op.add_argument("--reconstruct", action="store_true", default=S,
                     help="fine-tune each quantized layer's factors to its calibration outputs (needs --calibration)")
     op.add_argument("--reconstruct-steps", type=int, default=S, help="reconstruction steps per layer (default 100)")
