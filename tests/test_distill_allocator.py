@@ -120,10 +120,9 @@ def test_headroom_below_one_is_a_config_error():
         OptimizeConfig(distill_headroom=0.5)
 
 
-def test_allocated_forms_run_as_trained(block, monkeypatch):
-    """The allocator's int8-compute layers, trained (headroom 1: the post-training allocation, trained), written
-    and run by onnxruntime compute what the torch student computed (EMITTED_TOL)."""
-    model, cal, data = block
+@pytest.fixture
+def seen(monkeypatch):
+    """What ``bfc.distill.distill`` was given and returned (model, layers, res) in the test's optimize run."""
     seen = {}
     real = bfc.distill.distill
 
@@ -132,6 +131,13 @@ def test_allocated_forms_run_as_trained(block, monkeypatch):
         seen.update(model=model, layers=layers, res=res)
         return res
     monkeypatch.setattr(bfc.distill, "distill", spy)
+    return seen
+
+
+def test_allocated_forms_run_as_trained(block, seen):
+    """The allocator's int8-compute layers, trained (headroom 1: the post-training allocation, trained), written
+    and run by onnxruntime compute what the torch student computed (EMITTED_TOL)."""
+    model, cal, data = block
     out, rep = bfc.optimize(model, _cfg(cal, distill=data, distill_steps=100, distill_lr=3e-4, distill_headroom=1))
     assert any(n.startswith("distill: whole-model output error") for n in rep.notes), rep.notes
     assert all(isinstance(q, Int8Linear) for _, q in seen["layers"])
@@ -157,7 +163,7 @@ def _embedding_model(vocab=512, d=64, n=96, seed=0):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
 
-def test_frozen_embedding_rows_enter_the_student_as_quantized(tmp_path, monkeypatch):
+def test_frozen_embedding_rows_enter_the_student_as_quantized(tmp_path, seen):
     """An embedding table the allocator stores as quantized rows is not trained, but the student reads the
     dequantized rows (``FrozenForm`` / ``GatherLayer``), not the float table: the torch student built from the
     result equals onnxruntime on the written model (EMITTED_TOL)."""
@@ -165,14 +171,6 @@ def test_frozen_embedding_rows_enter_the_student_as_quantized(tmp_path, monkeypa
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "cal.npz", ids=rng.integers(0, 512, (32, 8)))
     np.savez(tmp_path / "d.npz", ids=rng.integers(0, 512, (256, 8)))
-    seen = {}
-    real = bfc.distill.distill
-
-    def spy(model, layers, data, **kw):
-        res = real(model, layers, data, **kw)
-        seen.update(model=model, layers=layers, res=res)
-        return res
-    monkeypatch.setattr(bfc.distill, "distill", spy)
     out, rep = bfc.optimize(model, _cfg(tmp_path / "cal.npz", max_output_error=0.3, distill=tmp_path / "d.npz",
                                         distill_steps=30, distill_lr=3e-4, distill_headroom=1))
     forms = [q for _, q in seen["layers"]]
