@@ -1,6 +1,6 @@
 """Faster than int8 end to end (issue 20): every "Done when" figure side by side in one run, 1 thread.
 
-    python bench/bench_speed.py [--quick] [--write] [--work DIR]
+    python bench/bench_speed.py [--quick] [--write] [--work DIR] [--only SECTION ...]
 
 Sections (each a table of medians of interleaved rounds, ratios within one process):
   1. rotation on ``ort``: x [1, 128, K] -> Kronecker rotation (``passes.rotation_emit``, 2 factors)
@@ -54,6 +54,7 @@ from bfc.ks.chain import monarch_chain  # noqa: E402
 from bfc.lowbit.kron_rotation import KroneckerRotation  # noqa: E402
 
 MINILM = Path("/root/.cache/bfc/minilm")
+SECTIONS = ("rotation", "gemv", "ks", "minilm", "decoder")  # --only keys, in the order they run
 CONFIGS = ROOT / "models" / "configs"
 DECODER = {"layers": 2, "hidden": 1024, "ffn": 2816, "vocab": 8000}
 
@@ -290,7 +291,11 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write bench/results/speed.md and BENCHMARKS.md")
     ap.add_argument("--work", type=Path, default=None, help="folder for the built models (default: a temporary one)")
     ap.add_argument("--cold-gb", type=float, default=0.5, help="weights per cold GEMV round in GB")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
+                    help="run only these sections (not with --write: the results file holds every section)")
     args = ap.parse_args(argv)
+    if args.only and args.write:
+        ap.error("--only measures a subset of the sections; --write needs them all")
     q = args.quick
     start = time.perf_counter()
     load0 = load_average()
@@ -302,16 +307,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as td:
         work = args.work or Path(td)
         work.mkdir(parents=True, exist_ok=True)
-        for title, fn in (
-                ("Rotation on the ort target (Kronecker, 2 factors) vs MatMulNBits int4 accuracy level 4",
+        for key, title, fn in (
+                ("rotation", "Rotation on the ort target (Kronecker, 2 factors) vs MatMulNBits int4 accuracy level 4",
                  lambda: rotation_section(6 if q else 12, 10)),
-                ("One row, 4096x4096: LowBitMatMul vs int8 dynamic (MatMulInteger)",
+                ("gemv", "One row, 4096x4096: LowBitMatMul vs int8 dynamic (MatMulInteger)",
                  lambda: gemv_section(Path(td), 6 if q else 12, 20, args.cold_gb)),
-                ("KS kernel rate: Monarch r4 int8 vs int8 dynamic on 384-wide layers",
+                ("ks", "KS kernel rate: Monarch r4 int8 vs int8 dynamic on 384-wide layers",
                  lambda: ks_rate_section(4 if q else 8, 10)),
-                ("MiniLM-L6 end to end", lambda: minilm_section(work, {"1x128": 20 if q else 40,
-                                                                      "32x128": 4 if q else 8}, log)),
-                ("Synthetic decoder: one-token decoding", lambda: decoder_section(work, 20 if q else 40, log))):
+                ("minilm", "MiniLM-L6 end to end",
+                 lambda: minilm_section(work, {"1x128": 20 if q else 40, "32x128": 4 if q else 8}, log)),
+                ("decoder", "Synthetic decoder: one-token decoding",
+                 lambda: decoder_section(work, 20 if q else 40, log))):
+            if args.only and key not in args.only:
+                continue
             log(f"start: {title}")
             lines, ch = fn()
             sections.append(f"### {title}\n\n" + "\n".join(lines))
@@ -326,7 +334,8 @@ def main(argv=None) -> int:
     tgt = ["### Done when (issue 20)", "", "| target | measured | met |", "|---|---|---|"]
     tgt += [f"| {name} | {val} | {yes(ok)} |" for name, val, ok in checks]
     body = head + "\n\n" + "\n\n".join(["\n".join(tgt)] + sections)
-    cmd = "python bench/bench_speed.py" + (" --quick" if q else "") + (" --write" if args.write else "")
+    cmd = ("python bench/bench_speed.py" + (" --quick" if q else "") + (" --write" if args.write else "")
+           + (" --only " + " ".join(args.only) if args.only else ""))
     print(body)
     if args.write:
         write_result("speed", "Faster than int8 end to end (issue 20)", cmd, body)

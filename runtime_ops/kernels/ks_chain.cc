@@ -157,7 +157,7 @@ void pack_vnni(const TensorDesc& values, Factor* f) {
         sum += w;
         f->wv[size_t(((tile * f->b4 + j / 4) * mrv + r) * 4 + j % 4)] = w;
       }
-      f->corr[size_t(tile * mrv + r)] = 128 * sum;  // |sum| <= 2^16 * 128: no overflow
+      f->corr[size_t(tile * mrv + r)] = -128 * sum;  // |sum| <= 2^16 * 128: no overflow
     }
   f->wq.clear();
   f->wq.shrink_to_fit();

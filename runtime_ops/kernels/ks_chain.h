@@ -59,7 +59,7 @@ struct Factor {
   // I8 on AVX-512 VNNI (Plan::isa == 2, big blocks only; see ks_layers_avx512.cc): register
   // tiles of mrv in {4, 8, 12, 16} outputs, inputs in groups of 4 (b4 = ceil(b / 4)):
   // wv[((tile*b4 + j4)*mrv + r)*4 + t] = V[i, l, 4*j4 + t, kt*mrv + r] (0 past b), tile =
-  // (i*d + l)*nktv + kt; corr[tile*mrv + r] = 128 * sum_j V[i, l, j, k] (the u8 offset);
+  // (i*d + l)*nktv + kt; corr[tile*mrv + r] = -128 * sum_j V[i, l, j, k] (minus the u8 offset: the accumulators' start);
   // scv[tile*mrv + r] the epilogue scale.
   int mrv = 0;
   int64_t nktv = 0, b4 = 0;

@@ -40,11 +40,21 @@ struct Zmm {
   static constexpr int NB = 16;
   using I = __m512i;
   using F = __m512;
-  static I zero() { return _mm512_setzero_si512(); }
   static I load(const uint8_t* p) { return _mm512_load_si512(reinterpret_cast<const void*>(p)); }
   static I set1(int32_t v) { return _mm512_set1_epi32(v); }
-  static I dpbusd(I acc, I x, I w) { return _mm512_dpbusd_epi32(acc, x, w); }
-  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  // acc += x (u8 quads) . the s8 quad at w broadcast to every lane: the embedded-broadcast
+  // memory operand ({1to16}), one instruction (GCC 12 emits a separate vpbroadcastd for the
+  // intrinsic with _mm512_set1_epi32)
+  static I dpbusd_b(I acc, I x, const int8_t* w) {
+#if defined(__GNUC__)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(w)));
+#else
+    int32_t quad;
+    std::memcpy(&quad, w, 4);
+    acc = _mm512_dpbusd_epi32(acc, x, _mm512_set1_epi32(quad));
+#endif
+    return acc;
+  }
   static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static F loadu(const float* p) { return _mm512_loadu_ps(p); }
   static F set1f(float v) { return _mm512_set1_ps(v); }
@@ -58,11 +68,18 @@ struct Ymm {
   static constexpr int NB = 8;
   using I = __m256i;
   using F = __m256;
-  static I zero() { return _mm256_setzero_si256(); }
   static I load(const uint8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
   static I set1(int32_t v) { return _mm256_set1_epi32(v); }
-  static I dpbusd(I acc, I x, I w) { return _mm256_dpbusd_epi32(acc, x, w); }
-  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I dpbusd_b(I acc, I x, const int8_t* w) {
+#if defined(__GNUC__)
+    __asm__("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(x), "m"(*reinterpret_cast<const int32_t*>(w)));
+#else
+    int32_t quad;
+    std::memcpy(&quad, w, 4);
+    acc = _mm256_dpbusd_epi32(acc, x, _mm256_set1_epi32(quad));
+#endif
+    return acc;
+  }
   static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static F loadu(const float* p) { return _mm256_loadu_ps(p); }
   static F set1f(float v) { return _mm256_set1_ps(v); }
@@ -72,6 +89,26 @@ struct Ymm {
   static void store(float* p, F v) { _mm256_store_ps(p, v); }
   static void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
 };
+
+// 16 batch columns of one input, h * inv -> q = rint(clip(h * inv, -127, 127)) as int32, the
+// float ops of the other paths; NaN stays NaN through the clamps (max/min return their second
+// operand) and converts to INT_MIN, the one value outside [-127, 127] (pack_quads maps it to q = 0).
+inline __m512i quant16(__m512 h, __m512 inv) {
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_mul_ps(h, inv)));
+  return _mm512_cvtps_epi32(t);  // round to nearest even (MXCSR default)
+}
+
+// q of inputs t = 0..3 (quant16) -> one 64-byte line of u8 quads: byte 4n + t = q_t[n] + 128.
+// Signed-saturating packs keep [-127, 127] and turn INT_MIN (NaN) into -128; per 128-bit lane
+// they leave the bytes input-major ([q0 of columns 4L..4L+3, q1 ..., q2 ..., q3 ...]), one byte
+// shuffle makes them column-major, and +128 (mod 256) gives u8 except for -128, which becomes
+// 128 (q = 0, NaN -> 0 as the other paths).
+inline __m512i pack_quads(__m512i q0, __m512i q1, __m512i q2, __m512i q3) {
+  const __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(q0, q1), _mm512_packs_epi32(q2, q3));
+  const __m512i s = _mm512_shuffle_epi8(b, _mm512_set4_epi32(0x0f0b0703, 0x0e0a0602, 0x0d090501, 0x0c080400));
+  const __m512i m128 = _mm512_set1_epi8(-128);
+  return _mm512_mask_sub_epi8(s, _mm512_cmpneq_epi8_mask(s, m128), s, m128);
+}
 
 // TRACK: colmax[0..NB) = max |output| per batch column over blocks [blk0, blk1) (the next
 // int8 factor's amax without a pass over the buffer; max is exact, so the same number)
@@ -88,28 +125,25 @@ void i8_t(const Factor& f, const uint8_t* q, const float* colscale, float* out, 
     const int32_t* orow = f.out_row.data() + i * c * d + l;
     const int64_t blk = blk_il * nkt;
     for (int64_t kt = 0; kt < nkt; ++kt) {
+      // the accumulators start at corr = -128 * sum_j w_j (the u8 offset), so they end at sum_j q_j w_j
+      const int32_t* corr = f.corr.data() + (blk + kt) * MRV;
       typename V::I acc[MRV];
 #pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) acc[r] = V::zero();
+      for (int r = 0; r < MRV; ++r) acc[r] = V::set1(corr[r]);
       const int8_t* w = f.wv.data() + (blk + kt) * b4 * MRV * 4;
       const uint8_t* xr = xb;
       for (int64_t j4 = 0; j4 < b4; ++j4, xr += 4 * NB, w += 4 * MRV) {
         const typename V::I xv = V::load(xr);
 #pragma GCC unroll 16
-        for (int r = 0; r < MRV; ++r) {
-          int32_t quad;
-          std::memcpy(&quad, w + 4 * r, 4);
-          acc[r] = V::dpbusd(acc[r], xv, V::set1(quad));
-        }
+        for (int r = 0; r < MRV; ++r) acc[r] = V::dpbusd_b(acc[r], xv, w + 4 * r);
       }
       const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
       const float* sc = f.scv.data() + (blk + kt) * MRV;
-      const int32_t* corr = f.corr.data() + (blk + kt) * MRV;
 #pragma GCC unroll 16
       for (int r = 0; r < MRV; ++r) {
         if (r < valid) {
           float* yr = out + int64_t(orow[(kt * MRV + r) * d]) * NB;
-          const typename V::F o = V::mul(V::mul(V::cvt(V::sub(acc[r], V::set1(corr[r]))), cs), V::set1f(sc[r]));
+          const typename V::F o = V::mul(V::mul(V::cvt(acc[r]), cs), V::set1f(sc[r]));
           if (TRACK) mx = V::absmax(mx, o);
           V::store(yr, o);
         }
@@ -146,33 +180,21 @@ void quant_t(const Factor& f, const float* in, uint8_t* q, float* colscale, cons
   for (int n = 0; n < NB; ++n) int8_column_scale(amax[n], &colscale[n], &inv[n]);
   if (NB == 16) {
     const __m512 iv = _mm512_load_ps(inv);
-    const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
-    const __m512i off = _mm512_set1_epi32(128);
-    auto qv = [&](const float* p) {
-      // NaN -> 0 first (as the other paths), then clamp
-      __m512 t = _mm512_mul_ps(_mm512_load_ps(p), iv);
-      t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, t, _CMP_ORD_Q), t);
-      t = _mm512_min_ps(hi, _mm512_max_ps(lo, t));
-      return _mm512_add_epi32(_mm512_cvtps_epi32(t), off);  // round to nearest even (MXCSR default)
-    };
+    const __m512i zero = _mm512_setzero_si512();  // padding inputs j >= b: q = 0
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const float* x = in + blk * b * 16;
       uint8_t* qb = q + blk * b4 * 64;
       int64_t j4 = 0;
       for (; 4 * j4 + 4 <= b; ++j4) {
         const float* p = x + 4 * j4 * 16;
-        const __m512i u = _mm512_or_si512(
-            _mm512_or_si512(qv(p), _mm512_slli_epi32(qv(p + 16), 8)),
-            _mm512_or_si512(_mm512_slli_epi32(qv(p + 32), 16), _mm512_slli_epi32(qv(p + 48), 24)));
+        const __m512i u = pack_quads(quant16(_mm512_load_ps(p), iv), quant16(_mm512_load_ps(p + 16), iv),
+                                     quant16(_mm512_load_ps(p + 32), iv), quant16(_mm512_load_ps(p + 48), iv));
         _mm512_store_si512(reinterpret_cast<void*>(qb + j4 * 64), u);
       }
       if (j4 < b4) {
-        __m512i u = _mm512_setzero_si512();
-        for (int t = 0; t < 4; ++t) {
-          const __m512i v = 4 * j4 + t < b ? qv(x + (4 * j4 + t) * 16) : off;
-          u = _mm512_or_si512(u, _mm512_sllv_epi32(v, _mm512_set1_epi32(8 * t)));
-        }
-        _mm512_store_si512(reinterpret_cast<void*>(qb + j4 * 64), u);
+        __m512i v[4];
+        for (int t = 0; t < 4; ++t) v[t] = 4 * j4 + t < b ? quant16(_mm512_load_ps(x + (4 * j4 + t) * 16), iv) : zero;
+        _mm512_store_si512(reinterpret_cast<void*>(qb + j4 * 64), pack_quads(v[0], v[1], v[2], v[3]));
       }
     }
   } else {
@@ -306,28 +328,21 @@ void gather_q_layer(const Plan& p, const Factor& f, const float* x, int64_t r0, 
   }
   for (int n = 0; n < 16; ++n) int8_column_scale(amax[n], &colscale[n], &inv[n]);
   const __m512 iv = _mm512_load_ps(inv);
-  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
-  const __m512i off = _mm512_set1_epi32(128);
-  auto qv = [&](__m512 t) {
-    t = _mm512_mul_ps(t, iv);
-    t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, t, _CMP_ORD_Q), t);
-    t = _mm512_min_ps(hi, _mm512_max_ps(lo, t));
-    return _mm512_add_epi32(_mm512_cvtps_epi32(t), off);
-  };
   if (p.gather_q == 2) {
     const int64_t ng = int64_t(p.gq_lines.size()) / 16;
     for (int64_t g = 0; g < ng; ++g) {
-      __m512i quad[16];
+      __m512i qt[4][16];
       for (int t = 0; t < 4; ++t) {
         const float* src = xr + p.gq_src[size_t(4 * g + t)];
         __m512 r[16];
         for (int k = 0; k < 16; ++k) r[k] = k < nv ? _mm512_loadu_ps(src + k * M) : _mm512_setzero_ps();
         transpose16(r);
-        for (int k = 0; k < 16; ++k)
-          quad[k] = t == 0 ? qv(r[k]) : _mm512_or_si512(quad[k], _mm512_slli_epi32(qv(r[k]), 8 * t));
+        for (int k = 0; k < 16; ++k) qt[t][k] = quant16(r[k], iv);
       }
       const int32_t* ln = p.gq_lines.data() + 16 * g;
-      for (int k = 0; k < 16; ++k) _mm512_store_si512(reinterpret_cast<void*>(q + int64_t(ln[k]) * 64), quad[k]);
+      for (int k = 0; k < 16; ++k)
+        _mm512_store_si512(reinterpret_cast<void*>(q + int64_t(ln[k]) * 64),
+                           pack_quads(qt[0][k], qt[1][k], qt[2][k], qt[3][k]));
     }
     return;
   }
@@ -337,9 +352,8 @@ void gather_q_layer(const Plan& p, const Factor& f, const float* x, int64_t r0, 
     for (int k = 0; k < 16; ++k) r[k] = k < nv ? _mm512_loadu_ps(xr + k * M + s) : _mm512_setzero_ps();
     transpose16(r);
     for (int g = 0; g < 16; g += 4) {
-      const __m512i u = _mm512_or_si512(
-          _mm512_or_si512(qv(r[g]), _mm512_slli_epi32(qv(r[g + 1]), 8)),
-          _mm512_or_si512(_mm512_slli_epi32(qv(r[g + 2]), 16), _mm512_slli_epi32(qv(r[g + 3]), 24)));
+      const __m512i u = pack_quads(quant16(r[g], iv), quant16(r[g + 1], iv), quant16(r[g + 2], iv),
+                                   quant16(r[g + 3], iv));
       _mm512_store_si512(reinterpret_cast<void*>(q + int64_t(gr[s + g] / 4) * 64), u);
     }
   }
