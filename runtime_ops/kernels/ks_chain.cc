@@ -329,6 +329,13 @@ std::string build_plan(const NodeDesc& n, const char* isa_override, Plan* plan) 
       }
     }
   }
+  plan->direct_out = false;
+  if (plan->isa >= 2 && L > 0) {
+    const Factor& fl = plan->factors[L - 1];
+    bool ident = true;
+    for (int64_t o = 0; ident && o < plan->N; ++o) ident = plan->scatter_row[size_t(o)] == o;
+    plan->direct_out = ident && fl.path == Path::I8 && !fl.small && fl.mrv == 16 && fl.d == 1 && fl.c % 16 == 0;
+  }
   plan->max_dim = plan->M;
   plan->max_pairs = 0;
   for (const Factor& f : plan->factors) {
@@ -389,6 +396,7 @@ struct Exec {
   float* MXP;                   // per-(chunk, tile) column max |output| of a tracked int8 layer
   int64_t nparts;               // chunks that wrote MXP (0: no tracked max for the next factor)
   bool track;                   // layer_fn: f runs T->i8m (writes MXP)
+  bool direct;                  // layer_fn: f (the last factor) runs T->i8y into y
 };
 
 void gather_fn(void* u, size_t item) {
@@ -445,6 +453,14 @@ void layer_fn(void* u, size_t c) {
   Exec& e = *static_cast<Exec*>(u);
   const Factor& f = *e.f;
   const int64_t blk0 = int64_t(c) * e.chunk, blk1 = std::min<int64_t>(f.a * f.d, blk0 + e.chunk);
+  if (e.direct) {
+    for (int64_t t = 0; t < e.ntiles; ++t) {
+      const int64_t r0 = (e.tile0 + t) * e.nb, nv = std::min<int64_t>(e.nb, e.rows - r0);
+      e.T->i8y(f, reinterpret_cast<const int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.bias,
+               e.y + r0 * e.plan->N, e.plan->N, nv, blk0, blk1);
+    }
+    return;
+  }
   if (e.track) {
     for (int64_t t = 0; t < e.ntiles; ++t)
       e.T->i8m(f, reinterpret_cast<const int16_t*>(e.Q + t * e.q_stride), e.CS + t * e.nb, e.B + t * e.buf_stride,
@@ -631,6 +647,7 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
   // fused int8 passes (AVX-512 tables, 16-wide tiles): first quantization in the gather, the
   // amax of a VNNI factor following a VNNI factor tracked in the previous epilogue
   const bool fuse = e.T->gather_q != nullptr && e.nb == 16;
+  const bool direct = plan.direct_out && e.T->i8y != nullptr && e.nb == 16;
   int64_t max_parts = 0;
   if (fuse)
     for (size_t l = 0; l + 1 < plan.factors.size(); ++l)
@@ -684,13 +701,18 @@ std::string run_chain(const Plan& plan, const float* x, const float* bias, float
       e.chunk = chunk_of(f);
       const int64_t nchunks = (nblk + e.chunk - 1) / e.chunk;
       e.track = fuse && l + 1 < L && vnni_i8(f) && vnni_i8(plan.factors[l + 1]);
+      e.direct = direct && l + 1 == L;
       if (!run(pfor, pfor_ctx, layer_fn, size_t(nchunks), &e)) return fail;
+      if (e.direct) {  // y written: no last buffer, no scatter
+        e.direct = false;
+        break;
+      }
       e.nparts = e.track ? nchunks : 0;
       e.track = false;
       std::swap(e.A, e.B);
       ++l;
     }
-    if (!run(pfor, pfor_ctx, scatter_fn, size_t(e.ntiles * e.sitems), &e)) return fail;
+    if (!direct && !run(pfor, pfor_ctx, scatter_fn, size_t(e.ntiles * e.sitems), &e)) return fail;
   }
   return "";
 }

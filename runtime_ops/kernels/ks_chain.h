@@ -110,6 +110,10 @@ struct Plan {
   // e.g. Monarch's first factor (1, b, c, d): column j*d + l is row l*b + j
   int gather_q = 0;
   std::vector<int32_t> gq_lines, gq_src;
+  // the last factor is a VNNI int8 factor with d == 1, c % 16 == 0, 16-output tiles and no
+  // out_perm: on AVX-512 with 16-row tiles it writes y itself (LayerTable::i8y), no scatter pass
+  // (measured: 12-output tiles with masked stores were no faster than the scatter)
+  bool direct_out = false;
   mutable std::mutex scratch_mu;  // guards scratch (concurrent runs fall back to a private buffer)
   mutable ScratchBuf scratch;
 };
@@ -182,6 +186,10 @@ struct LayerTable {
   // i8 that also writes max |output| per batch column of blocks [blk0, blk1) to colmax (nb floats)
   void (*i8m)(const Factor& f, const int16_t* q, const float* colscale, float* out, int nb, int64_t blk0,
               int64_t blk1, float* colmax);
+  // the last factor straight into y (Plan::direct_out, nb == 16): blocks [blk0, blk1) of one tile
+  // whose nv rows start at y (row stride ldy), bias (may be null) added; no scatter pass
+  void (*i8y)(const Factor& f, const int16_t* q, const float* colscale, const float* bias, float* y, int64_t ldy,
+              int64_t nv, int64_t blk0, int64_t blk1);
 };
 const LayerTable& portable_table();
 #if defined(BFC_HAVE_AVX2)

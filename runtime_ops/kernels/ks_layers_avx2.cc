@@ -509,7 +509,7 @@ void i8f_layer(const Factor& f, const float* in, const float* inv, const float* 
 }  // namespace
 
 const LayerTable& avx2_table() {
-  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, pair_layer, small_layer, gather_layer, scatter_layer, nullptr, nullptr, nullptr};
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, amax_layer, i8f_layer, pair_layer, small_layer, gather_layer, scatter_layer, nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 

@@ -110,8 +110,50 @@ inline __m512i pack_quads(__m512i q0, __m512i q1, __m512i q2, __m512i q3) {
   return _mm512_mask_sub_epi8(s, _mm512_cmpneq_epi8_mask(s, m128), s, m128);
 }
 
+// 16x16 transpose of r[0..15] (r[q][c] -> r[c][q]): unpack, in-lane shuffle, then a 4x4
+// transpose of the 128-bit lanes.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // u[4i + k] lane L holds rows 4i..4i+3 of column 4L + k
+  for (int k = 0; k < 4; ++k) {
+    const __m512 a0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), a1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xEE);
+    const __m512 a2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44),
+                 a3 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
+    r[k] = _mm512_shuffle_f32x4(a0, a2, 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(a0, a2, 0xDD);
+    r[8 + k] = _mm512_shuffle_f32x4(a1, a3, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(a1, a3, 0xDD);
+  }
+}
+
 // TRACK: colmax[0..NB) = max |output| per batch column over blocks [blk0, blk1) (the next
 // int8 factor's amax without a pass over the buffer; max is exact, so the same number)
+// acc[r] = sum_j q_j w_j for the outputs r of register tile `tile` (Factor::wv) over the block
+// input quads xb: the accumulators start at corr = -128 * sum_j w_j (the u8 offset).
+template <class V, int MRV>
+__attribute__((always_inline)) inline void tile_dot(const Factor& f, const uint8_t* xb, int64_t tile,
+                                                    typename V::I (&acc)[MRV]) {
+  const int32_t* corr = f.corr.data() + tile * MRV;
+#pragma GCC unroll 16
+  for (int r = 0; r < MRV; ++r) acc[r] = V::set1(corr[r]);
+  const int8_t* w = f.wv.data() + tile * f.b4 * MRV * 4;
+  for (int64_t j4 = 0; j4 < f.b4; ++j4, xb += 4 * V::NB, w += 4 * MRV) {
+    const typename V::I xv = V::load(xb);
+#pragma GCC unroll 16
+    for (int r = 0; r < MRV; ++r) acc[r] = V::dpbusd_b(acc[r], xv, w + 4 * r);
+  }
+}
+
 template <class V, int MRV, bool TRACK = false>
 void i8_t(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1,
           float* colmax = nullptr) {
@@ -125,18 +167,8 @@ void i8_t(const Factor& f, const uint8_t* q, const float* colscale, float* out, 
     const int32_t* orow = f.out_row.data() + i * c * d + l;
     const int64_t blk = blk_il * nkt;
     for (int64_t kt = 0; kt < nkt; ++kt) {
-      // the accumulators start at corr = -128 * sum_j w_j (the u8 offset), so they end at sum_j q_j w_j
-      const int32_t* corr = f.corr.data() + (blk + kt) * MRV;
       typename V::I acc[MRV];
-#pragma GCC unroll 16
-      for (int r = 0; r < MRV; ++r) acc[r] = V::set1(corr[r]);
-      const int8_t* w = f.wv.data() + (blk + kt) * b4 * MRV * 4;
-      const uint8_t* xr = xb;
-      for (int64_t j4 = 0; j4 < b4; ++j4, xr += 4 * NB, w += 4 * MRV) {
-        const typename V::I xv = V::load(xr);
-#pragma GCC unroll 16
-        for (int r = 0; r < MRV; ++r) acc[r] = V::dpbusd_b(acc[r], xv, w + 4 * r);
-      }
+      tile_dot<V, MRV>(f, xb, blk + kt, acc);
       const int valid = int(std::min<int64_t>(MRV, c - kt * MRV));
       const float* sc = f.scv.data() + (blk + kt) * MRV;
 #pragma GCC unroll 16
@@ -151,6 +183,35 @@ void i8_t(const Factor& f, const uint8_t* q, const float* colscale, float* out, 
     }
   }
   if (TRACK) V::storeu(colmax, mx);
+}
+
+// The last factor writing y directly (Plan::direct_out: d == 1, c % 16 == 0, 16-output register
+// tiles, no out_perm): each tile's 16 outputs (features i*c + kt*16 + r, 16 batch rows) are
+// transposed in registers and stored as 16 consecutive columns of the nv rows of y (row stride
+// ldy), bias added: the scatter pass without the buffer round trip, the same float ops.
+void i8_direct(const Factor& f, const uint8_t* q, const float* colscale, const float* bias, float* y, int64_t ldy,
+               int64_t nv, int64_t blk0, int64_t blk1) {
+  const int64_t b4 = f.b4, c = f.c, nkt = f.nktv;
+  const __m512 cs = _mm512_loadu_ps(colscale);
+  for (int64_t i = blk0; i < blk1; ++i) {  // d == 1: block i*d + l is i
+    const uint8_t* xb = q + i * b4 * 64;
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      __m512i acc[16];
+      tile_dot<Zmm, 16>(f, xb, i * nkt + kt, acc);
+      const float* sc = f.scv.data() + (i * nkt + kt) * 16;
+      __m512 o[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) o[r] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), cs), _mm512_set1_ps(sc[r]));
+      transpose16(o);
+      const int64_t col = i * c + kt * 16;
+      if (bias != nullptr) {
+        const __m512 bv = _mm512_loadu_ps(bias + col);
+        for (int64_t n = 0; n < nv; ++n) _mm512_storeu_ps(y + n * ldy + col, _mm512_add_ps(o[n], bv));
+      } else {
+        for (int64_t n = 0; n < nv; ++n) _mm512_storeu_ps(y + n * ldy + col, o[n]);
+      }
+    }
+  }
 }
 
 // Per-column amax of the tile (or the max handed over by the previous factor's epilogue,
@@ -244,6 +305,11 @@ void i8m_layer(const Factor& f, const int16_t* q, const float* cs, float* out, i
   });
 }
 
+void i8y_layer(const Factor& f, const int16_t* q, const float* cs, const float* bias, float* y, int64_t ldy, int64_t nv,
+               int64_t blk0, int64_t blk1) {
+  i8_direct(f, reinterpret_cast<const uint8_t*>(q), cs, bias, y, ldy, nv, blk0, blk1);
+}
+
 void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, int nb, int64_t blk0, int64_t blk1) {
   const uint8_t* q8 = reinterpret_cast<const uint8_t*>(q);
   with_mrv(f.mrv, [&](auto MRV) {
@@ -253,32 +319,6 @@ void i8_layer(const Factor& f, const int16_t* q, const float* cs, float* out, in
   });
 }
 
-
-// 16x16 transpose of r[0..15] (r[q][c] -> r[c][q]): unpack, in-lane shuffle, then a 4x4
-// transpose of the 128-bit lanes.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  // u[4i + k] lane L holds rows 4i..4i+3 of column 4L + k
-  for (int k = 0; k < 4; ++k) {
-    const __m512 a0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), a1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xEE);
-    const __m512 a2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44),
-                 a3 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
-    r[k] = _mm512_shuffle_f32x4(a0, a2, 0x88);
-    r[4 + k] = _mm512_shuffle_f32x4(a0, a2, 0xDD);
-    r[8 + k] = _mm512_shuffle_f32x4(a1, a3, 0x88);
-    r[12 + k] = _mm512_shuffle_f32x4(a1, a3, 0xDD);
-  }
-}
 
 // Full 16-row tiles: 16 columns of 16 x rows (one 64-byte line each) -> 16 whole buffer
 // lines (the AVX2 version writes each line in two halves, 8 rows apart).  Other cases and
@@ -388,6 +428,7 @@ const LayerTable& avx512_table() {
     r.gather_q = gather_q_layer;
     r.quant_am = quant_am_layer;
     r.i8m = i8m_layer;
+    r.i8y = i8y_layer;
     return r;
   }();
   return t;

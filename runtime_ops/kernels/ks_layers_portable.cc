@@ -146,7 +146,7 @@ void scatter(const Plan& p, const float* buf, const float* bias, float* y, int64
 }  // namespace
 
 const LayerTable& portable_table() {
-  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, nullptr, nullptr, nullptr, nullptr, gather, scatter, nullptr, nullptr, nullptr};
+  static const LayerTable t{f32_layer, fp8_layer, quant_layer, i8_layer, nullptr, nullptr, nullptr, nullptr, gather, scatter, nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 

@@ -680,9 +680,11 @@ int main() {
   // VNNI edges: b not a multiple of 4, c not a multiple of the tile rows (mrv 4..16), b < 4 < c
   test_chain("vnni_edges", {{2, 13, 20, 3}, {4, 15, 9, 2}, {8, 9, 33, 1}}, 70);
   test_chain("narrow_wide", {{2, 3, 40, 1}, {5, 16, 4, 1}}, 80);
-  // Monarch rank 4 as bfc.ks.chain.monarch_chain(384, 384, rank=4) and (1536, 384): the first
-  // factor's u8 quads written by the gather (Plan::gather_q 2 for d = 48) or by quant (d = 24)
+  // Monarch rank 4 as bfc.ks.chain.monarch_chain(384, 384, rank=4), (1536, 384) and (384, 1536):
+  // the first factor's u8 quads written by the gather (Plan::gather_q 2 for d = 48) or by quant
+  // (d = 24); (384, 1536)'s last factor (c = 48, d = 1) writes y itself (Plan::direct_out)
   test_chain("monarch_r4_384", {{1, 16, 64, 24}, {16, 96, 24, 1}}, 90);
+  test_chain("monarch_r4_384x1536", {{1, 16, 128, 24}, {32, 96, 48, 1}}, 110);
   test_chain("monarch_r4_1536x384", {{1, 32, 64, 48}, {16, 192, 24, 1}}, 100);
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
