@@ -13,7 +13,9 @@
 // block-major for the factor that reads them (row (i*d + l)*b + j holds feature
 // i*b*d + j*d + l), so a block's inputs are contiguous; each factor's epilogue writes
 // its outputs straight into the next factor's order (out_row).  The last buffer is
-// transposed back row-major (out_perm folded into the source rows) with the bias added.
+// transposed back row-major (out_perm folded into the source rows) with the bias added; on
+// AVX-512 a last VNNI int8 factor with d == 1 and no out_perm transposes its register tiles
+// into y itself (Plan::direct_out).
 //
 // Schedule: the batch runs in panels of tiles whose activation buffers fit in L2 (a
 // panel goes through the whole chain before the next starts).  Within a panel, factors
@@ -59,8 +61,8 @@ struct Factor {
   // I8 on AVX-512 VNNI (Plan::isa == 2, big blocks only; see ks_layers_avx512.cc): register
   // tiles of mrv in {4, 8, 12, 16} outputs, inputs in groups of 4 (b4 = ceil(b / 4)):
   // wv[((tile*b4 + j4)*mrv + r)*4 + t] = V[i, l, 4*j4 + t, kt*mrv + r] (0 past b), tile =
-  // (i*d + l)*nktv + kt; corr[tile*mrv + r] = -128 * sum_j V[i, l, j, k] (minus the u8 offset: the accumulators' start);
-  // scv[tile*mrv + r] the epilogue scale.
+  // (i*d + l)*nktv + kt; corr[tile*mrv + r] = -128 * sum_j V[i, l, j, k] (minus the u8 offset:
+  // the accumulators' start); scv[tile*mrv + r] the epilogue scale.
   int mrv = 0;
   int64_t nktv = 0, b4 = 0;
   std::vector<int8_t> wv;

@@ -11,8 +11,8 @@
 //     inputs j >= b are padded with u = 128 (q = 0).
 //   weights: Factor::wv[((tile*b4 + j4)*mrv + r)*4 + t] = V[i, l, 4*j4 + t, kt*mrv + r]
 //     (0 for j >= b), packed once at kernel creation.
-//   sum_j u_j w_j = sum_j q_j w_j + 128 * sum_j w_j: Factor::corr holds 128 * sum_j w_j per
-//     output, subtracted before the conversion.  The sum is exact in int32 (modular wrap of
+//   sum_j u_j w_j = sum_j q_j w_j + 128 * sum_j w_j: Factor::corr holds -128 * sum_j w_j per
+//     output, the accumulator's start value.  The sum is exact in int32 (modular wrap of
 //     vpdpbusd cancels: the true result |sum q w| <= 65536*127*128 < 2^31), so acc equals the
 //     other paths' int32 accumulator bit for bit, and the epilogue
 //     (float(acc) * colscale) * scale is the same two roundings in the same order.
@@ -94,7 +94,8 @@ struct Ymm {
 // float ops of the other paths; NaN stays NaN through the clamps (max/min return their second
 // operand) and converts to INT_MIN, the one value outside [-127, 127] (pack_quads maps it to q = 0).
 inline __m512i quant16(__m512 h, __m512 inv) {
-  const __m512 t = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_mul_ps(h, inv)));
+  const __m512 t =
+      _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_mul_ps(h, inv)));
   return _mm512_cvtps_epi32(t);  // round to nearest even (MXCSR default)
 }
 
@@ -136,8 +137,6 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// TRACK: colmax[0..NB) = max |output| per batch column over blocks [blk0, blk1) (the next
-// int8 factor's amax without a pass over the buffer; max is exact, so the same number)
 // acc[r] = sum_j q_j w_j for the outputs r of register tile `tile` (Factor::wv) over the block
 // input quads xb: the accumulators start at corr = -128 * sum_j w_j (the u8 offset).
 template <class V, int MRV>
@@ -154,6 +153,8 @@ __attribute__((always_inline)) inline void tile_dot(const Factor& f, const uint8
   }
 }
 
+// TRACK: colmax[0..NB) = max |output| per batch column over blocks [blk0, blk1) (the next
+// int8 factor's amax without a pass over the buffer; max is exact, so the same number)
 template <class V, int MRV, bool TRACK = false>
 void i8_t(const Factor& f, const uint8_t* q, const float* colscale, float* out, int64_t blk0, int64_t blk1,
           float* colmax = nullptr) {
@@ -201,7 +202,8 @@ void i8_direct(const Factor& f, const uint8_t* q, const float* colscale, const f
       const float* sc = f.scv.data() + (i * nkt + kt) * 16;
       __m512 o[16];
 #pragma GCC unroll 16
-      for (int r = 0; r < 16; ++r) o[r] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), cs), _mm512_set1_ps(sc[r]));
+      for (int r = 0; r < 16; ++r)
+        o[r] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), cs), _mm512_set1_ps(sc[r]));
       transpose16(o);
       const int64_t col = i * c + kt * 16;
       if (bias != nullptr) {

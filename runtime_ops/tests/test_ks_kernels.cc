@@ -229,7 +229,10 @@ void test_chain(const char* name, const std::vector<Pattern>& pats, uint32_t see
           // int8: every 4th row subnormal with zeros (127/amax = inf: the clamp and the NaN -> 0 of 0 * inf)
           if (dtype == kTypeInt8)
             for (int64_t r = 3; r < rows; r += 4)
-              for (int64_t f = 0; f < c.M; ++f) x[size_t(r * c.M + f)] = f % 5 == 0 ? 0.f : x[size_t(r * c.M + f)] * 1e-40f;
+              for (int64_t f = 0; f < c.M; ++f) {
+                float& v = x[size_t(r * c.M + f)];
+                v = f % 5 == 0 ? 0.f : v * 1e-40f;
+              }
           const bool bf = dtype == kTypeF8E4M3FN && std::string(isa) == "avx512bf16";
           const std::vector<double> ref = reference(c, x, rows, bf);
           const std::vector<double> ref_f = bf ? reference(c, x, rows) : ref;
