@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sentences", type=int, default=50000)
     ap.add_argument("--no-distill", action="store_true", help="only the config without distillation")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bfc-bench-minilm-transfer")
+    ap.add_argument("--write", action="store_true", help="only write the results from the work folder's records")
     args = ap.parse_args(argv)
+    args.config = args.config.resolve()
     import onnx
     import torch
     torch.set_num_threads(1)
@@ -163,6 +165,7 @@ def main(argv=None) -> int:
         rows["int8-dynamic"] = {**scores(i8), "bytes": linear_bytes(original, onnx.load(str(i8)))}
         facts_path.write_text(json.dumps(facts, indent=2))
     builds = [("config, no distillation", False)] + ([] if args.no_distill else [("config + distillation", True)])
+    builds = [] if args.write else builds
     for name, distill in builds:
         cfg = bfc.OptimizeConfig.from_toml(str(args.config), calibration=str(calib_path), target="portable",
                                            verify=False, **({"distill": str(data_path)} if distill else {}))
