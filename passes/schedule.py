@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bfc.config import AUTO_PRECISIONS, Objective, OptimizeConfig, Precision, Structure
-from bfc.errors import BfcError
+from bfc.errors import BfcError, ConfigError
 from bfc.passes import allocate, lowbit_plan
 from bfc.passes.candidates import ALLOC_BITS
 from bfc.passes.events import LayerPlanned
@@ -76,6 +76,9 @@ def plan_sites(sites: list[Site], cfg: OptimizeConfig, target, stats: dict | Non
     bits, lowbit_why = _lowbit_bits(cfg, target, opset)
     rots = {}
     if bits:
+        if cfg.lowbit.kronecker_rotation and cfg.structure is Structure.ROTATED and not target.lowbit_kronecker:
+            raise ConfigError(f"--kronecker-rotation: target {target.name} applies butterfly rotations only; use "
+                              "--target ort or portable, or leave --kronecker-rotation out")
         todo = [s for s in sites if skip_reason(s, cfg) is None]
         rots = lowbit_plan.rotations(todo, stats, cfg, target, max(bits), kronecker=cfg.lowbit.kronecker_rotation)
     order = sorted(range(len(sites)), key=lambda i: -(sites[i].weight.size if sites[i].weight is not None else 0))

@@ -13,6 +13,7 @@ import bfc.distill
 from bfc import runtime
 from bfc.config import OptimizeConfig
 from bfc.distill import SiteLayer, export_layers, trainable_layers
+from bfc.errors import ConfigError
 from bfc.factorize import relative_error
 from bfc.lowbit import rotate_quantize
 from bfc.lowbit.correction import fit_correction
@@ -229,3 +230,11 @@ def test_trained_int8_layer_exports_on_the_grid(codes):
         trained = mod(xt).numpy()
     assert _rel(out.apply(x), trained) <= FLOAT_TOL
     assert _rel(out.apply(x), x @ w) < before
+
+
+def test_kronecker_rotation_on_custom_op_is_a_config_error(tmp_path):
+    """LowBitMatMul applies butterfly rotations: --kronecker-rotation with --target custom-op is one line (it was
+    an internal error)."""
+    model = dm.mlp()
+    with pytest.raises(ConfigError, match="kronecker-rotation.*custom-op"):
+        bfc.optimize(model, _cfg(None, "custom-op", kronecker_rotation=True, verify=False))

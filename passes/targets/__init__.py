@@ -71,6 +71,7 @@ class Target:
     min_opset: int = 13
     rotation_storage: str = "float16"     # how the rotation chain's values are stored
     lowbit_scale_dtype: str = "float16"   # type of the group scales of rotated layers
+    lowbit_kronecker: bool = True         # its rotated low-bit (RotatedLayer) emitter applies a KroneckerRotation
 
     def lowbit_support(self, bits: int, opset: int) -> str | None:
         """Why this target cannot emit a rotated layer of ``bits`` at ``opset`` (None: it can)."""

@@ -93,6 +93,7 @@ def _lowbit_parts(layer):
 class CustomOp(Target):
     name = "custom-op"
     summary = "one ai.bfc.KSMatMul node per layer (bfc's onnxruntime library)"
+    lowbit_kronecker = False              # LowBitMatMul / RotateQuantize apply butterfly rotations
 
     def compute_dtype(self, model_dtype):
         return np.dtype(np.float32)
