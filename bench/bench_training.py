@@ -59,6 +59,7 @@ def build_one(args) -> dict:
     overrides = {"calibration": args.calibration, "verify": False}
     if args.build == "trained":
         overrides["distill"] = args.distill
+        overrides.update(settings(args.set))
     cfg = bfc.OptimizeConfig.from_toml(CONFIGS[args.config], **overrides)     # no distill: the distill-* keys idle
     def cpu_s():              # this process and its finished children (the planner's worker processes)
         return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
@@ -77,7 +78,8 @@ def build_one(args) -> dict:
            "flops_linear": sum(r.flops_after for r in lin) / sum(r.flops_before for r in lin),
            "build_wall_s": round(wall, 1), "build_cpu_s": round(cpu, 1),
            "notes": [n for n in report.notes if n.startswith("distill")],
-           "tuning": stsb_spearman(enc, half="tuning"), "held-out": stsb_spearman(enc, half="held-out"),
+           "tuning": stsb_spearman(enc, half="tuning"),
+           **({} if args.tune else {"held-out": stsb_spearman(enc, half="held-out")}),
            "peak_rss_gb": max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF,
                                                                           resource.RUSAGE_CHILDREN)) / 2**20,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -85,9 +87,19 @@ def build_one(args) -> dict:
     if args.build == "trained":
         secs = [float(m) for n in rec["notes"] for m in re.findall(r"(\d+) s[,)]", n)]
         d = cfg.distillation
-        rec.update(steps=d.steps, batch=d.batch, lr=d.lr,
+        rec.update(steps=d.steps, batch=d.batch, lr=d.lr, blockwise_steps=d.blockwise_steps,
                    distill_data=str(args.distill), distill_wall_s=secs[0] if secs else None)
     return rec
+
+
+def settings(pairs) -> dict:
+    """``--set KEY=VALUE`` (flat config keys, e.g. distill_steps=800): VALUE as a TOML value."""
+    import tomllib
+    out = {}
+    for p in pairs or ():
+        k, _, v = p.partition("=")
+        out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
+    return out
 
 
 def int8_bytes(model_path, work) -> int:
@@ -115,7 +127,8 @@ def table(recs: list[dict], int8: int) -> str:
             "dynamic | linear FLOPs vs dense | build wall s | build CPU s | peak RSS GB | training |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(recs, key=lambda r: (r["config"], r["build"] != "post-training")):
-        train = (f"{r['steps']} steps, batch {r['batch']}, lr {r['lr']:g}, {r.get('distill_wall_s') or 0:.0f} s wall"
+        bw = f"{r['blockwise_steps']} block-wise + " if r.get("blockwise_steps") else ""
+        train = (f"{bw}{r['steps']} steps, batch {r['batch']}, lr {r['lr']:g}, {r.get('distill_wall_s') or 0:.0f} s wall"
                  if r["build"] == "trained" else "-")
         rows.append(f"| {r['config']} | {r['build']} | {r['held-out']:.2f} ({r['held-out'] - FP32['held-out']:+.2f}) | "
                     f"{r['tuning']:.2f} | {r['linear_bytes'] / int8:.3f}x ({r['linear_bytes'] / 1e6:.3f} MB) | "
@@ -163,33 +176,69 @@ def write(int8: int) -> None:
         "and its reaped children (the planner's pool workers run under a forkserver and are not counted, so "
         "planning's CPU is undercounted; training runs in the build process and is counted); peak RSS of the child "
         "process (GB = 2^30 bytes), including the scoring sessions.  A configuration without a trained row was "
-        "not trained in this run (minilm-l6: its 600-step, batch-32 schedule did not fit the session).  "
+        "not trained in this run.  "
         f"Plot: `{PLOT.relative_to(ROOT)}`."])
     if TUNING.exists():
-        rows = ["| run | steps | batch | lr | LayerNorm outputs matched | LayerNorm trained | STS-B tuning half | "
-                "build wall s | whole-model output error (calibration) |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| configuration | run | block-wise steps | end-to-end steps | batch | lr | LayerNorm outputs matched | "
+                "LayerNorm trained | STS-B tuning half | build wall s | whole-model output error (calibration) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in json.loads(TUNING.read_text()):
             err = re.findall(r"error ([\d.]+ -> [\d.]+)", " ".join(t["notes"]))
             kept = " (not kept: the planned layers stayed)" if "did not improve" in " ".join(t["notes"]) else ""
-            rows.append(f"| {t['name']}{kept} | {t['steps']} | {t['batch']} | {t['lr']:g} | {t['match_layernorm_outputs']} | "
+            rows.append(f"| {t.get('config', 'minilm-l6-2bit')} | {t['name']}{kept} | {t.get('blockwise_steps', 0)} | "
+                        f"{t['steps']} | {t['batch']} | {t['lr']:g} | {t['match_layernorm_outputs']} | "
                         f"{t['train_layernorm']} | {t['tuning']:.2f} | {t['build_wall_s']} | {err[0] if err else '-'} |")
-        body += ("\n\nChoosing the schedule (minilm-l6-2bit's plan; tuning half only, fp32 87.23; "
-                 "`bench/results/training_tuning.json`, each a `bfc.optimize` run with torch on 1 thread):\n\n"
-                 + "\n".join(rows))
+        body += ("\n\nChoosing the schedule (tuning half only, fp32 87.23; `bench/results/training_tuning.json`, "
+                 "each a `bfc.optimize` run with torch on 1 thread; `bench_training.py --tune NAME --only CONFIG "
+                 "--set KEY=VALUE`):\n\n" + "\n".join(rows))
     write_result("training", TITLE, COMMAND, body)          # bench/results/training.md + BENCHMARKS.md
+
+
+def tune(args) -> int:
+    """``--tune NAME``: a trained build of one configuration with overrides, tuning half only (module doc)."""
+    if not args.only or len(args.only) != 1:
+        raise SystemExit("--tune needs exactly one --only CONFIG")
+    cmd = [sys.executable, __file__, "--one", args.only[0], "trained", "--model", args.model, "--calibration",
+           args.calibration, "--distill", args.distill, "--work", args.work, "--threads", str(args.threads),
+           "--tune", args.tune] + [a for s in args.set or () for a in ("--set", s)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        print(res.stderr[-2000:], file=sys.stderr)
+        return res.returncode
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    rec = {"name": args.tune, "config": args.only[0], "settings": args.set or [], **{
+        k: rec[k] for k in ("steps", "batch", "lr", "blockwise_steps", "tuning", "build_wall_s", "build_cpu_s",
+                            "peak_rss_gb", "linear_bytes", "flops_linear", "notes", "date", "load_avg", "distill_data")}}
+    cfg = bfc_config(args.only[0], args.set)
+    rec.update(match_layernorm_outputs=bool(cfg.distillation.match), train_layernorm=cfg.distillation.layernorm,
+               train_rotation=cfg.distillation.rotation)
+    recs = json.loads(TUNING.read_text()) if TUNING.exists() else []
+    recs = [r for r in recs if r["name"] != args.tune] + [rec]
+    TUNING.write_text(json.dumps(recs, indent=1) + "\n")
+    print(f"{args.tune}: tuning {rec['tuning']:.2f}, {rec['build_wall_s']:.0f} s wall, {rec['peak_rss_gb']:.2f} GB; "
+          f"{rec['notes']}")
+    return 0
+
+
+def bfc_config(name, pairs):
+    import bfc
+    return bfc.OptimizeConfig.from_toml(CONFIGS[name], **settings(pairs))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(Path.home() / ".cache/bfc/minilm/model.onnx"))
     ap.add_argument("--calibration", default=str(Path.home() / ".cache/bfc/minilm/calibration.npz"))
-    ap.add_argument("--distill", default="/tmp/bfc-training/distill20k.npz",
-                    help="models/minilm.py distill-data output (made when absent: 20000 sentences)")
+    ap.add_argument("--distill", default="/tmp/bfc-training/distill-pool.npz",
+                    help="models/minilm.py distill-data output (made when absent: the whole ~160k-sentence pool)")
     ap.add_argument("--work", default="/tmp/bfc-training")
     ap.add_argument("--only", action="append", choices=sorted(CONFIGS))
     ap.add_argument("--builds", default="post-training,trained")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write", action="store_true", help="only write BENCHMARKS.md and the plot")
+    ap.add_argument("--tune", metavar="NAME", help="one trained build of --only CONFIG with the --set overrides, "
+                    "scored on the STS-B tuning half only, recorded in bench/results/training_tuning.json")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (flat key) for --tune")
     ap.add_argument("--one", nargs=2, metavar=("CONFIG", "BUILD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -200,9 +249,11 @@ def main(argv=None) -> int:
     if args.write:
         write(int8_bytes(args.model, args.work))
         return 0
+    if args.tune:
+        return tune(args)
     if not Path(args.distill).exists():
         subprocess.run([sys.executable, str(ROOT / "models" / "minilm.py"), "distill-data", args.distill,
-                        "--sentences", "20000"], check=True)
+                        "--sentences", "0"], check=True)
     for cfg in args.only or sorted(CONFIGS):
         for build in args.builds.split(","):
             cmd = [sys.executable, __file__, "--one", cfg, build, "--model", args.model, "--calibration",

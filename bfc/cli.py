@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--distill-headroom", type=float, default=S, metavar="X",
                     help="with the allocator: plan to X times the error budget before training; the trained model "
                          "must meet the budget, else the post-training plan is written (default 1: train the post-training plan)")
+    op.add_argument("--distill-blockwise-steps", type=int, default=S,
+                    help="block-wise reconstruction steps before the end-to-end ones (default 0; needs "
+                         "--distill-match, the blocks' boundaries)")
     op.add_argument("--reconstruct", action="store_true", default=S,
                     help="fine-tune each quantized layer's factors to its calibration outputs (needs --calibration)")
     op.add_argument("--reconstruct-steps", type=int, default=S, help="reconstruction steps per layer (default 100)")

@@ -153,6 +153,9 @@ class Distillation:
                  take); the trained model must measure within the budget itself, else the post-training
                  allocation is written (flat key ``distill_headroom``; default 1: the post-training plan, trained
                  in place -- on MiniLM-L6 training did not bring a 2x plan back under the budget, docs/study.md)
+    blockwise_steps: Adam steps of block-wise reconstruction before the ``steps`` end-to-end ones: each span
+                 between two consecutive ``match`` tensors is trained to the teacher's value given the
+                 teacher's input (``bfc.distill``; needs ``match``; flat key ``distill_blockwise_steps``)
     """
     data: Path | None = None
     steps: int = 500
@@ -162,6 +165,7 @@ class Distillation:
     layernorm: bool = False
     rotation: bool = False
     headroom: float = 1.0
+    blockwise_steps: int = 0
 
     def __post_init__(self):
         if self.data is not None:
@@ -175,6 +179,7 @@ class Distillation:
         object.__setattr__(self, "headroom", _positive("distill_headroom", self.headroom))
         if self.headroom < 1:
             raise ConfigError(f"distill_headroom must be >= 1 (a multiple of the error budget), got {self.headroom}")
+        _int("distill_blockwise_steps", self.blockwise_steps, 0)
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,7 @@ FLAT_KEYS = {
     "distill_batch": ("distillation", "batch"), "distill_lr": ("distillation", "lr"),
     "distill_match": ("distillation", "match"), "distill_layernorm": ("distillation", "layernorm"),
     "distill_rotation": ("distillation", "rotation"), "distill_headroom": ("distillation", "headroom"),
+    "distill_blockwise_steps": ("distillation", "blockwise_steps"),
     "reconstruct": ("reconstruction", "enabled"), "reconstruct_steps": ("reconstruction", "steps"),
     "reconstruct_lr": ("reconstruction", "lr"),
     "workers": ("schedule", "workers"), "cluster": ("schedule", "cluster"), "work_dir": ("schedule", "work_dir"),

@@ -19,7 +19,8 @@ as values = round(clamp(v / s)) on the same grid and scales s (re-fitted by trai
 so every target emits exactly what was trained.
 Numerics of the forward, per target (``emulate_rows``):
   * float product (portable; custom-op with float factors): x[..., row_perm] @ K_1 ... K_L,
-    scattered by col_perm, in float32;
+    scattered by col_perm, in float32 (a two-factor Monarch chain as x @ (K_1 K_2), the product formed
+    by ``bfc.torch.linear.monarch_product``: the same values up to float32 summation order);
   * custom-op int8: each factor's input h is quantized per row as ``bfc.ops.quantize_rows``
     (amax per row, r = h * (127/amax), q = rint(clip(r, -127, 127))), acc = q @ values
     (exact integers in float32 for b * 127^2 < 2^24), y = (acc * amax/127) * scale —
@@ -29,12 +30,23 @@ Low-rank residuals (x U) V^T are float32 parameters.
 Loss: sum over float graph outputs of the relative MSE ||s - t||^2 / ||t||^2 (plus
 ``cosine`` x (1 - cos) for rank-2 outputs such as sentence embeddings), plus the mean
 relative MSE of the ``match`` tensors.  Adam with a cosine-decayed step size, seeded.
+Block-wise reconstruction (``blockwise_steps`` > 0, before the end-to-end steps): the student runs
+with every ``match`` tensor forced to the teacher's value (``OnnxModule.forward(force=...)``), so
+the planned layers between two consecutive matched tensors (e.g. a transformer sublayer between two
+LayerNormalization outputs; the last span ends at the graph outputs) see the teacher's input; the
+loss is the mean relative MSE of the matched tensors and float outputs as the student computes them:
+each span is fitted to the teacher's output given the teacher's input, independently of the error
+of the spans before it.  Its own cosine schedule from
+``lr``; the end-to-end phase then starts again from ``lr``.
+The teacher's tensors for the next batch are computed by onnxruntime in a second thread while the
+student trains on the current one (onnxruntime releases the GIL), with torch's thread count.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,7 +64,7 @@ from bfc.quant.api import QuantizedFactor
 from bfc.quant.embedding import QuantizedEmbedding
 from bfc.quant.formats import get_format
 from bfc.runtime import session
-from bfc.torch.linear import _ks_apply
+from bfc.torch.linear import _ks_apply, monarch_product, monarch_rank
 from bfc.torch.onnx_module import OnnxModule
 from bfc.torch.rotated import TrainableInt8, TrainableRotated, TrainableRotation
 
@@ -81,6 +93,8 @@ class QuantizedKS(nn.Module):
             v = np.asarray(f.values).astype(np.float32) * np.asarray(f.scale, np.float32)
             self.latent.append(nn.Parameter(torch.from_numpy(np.ascontiguousarray(v, np.float32))))
             self.log_scale.append(nn.Parameter(torch.zeros_like(s0), requires_grad=self.scaled))
+        pats = q.chain.patterns       # float product of a Monarch chain: one dense GEMM (monarch_product)
+        self.monarch = not self.emulate_rows and len(pats) == 2 and monarch_rank(*pats) is not None
         rp = None if q.row_perm is None else torch.from_numpy(np.asarray(q.row_perm, np.int64))
         cp = None if q.col_perm is None else torch.from_numpy(inverse_perm(np.asarray(q.col_perm, np.int64)))
         self.register_buffer("row_perm", rp)
@@ -115,11 +129,12 @@ class QuantizedKS(nn.Module):
 
     def forward(self, x2: torch.Tensor) -> torch.Tensor:
         h = x2 if self.row_perm is None else x2.index_select(-1, self.row_perm)
-        for l, p in enumerate(self.q0.chain.patterns):
-            if self.emulate_rows:
-                h = self._int8_rows(l, p, h)
-            else:
-                h = _ks_apply(p, self.factor(l), h)
+        pats = self.q0.chain.patterns
+        if self.monarch:
+            h = h @ monarch_product(pats[0], self.factor(0), pats[1], self.factor(1))
+        else:
+            for l, p in enumerate(pats):
+                h = self._int8_rows(l, p, h) if self.emulate_rows else _ks_apply(p, self.factor(l), h)
         if self.out_perm is not None:
             h = h.index_select(-1, self.out_perm)
         if self.lr_u is not None:
@@ -298,7 +313,7 @@ class Teacher:
     more batches than steps, e.g. 50k sentences, each batch is seen once and caching would only
     grow memory)."""
 
-    def __init__(self, model: onnx.ModelProto, match=(), cache_bytes: int = TEACHER_CACHE_BYTES):
+    def __init__(self, model: onnx.ModelProto, match=(), cache_bytes: int = TEACHER_CACHE_BYTES, threads: int = 0):
         self.outputs = [o.name for o in model.graph.output]
         self.names = self.outputs + [m for m in match if m not in self.outputs]
         added = self.names[len(self.outputs):]
@@ -306,7 +321,7 @@ class Teacher:
         for n in added:
             outs.append(onnx.ValueInfoProto(name=n))
         try:
-            self.sess = session(model, threads=0)
+            self.sess = session(model, threads=threads)
         finally:
             for _ in added:
                 del outs[len(outs) - 1]
@@ -372,9 +387,10 @@ def layernorm_params(model: onnx.ModelProto) -> list[str]:
 def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 500, batch: int = 32,
             lr: float = 5e-4, match=(), cosine: float = 0.0, layernorm: bool = False, seed: int = 0,
             eval_data: dict | None = None, emulate_rows: bool = False, checkpoint: Path | None = None,
-            train_rotation: bool = False, floats: list | None = None,
+            train_rotation: bool = False, floats: list | None = None, blockwise_steps: int = 0,
             on_step: Callable[[int, float], None] | None = None) -> DistillResult:
-    """Train the planned layers of ``model`` end to end (module doc).
+    """Train the planned layers of ``model``: ``blockwise_steps`` of block-wise reconstruction on the
+    ``match`` tensors, then ``steps`` end to end (module doc).
 
     ``layers``: ``[(site_nodes, QuantizedFactorization)]``, each site node with ``name`` (the
     graph node's key), ``op``, ``alpha``, ``beta``, ``trans_a``, ``trans_out``.
@@ -384,12 +400,15 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
     ``floats``: per layer its float weight (K, N) or None (where rotated layers' latent codes start).
     """
     t0 = time.perf_counter()
+    if blockwise_steps and not match:
+        raise BfcError("block-wise reconstruction needs matched intermediate tensors (distill match, "
+                       "e.g. op:LayerNormalization): they are the blocks' boundaries")
     torch.manual_seed(seed)
     kss = trainable_layers([q for _, q in layers], emulate_rows, train_rotation, floats)
     overrides = {sn.name: site_layer(ks, sn) for (nodes, _), ks in zip(layers, kss) for sn in nodes}
     student = OnnxModule(model, overrides)
     dense = OnnxModule(model)
-    teacher = Teacher(model, match)
+    teacher = Teacher(model, match, threads=torch.get_num_threads())
     all_batches = batches(data, batch, seed)
     if eval_data is None:
         if len(all_batches) < 2:
@@ -417,7 +436,12 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
     before = output_error(student, teacher, eval_batches, ekeys)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    bw, total = int(blockwise_steps), int(blockwise_steps) + steps
+
+    def rate(i):              # a cosine from lr to 0 over each phase
+        t = i / bw if i < bw else (min(i, total) - bw) / steps
+        return 0.5 * (1 + math.cos(math.pi * t))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     start, losses = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         ck = torch.load(checkpoint, weights_only=False)
@@ -426,26 +450,36 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
         sched.load_state_dict(ck["sched"])
         start, losses = ck["step"], ck["losses"]
     rng = np.random.default_rng(seed + 1)
-    revisit = steps > len(train)          # fewer steps than batches: each batch is seen once, nothing to cache
-    order: list[int] = []
-    for step in range(start, steps):
-        if not order:
-            order = list(rng.permutation(len(train)))
-        k = int(order.pop())
+    revisit = total > len(train)          # fewer steps than batches: each batch is seen once, nothing to cache
+    keys = [int(k) for _ in range(-(-total // len(train))) for k in rng.permutation(len(train))][start:total]
+    prefetch = ThreadPoolExecutor(1)
+    pending = prefetch.submit(teacher, keys[0], train[keys[0]], revisit) if keys else None
+    for step in range(start, total):
+        k = keys[step - start]
         feeds = train[k]
-        ref = teacher(k, feeds, cache=revisit)
-        got = student(feeds, capture=tuple(match))
-        loss = torch.zeros(())
-        for n in teacher.outputs:
-            t = torch.from_numpy(np.asarray(ref[n]))
-            if not t.dtype.is_floating_point:
-                continue
-            s = got[n]
-            loss = loss + _rel(s, t)
-            if cosine and s.dim() == 2:
-                loss = loss + cosine * (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean()
-        if match:
-            loss = loss + sum(_rel(got[m], torch.from_numpy(np.asarray(ref[m]))) for m in match) / len(match)
+        ref = pending.result()
+        if step + 1 < total:
+            nk = keys[step + 1 - start]
+            pending = prefetch.submit(teacher, nk, train[nk], revisit)
+        refs = {m: torch.from_numpy(np.asarray(ref[m])) for m in match}
+        if step < bw:             # block-wise: each span (to a matched tensor or an output) from the teacher's input
+            got = student(feeds, capture=tuple(match), force=refs)
+            ends = list(match) + [n for n in teacher.outputs if np.asarray(ref[n]).dtype.kind == "f"]
+            loss = sum(_rel(got[n], refs[n] if n in refs else torch.from_numpy(np.asarray(ref[n])))
+                       for n in ends) / len(ends)
+        else:
+            got = student(feeds, capture=tuple(match))
+            loss = torch.zeros(())
+            for n in teacher.outputs:
+                t = torch.from_numpy(np.asarray(ref[n]))
+                if not t.dtype.is_floating_point:
+                    continue
+                s = got[n]
+                loss = loss + _rel(s, t)
+                if cosine and s.dim() == 2:
+                    loss = loss + cosine * (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean()
+            if match:
+                loss = loss + sum(_rel(got[m], refs[m]) for m in match) / len(match)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -453,14 +487,15 @@ def distill(model: onnx.ModelProto, layers: list, data: dict, *, steps: int = 50
         losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, losses[-1])
-        if checkpoint is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
+        if checkpoint is not None and ((step + 1) % 100 == 0 or step + 1 == total):
             tmp = Path(str(checkpoint) + ".tmp")
             torch.save({"student": {k: v for k, v in student.state_dict().items()
                                     if not k.startswith("c") or k in {student._const_names[n] for n in ln}},
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
                         "losses": losses}, tmp)
             tmp.replace(checkpoint)
+    prefetch.shutdown()
     after = output_error(student, teacher, eval_batches, ekeys)
-    return DistillResult(export_layers(kss), before, after, interp, steps - start,
+    return DistillResult(export_layers(kss), before, after, interp, total - start,
                          time.perf_counter() - t0, losses,
                          {n: p.detach().numpy().copy() for n, p in ln.items()})

@@ -396,7 +396,7 @@ def sentence_pool(sources: dict[str, list[str]], banned: set[str]) -> tuple[list
 
 def distill_sentences(n: int = 50000, seed: int = 0, folders: dict | None = None,
                       banned: set[str] | None = None) -> tuple[list[str], dict]:
-    """``n`` distinct English sentences of 5-60 words from gensim's bundled corpora, WordNet's glosses
+    """``n`` (0: all, ~160k) distinct English sentences of 5-60 words from gensim's bundled corpora, WordNet's glosses
     and examples and the fortune files (``text_folders``), without the calibration sentences and
     any STS-B sentence; a fixed-seed sample.  Returns (sentences, facts)."""
     folders = text_folders() if folders is None else folders
@@ -405,6 +405,7 @@ def distill_sentences(n: int = 50000, seed: int = 0, folders: dict | None = None
     sources = {"gensim": _gensim_sentences(), "wordnet": wordnet_sentences(folders["wordnet"]),
                "fortunes": fortune_sentences(folders["fortunes"])}
     pool, per_source = sentence_pool(sources, banned)
+    n = len(pool) if n == 0 else n
     if len(pool) < n:
         raise ValueError(f"only {len(pool)} distinct sentences in the text sources; ask for at most that many")
     idx = np.sort(np.random.default_rng(seed).choice(len(pool), n, replace=False))
@@ -432,12 +433,13 @@ def _distill_data_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="minilm.py distill-data",
                                  description="tokenized unlabeled English sentences for bfc optimize --distill")
     ap.add_argument("out", type=Path, help="output .npz (keys input_ids, attention_mask)")
-    ap.add_argument("--sentences", type=int, default=50000, help="number of sentences (default 50000)")
+    ap.add_argument("--sentences", type=int, default=50000,
+                    help="number of sentences (default 50000; 0: the whole pool, ~160k)")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most (default 128)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.sentences < 1 or args.max_length < 2:
-        ap.error("--sentences must be >= 1 and --max-length >= 2")
+    if args.sentences < 0 or args.max_length < 2:
+        ap.error("--sentences must be >= 0 and --max-length >= 2")
     try:
         facts = write_distill_data(args.out, args.sentences, args.max_length, args.seed)
     except (TextSourceError, ValueError, OSError) as e:

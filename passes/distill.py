@@ -97,7 +97,8 @@ def _checkpoint(cfg, taken, data, emulate):
     if work is None:
         return None
     d = cfg.distillation
-    h = hashlib.sha256(repr((d.steps, d.batch, d.lr, d.match, d.layernorm, d.rotation, cfg.seed, emulate)).encode())
+    h = hashlib.sha256(repr((d.steps, d.batch, d.lr, d.match, d.layernorm, d.rotation, cfg.seed, emulate)
+                             + ((d.blockwise_steps,) if d.blockwise_steps else ())).encode())
     for k in sorted(data):
         h.update(k.encode())
         h.update(np.ascontiguousarray(data[k]).tobytes())
@@ -176,7 +177,12 @@ def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | Non
     if any(sn.scope is not None for p in taken for sn in p.site.nodes):
         return noted("distill: skipped, a planned layer lies inside an If/Loop/Scan body "
                      "(the torch interpreter runs the main graph only)")
-    emit(StageStarted("distill", f"{cfg.distillation.steps} steps on {path}"))
+    if cfg.distillation.blockwise_steps and not cfg.distillation.match:
+        raise ConfigError("distill_blockwise_steps needs distill_match (the tensors that bound the blocks, "
+                          "e.g. op:LayerNormalization)")
+    total = cfg.distillation.blockwise_steps + cfg.distillation.steps
+    emit(StageStarted("distill", f"{cfg.distillation.blockwise_steps} block-wise + {cfg.distillation.steps} "
+                                 f"end-to-end steps on {path}"))
     data = load_feeds(path, loaded.model)
     emulate = target.name == "custom-op"
     for p in taken:       # Int8Linear: TrainableInt8 computes the integer graph every target emits for it
@@ -187,11 +193,11 @@ def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | Non
             raise BfcError(f"distill: target {target.name} computes layer {p.site.name} with numerics "
                            "the distillation does not emulate; run without --distill")
     layers = [(p.site.nodes, p.weights) for p in taken]
-    every = max(1, cfg.distillation.steps // 20)
+    every = max(1, total // 20)
 
     def progress(step, loss):
-        if step % every == 0 or step == cfg.distillation.steps:
-            emit(StageStarted("distill", f"step {step}/{cfg.distillation.steps}, loss {loss:.4g}"))
+        if step % every == 0 or step == total:
+            emit(StageStarted("distill", f"step {step}/{total}, loss {loss:.4g}"))
     model = loaded.model if loaded.base is None else materialize(loaded.model, loaded.base)   # weights read in
     res = d.distill(model, layers, data, steps=cfg.distillation.steps, batch=cfg.distillation.batch,
                     lr=cfg.distillation.lr, match=match_tensors(loaded.model, cfg.distillation.match),
@@ -200,7 +206,7 @@ def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | Non
                     checkpoint=_checkpoint(cfg, taken, data, emulate), train_rotation=cfg.distillation.rotation,
                     floats=[p.site.weight if isinstance(p.weights, (RotatedLayer, Int8Linear)) else None
                             for p in taken],
-                    on_step=progress)
+                    blockwise_steps=cfg.distillation.blockwise_steps, on_step=progress)
     where = "calibration inputs" if feeds is not None else "a held-out batch of the distillation data"
     if not res.error_after < res.error_before:
         return noted(f"distill: output error {res.error_before:.3g} -> {res.error_after:.3g} on {where} "
@@ -212,8 +218,9 @@ def _train(loaded: LoadedModel, plan: Plan, stats: Statistics, feeds: dict | Non
         err = Scorer(p.site.weight.astype(np.float64), stats.get(p.site.weight_name), target, cfg.seed)(q)
         note = f"distilled: layer error {p.error:.3g} -> {err:.3g}" if p.error is not None else "distilled"
         trained[id(p)] = replace(p, weights=q, error=err, note=note if p.note is None else f"{p.note}; {note}")
+    bw = f" ({cfg.distillation.blockwise_steps} block-wise)" if cfg.distillation.blockwise_steps else ""
     note = (f"distill: whole-model output error {res.error_before:.3g} -> {res.error_after:.3g} "
-            f"on {where} ({res.steps} steps, batch {cfg.distillation.batch}, lr {cfg.distillation.lr:g}, "
+            f"on {where} ({res.steps} steps{bw}, batch {cfg.distillation.batch}, lr {cfg.distillation.lr:g}, "
             f"{res.seconds:.0f} s{', LayerNorm trained' if res.layernorm else ''})")
     return replace(plan, layers=tuple(trained.get(id(p), p) for p in plan.layers), notes=plan.notes + (note,),
                    tensor_updates={**plan.tensor_updates, **(res.layernorm or {})})

@@ -72,7 +72,7 @@ NOT_PLANNING = frozenset({       # config fields that do not change one site's p
     "workers", "cluster", "work_dir", "verify", "strict", "calibration", "calibration_rows", "fix_batch",
     "max_output_error", "include", "exclude", "min_size", "target_size", "distill", "distill_steps",
     "distill_batch", "distill_lr", "distill_match", "distill_layernorm", "distill_rotation", "distill_headroom",
-    "max_metric_drop", "fuse", "objective"})
+    "distill_blockwise_steps", "max_metric_drop", "fuse", "objective"})
 _BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 

@@ -80,7 +80,7 @@ def test_every_flat_key_reaches_its_section_field():
     """Each flat key sets exactly its (section, field); ``flat()`` reads it back under the same key."""
     base = OptimizeConfig(structure="monarch", calibration="c.npz")
     values = {"bits": 2, "group_size": 32, "learn_rotation": True, "rotation_steps": 3, "correction_rank": 4,
-              "kronecker_rotation": True, "distill_rotation": True, "distill": "d.npz", "distill_steps": 9, "distill_batch": 5, "distill_lr": 0.25, "distill_match": ("t",),
+              "kronecker_rotation": True, "distill_rotation": True, "distill_blockwise_steps": 4, "distill": "d.npz", "distill_steps": 9, "distill_batch": 5, "distill_lr": 0.25, "distill_match": ("t",),
               "distill_layernorm": True, "distill_headroom": 1.5, "reconstruct": True, "reconstruct_steps": 6, "reconstruct_lr": 0.5,
               "workers": 3, "cluster": "local", "work_dir": "w", "objective": "latency", "latency_batch": 2,
               "latency_seq": 7, "verify": False, "strict": True}
@@ -141,7 +141,8 @@ def test_shipped_configs_are_versioned_and_sectioned():
     lowbit = OptimizeConfig.from_toml(ROOT / "models/configs/minilm-l6-lowbit.toml")
     assert lowbit.lowbit == LowBit(bits=3, group_size=64, learn_rotation=True, rotation_steps=100, correction_rank=0)
     distill = OptimizeConfig.from_toml(ROOT / "models/configs/minilm-l6.toml")
-    assert distill.distillation == Distillation(steps=600, batch=32, lr=5e-4, match=("op:LayerNormalization",))
+    assert distill.distillation == Distillation(steps=700, batch=32, lr=5e-4, match=("op:LayerNormalization",),
+                                                blockwise_steps=300)
     for f in (ROOT / "models/configs").glob("*.toml"):
         assert f.read_text().count("\nversion = 1\n") == 1, f
 

@@ -307,3 +307,82 @@ def test_checkpoint_resumes(tmp_path):
     again, report = bfc.optimize(model, cfg)           # resumes at step 30: nothing left to train
     assert first.SerializeToString() == again.SerializeToString()
     assert any("(0 steps" in n for n in report.notes)
+
+
+# ---- faster float forward, teacher forcing, block-wise reconstruction ----------------------------
+MONARCH_TOL = 1e-6      # relative: x @ (K_1 K_2) vs (x @ K_1) @ K_2 differ by float32 summation order only
+
+
+@pytest.mark.parametrize("m,n,rank", [(96, 48, 2), (64, 64, 1), (48, 96, 3), (384, 384, 4)])
+def test_monarch_product_is_the_dense_chain(m, n, rank):
+    """monarch_product == the chain's dense matrix (numpy, Chain.to_dense), and the layer's forward and
+    gradients through it == those of the per-factor block products (_ks_apply)."""
+    from bfc.torch.linear import _ks_apply, monarch_product, monarch_rank
+    chain = monarch_chain(m, n, rank=rank)
+    p1, p2 = chain.patterns
+    assert monarch_rank(p1, p2) == rank
+    rng = np.random.default_rng(7)
+    vals = [rng.standard_normal(p.value_shape).astype(np.float32) for p in chain.patterns]
+    got = monarch_product(p1, torch.from_numpy(vals[0]), p2, torch.from_numpy(vals[1])).numpy()
+    ref = chain.to_dense([v.astype(np.float64) for v in vals])
+    assert relative_error(ref, got) < MONARCH_TOL
+    x = torch.from_numpy(rng.standard_normal((50, m)).astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal((50, n)).astype(np.float32))
+    grads = []
+    for dense in (True, False):
+        v = [torch.from_numpy(a).requires_grad_() for a in vals]
+        y = x @ monarch_product(p1, v[0], p2, v[1]) if dense else _ks_apply(p2, v[1], _ks_apply(p1, v[0], x))
+        (y * g).sum().backward()
+        grads.append([t.grad.numpy() for t in v] + [y.detach().numpy()])
+    for a, b in zip(*grads):
+        assert relative_error(b.astype(np.float64), a) < MONARCH_TOL
+
+
+def test_monarch_forward_only_for_float_products():
+    q, _ = _layer("int8")
+    assert QuantizedKS(q).monarch and not QuantizedKS(q, emulate_rows=True).monarch
+
+
+def test_forced_tensors_cut_the_graph():
+    """force={t: value}: the nodes after t read the value (== the graph run from it, onnxruntime on the
+    model whose input is t); capture returns t as computed."""
+    model = dm.block()
+    feeds = dm.inputs(model, 8, seed=9)
+    mod = OnnxModule(model)
+    with torch.no_grad():
+        free = mod(feeds, capture=("h",))
+        h = np.random.default_rng(3).standard_normal(free["h"].shape).astype(np.float32)
+        forced = mod(feeds, capture=("h",), force={"h": torch.from_numpy(h)})
+    assert torch.equal(forced["h"], free["h"])
+    tail = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(["h"], [o.name for o in model.graph.output])
+    ref = session(tail).run(None, {"h": h})
+    assert _rel([forced[o.name].numpy() for o in model.graph.output], ref) <= INTERPRETER_TOL
+    assert _rel([forced[o.name].numpy() for o in model.graph.output],
+                [free[o.name].numpy() for o in model.graph.output]) > 1e-2
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_blockwise_then_end_to_end_lowers_the_output_error(tmp_path, target):
+    model = dm.block()
+    cal, data = _files(tmp_path, model)
+    test = dm.inputs(model, 128, seed=3)
+    ref = session(model).run(None, test)
+    planned, _ = bfc.optimize(model, _cfg(cal, target))
+    kw = {"distill": data, "distill_lr": 3e-3, "distill_match": ("op:LayerNormalization",)}
+    blockwise, report = bfc.optimize(model, _cfg(cal, target, distill_steps=1, distill_blockwise_steps=60, **kw))
+    assert any("(61 steps (60 block-wise)" in n for n in report.notes), report.notes
+    before = _rel(session(planned).run(None, test), ref)
+    assert _rel(session(blockwise).run(None, test), ref) <= DISTILL_GAIN * before
+    both, _ = bfc.optimize(model, _cfg(cal, target, distill_steps=60, distill_blockwise_steps=40, **kw))
+    assert _rel(session(both).run(None, test), ref) <= DISTILL_GAIN * before
+
+
+def test_blockwise_needs_match(tmp_path):
+    model = dm.mlp()
+    cal, data = _files(tmp_path, model)
+    with pytest.raises(ConfigError, match="distill_blockwise_steps needs distill_match"):
+        bfc.optimize(model, _cfg(cal, "portable", distill=data, distill_blockwise_steps=10))
+    with pytest.raises(ConfigError, match="distill_blockwise_steps"):
+        OptimizeConfig(distill_blockwise_steps=-1, distill_match=("h",))
+    cfg = OptimizeConfig.from_dict({"distillation": {"blockwise-steps": 5, "match": ["op:LayerNormalization"]}})
+    assert cfg.distillation.blockwise_steps == 5

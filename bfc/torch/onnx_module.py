@@ -430,8 +430,11 @@ def check_supported(model: onnx.ModelProto, overrides=()) -> None:
 class OnnxModule(nn.Module):
     """An ONNX model as a torch module (see the module doc).
 
-    ``forward(feeds, capture=())`` takes ``{input name: tensor or array}`` and returns
-    ``{name: tensor}`` for the graph outputs and every tensor named in ``capture``.
+    ``forward(feeds, capture=(), force=None)`` takes ``{input name: tensor or array}`` and returns
+    ``{name: tensor}`` for the graph outputs and every tensor named in ``capture``; ``force``
+    ``{tensor name: tensor}`` replaces those tensors, once computed, by the given values in what
+    the later nodes read (teacher forcing: the nodes between two forced tensors see the given input
+    and nothing of the graph before it); ``capture`` still returns the computed values.
     """
 
     def __init__(self, model: onnx.ModelProto, overrides: dict[str, nn.Module] | None = None,
@@ -473,8 +476,10 @@ class OnnxModule(nn.Module):
         buf = self._const_names.get(name)
         return None if buf is None else getattr(self, buf)
 
-    def forward(self, feeds: dict, capture=()) -> dict[str, torch.Tensor]:
+    def forward(self, feeds: dict, capture=(), force: dict | None = None) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = {}
+        computed: dict[str, torch.Tensor] = {}
+        force = force or {}
         for name in self.input_names:
             if name not in feeds:
                 raise UnsupportedError(f"input {name!r} is missing from the feeds (have {sorted(feeds)})")
@@ -496,6 +501,10 @@ class OnnxModule(nn.Module):
             if not isinstance(res, (tuple, list)):
                 res = (res,)
             for n, v in zip(outs, res):
+                if n in force:
+                    computed[n] = v
+                    f = force[n]
+                    v = f if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f))
                 if n:
                     env[n] = v
             for n in ins:                     # free activations nobody reads any more
@@ -504,4 +513,5 @@ class OnnxModule(nn.Module):
         missing = [n for n in keep if n not in env]
         if missing:
             raise UnsupportedError(f"tensors {missing[:5]} are not computed by the graph")
-        return {n: env[n] for n in list(self.output_names) + [c for c in capture if c not in self.output_names]}
+        return {n: computed.get(n, env[n]) for n in list(self.output_names) + [c for c in capture
+                                                                               if c not in self.output_names]}
