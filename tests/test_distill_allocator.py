@@ -138,7 +138,7 @@ def test_allocated_forms_run_as_trained(block, seen):
     """The allocator's int8-compute layers, trained (headroom 1: the post-training allocation, trained), written
     and run by onnxruntime compute what the torch student computed (EMITTED_TOL)."""
     model, cal, data = block
-    out, rep = bfc.optimize(model, _cfg(cal, distill=data, distill_steps=100, distill_lr=3e-4, distill_headroom=1))
+    out, rep = bfc.optimize(model, _cfg(cal, distill=data, distill_steps=100, distill_lr=1e-4, distill_headroom=1))
     assert any(n.startswith("distill: whole-model output error") for n in rep.notes), rep.notes
     assert all(isinstance(q, Int8Linear) for _, q in seen["layers"])
     mods = trainable_layers(seen["res"].weights)
