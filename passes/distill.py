@@ -5,9 +5,11 @@ the new values of LayerNormalization scale/bias constants go in ``Plan.tensor_up
 rewrite applies).  Runs only with ``config.distillation.data`` (a .npz of model inputs, keys = input
 names); otherwise it returns the plan as it is.
 Algebra (``bfc.distill``): the student is the original graph in the torch interpreter with
-every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer (KS chain or
-rotated low-bit, ``bfc.torch.rotated``) with target-exact fake quantization (custom-op int8 KS and
-LowBitMatMul: per-row int8 activations); the
+every rewritten site's node computing alpha * T(op(A)) + beta * C, T the planned layer (KS chain,
+rotated low-bit, or the allocator's int8-compute forms, ``bfc.torch.rotated``) with target-exact fake
+quantization (custom-op int8 KS and LowBitMatMul: per-row int8 activations; int8 compute: onnxruntime's
+dynamic uint8 activations); fp16 weights and quantized embedding rows are fixed, as the target computes
+them (``bfc.distill.FrozenForm``); the
 teacher is onnxruntime on the original.  Loss: relative MSE of the graph outputs (+ the
 ``distill_match`` tensors).  Each trained layer is written back on its format's grid
 (values or codes, trained scales, a trained rotation as stored) into ``plan.weights``, so the
@@ -15,7 +17,9 @@ rewrite emits it for any target.
 Acceptance: the whole-model output error (max over float outputs, relative) is measured
 before and after on the calibration inputs (or, without them, on a held-out batch of the
 distillation data); when training does not lower it, the planned layers are kept and a
-note says so.  Each kept layer's error is re-measured with the planner's scorer.
+note says so.  Each kept layer's error is re-measured with the planner's scorer.  A plan the
+allocator made with ``distill_headroom`` > 1 (``Plan.post_training`` set) is then checked against the
+budget in onnxruntime (``within_budget``), falling back to the post-training allocation.
 Matched tensors (``distill_match``): tensor names, or ``op:TYPE`` for the first output of every
 main-graph node of that op type (e.g. ``op:LayerNormalization``: each transformer block's
 hidden states), so a config names them the same way on any export of the model.
