@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from bfc.lowbit.kron_rotation import KroneckerRotation
-from bfc.passes.model_io.stream import is_ref, resolve
+from bfc.passes.model_io.stream import file_array
 from bfc.passes.products import LoadedModel
 
 MS_DOMAIN = "com.microsoft"
@@ -35,12 +35,8 @@ MS_DOMAIN = "com.microsoft"
 
 def _value(t: onnx.TensorProto, base) -> np.ndarray:
     """An initializer's values (read from the input's files for a skeleton's reference)."""
-    if is_ref(t):
-        c = onnx.TensorProto()
-        c.CopyFrom(t)
-        resolve(c, base)
-        t = c
-    return numpy_helper.to_array(t)
+    on_disk = file_array(t, base)
+    return numpy_helper.to_array(t) if on_disk is None else on_disk.read()
 
 
 def _foldable(g: onnx.GraphProto) -> list[tuple]:
